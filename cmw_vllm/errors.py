@@ -1,0 +1,92 @@
+"""The package's error hierarchy and the exit codes the CLI maps them to.
+
+Core modules raise these; ``cli.py`` catches :class:`CmwVllmError` once and turns it into a
+one-line message on stderr and the error's ``exit_code``. Exit codes are documented in the
+README and must not change meaning.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # generic failure: vLLM died during start, verification failed, ...
+EXIT_USAGE = 2  # bad input (also click's own usage errors)
+EXIT_NOT_RUNNING = 3  # status: the server is not running (LSB "program is not running")
+EXIT_STARTING = 4  # status: the server is still starting
+EXIT_TIMEOUT = 5  # start: not ready before --timeout
+EXIT_CONFLICT = 6  # a port or resource held by something else
+EXIT_INSUFFICIENT = 7  # not enough disk, RAM or GPU memory (preflight refused)
+EXIT_ENVIRONMENT = 8  # vLLM not installed, state dir not writable, Hub unreachable, ...
+EXIT_NOT_FOUND = 9  # model, repository or revision does not exist
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class CmwVllmError(Exception):
+    """Base class of every error cmw-vllm reports to the user.
+
+    Args:
+        message: One line, shown as ``Error: <message>``.
+        hint: Optional second line telling the user what to do about it.
+    """
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(CmwVllmError):
+    """Bad input: an invalid option value, unknown name, malformed file."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """A configuration value (CLI, env var, .env or models file) is invalid."""
+
+
+class NotFoundError(CmwVllmError):
+    """A model, repository, revision or file does not exist."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class ConflictError(CmwVllmError):
+    """Something else holds what we need (a port, a name)."""
+
+    exit_code = EXIT_CONFLICT
+
+
+class InsufficientResourcesError(CmwVllmError):
+    """Not enough disk, RAM or GPU memory for what was asked."""
+
+    exit_code = EXIT_INSUFFICIENT
+
+
+class EnvironmentProblem(CmwVllmError):
+    """The machine lacks something: vLLM, a writable state dir, the network."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class StartTimeoutError(CmwVllmError):
+    """The server did not become ready before the deadline."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class ServerStartError(CmwVllmError):
+    """vLLM exited during start-up.
+
+    Args:
+        message: One-line summary.
+        hint: The diagnosis, when the log matched a known failure.
+        log_tail: The last lines of the server's log.
+    """
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, hint: str | None = None, log_tail: str = "") -> None:
+        super().__init__(message, hint)
+        self.log_tail = log_tail

@@ -1,0 +1,54 @@
+"""Where cmw-vllm keeps its state. One place, one override (``CMW_VLLM_HOME``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "CMW_VLLM_HOME"
+
+
+def state_dir() -> Path:
+    """Return the state directory (``$CMW_VLLM_HOME`` or ``~/.cmw-vllm``)."""
+    override = os.environ.get(HOME_ENV)
+    return Path(override).expanduser() if override else Path.home() / ".cmw-vllm"
+
+
+def servers_dir() -> Path:
+    """Directory of server records (``NAME.json``) and PID files (``NAME.pid``)."""
+    return state_dir() / "servers"
+
+
+def logs_dir() -> Path:
+    """Directory of server logs (``NAME.log``) and cmw-vllm's own log."""
+    return state_dir() / "logs"
+
+
+def locks_dir() -> Path:
+    """Directory of per-server lock files."""
+    return state_dir() / "locks"
+
+
+def user_models_file() -> Path:
+    """The user's models file that adds to or overrides the built-in registry."""
+    return state_dir() / "models.toml"
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) with mode 0700 and refuse a symlink in its place.
+
+    Raises:
+        EnvironmentProblem: The directory cannot be created or is a symlink.
+    """
+    from cmw_vllm.errors import EnvironmentProblem
+
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentProblem(
+            f"cannot create {path}: {exc.strerror or exc}",
+            hint=f"set {HOME_ENV} to a writable directory",
+        ) from exc
+    if path.is_symlink():
+        raise EnvironmentProblem(f"{path} is a symlink; refusing to write through it")
+    return path

@@ -1,0 +1,251 @@
+"""Server configuration: the validated settings of one vLLM server, and how they resolve.
+
+Precedence, highest first: CLI flag > env var (``CMW_VLLM_*``) > user models file entry >
+built-in registry entry > defaults. :func:`resolve_server_config` is the one pure function
+that applies it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cmw_vllm.errors import ConfigError
+from cmw_vllm.settings import SERVER_ENV_VARS
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+Dtype = Literal["auto", "float16", "bfloat16", "float32", "half", "float"]
+Task = Literal["generate", "embed", "score", "classify"]
+
+# Flags that cmw-vllm sets itself from ServerConfig fields; extra args must not repeat them.
+MANAGED_FLAGS = {
+    "--model",
+    "--host",
+    "--port",
+    "--tensor-parallel-size",
+    "-tp",
+    "--gpu-memory-utilization",
+    "--max-model-len",
+    "--dtype",
+    "--api-key",
+    "--served-model-name",
+}
+
+# Option names shown in errors, per field.
+OPTION_NAMES = {
+    "name": "--name",
+    "model": "MODEL",
+    "host": "--host",
+    "port": "--port",
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "max_model_len": "--max-model-len",
+    "dtype": "--dtype",
+    "gpus": "--gpus",
+    "task": "--task",
+    "vllm_args": "extra vLLM flags",
+    "env": "env",
+    "served_model_name": "--served-model-name",
+}
+
+
+def validate_name(name: str) -> str:
+    """Check that a server name is safe to use as a file name.
+
+    Raises:
+        ConfigError: The name has path separators, ``..``, shell characters or is too long.
+    """
+    if not NAME_RE.match(name) or ".." in name:
+        raise ConfigError(
+            f"invalid server name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(at most 64, starting with a letter or digit)"
+        )
+    return name
+
+
+def name_from_model(model: str) -> str:
+    """Derive a server name from a model id or path (``Qwen/Qwen3-0.6B`` -> ``qwen3-0.6b``)."""
+    base = model.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1].lower()
+    base = re.sub(r"[^a-z0-9._-]+", "-", base).strip(".-_") or "server"
+    base = re.sub(r"\.{2,}", ".", base)
+    return base[:64]
+
+
+class ServerConfig(BaseModel):
+    """Everything needed to launch one vLLM server."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    model: str = Field(min_length=1)
+    served_model_name: str | None = None
+    host: str = DEFAULT_HOST
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
+    dtype: Dtype = "auto"
+    gpus: str | None = None
+    task: Task = "generate"
+    vllm_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not NAME_RE.match(value) or ".." in value:
+            raise ValueError(
+                "use letters, digits, '.', '_' and '-' (at most 64, starting with a letter "
+                "or digit)"
+            )
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value) or "/" in value:
+            raise ValueError("must be a host name or IP address")
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _check_gpus(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = [p.strip() for p in value.split(",")]
+        for part in parts:
+            if not (part.isdigit() or re.fullmatch(r"(GPU|MIG)-[0-9A-Za-z/-]+", part)):
+                raise ValueError("must be comma-separated GPU indices or UUIDs, e.g. 0,1")
+        return ",".join(parts)
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _check_args(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_FLAGS:
+                if flag == "--api-key":
+                    raise ValueError("pass the API key in VLLM_API_KEY, not on the command line")
+                raise ValueError(f"{flag} is set by cmw-vllm; use its own option instead")
+        return value
+
+    def base_url(self) -> str:
+        """The HTTP address clients use (loopback when bound to all interfaces)."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def served_name(self) -> str:
+        """The model name clients put in requests."""
+        return self.served_model_name or self.model
+
+    def vllm_cli_args(self) -> list[str]:
+        """The ``vllm serve`` flags for this config (the model and key are not included)."""
+        args = ["--host", self.host, "--port", str(self.port)]
+        if self.served_model_name:
+            args += ["--served-model-name", self.served_model_name]
+        if self.tensor_parallel_size != 1:
+            args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
+        if self.max_model_len is not None:
+            args += ["--max-model-len", str(self.max_model_len)]
+        if self.dtype != "auto":
+            args += ["--dtype", self.dtype]
+        return args + list(self.vllm_args)
+
+
+def format_validation_error(exc: ValidationError, source: str | None = None) -> str:
+    """Turn a pydantic error into one readable line naming the option."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    field = loc[0] if loc else "value"
+    option = OPTION_NAMES.get(field, field) if source is None else ".".join(loc) or field
+    msg = err.get("msg", "invalid value")
+    msg = msg.removeprefix("Value error, ")
+    got = err.get("input")
+    where = f" in {source}" if source else ""
+    if isinstance(got, (str, int, float)) and not isinstance(got, bool):
+        return f"invalid {option}{where}: {msg} (got {got!r})"
+    return f"invalid {option}{where}: {msg}"
+
+
+def build_config(values: Mapping[str, Any]) -> ServerConfig:
+    """Validate ``values`` into a ServerConfig.
+
+    Raises:
+        ConfigError: One line naming the first invalid option.
+    """
+    try:
+        return ServerConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Read the ``CMW_VLLM_*`` variables that map onto ServerConfig fields."""
+    out: dict[str, Any] = {}
+    for field, var in SERVER_ENV_VARS.items():
+        raw = environ.get(var)
+        if raw in (None, ""):
+            continue
+        out[field] = raw
+    return out
+
+
+def resolve_server_config(
+    model: str,
+    *,
+    entry_settings: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Apply the documented precedence and validate the result.
+
+    Args:
+        model: Hugging Face id or local path to serve.
+        entry_settings: ServerConfig fields from the registry or models file entry
+            (``name``, ``port``, ``vllm_args``, ...), already merged user-over-built-in.
+        environ: Environment to read ``CMW_VLLM_*`` from (pass ``os.environ``).
+        cli: Options given on the command line; None values mean "not given".
+            ``vllm_args`` given here are appended to the entry's.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: A value is invalid; the message names the option.
+    """
+    values: dict[str, Any] = {"model": model}
+    for layer in (entry_settings or {}, env_overrides(environ or {})):
+        values.update({k: v for k, v in layer.items() if v is not None and k != "vllm_args"})
+    vllm_args = list((entry_settings or {}).get("vllm_args") or [])
+    for key, value in (cli or {}).items():
+        if value is None:
+            continue
+        if key == "vllm_args":
+            vllm_args += list(value)
+        elif key == "env":
+            values["env"] = {**values.get("env", {}), **value}
+        else:
+            values[key] = value
+    values["vllm_args"] = vllm_args
+    if not values.get("name"):
+        values["name"] = name_from_model(model)
+    for key in ("port", "tensor_parallel_size", "max_model_len"):
+        if isinstance(values.get(key), str):
+            try:
+                values[key] = int(values[key])
+            except ValueError:
+                raise ConfigError(
+                    f"invalid {OPTION_NAMES[key]}: must be an integer (got {values[key]!r})"
+                ) from None
+    return build_config(values)

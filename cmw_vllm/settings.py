@@ -1,0 +1,116 @@
+"""Environment configuration: env vars, optionally from a ``.env`` file.
+
+The shell's environment always wins over ``.env`` (python-dotenv with ``override=False``).
+python-dotenv is imported only when a ``.env`` file exists, which keeps ``status`` fast.
+Every variable is listed in ``.env.example``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cmw_vllm.errors import ConfigError
+
+ENV_FILE_VAR = "CMW_VLLM_ENV_FILE"
+
+# Variables that map onto ServerConfig fields (precedence: CLI > env > models file > defaults).
+SERVER_ENV_VARS = {
+    "host": "CMW_VLLM_HOST",
+    "gpu_memory_utilization": "CMW_VLLM_GPU_MEMORY_UTILIZATION",
+    "max_model_len": "CMW_VLLM_MAX_MODEL_LEN",
+    "dtype": "CMW_VLLM_DTYPE",
+    "tensor_parallel_size": "CMW_VLLM_TENSOR_PARALLEL_SIZE",
+    "gpus": "CMW_VLLM_GPUS",
+}
+
+_loaded = False
+
+
+def load_env_file(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """Load ``.env`` into ``os.environ`` without overriding variables already set.
+
+    Args:
+        path: The file to read; default ``$CMW_VLLM_ENV_FILE`` or ``./.env``.
+
+    Returns:
+        The file that was read, or None when there was none.
+
+    Raises:
+        ConfigError: The file exists but cannot be read or parsed.
+    """
+    global _loaded
+    explicit = path or os.environ.get(ENV_FILE_VAR)
+    env_path = Path(explicit) if explicit else Path.cwd() / ".env"
+    if not env_path.exists():
+        if explicit:
+            raise ConfigError(f"env file {env_path} does not exist")
+        return None
+    try:
+        text = env_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read env file {env_path}: {reason}") from exc
+    import io
+
+    from dotenv import dotenv_values
+
+    for key, value in dotenv_values(stream=io.StringIO(text)).items():
+        if value is not None and key not in os.environ:
+            os.environ[key] = value
+    _loaded = True
+    return env_path
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """Return an env var, treating an empty value as unset."""
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def env_float(name: str, default: float) -> float:
+    """Return an env var as a float.
+
+    Raises:
+        ConfigError: The value is not a number.
+    """
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    """Return an env var as a boolean (1/true/yes/on vs 0/false/no/off)."""
+    raw = env(name)
+    if raw is None:
+        return default
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+def api_key() -> str | None:
+    """The API key vLLM is started with and health checks send (``VLLM_API_KEY``)."""
+    return env("VLLM_API_KEY")
+
+
+def start_timeout() -> float:
+    """Seconds ``start`` waits for readiness (``CMW_VLLM_START_TIMEOUT``, default 1800)."""
+    return env_float("CMW_VLLM_START_TIMEOUT", 1800.0)
+
+
+def stop_timeout() -> float:
+    """Seconds ``stop`` waits after SIGTERM before SIGKILL (``CMW_VLLM_STOP_TIMEOUT``)."""
+    return env_float("CMW_VLLM_STOP_TIMEOUT", 30.0)
+
+
+def health_timeout() -> float:
+    """Seconds one health request may take (``CMW_VLLM_HEALTH_TIMEOUT``, default 2)."""
+    return env_float("CMW_VLLM_HEALTH_TIMEOUT", 2.0)

@@ -1,0 +1,102 @@
+"""Shared fixtures: an isolated state dir per test, the tiny model, and the vLLM engine."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_model import make_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DIR = REPO_ROOT.parent / "shared"
+# Only one real vLLM server at a time on this machine (2 cores), across test processes too.
+REAL_VLLM_LOCK = Path(os.environ.get("CMW_VLLM_TEST_LOCK", "/tmp/cmw-vllm-real-vllm.lock"))
+
+_ISOLATED_VARS = (
+    "VLLM_API_KEY",
+    "HF_TOKEN",
+    "HF_HUB_OFFLINE",
+    "HF_ENDPOINT",
+    "CMW_VLLM_ENV_FILE",
+    "CMW_VLLM_HOST",
+    "CMW_VLLM_GPU_MEMORY_UTILIZATION",
+    "CMW_VLLM_MAX_MODEL_LEN",
+    "CMW_VLLM_DTYPE",
+    "CMW_VLLM_TENSOR_PARALLEL_SIZE",
+    "CMW_VLLM_GPUS",
+    "LOG_FILE_ENABLED",
+    "LOG_LEVEL",
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the state dir and the HF cache at the test's temp dir; clear config env vars."""
+    home = tmp_path / "cmw-home"
+    monkeypatch.setenv("CMW_VLLM_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for var in _ISOLATED_VARS:
+        monkeypatch.delenv(var, raising=False)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # no stray .env from the developer's checkout
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Qwen2 model directory that real vLLM serves."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-qwen2")
+
+
+def find_engine_python() -> str | None:
+    """The Python interpreter that has vLLM, for tests (``CMW_VLLM_PYTHON`` or found)."""
+    explicit = os.environ.get("CMW_VLLM_PYTHON")
+    if explicit:
+        return explicit
+    for candidate in (REPO_ROOT / ".venv-vllm" / "bin" / "python",):
+        if candidate.exists():
+            return str(candidate)
+    vllm = shutil.which("vllm")
+    if vllm:
+        first = Path(vllm).read_text(errors="replace").splitlines()[0]
+        if first.startswith("#!"):
+            return first[2:].strip()
+    return None
+
+
+@pytest.fixture(scope="session")
+def engine_python() -> str:
+    """The vLLM interpreter; skip real-vLLM tests when absent, except in CI where it fails."""
+    found = find_engine_python()
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide vLLM (CMW_VLLM_PYTHON or .venv-vllm)")
+        pytest.skip("vLLM is not installed (set CMW_VLLM_PYTHON)")
+    return found
+
+
+@pytest.fixture
+def real_vllm(engine_python: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Serialize real-vLLM tests machine-wide and give the engine a small CPU KV cache."""
+    monkeypatch.setenv("CMW_VLLM_PYTHON", engine_python)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    REAL_VLLM_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with REAL_VLLM_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield engine_python
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def python_executable() -> str:
+    """The interpreter running the tests (has cmw_vllm installed)."""
+    return sys.executable
