@@ -12,7 +12,14 @@ import sys
 
 import click
 
-from cmw_vllm import __version__, cli_inference, cli_lifecycle, cli_machine, cli_models
+from cmw_vllm import (
+    __version__,
+    cli_inference,
+    cli_lifecycle,
+    cli_machine,
+    cli_models,
+    cli_registry,
+)
 from cmw_vllm.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CmwVllmError
 
 logger = logging.getLogger("cmw_vllm")
@@ -44,7 +51,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     setup_logging(verbose)
 
 
-for _module in (cli_lifecycle, cli_models, cli_machine, cli_inference):
+for _module in (cli_lifecycle, cli_registry, cli_models, cli_machine, cli_inference):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 
