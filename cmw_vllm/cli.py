@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     except CmwVllmError as exc:
         if verbose:
             logger.exception("error")
+        log_tail = getattr(exc, "log_tail", "")
+        if log_tail:
+            click.echo("--- last lines of the log ---", err=True)
+            click.echo(log_tail, err=True)
+            click.echo("---", err=True)
         click.echo(f"Error: {exc.message}", err=True)
         if exc.hint:
             click.echo(f"Hint: {exc.hint}", err=True)

@@ -2,6 +2,483 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
 import click
 
-COMMANDS: list[click.Command] = []
+from cmw_vllm.cli_common import (
+    echo_err,
+    echo_json,
+    format_duration,
+    print_table,
+    stderr_is_tty,
+)
+from cmw_vllm.errors import (
+    EXIT_FAILURE,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_STARTING,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from cmw_vllm.server_manager import ServerRecord, ServerStatus, StartResult
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+# status exit codes, worst wins (documented in the README).
+_STATE_EXIT = {
+    "healthy": EXIT_OK,
+    "starting": EXIT_STARTING,
+    "running": EXIT_OK,
+    "unhealthy": EXIT_FAILURE,
+    "exited": EXIT_FAILURE,
+    "stale": EXIT_FAILURE,
+    "invalid": EXIT_FAILURE,
+}
+_EXIT_RANK = {EXIT_OK: 0, EXIT_STARTING: 1, EXIT_FAILURE: 2}
+
+
+class _Progress:
+    """Shows the start-up phase: a spinner on a terminal, one line per phase otherwise."""
+
+    def __init__(self, name: str, quiet: bool = False) -> None:
+        self.name = name
+        self.quiet = quiet
+        self.phase: str | None = None
+        self.status: Any = None
+        if stderr_is_tty() and not quiet:
+            from cmw_vllm.cli_common import console
+
+            self.status = console(stderr=True).status(f"Starting {name}...")
+            self.status.start()
+
+    def __call__(self, phase: str, elapsed: float) -> None:
+        if self.quiet:
+            return
+        if self.status is not None:
+            self.status.update(f"Starting {self.name}: {phase} ({elapsed:.0f}s)")
+        elif phase != self.phase:
+            echo_err(f"{self.name}: {phase} ({elapsed:.1f}s)")
+        self.phase = phase
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+def _example_request(record: ServerRecord) -> str:
+    import json
+
+    auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if os.environ.get("VLLM_API_KEY") else ""
+    model = record.served_model_name
+    if record.task == "embed":
+        path, body = "/v1/embeddings", {"model": model, "input": "Hello"}
+    elif record.task == "score":
+        path = "/rerank"
+        body = {"model": model, "query": "What is vLLM?", "documents": ["An LLM server."]}
+    elif record.task == "classify":
+        path, body = "/classify", {"model": model, "input": "Hello"}
+    else:
+        path = "/v1/chat/completions"
+        body = {"model": model, "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 32}
+    return (f"curl {record.base_url}{path} -H 'Content-Type: application/json'{auth} "
+            f"-d '{json.dumps(body)}'")
+
+
+def _warn_exposed(host: str) -> None:
+    if host not in LOOPBACK and not os.environ.get("VLLM_API_KEY"):
+        echo_err(
+            f"Warning: binding to {host} without an API key: anyone who can reach this "
+            "machine can use the server (set VLLM_API_KEY)."
+        )
+
+
+def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
+    record = result.record
+    if as_json:
+        echo_json(
+            {
+                "name": result.name,
+                "state": "healthy" if result.ready else "starting",
+                "already_running": result.already_running,
+                "model": record.model,
+                "pid": record.pid,
+                "port": record.port,
+                "url": record.base_url,
+                "log": record.log_path,
+                "ready_after_s": round(result.ready_after_s, 2)
+                if result.ready_after_s is not None
+                else None,
+            }
+        )
+        return
+    if result.port_changed_from is not None:
+        echo_err(f"Port {result.port_changed_from} is in use; using {record.port}.")
+    if result.already_running:
+        verb = "is already running" if result.ready else "is already starting"
+        click.echo(f"Server {result.name!r} {verb} ({record.model}, pid {record.pid}).")
+    elif result.ready:
+        click.echo(
+            f"Server {result.name!r} is ready ({record.model}, pid {record.pid}, "
+            f"{elapsed:.1f}s)."
+        )
+    else:
+        click.echo(f"Server {result.name!r} is starting ({record.model}, pid {record.pid}).")
+        click.echo(f"  Log:      {record.log_path}")
+        click.echo(f"  Check:    cmw-vllm status {result.name}")
+    click.echo(f"  Endpoint: {record.base_url}/v1")
+    if result.ready:
+        click.echo(f"  Try:      {_example_request(record)}")
+
+
+def _parse_port(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"invalid --port: must be an integer (got {value!r})") from None
+
+
+def _build_config(target: str, options: dict[str, Any], vllm_args: tuple[str, ...]) -> Any:
+    from cmw_vllm.model_registry import resolve_target
+    from cmw_vllm.server_config import resolve_server_config
+
+    resolved = resolve_target(target)
+    cli_values = dict(options)
+    cli_values["vllm_args"] = list(vllm_args) or None
+    return resolve_server_config(
+        resolved.model,
+        entry_settings=resolved.settings,
+        environ=os.environ,
+        cli=cli_values,
+    )
+
+
+def _run_start(manager: Any, start: Any, name: str, quiet: bool) -> tuple[StartResult, float]:
+    progress = _Progress(name, quiet=quiet)
+    begin = time.monotonic()
+    try:
+        result = start(on_progress=progress)
+    except KeyboardInterrupt:
+        progress.close()
+        echo_err(
+            f"Stopped waiting; {name!r} keeps starting in the background. "
+            f"Stop it with: cmw-vllm stop {name}"
+        )
+        raise
+    finally:
+        progress.close()
+    return result, time.monotonic() - begin
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("target", metavar="NAME|MODEL|DIR")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
+@click.option("--name", help="Server name (default: the alias, or derived from the model).")
+@click.option("--host", help="Address to bind (default 127.0.0.1, env CMW_VLLM_HOST).")
+@click.option("--port", "port", help="HTTP port (default: the registry entry's, else 8000).")
+@click.option("--auto-port", is_flag=True, help="If the port is taken, use the next free one.")
+@click.option("-tp", "--tensor-parallel-size", type=int, help="GPUs to split the model over.")
+@click.option("--gpu-memory-utilization", type=float,
+              help="Fraction (0, 1] of each GPU's memory this server may use.")
+@click.option("--max-model-len", type=int, help="Maximum context length in tokens.")
+@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]))
+@click.option("--gpus", help="GPUs this server sees, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES).")
+@click.option("--served-model-name", help="Model name clients use in requests.")
+@click.option("--task", type=click.Choice(["generate", "embed", "score", "classify"]),
+              help="What the model does (default: from the registry, else generate).")
+@click.option("--no-wait", is_flag=True, help="Return right after launching.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for readiness (default 1800, env CMW_VLLM_START_TIMEOUT).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def start(
+    target: str,
+    vllm_args: tuple[str, ...],
+    name: str | None,
+    host: str | None,
+    port: str | None,
+    auto_port: bool,
+    tensor_parallel_size: int | None,
+    gpu_memory_utilization: float | None,
+    max_model_len: int | None,
+    dtype: str | None,
+    gpus: str | None,
+    served_model_name: str | None,
+    task: str | None,
+    no_wait: bool,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Start a vLLM server in the background and wait until it is ready.
+
+    NAME is a registry alias (see `cmw-vllm list`), MODEL a Hugging Face id, DIR a local
+    model directory. Flags after `--` go to `vllm serve` unchanged. Starting a server that
+    already runs reports it and exits 0.
+
+    \b
+    Examples:
+      cmw-vllm start qwen
+      cmw-vllm start Qwen/Qwen3-0.6B --name small --port 8010 --max-model-len 8192
+      cmw-vllm start ./tiny-model --dtype float32 -- --enforce-eager
+      cmw-vllm start qwen --gpus 1 --no-wait
+    """
+    from cmw_vllm.server_manager import ServerManager
+
+    config = _build_config(
+        target,
+        {
+            "name": name,
+            "host": host,
+            "port": _parse_port(port),
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
+            "dtype": dtype,
+            "gpus": gpus,
+            "served_model_name": served_model_name,
+            "task": task,
+        },
+        vllm_args,
+    )
+    _warn_exposed(config.host)
+    manager = ServerManager()
+
+    def do_start(on_progress: Any) -> StartResult:
+        return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
+                             on_progress=on_progress)
+
+    result, elapsed = _run_start(manager, do_start, config.name, quiet=as_json or no_wait)
+    _report_start(result, as_json, elapsed)
+
+
+@click.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--all", "stop_all", is_flag=True, help="Stop every managed server.")
+@click.option("--timeout", type=click.FloatRange(min=0),
+              help="Seconds between SIGTERM and SIGKILL (default 30, env "
+              "CMW_VLLM_STOP_TIMEOUT).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json: bool) -> None:
+    """Stop servers: SIGTERM, then SIGKILL of everything left of them after --timeout.
+
+    Stopping a server that is not running says so and exits 0.
+
+    \b
+    Examples:
+      cmw-vllm stop qwen
+      cmw-vllm stop --all --timeout 10
+    """
+    from cmw_vllm.server_manager import ServerManager, record_names
+
+    if stop_all and names:
+        raise UsageError("give server names or --all, not both")
+    if not stop_all and not names:
+        raise UsageError("name a server to stop, or pass --all")
+    manager = ServerManager()
+    targets = record_names() if stop_all else list(names)
+    results = [manager.stop(n, timeout=timeout) for n in targets]
+    if as_json:
+        echo_json(
+            [
+                {
+                    "name": r.name,
+                    "was_running": r.was_running,
+                    "stale": r.stale,
+                    "forced": r.forced,
+                    "killed_pids": r.killed_pids,
+                    "duration_s": round(r.duration_s, 2),
+                }
+                for r in results
+            ]
+        )
+        return
+    if not results:
+        click.echo("No managed servers.")
+    for r in results:
+        if r.was_running:
+            how = "forced with SIGKILL" if r.forced else "graceful"
+            click.echo(f"Stopped {r.name!r} ({how}, {r.duration_s:.1f}s).")
+        elif r.stale:
+            click.echo(f"Server {r.name!r} was not running; removed its stale record.")
+        elif r.killed_pids:
+            click.echo(f"Server {r.name!r} had exited; killed leftover processes "
+                       f"{', '.join(map(str, r.killed_pids))}.")
+        else:
+            click.echo(f"Server {r.name!r} is not running.")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--no-wait", is_flag=True, help="Return right after launching.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for readiness.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Restart a server with the settings it was started with.
+
+    The previous log is kept as NAME.log.1 beside the new one.
+
+    \b
+    Examples:
+      cmw-vllm restart qwen
+    """
+    from cmw_vllm.server_manager import ServerManager
+
+    manager = ServerManager()
+
+    def do_restart(on_progress: Any) -> StartResult:
+        return manager.restart(name, wait=not no_wait, timeout=timeout, on_progress=on_progress)
+
+    result, elapsed = _run_start(manager, do_restart, name, quiet=as_json or no_wait)
+    _report_start(result, as_json, elapsed)
+
+
+def _status_exit_code(statuses: list[ServerStatus]) -> int:
+    if not statuses:
+        return EXIT_NOT_RUNNING
+    worst = EXIT_OK
+    for st in statuses:
+        code = _STATE_EXIT.get(st.state, EXIT_FAILURE)
+        if _EXIT_RANK[code] > _EXIT_RANK[worst]:
+            worst = code
+    return worst
+
+
+@click.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys).")
+@click.pass_context
+def status(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
+    """Show managed servers: state, model, pid, port, uptime.
+
+    \b
+    States: starting, healthy, unhealthy (alive, /health failing), exited, stale (the pid
+    now belongs to another process), invalid (unreadable record).
+    Exit codes: 0 all healthy; 1 some unhealthy, exited, stale or invalid; 3 no such
+    server / none managed; 4 some still starting (worst wins).
+
+    \b
+    Examples:
+      cmw-vllm status
+      cmw-vllm status qwen --json | jq -r '.servers[0].state'
+      cmw-vllm status qwen >/dev/null && echo up
+    """
+    from cmw_vllm.server_manager import ServerManager, record_names
+
+    manager = ServerManager()
+    if names:
+        from cmw_vllm.server_config import validate_name
+
+        for n in names:
+            validate_name(n)
+        known = set(record_names())
+        missing = [n for n in names if n not in known]
+        statuses = manager.list_status([n for n in names if n in known])
+        if missing:
+            for n in missing:
+                if not as_json:
+                    echo_err(f"No managed server named {n!r}.")
+            code = EXIT_NOT_RUNNING
+        else:
+            code = _status_exit_code(statuses)
+    else:
+        statuses = manager.list_status()
+        code = _status_exit_code(statuses)
+    if as_json:
+        echo_json({"servers": [s.to_json() for s in statuses]})
+    elif not statuses:
+        if not names:
+            click.echo("No managed servers.")
+    else:
+        rows = []
+        for st in statuses:
+            rec = st.record
+            state = st.state
+            if st.state == "exited" and st.returncode is not None:
+                state = f"exited ({st.returncode})"
+            rows.append(
+                [
+                    st.name,
+                    state,
+                    rec.model if rec else "-",
+                    str(st.pid) if st.pid else "-",
+                    str(rec.port) if rec else "-",
+                    format_duration(st.uptime) if st.running else "-",
+                ]
+            )
+        print_table(["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME"], rows)
+        for st in statuses:
+            if st.error and st.state in ("exited", "stale", "invalid"):
+                echo_err(f"{st.name}: {st.error}")
+            if st.orphans:
+                echo_err(f"{st.name}: processes left behind: "
+                         f"{', '.join(map(str, st.orphans))} (cmw-vllm stop {st.name})")
+    ctx.exit(code)
+
+
+@click.command()
+@click.argument("name")
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True,
+              help="How many lines from the end.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option("--previous", is_flag=True, help="Show the log of the run before the last restart.")
+def logs(name: str, lines: int, follow: bool, previous: bool) -> None:
+    """Show a server's log (vLLM's output).
+
+    \b
+    Examples:
+      cmw-vllm logs qwen -n 100
+      cmw-vllm logs qwen -f
+    """
+    from cmw_vllm.errors import NotFoundError
+    from cmw_vllm.server_config import validate_name
+    from cmw_vllm.server_manager import log_path
+    from cmw_vllm.vllm_engine import tail_lines
+
+    validate_name(name)
+    path = log_path(name)
+    if previous:
+        path = path.with_name(path.name + ".1")
+    if not path.exists():
+        raise NotFoundError(f"no log for server {name!r} ({path})")
+    for line in tail_lines(path, lines):
+        click.echo(line)
+    if not follow:
+        return
+    _follow(path)
+
+
+def _follow(path: Any) -> None:
+    fh = path.open("rb")
+    fh.seek(0, os.SEEK_END)
+    inode = os.fstat(fh.fileno()).st_ino
+    try:
+        while True:
+            chunk = fh.read()
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                sys.stdout.flush()
+                continue
+            try:
+                if os.stat(path).st_ino != inode:  # restarted: the log was rotated
+                    fh.close()
+                    fh = path.open("rb")
+                    inode = os.fstat(fh.fileno()).st_ino
+                    continue
+            except FileNotFoundError:
+                pass
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fh.close()
+
+
+COMMANDS: list[click.Command] = [start, stop, restart, status, logs]

@@ -1,0 +1,953 @@
+"""Start, stop and inspect vLLM servers, each under its own name.
+
+State lives in the state dir (see :mod:`cmw_vllm.paths`):
+
+- ``servers/NAME.json``: the record (pid, create time, port, command, log, config), written
+  atomically under a per-name lock;
+- ``servers/NAME.pid``: the vLLM API server's pid alone (``kill $(cat ...)``, ``PIDFile=``);
+- ``servers/NAME.exit``: how the server ended, written by :mod:`cmw_vllm.supervisor`;
+- ``logs/NAME.log``: vLLM's output (the previous run's log is kept as ``NAME.log.1``).
+
+A process is ours only when its pid, create time and command line match the record; the
+engine's children (EngineCore, workers) are found by the process group the server was
+started in, which survives the API server's death.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cmw_vllm import paths
+from cmw_vllm.errors import (
+    CmwVllmError,
+    ConflictError,
+    EnvironmentProblem,
+    NotFoundError,
+    ServerStartError,
+    StartTimeoutError,
+    UsageError,
+)
+from cmw_vllm.health_check import probe_health
+
+if TYPE_CHECKING:
+    import psutil
+
+    from cmw_vllm.server_config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+RECORD_FORMAT = 1
+IS_WINDOWS = os.name == "nt"
+
+# Server states, as shown by ``status``.
+RUNNING = "running"  # process alive, health not checked
+STARTING = "starting"
+HEALTHY = "healthy"
+UNHEALTHY = "unhealthy"
+EXITED = "exited"
+STALE = "stale"
+INVALID = "invalid"
+
+
+@dataclass
+class ServerRecord:
+    """What ``start`` wrote about one server."""
+
+    name: str
+    pid: int
+    create_time: float
+    supervisor_pid: int
+    supervisor_create_time: float
+    pgid: int
+    host: str
+    port: int
+    model: str
+    served_model_name: str
+    task: str
+    base_url: str
+    command: list[str]
+    log_path: str
+    started_at: float
+    config: dict[str, Any]
+    ready_at: float | None = None
+    format: int = RECORD_FORMAT
+
+    @classmethod
+    def from_json(cls, data: Any) -> ServerRecord:
+        """Build a record from parsed JSON.
+
+        Raises:
+            ValueError: Missing or mistyped fields, or another record format.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        fmt = data.get("format")
+        if fmt != RECORD_FORMAT:
+            raise ValueError(f"record format {fmt!r} is not {RECORD_FORMAT} (older cmw-vllm?)")
+        kwargs: dict[str, Any] = {}
+        for f in cls.__dataclass_fields__.values():
+            if f.name not in data:
+                if f.name in ("ready_at", "format"):
+                    continue
+                raise ValueError(f"missing field {f.name!r}")
+            kwargs[f.name] = data[f.name]
+        for key in ("pid", "supervisor_pid", "pgid", "port"):
+            if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool):
+                raise ValueError(f"field {key!r} is not an integer")
+        return cls(**kwargs)
+
+
+@dataclass
+class ServerStatus:
+    """The observed state of one managed server (or of a record that could not be read)."""
+
+    name: str
+    state: str
+    record: ServerRecord | None = None
+    pid: int | None = None
+    uptime: float | None = None
+    returncode: int | None = None
+    health_code: int | None = None
+    orphans: list[int] = field(default_factory=list)
+    error: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        """True when the server's process is alive (starting, healthy or unhealthy)."""
+        return self.state in (RUNNING, STARTING, HEALTHY, UNHEALTHY)
+
+    def to_json(self) -> dict[str, Any]:
+        """Stable JSON shape for ``status --json``."""
+        rec = self.record
+        out: dict[str, Any] = {
+            "name": self.name,
+            "state": self.state,
+            "model": rec.model if rec else None,
+            "served_model_name": rec.served_model_name if rec else None,
+            "task": rec.task if rec else None,
+            "pid": self.pid,
+            "host": rec.host if rec else None,
+            "port": rec.port if rec else None,
+            "url": rec.base_url if rec else None,
+            "uptime_s": round(self.uptime, 1) if self.uptime is not None else None,
+            "started_at": rec.started_at if rec else None,
+            "returncode": self.returncode,
+            "orphan_pids": self.orphans,
+            "log": rec.log_path if rec else None,
+            "error": self.error,
+        }
+        out.update(self.extra)
+        return out
+
+
+@dataclass
+class StartResult:
+    """What ``start`` did."""
+
+    name: str
+    record: ServerRecord
+    already_running: bool
+    ready: bool
+    port_changed_from: int | None = None
+    ready_after_s: float | None = None
+
+
+@dataclass
+class StopResult:
+    """What ``stop`` did."""
+
+    name: str
+    was_running: bool
+    forced: bool = False
+    stale: bool = False
+    killed_pids: list[int] = field(default_factory=list)
+    duration_s: float = 0.0
+    remaining_pids: list[int] = field(default_factory=list)
+
+
+ProgressCallback = Callable[[str, float], None]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _record_path(name: str) -> Path:
+    return paths.servers_dir() / f"{name}.json"
+
+
+def _pid_path(name: str) -> Path:
+    return paths.servers_dir() / f"{name}.pid"
+
+
+def _exit_path(name: str) -> Path:
+    return paths.servers_dir() / f"{name}.exit"
+
+
+def log_path(name: str) -> Path:
+    """The log file of server ``name``."""
+    return paths.logs_dir() / f"{name}.log"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temp file + ``os.replace``), mode 0600, never via a symlink.
+
+    Raises:
+        EnvironmentProblem: The file cannot be written (read-only dir, disk full, ...).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise EnvironmentProblem(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _remove(*files: Path) -> None:
+    for f in files:
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+
+
+@contextlib.contextmanager
+def _name_lock(name: str, timeout: float = 60.0) -> Iterator[None]:
+    """Hold the per-server lock (serialises start/stop/restart of one name)."""
+    from filelock import FileLock, Timeout
+
+    paths.ensure_dir(paths.locks_dir())
+    lock_file = paths.locks_dir() / f"{name}.lock"
+    if lock_file.is_symlink():
+        raise EnvironmentProblem(f"{lock_file} is a symlink; refusing to use it")
+    lock = FileLock(str(lock_file), timeout=timeout, mode=0o600)
+    try:
+        with lock:
+            yield
+    except Timeout:
+        raise ConflictError(
+            f"another cmw-vllm command is working on server {name!r}; try again"
+        ) from None
+
+
+def read_record(name: str) -> ServerRecord | None:
+    """Read the record of ``name``; None when there is none.
+
+    Raises:
+        ValueError: The file exists but is not a valid record.
+    """
+    path = _record_path(name)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"unreadable: {exc}") from exc
+    if not raw.strip():
+        raise ValueError("empty file")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    record = ServerRecord.from_json(data)
+    if record.name != name:
+        raise ValueError(f"record names server {record.name!r}, file is {path.name}")
+    return record
+
+
+def record_names() -> list[str]:
+    """Names of every server with a record file, sorted."""
+    try:
+        entries = os.listdir(paths.servers_dir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(e[:-5] for e in entries if e.endswith(".json") and not e.startswith("."))
+
+
+def _read_exit(name: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(_exit_path(name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _process(pid: int, create_time: float) -> psutil.Process | None:
+    """The live process with this pid and create time, or None (gone or pid reused)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 0.05:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def _is_ours(record: ServerRecord) -> psutil.Process | None:
+    """The API server process when pid, create time and command line match the record."""
+    import psutil
+
+    proc = _process(record.pid, record.create_time)
+    if proc is None:
+        return None
+    try:
+        cmdline = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    if record.command and cmdline[:1] and not any("vllm" in part for part in cmdline):
+        return None
+    return proc
+
+
+def group_members(record: ServerRecord) -> list[psutil.Process]:
+    """Every live process of the server's process group started after the server.
+
+    EngineCore and workers stay in the group even when the API server was killed and they
+    were re-parented, which is how orphans are found. The create-time bound keeps an
+    unrelated process that happens to reuse the group id out.
+    """
+    import psutil
+
+    if IS_WINDOWS:
+        proc = _is_ours(record)
+        if proc is None:
+            return []
+        try:
+            return [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+    members = []
+    for proc in psutil.process_iter(["create_time", "status"]):
+        try:
+            if os.getpgid(proc.pid) != record.pgid:
+                continue
+        except (ProcessLookupError, PermissionError, OSError):
+            continue
+        info = proc.info
+        if info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        created = info.get("create_time") or 0.0
+        if created + 0.05 < record.supervisor_create_time:
+            continue
+        members.append(proc)
+    return members
+
+
+def _signal(proc: psutil.Process, sig: int) -> bool:
+    import psutil
+
+    try:
+        if IS_WINDOWS:
+            proc.kill() if sig == getattr(signal, "SIGKILL", -1) else proc.terminate()
+        else:
+            proc.send_signal(sig)
+        return True
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    import psutil
+
+    _gone, alive = psutil.wait_procs(procs, timeout=max(timeout, 0))
+    return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def describe_port_holder(host: str, port: int) -> str | None:
+    """Who listens on (or has bound) ``port``, as ``pid 123 (python3 -m http.server)``."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for conn in conns:
+        if not conn.laddr or conn.laddr.port != port:
+            continue
+        if conn.status not in (psutil.CONN_LISTEN, psutil.CONN_NONE):
+            continue
+        if conn.pid is None:
+            return "another process"
+        try:
+            proc = psutil.Process(conn.pid)
+            cmd = " ".join(proc.cmdline())[:80] or proc.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            cmd = "?"
+        return f"pid {conn.pid} ({cmd})"
+    return None
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when nothing listens on or has bound ``host:port``."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        if not IS_WINDOWS:
+            # Ignore TIME_WAIT leftovers of our own previous server on this port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    # vLLM binds with SO_REUSEADDR long before it listens: look for bound sockets too.
+    return describe_port_holder(host, port) is None
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class ServerManager:
+    """Start, stop and inspect managed vLLM servers.
+
+    Args:
+        health_timeout: Seconds one health request may take.
+        poll_interval: Seconds between readiness checks while waiting for a start.
+    """
+
+    def __init__(self, health_timeout: float | None = None, poll_interval: float = 0.1) -> None:
+        from cmw_vllm.settings import health_timeout as default_health_timeout
+
+        self.health_timeout = (
+            health_timeout if health_timeout is not None else default_health_timeout()
+        )
+        self.poll_interval = poll_interval
+
+    # ----------------------------------------------------------------- status
+
+    def get_status(self, name: str, check_health: bool = True) -> ServerStatus:
+        """Observe one server.
+
+        Raises:
+            NotFoundError: No record for ``name``.
+        """
+        from cmw_vllm.server_config import validate_name
+
+        validate_name(name)
+        statuses = self._statuses([name], check_health)
+        if statuses[0].state == INVALID and statuses[0].error == "no record":
+            raise NotFoundError(f"no managed server named {name!r}")
+        return statuses[0]
+
+    def list_status(
+        self, names: list[str] | None = None, check_health: bool = True
+    ) -> list[ServerStatus]:
+        """Observe every managed server (or those in ``names``), health checks concurrently."""
+        return self._statuses(names if names is not None else record_names(), check_health)
+
+    def list_running(self) -> list[ServerStatus]:
+        """Every server whose process is alive (starting, healthy or unhealthy)."""
+        return [s for s in self.list_status() if s.running]
+
+    def _statuses(self, names: list[str], check_health: bool) -> list[ServerStatus]:
+        statuses = [self._observe(name) for name in names]
+        to_probe = [s for s in statuses if s.state == RUNNING and s.record is not None]
+        if check_health and to_probe:
+            codes = self._probe_many([s.record.base_url for s in to_probe])  # type: ignore[union-attr]
+            for status, code in zip(to_probe, codes, strict=True):
+                status.health_code = code
+                if code == 200:
+                    status.state = HEALTHY
+                elif code is not None or self._was_ready(status.record):  # type: ignore[arg-type]
+                    status.state = UNHEALTHY
+                else:
+                    status.state = STARTING
+        return statuses
+
+    def _probe_many(self, urls: list[str]) -> list[int | None]:
+        if len(urls) == 1:
+            return [probe_health(urls[0], self.health_timeout)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(32, len(urls))) as pool:
+            return list(pool.map(lambda u: probe_health(u, self.health_timeout), urls))
+
+    @staticmethod
+    def _was_ready(record: ServerRecord) -> bool:
+        if record.ready_at is not None:
+            return True
+        from cmw_vllm.vllm_engine import READY_LINE
+
+        try:
+            with open(record.log_path, "rb") as fh:
+                return READY_LINE.encode() in fh.read(64 * 1024 * 1024)
+        except OSError:
+            return False
+
+    def _observe(self, name: str) -> ServerStatus:
+        """Process-level state of one server (health is added by the caller)."""
+        try:
+            record = read_record(name)
+        except ValueError as exc:
+            return ServerStatus(name=name, state=INVALID, error=f"bad record: {exc}")
+        if record is None:
+            return ServerStatus(name=name, state=INVALID, error="no record")
+        proc = _is_ours(record)
+        if proc is not None:
+            return ServerStatus(
+                name=name,
+                state=RUNNING,
+                record=record,
+                pid=record.pid,
+                uptime=time.time() - record.started_at,
+            )
+        status = ServerStatus(name=name, state=EXITED, record=record, pid=record.pid)
+        orphans = [p.pid for p in group_members(record)]
+        status.orphans = orphans
+        exit_info = _read_exit(name)
+        if exit_info is not None and exit_info.get("pid") == record.pid:
+            status.returncode = exit_info.get("returncode")
+        elif self._pid_alive(record.pid):
+            status.state = STALE
+            status.error = f"pid {record.pid} now belongs to another process"
+        from cmw_vllm.vllm_engine import diagnose, tail_lines
+
+        if status.state == EXITED:
+            status.log_tail = tail_lines(Path(record.log_path), 10)
+            status.error = diagnose("\n".join(tail_lines(Path(record.log_path), 200)))
+        return status
+
+    @staticmethod
+    def _pid_alive(pid: int) -> bool:
+        import psutil
+
+        return psutil.pid_exists(pid)
+
+    # ----------------------------------------------------------------- start
+
+    def start(
+        self,
+        config: ServerConfig,
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+        auto_port: bool = False,
+        on_progress: ProgressCallback | None = None,
+    ) -> StartResult:
+        """Start ``config`` in the background (or join the same server already running).
+
+        Args:
+            config: The server to start.
+            wait: Wait until ``/health`` answers 200.
+            timeout: Seconds to wait (default ``CMW_VLLM_START_TIMEOUT``).
+            auto_port: When the port is taken, use the next free one.
+            on_progress: Called with (phase, elapsed seconds) while waiting.
+
+        Raises:
+            ConflictError: The name runs another model, or the port is held by something else.
+            EnvironmentProblem: vLLM missing, state dir not writable.
+            ServerStartError: vLLM exited during start-up (message has the diagnosis).
+            StartTimeoutError: Not ready within ``timeout``; the server keeps starting.
+        """
+        from cmw_vllm.settings import start_timeout
+
+        timeout = start_timeout() if timeout is None else timeout
+        for d in (paths.state_dir(), paths.servers_dir(), paths.logs_dir()):
+            paths.ensure_dir(d)
+        port_changed_from = None
+        with _name_lock(config.name):
+            existing = self._observe(config.name)
+            if existing.running and existing.record is not None:
+                if existing.record.model != config.model:
+                    raise ConflictError(
+                        f"server {config.name!r} already runs {existing.record.model}",
+                        hint=f"stop it first (cmw-vllm stop {config.name}) or use --name",
+                    )
+                record = existing.record
+                already = True
+            else:
+                if existing.record is not None or existing.state == INVALID:
+                    self._cleanup_dead(config.name, existing)
+                config, port_changed_from = self._choose_port(config, auto_port)
+                record = self._launch(config)
+                already = False
+        result = StartResult(
+            name=config.name,
+            record=record,
+            already_running=already,
+            ready=False,
+            port_changed_from=port_changed_from,
+        )
+        if wait:
+            result.ready_after_s = self.wait_ready(record, timeout, on_progress)
+            result.ready = True
+        return result
+
+    def _cleanup_dead(self, name: str, status: ServerStatus) -> None:
+        """Remove what a dead server left: orphans of its group, its record files."""
+        if status.record is not None and status.orphans:
+            self._terminate(status.record, None, kill_timeout=5.0)
+        _remove(_record_path(name), _pid_path(name), _exit_path(name))
+
+    def _choose_port(
+        self, config: ServerConfig, auto_port: bool
+    ) -> tuple[ServerConfig, int | None]:
+        taken_by_ours = {}
+        for other in record_names():
+            if other == config.name:
+                continue
+            st = self._observe(other)
+            if st.running and st.record is not None:
+                taken_by_ours[st.record.port] = other
+        port = config.port
+        for _attempt in range(200):
+            holder: str | None = None
+            if port in taken_by_ours:
+                holder = f"cmw-vllm server {taken_by_ours[port]!r}"
+            elif not port_is_free(config.host, port):
+                holder = describe_port_holder(config.host, port) or "another process"
+            if holder is None:
+                if port != config.port:
+                    return config.model_copy(update={"port": port}), config.port
+                return config, None
+            if not auto_port:
+                raise ConflictError(
+                    f"port {port} is in use by {holder}",
+                    hint="choose another with --port, or pass --auto-port",
+                )
+            port += 1
+            if port > 65535:
+                break
+        raise ConflictError(f"no free port found from {config.port}")
+
+    def _launch(self, config: ServerConfig) -> ServerRecord:
+        import psutil
+
+        from cmw_vllm.vllm_engine import build_command, find_engine_python
+
+        python = find_engine_python()
+        command = build_command(python, config.model, config.vllm_cli_args())
+        env = dict(os.environ)
+        env.update(config.env)
+        if config.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = config.gpus
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        log_file = log_path(config.name)
+        if log_file.is_symlink():
+            raise EnvironmentProblem(f"{log_file} is a symlink; refusing to write through it")
+        if log_file.exists():
+            os.replace(log_file, log_file.with_name(log_file.name + ".1"))
+        exit_file = _exit_path(config.name)
+        _remove(exit_file)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            log_fd = os.open(log_file, flags, 0o600)
+        except OSError as exc:
+            raise EnvironmentProblem(f"cannot write {log_file}: {exc.strerror or exc}") from exc
+        supervisor_cmd = [sys.executable, "-m", "cmw_vllm.supervisor", str(exit_file), "--",
+                          *command]
+        popen_kwargs: dict[str, Any] = {}
+        if IS_WINDOWS:
+            popen_kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+        else:
+            popen_kwargs["start_new_session"] = True
+        logger.info("launching %s", " ".join(command))
+        try:
+            sup = subprocess.Popen(
+                supervisor_cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(paths.state_dir()),
+                close_fds=True,
+                **popen_kwargs,
+            )
+        finally:
+            os.close(log_fd)
+        sup_proc = psutil.Process(sup.pid)
+        child = None
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            try:
+                children = sup_proc.children()
+            except psutil.NoSuchProcess:
+                children = []
+            if children:
+                child = children[0]
+                break
+            if sup.poll() is not None:
+                break
+            time.sleep(0.01)
+        if child is None:
+            sup.poll()
+            raise ServerStartError(
+                f"could not launch vLLM for {config.name!r}",
+                log_tail="\n".join(_tail(log_file, 20)),
+            )
+        record = ServerRecord(
+            name=config.name,
+            pid=child.pid,
+            create_time=child.create_time(),
+            supervisor_pid=sup.pid,
+            supervisor_create_time=sup_proc.create_time(),
+            pgid=sup.pid,
+            host=config.host,
+            port=config.port,
+            model=config.model,
+            served_model_name=config.served_name(),
+            task=config.task,
+            base_url=config.base_url(),
+            command=command,
+            log_path=str(log_file),
+            started_at=time.time(),
+            config=config.model_dump(mode="json"),
+        )
+        try:
+            self._save(record)
+        except CmwVllmError:
+            self._terminate(record, None, kill_timeout=5.0)
+            raise
+        return record
+
+    def _save(self, record: ServerRecord) -> None:
+        _write_private(_record_path(record.name), json.dumps(asdict(record), indent=2) + "\n")
+        _write_private(_pid_path(record.name), f"{record.pid}\n")
+
+    def wait_ready(
+        self,
+        record: ServerRecord,
+        timeout: float,
+        on_progress: ProgressCallback | None = None,
+    ) -> float:
+        """Wait until ``/health`` answers 200 while the process lives.
+
+        Returns:
+            Seconds since the server was started.
+
+        Raises:
+            ServerStartError: The process exited first (its record is removed).
+            StartTimeoutError: ``timeout`` passed; the server is left running.
+        """
+        from cmw_vllm.vllm_engine import detect_phase
+
+        begin = time.monotonic()
+        deadline = begin + timeout
+        phase = "starting vLLM"
+        log_offset = 0
+        log_file = Path(record.log_path)
+        exit_file = _exit_path(record.name)
+        proc = _is_ours(record)
+        while True:
+            if proc is None or not proc.is_running() or exit_file.exists():
+                self._fail_start(record)
+            code = probe_health(record.base_url, min(self.health_timeout, 1.0))
+            if code == 200:
+                self._mark_ready(record)
+                if on_progress:
+                    on_progress("ready", time.monotonic() - begin)
+                return time.time() - record.started_at
+            try:
+                with log_file.open("rb") as fh:
+                    fh.seek(log_offset)
+                    chunk = fh.read()
+                    log_offset += len(chunk)
+                if chunk:
+                    phase = detect_phase(chunk.decode("utf-8", errors="replace"), phase)
+            except OSError:
+                pass
+            if on_progress:
+                on_progress(phase, time.monotonic() - begin)
+            if time.monotonic() >= deadline:
+                raise StartTimeoutError(
+                    f"server {record.name!r} is not ready after {timeout:g}s (phase: {phase})",
+                    hint=f"it keeps starting; watch `cmw-vllm logs {record.name} -f` or "
+                    f"`cmw-vllm stop {record.name}`",
+                )
+            time.sleep(self.poll_interval)
+
+    def _mark_ready(self, record: ServerRecord) -> None:
+        if record.ready_at is not None:
+            return
+        record.ready_at = time.time()
+        with contextlib.suppress(CmwVllmError, ValueError):
+            current = read_record(record.name)
+            if current is not None and current.pid == record.pid:
+                self._save(record)
+
+    def _fail_start(self, record: ServerRecord) -> None:
+        from cmw_vllm.vllm_engine import diagnose, tail_lines
+
+        log_file = Path(record.log_path)
+        # The supervisor writes the exit file right after vLLM exits; give it a moment.
+        for _ in range(20):
+            if _exit_path(record.name).exists():
+                break
+            time.sleep(0.02)
+        exit_info = _read_exit(record.name) or {}
+        rc = exit_info.get("returncode")
+        text = "\n".join(tail_lines(log_file, 400))
+        with contextlib.suppress(CmwVllmError), _name_lock(record.name, timeout=10):
+            current = None
+            with contextlib.suppress(ValueError):
+                current = read_record(record.name)
+            if current is not None and current.pid == record.pid:
+                self._terminate(record, None, kill_timeout=5.0)
+                _remove(_record_path(record.name), _pid_path(record.name))
+        rc_text = f" (exit code {rc})" if rc is not None else ""
+        raise ServerStartError(
+            f"vLLM exited during start-up{rc_text}; log: {log_file}",
+            hint=diagnose(text),
+            log_tail="\n".join(tail_lines(log_file, 15)),
+        )
+
+    # ----------------------------------------------------------------- stop
+
+    def stop(
+        self, name: str, timeout: float | None = None, kill_timeout: float = 10.0
+    ) -> StopResult:
+        """Stop server ``name``: SIGTERM, wait, SIGKILL its whole group, confirm it is gone.
+
+        A process whose create time or command line does not match the record is never
+        signalled; such a record is stale and is removed.
+
+        Args:
+            name: Server name.
+            timeout: Seconds between SIGTERM and SIGKILL (default ``CMW_VLLM_STOP_TIMEOUT``).
+            kill_timeout: Seconds to wait for the processes to vanish after SIGKILL.
+
+        Raises:
+            CmwVllmError: Processes of the server survived SIGKILL.
+        """
+        from cmw_vllm.server_config import validate_name
+        from cmw_vllm.settings import stop_timeout
+
+        validate_name(name)
+        timeout = stop_timeout() if timeout is None else timeout
+        begin = time.monotonic()
+        with _name_lock(name):
+            status = self._observe(name)
+            if status.record is None:
+                if status.state == INVALID and status.error != "no record":
+                    _remove(_record_path(name), _pid_path(name), _exit_path(name))
+                    return StopResult(name=name, was_running=False, stale=True)
+                return StopResult(name=name, was_running=False)
+            record = status.record
+            result = StopResult(name=name, was_running=status.running,
+                                stale=status.state == STALE)
+            main = _is_ours(record)
+            forced, killed, remaining = self._terminate(record, main, timeout, kill_timeout)
+            result.forced, result.killed_pids, result.remaining_pids = forced, killed, remaining
+            if remaining:
+                raise CmwVllmError(
+                    f"processes of {name!r} survived SIGKILL: "
+                    + ", ".join(str(p) for p in remaining)
+                )
+            _remove(_record_path(name), _pid_path(name), _exit_path(name))
+        result.duration_s = time.monotonic() - begin
+        return result
+
+    def _terminate(
+        self,
+        record: ServerRecord,
+        main: psutil.Process | None,
+        timeout: float | None = None,
+        kill_timeout: float = 10.0,
+    ) -> tuple[bool, list[int], list[int]]:
+        """SIGTERM the API server, then SIGKILL whatever of its group is left.
+
+        Returns:
+            (forced, pids that got SIGKILL, pids still alive afterwards).
+        """
+        members = group_members(record)
+        if main is not None and all(m.pid != main.pid for m in members):
+            members.append(main)
+        if not members:
+            return False, [], []
+        if main is not None and timeout:
+            _signal(main, signal.SIGTERM)
+            alive = _wait_gone(members, timeout)
+        else:
+            alive = members
+        if not alive:
+            return False, [], []
+        killed = [p.pid for p in alive]
+        for proc in alive:
+            _signal(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
+        remaining = _wait_gone(alive, kill_timeout)
+        # Children forked between the listing and the kill: one more sweep of the group.
+        late = [p for p in group_members(record) if p.pid not in killed]
+        for proc in late:
+            _signal(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
+            killed.append(proc.pid)
+        remaining += _wait_gone(late, kill_timeout)
+        return True, killed, [p.pid for p in remaining]
+
+    def stop_all(self, timeout: float | None = None) -> list[StopResult]:
+        """Stop every managed server."""
+        return [self.stop(name, timeout) for name in record_names()]
+
+    # ----------------------------------------------------------------- restart
+
+    def restart(
+        self,
+        name: str,
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> StartResult:
+        """Stop ``name`` and start it again with the settings it was started with.
+
+        Raises:
+            NotFoundError: No record for ``name``.
+            UsageError: The record's settings no longer validate.
+        """
+        from cmw_vllm.server_config import ServerConfig, validate_name
+
+        validate_name(name)
+        try:
+            record = read_record(name)
+        except ValueError as exc:
+            raise UsageError(f"cannot restart {name!r}: bad record ({exc})") from None
+        if record is None:
+            raise NotFoundError(f"no managed server named {name!r}")
+        try:
+            config = ServerConfig(**record.config)
+        except Exception as exc:
+            raise UsageError(f"cannot restart {name!r}: stored settings are invalid ({exc})") \
+                from None
+        self.stop(name)
+        return self.start(config, wait=wait, timeout=timeout, on_progress=on_progress)
+
+
+def running_models() -> dict[str, list[str]]:
+    """Model id -> names of managed servers whose process is alive (no health checks)."""
+    out: dict[str, list[str]] = {}
+    for status in ServerManager().list_status(check_health=False):
+        if status.running and status.record is not None:
+            out.setdefault(status.record.model, []).append(status.name)
+    return out
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    from cmw_vllm.vllm_engine import tail_lines
+
+    return tail_lines(path, n)
