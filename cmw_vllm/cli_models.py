@@ -2,6 +2,351 @@
 
 from __future__ import annotations
 
+import importlib.util
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import click
 
+from cmw_vllm.cli_common import (
+    echo_err,
+    echo_json,
+    format_bytes,
+    format_duration,
+    stderr_is_tty,
+)
+from cmw_vllm.errors import EXIT_FAILURE, UsageError
+
+if TYPE_CHECKING:
+    from cmw_vllm.model_downloader import DownloadPlan, DownloadResult, ProgressBar
+    from cmw_vllm.model_verifier import VerifyReport
+
 COMMANDS: list[click.Command] = []
+
+PLAIN_PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines
+
+
+def _resolve(name: str) -> tuple[str, bool]:
+    """(HF repo id or directory, is it a directory) for an alias, repo id or path."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if importlib.util.find_spec("cmw_vllm.model_registry") is None:
+        return name, False
+    from cmw_vllm.model_registry import resolve_target
+
+    target = resolve_target(name)
+    return str(target.model), bool(target.is_local)
+
+
+def _short(commit: str | None) -> str:
+    return commit[:12] if commit else "-"
+
+
+# --------------------------------------------------------------------------------------------
+# Progress drawing
+
+
+def _rich_download_progress(plan: DownloadPlan) -> tuple[type[ProgressBar], Any]:
+    """A ProgressBar subclass drawing one rich bar (bytes, speed, ETA, files) on stderr."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from cmw_vllm.cli_common import console
+    from cmw_vllm.model_downloader import ProgressBar
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[files]}"),
+        console=console(stderr=True),
+        transient=False,
+    )
+    task = progress.add_task(plan.repo_id, total=plan.bytes_to_fetch or None,
+                             files=f"0/{len(plan.files)} files")
+
+    class RichBar(ProgressBar):
+        def on_update(self) -> None:
+            if self.kind == "bytes":
+                progress.update(task, completed=self.n)
+            elif self.kind == "files":
+                progress.update(task, files=f"{int(self.n)}/{int(self.total or 0)} files")
+
+    return RichBar, progress
+
+
+def _plain_download_progress(plan: DownloadPlan) -> type[ProgressBar]:
+    """A ProgressBar subclass writing a line per finished file and every few seconds."""
+    from cmw_vllm.model_downloader import ProgressBar
+
+    state = {"bytes": 0.0, "files": 0, "last": time.monotonic()}
+    lock = threading.Lock()
+    total_files = len(plan.files)
+
+    def line() -> None:
+        echo_err(f"  {state['files']}/{total_files} files, "
+                 f"{format_bytes(state['bytes'])} of {format_bytes(plan.bytes_to_fetch)}")
+        state["last"] = time.monotonic()
+
+    class PlainBar(ProgressBar):
+        def on_update(self) -> None:
+            with lock:
+                if self.kind == "bytes":
+                    state["bytes"] = self.n
+                    if time.monotonic() - state["last"] >= PLAIN_PROGRESS_INTERVAL:
+                        line()
+                elif self.kind == "files" and int(self.n) != state["files"]:
+                    state["files"] = int(self.n)
+                    line()
+
+    return PlainBar
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering reports
+
+
+def _print_verify(report: VerifyReport, repair_target: str | None) -> None:
+    for problem in report.problems:
+        click.echo(f"  {problem.kind:<11} {problem}")
+    what = f"{report.files_checked} files, {format_bytes(report.bytes_checked)}"
+    if report.mode == "full":
+        what += f", {report.files_hashed} hashed"
+        if report.files_without_hash:
+            what += f", {report.files_without_hash} without a recorded hash"
+    took = f"{report.seconds:.2f}s" if report.seconds < 60 else format_duration(report.seconds)
+    if report.ok:
+        click.echo(f"Verify ({report.mode}): OK, {what} in {took}")
+        return
+    count = len(report.problems)
+    click.echo(f"Verify ({report.mode}): FAILED, {count} problem{'s' if count != 1 else ''} "
+               f"({what})")
+    if repair_target and report.files_to_repair:
+        click.echo(f"Repair with: cmw-vllm download {repair_target} --repair")
+
+
+# --------------------------------------------------------------------------------------------
+# download
+
+
+@click.command()
+@click.argument("name")
+@click.option("--revision", "-r", default=None, help="Branch, tag or commit (default: main).")
+@click.option("--include", "include", multiple=True, metavar="PATTERN",
+              help="Download only files matching this glob (repeatable); replaces the default "
+                   "selection.")
+@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+              help="Leave out files matching this glob (repeatable).")
+@click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Download into this directory instead of the Hugging Face cache.")
+@click.option("--force", is_flag=True, help="Download even when free disk space looks too small.")
+@click.option("--repair", is_flag=True,
+              help="Hash the copy on disk and fetch again exactly the files that fail.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def download(ctx: click.Context, name: str, revision: str | None, include: tuple[str, ...],
+             exclude: tuple[str, ...], local_dir: Path | None, force: bool, repair: bool,
+             as_json: bool) -> None:
+    """Download a model from the Hugging Face Hub, then verify it.
+
+    NAME is a registry alias or a Hugging Face repo id. By default only what vLLM needs is
+    fetched: safetensors weights, configs, tokenizer and chat template files (PyTorch .bin
+    weights only when the repo has no safetensors). Files land in the Hugging Face cache
+    (HF_HOME) unless --local-dir is given. Gated repos need HF_TOKEN. Running it again on a
+    complete download finishes without fetching anything; after Ctrl-C it carries on.
+
+    Exits 0 when the files are there and verify is happy, 1 when verify finds problems,
+    7 when disk space is short, 8 when the Hub cannot be reached or refuses access, 9 when
+    the repo or revision does not exist.
+
+    \b
+    Examples:
+      cmw-vllm download qwen
+      cmw-vllm download Qwen/Qwen3-0.6B --revision main
+      cmw-vllm download org/model --include '*.safetensors' --include '*.json'
+      cmw-vllm download org/model --local-dir ./models/model
+      cmw-vllm download org/model --repair      # fetch again what verify --full flags
+      cmw-vllm download org/model --json
+    """
+    from cmw_vllm.model_downloader import download_model
+
+    repo_id, is_local = _resolve(name)
+    if is_local:
+        raise UsageError(f"{name} is a local directory; there is nothing to download",
+                         hint=f"check it with: cmw-vllm verify {name}")
+
+    drawn: dict[str, Any] = {}
+
+    def on_plan(plan: DownloadPlan) -> None:
+        if plan.repair:
+            echo_err(f"Repairing {plan.repo_id}@{_short(plan.commit)}: fetching "
+                     f"{len(plan.repair)} file(s) again, {format_bytes(plan.bytes_to_fetch)}")
+        elif plan.bytes_to_fetch == 0:
+            echo_err(f"{plan.repo_id}@{plan.revision}: all {len(plan.files)} files are on disk")
+        else:
+            echo_err(f"Downloading {plan.repo_id}@{plan.revision} (commit {_short(plan.commit)}): "
+                     f"{plan.files_to_fetch} of {len(plan.files)} files, "
+                     f"{format_bytes(plan.bytes_to_fetch)} to fetch, "
+                     f"{format_bytes(plan.free_bytes)} free in {plan.target}")
+        if plan.bytes_to_fetch and stderr_is_tty():
+            bar_class, progress = _rich_download_progress(plan)
+            drawn["class"], drawn["progress"] = bar_class, progress
+            progress.start()
+        elif plan.bytes_to_fetch and not as_json:
+            drawn["class"] = _plain_download_progress(plan)
+
+    def progress_factory(*args: Any, **kwargs: Any) -> ProgressBar:
+        from cmw_vllm.model_downloader import ProgressBar
+
+        return drawn.get("class", ProgressBar)(*args, **kwargs)
+
+    try:
+        result = download_model(
+            repo_id, revision=revision, include=include, exclude=exclude, local_dir=local_dir,
+            force=force, repair=repair, progress_class=progress_factory,
+            on_plan=on_plan,
+        )
+    finally:
+        if "progress" in drawn:
+            drawn["progress"].stop()
+    _report_download(result, name, as_json)
+    if not result.ok:
+        ctx.exit(EXIT_FAILURE)
+
+
+def _report_download(result: DownloadResult, name: str, as_json: bool) -> None:
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    if result.offline:
+        click.echo(f"HF_HUB_OFFLINE is set: using the cached {result.repo_id} at {result.path}")
+    elif result.already_complete:
+        click.echo(f"{result.repo_id} is complete at {result.path}")
+    elif result.plan is not None and result.plan.repair:
+        click.echo(f"Fetched {len(result.plan.repair)} file(s) of {result.repo_id} again "
+                   f"({format_bytes(result.bytes_downloaded)}) into {result.path}")
+    else:
+        rate = result.bytes_downloaded / result.seconds if result.seconds > 0 else 0
+        click.echo(f"Downloaded {result.repo_id} ({format_bytes(result.bytes_downloaded)} in "
+                   f"{result.seconds:.1f}s, {format_bytes(rate)}/s) to {result.path}")
+    _print_verify(result.verify, name)
+
+
+COMMANDS.append(download)
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+
+@click.command()
+@click.argument("name")
+@click.option("--revision", "-r", default=None,
+              help="Branch, tag or commit of a cached repo (default: main).")
+@click.option("--full", is_flag=True, help="Also hash every file against the Hub's records.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def verify(ctx: click.Context, name: str, revision: str | None, full: bool,
+           as_json: bool) -> None:
+    """Check a downloaded model's files, offline.
+
+    NAME is a registry alias, a Hugging Face repo id (its snapshot in the cache is checked)
+    or a model directory. The fast mode checks that every expected file is there with the
+    size the Hub recorded, that safetensors headers parse and their tensor data exactly fills
+    each file, that config.json names an architecture, that a tokenizer is present and that
+    the index file's shards exist. --full also hashes every file (sha256 for LFS files, git
+    blob sha1 for small ones), in parallel.
+
+    Prints one line per problem and a summary; exits 0 only when all is well (1 otherwise,
+    9 when the model is not on disk).
+
+    JSON keys: ok, path, repo_id, revision, commit, source (cache|local), mode (fast|full),
+    metadata, files_checked, bytes_checked, files_hashed, bytes_hashed, files_without_hash,
+    seconds, problems [{kind, file, message, repairable}].
+
+    \b
+    Examples:
+      cmw-vllm verify qwen
+      cmw-vllm verify Qwen/Qwen3-0.6B --full
+      cmw-vllm verify ./models/my-model --json
+    """
+    from cmw_vllm.model_verifier import verify_model
+
+    target, is_local = _resolve(name)
+    if is_local and not Path(target).expanduser().is_dir():
+        from cmw_vllm.errors import NotFoundError
+
+        raise NotFoundError(f"{target} is not a directory")
+    progress_cm: Any = None
+    callbacks: dict[str, Any] = {}
+    if full and stderr_is_tty():
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        from cmw_vllm.cli_common import console
+
+        progress_cm = Progress(TextColumn("[bold]hashing"), BarColumn(),
+                               DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                               TimeRemainingColumn(), console=console(stderr=True))
+        task = progress_cm.add_task("hash", total=None)
+
+        def start(files: int, total: int) -> None:
+            progress_cm.update(task, total=total)
+            progress_cm.start()
+
+        def advance(n: int) -> None:
+            progress_cm.advance(task, n)
+
+        callbacks = {"on_hash_start": start, "progress": advance}
+    elif full and not as_json:
+        state = {"done": 0, "total": 0, "last": time.monotonic()}
+        lock = threading.Lock()
+
+        def start_plain(files: int, total: int) -> None:
+            state["total"] = total
+            echo_err(f"Hashing {files} files, {format_bytes(total)}")
+
+        def advance_plain(n: int) -> None:
+            with lock:
+                state["done"] += n
+                if time.monotonic() - state["last"] >= PLAIN_PROGRESS_INTERVAL:
+                    state["last"] = time.monotonic()
+                    echo_err(f"  {format_bytes(state['done'])} of {format_bytes(state['total'])}")
+
+        callbacks = {"on_hash_start": start_plain, "progress": advance_plain}
+    try:
+        report = verify_model(target, revision=None if is_local else revision, full=full,
+                              **callbacks)
+    finally:
+        if progress_cm is not None:
+            progress_cm.stop()
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        where = report.repo_id or report.path
+        rev = f"@{report.revision}" if report.revision else ""
+        commit = f" (commit {_short(report.commit)})" if report.commit else ""
+        click.echo(f"{where}{rev}{commit} at {report.path}")
+        _print_verify(report, name if report.repo_id else None)
+    if not report.ok:
+        ctx.exit(EXIT_FAILURE)
+
+
+COMMANDS.append(verify)

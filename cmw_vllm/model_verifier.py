@@ -1,0 +1,740 @@
+"""Offline integrity checks of a downloaded model (HF cache snapshot or local directory).
+
+Nothing here touches the network. What a file should be comes from what the download left
+on disk (see ``../shared/hf/FACTS.md``):
+
+- ``<repo cache>/trees/<commit>.json`` (or ``<local dir>/.cache/huggingface/trees/``): size,
+  git blob id and LFS sha256 of every file of the commit;
+- the blob a snapshot entry links to is named after its ETag (sha256 for LFS files, git blob
+  sha1 for small ones);
+- ``<local dir>/.cache/huggingface/download/<path>.metadata``: commit and ETag per file;
+- cmw-vllm's own download manifest (which files were asked for).
+
+Fast mode checks presence, sizes and structure (safetensors headers, config, tokenizer,
+index); full mode also hashes every file, in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cmw_vllm.errors import NotFoundError, UsageError
+
+logger = logging.getLogger(__name__)
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
+HASH_CHUNK = 4 << 20
+MAX_SAFETENSORS_HEADER = 100 << 20
+
+# Bytes per element of the dtypes safetensors knows; fp4/fp6 packings are skipped.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+
+# Any one of these makes a tokenizer vLLM can load.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tekken.json",
+    "vocab.json",
+    "vocab.txt",
+    "qwen.tiktoken",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+PROBLEM_KINDS = (
+    "missing",  # an expected file is absent (or a dangling link)
+    "size",  # a file's size differs from what the Hub recorded
+    "blob",  # a snapshot entry links to a blob of other content than recorded
+    "hash",  # the content's hash differs from what the Hub recorded (full mode)
+    "safetensors",  # header unreadable, or tensor data does not fill the file exactly
+    "index",  # an index file names a shard or tensor that is not there
+    "config",  # config.json missing, unparsable, or without an architecture
+    "tokenizer",  # no tokenizer file
+    "json",  # another JSON file does not parse
+    "weights",  # no weight files at all
+    "unreadable",  # an OS error while reading
+)
+
+
+@dataclass(frozen=True)
+class ExpectedFile:
+    """What the Hub recorded about one file of a commit."""
+
+    path: str
+    size: int | None = None
+    sha256: str | None = None  # LFS files
+    blob_id: str | None = None  # git blob sha1 (small files; for LFS files, of the pointer)
+
+    @property
+    def is_lfs(self) -> bool:
+        """True when the content hash to compare is a sha256."""
+        return self.sha256 is not None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a model folder.
+
+    Attributes:
+        kind: One of :data:`PROBLEM_KINDS`.
+        file: The repo-relative path concerned, or None for folder-level problems.
+        message: One line for humans.
+        repairable: Fetching ``file`` again can fix it.
+    """
+
+    kind: str
+    file: str | None
+    message: str
+    repairable: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}" if self.file else self.message
+
+
+@dataclass
+class ModelLocation:
+    """Where a model's files are and what is known about them."""
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    expected: dict[str, ExpectedFile] = field(default_factory=dict)
+    selected: list[str] | None = None  # files the download asked for, when known
+    source: str = "local"  # "cache" (HF cache snapshot) or "local" (a directory)
+    metadata: str = "none"  # where expectations came from: tree, manifest, blobs, none
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify_model`."""
+
+    path: str
+    repo_id: str | None
+    revision: str | None
+    commit: str | None
+    source: str
+    mode: str
+    metadata: str
+    files_checked: int = 0
+    bytes_checked: int = 0
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    files_without_hash: int = 0
+    seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    @property
+    def files_to_repair(self) -> list[str]:
+        """Repo paths whose fetching again can fix a problem, in order."""
+        seen: dict[str, None] = {}
+        for problem in self.problems:
+            if problem.repairable and problem.file:
+                seen.setdefault(problem.file, None)
+        return list(seen)
+
+    def to_dict(self) -> dict[str, object]:
+        """Stable JSON form (keys documented in the README)."""
+        return {
+            "ok": self.ok,
+            "path": self.path,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "source": self.source,
+            "mode": self.mode,
+            "metadata": self.metadata,
+            "files_checked": self.files_checked,
+            "bytes_checked": self.bytes_checked,
+            "files_hashed": self.files_hashed,
+            "bytes_hashed": self.bytes_hashed,
+            "files_without_hash": self.files_without_hash,
+            "seconds": round(self.seconds, 3),
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+HashProgress = Callable[[int], None]
+"""Called from worker threads with a byte count each time that many more were hashed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the files, offline
+
+
+def hub_cache_dir() -> Path:
+    """The HF hub cache, from the environment at call time (``HF_HUB_CACHE``, ``HF_HOME``)."""
+    explicit = os.environ.get("HF_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def repo_cache_dir(repo_id: str, cache_dir: Path | None = None) -> Path:
+    """``models--ORG--NAME`` under the hub cache."""
+    return (cache_dir or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+
+
+def manifest_path(repo_id: str, commit: str) -> Path:
+    """Where cmw-vllm records which files a cache download asked for."""
+    from cmw_vllm.paths import state_dir
+
+    return state_dir() / "downloads" / ("models--" + repo_id.replace("/", "--")) / f"{commit}.json"
+
+
+def local_manifest_path(local_dir: Path) -> Path:
+    """Where cmw-vllm records which files a ``--local-dir`` download asked for."""
+    return local_dir / ".cache" / "huggingface" / "cmw-vllm-download.json"
+
+
+def write_manifest(path: Path, data: dict[str, object]) -> None:
+    """Write a download manifest atomically (temp file + ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> object | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_tree(tree_file: Path) -> dict[str, ExpectedFile] | None:
+    """Parse a ``trees/<commit>.json`` written by ``snapshot_download``; None if unusable."""
+    data = _read_json(tree_file)
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return None
+    out: dict[str, ExpectedFile] = {}
+    for name, info in data["files"].items():
+        if not isinstance(info, dict):
+            continue
+        sha256 = info.get("lfs_sha256")
+        size = info.get("lfs_size") if sha256 else info.get("size")
+        out[name] = ExpectedFile(name, size if isinstance(size, int) else None, sha256,
+                                 info.get("blob_id"))
+    return out
+
+
+def _read_manifest(path: Path) -> list[str] | None:
+    data = _read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("files"), list):
+        return [str(f) for f in data["files"]]
+    return None
+
+
+def locate_cached(repo_id: str, revision: str | None = None,
+                  cache_dir: Path | None = None) -> ModelLocation:
+    """Find a repo's snapshot in the HF cache without the network.
+
+    Args:
+        repo_id: ``org/name``.
+        revision: Branch, tag or commit hash (default ``main``).
+        cache_dir: The hub cache (default from the environment).
+
+    Returns:
+        The snapshot's location with what the Hub recorded about its files.
+
+    Raises:
+        NotFoundError: The repo, revision or snapshot is not in the cache.
+    """
+    rev = revision or "main"
+    repo_dir = repo_cache_dir(repo_id, cache_dir)
+    if not repo_dir.is_dir():
+        raise NotFoundError(
+            f"{repo_id} is not in the Hugging Face cache ({repo_dir.parent})",
+            hint=f"download it first: cmw-vllm download {repo_id}",
+        )
+    if SHA1_RE.match(rev) and (repo_dir / "snapshots" / rev).is_dir():
+        commit = rev
+    else:
+        ref = repo_dir / "refs" / rev
+        try:
+            commit = ref.read_text(encoding="utf-8").strip()
+        except OSError:
+            known = sorted(p.name for p in (repo_dir / "refs").glob("*")) if (
+                repo_dir / "refs").is_dir() else []
+            raise NotFoundError(
+                f"revision {rev!r} of {repo_id} is not in the cache"
+                + (f" (cached: {', '.join(known)})" if known else ""),
+                hint=f"download it: cmw-vllm download {repo_id} --revision {rev}",
+            ) from None
+    snapshot = repo_dir / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise NotFoundError(
+            f"snapshot {commit[:12]} of {repo_id} is missing from the cache",
+            hint=f"download it again: cmw-vllm download {repo_id} --revision {rev}",
+        )
+    loc = ModelLocation(snapshot, repo_id, rev, commit, source="cache")
+    tree = read_tree(repo_dir / "trees" / f"{commit}.json")
+    if tree is not None:
+        loc.expected = tree
+        loc.metadata = "tree"
+    else:
+        loc.expected = _expected_from_blob_names(snapshot)
+        loc.metadata = "blobs" if loc.expected else "none"
+    loc.selected = _read_manifest(manifest_path(repo_id, commit))
+    if loc.selected is not None and loc.metadata == "tree":
+        loc.metadata = "tree+manifest"
+    return loc
+
+
+def _expected_from_blob_names(snapshot: Path) -> dict[str, ExpectedFile]:
+    """Without a tree listing, the blob names still give each entry's hash."""
+    out: dict[str, ExpectedFile] = {}
+    for entry in _walk(snapshot):
+        full = snapshot / entry
+        if not full.is_symlink():
+            continue
+        name = Path(os.readlink(full)).name
+        if SHA256_RE.match(name):
+            out[entry] = ExpectedFile(entry, sha256=name)
+        elif SHA1_RE.match(name):
+            out[entry] = ExpectedFile(entry, blob_id=name)
+    return out
+
+
+def locate_local(path: Path) -> ModelLocation:
+    """Describe a local model directory, using ``.cache/huggingface`` metadata when present.
+
+    Raises:
+        NotFoundError: The directory does not exist.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise NotFoundError(f"{path} is not a directory")
+    loc = ModelLocation(path.resolve(), source="local")
+    hf_dir = path / ".cache" / "huggingface"
+    commits: dict[str, None] = {}
+    etags: dict[str, str] = {}
+    download_dir = hf_dir / "download"
+    if download_dir.is_dir():
+        for meta in download_dir.rglob("*.metadata"):
+            try:
+                lines = meta.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            if len(lines) >= 2:
+                rel = meta.relative_to(download_dir).as_posix()[: -len(".metadata")]
+                commits.setdefault(lines[0].strip(), None)
+                etags[rel] = lines[1].strip()
+    for commit in commits:
+        tree = read_tree(hf_dir / "trees" / f"{commit}.json")
+        if tree is not None:
+            loc.commit, loc.expected, loc.metadata = commit, tree, "tree"
+            break
+    if not loc.expected and etags:
+        for rel, etag in etags.items():
+            if SHA256_RE.match(etag):
+                loc.expected[rel] = ExpectedFile(rel, sha256=etag)
+            elif SHA1_RE.match(etag):
+                loc.expected[rel] = ExpectedFile(rel, blob_id=etag)
+        loc.metadata = "etags"
+        loc.commit = next(iter(commits), None)
+    manifest = _read_json(local_manifest_path(path))
+    if isinstance(manifest, dict):
+        files = manifest.get("files")
+        loc.selected = [str(f) for f in files] if isinstance(files, list) else None
+        repo = manifest.get("repo_id")
+        loc.repo_id = str(repo) if repo else None
+        loc.revision = str(manifest.get("revision") or "") or None
+        if loc.selected is not None:
+            loc.metadata += "+manifest"
+    return loc
+
+
+def _walk(root: Path) -> list[str]:
+    """Repo-relative paths of the files (and links) under ``root``, skipping ``.cache``."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        if rel_dir == Path("."):
+            dirnames[:] = [d for d in dirnames if d != ".cache"]
+        for name in filenames:
+            out.append((rel_dir / name).as_posix() if rel_dir != Path(".") else name)
+    # os.walk lists symlinks to files as files, and symlinks to dirs as dirs: good enough.
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Structure checks
+
+
+def safetensors_problem(path: Path, size: int) -> tuple[str | None, set[str]]:
+    """Check one safetensors file's header against its size.
+
+    Returns:
+        (problem text or None, tensor names in the header).
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"too short for a safetensors file ({size} bytes)", set()
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+                return (f"header length {header_len} does not fit in the file ({size} bytes)",
+                        set())
+            header = json.loads(fh.read(header_len))
+    except (ValueError, UnicodeDecodeError):
+        return "header is not valid JSON", set()
+    if not isinstance(header, dict):
+        return "header is not a JSON object", set()
+    spans: list[tuple[int, int]] = []
+    names: set[str] = set()
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            dtype = str(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            return f"tensor {name!r} has a malformed header entry", names
+        if end < begin:
+            return f"tensor {name!r} has offsets {begin}..{end}", names
+        itemsize = DTYPE_SIZES.get(dtype)
+        if itemsize is not None:
+            count = 1
+            for dim in shape:
+                count *= dim
+            if count * itemsize != end - begin:
+                return (f"tensor {name!r} ({dtype} {shape}) needs {count * itemsize} bytes, "
+                        f"header gives {end - begin}"), names
+        spans.append((begin, end))
+        names.add(name)
+    spans.sort()
+    cursor = 0
+    for begin, end in spans:
+        if begin != cursor:
+            what = "overlap" if begin < cursor else "a gap"
+            return f"tensor data has {what} at byte {min(begin, cursor)}", names
+        cursor = end
+    expected = 8 + header_len + cursor
+    if expected != size:
+        return (f"is {size} bytes but its header describes {expected} "
+                f"({'truncated' if size < expected else 'trailing data'})"), names
+    return None, names
+
+
+def _config_problem(path: Path) -> str | None:
+    data = _read_json(path)
+    if data is None:
+        return "does not parse as JSON"
+    if not isinstance(data, dict):
+        return "is not a JSON object"
+    archs = data.get("architectures")
+    if not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
+        # Some repos keep the architecture under a nested text config only.
+        nested = data.get("text_config") if isinstance(data.get("text_config"), dict) else {}
+        if not nested.get("architectures") and not data.get("model_type"):
+            return "names no architecture (no 'architectures' or 'model_type')"
+    return None
+
+
+def _has_tokenizer(names: Iterable[str]) -> bool:
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base in TOKENIZER_FILES or base.endswith(".tiktoken"):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing
+
+
+def git_blob_sha1_of(path: Path, size: int, buf: bytearray | None = None,
+                     progress: HashProgress | None = None) -> str:
+    """The git blob id of a file's content, as the Hub records for small files."""
+    digest = hashlib.sha1(b"blob %d\0" % size)
+    _feed(digest, path, buf, progress)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path, buf: bytearray | None = None,
+              progress: HashProgress | None = None) -> str:
+    """The sha256 of a file's content (LFS files)."""
+    digest = hashlib.sha256()
+    _feed(digest, path, buf, progress)
+    return digest.hexdigest()
+
+
+def _feed(digest: hashlib._Hash, path: Path, buf: bytearray | None,
+          progress: HashProgress | None) -> None:
+    buffer = buf if buf is not None else bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])  # releases the GIL for large updates
+            if progress is not None:
+                progress(n)
+
+
+def _hash_jobs(jobs: list[tuple[str, Path, ExpectedFile, int]], workers: int,
+               progress: HashProgress | None) -> list[Problem]:
+    """Hash each file once (links to one blob are hashed once) and compare."""
+    by_target: dict[Path, list[tuple[str, ExpectedFile, int]]] = {}
+    for rel, full, exp, size in jobs:
+        by_target.setdefault(full.resolve(), []).append((rel, exp, size))
+    local = threading.local()
+
+    def one(target: Path, items: list[tuple[str, ExpectedFile, int]]) -> list[Problem]:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(HASH_CHUNK)
+        rel, exp, size = items[0]
+        out: list[Problem] = []
+        try:
+            if exp.is_lfs:
+                got, want, algo = sha256_of(target, buf, progress), exp.sha256, "sha256"
+            else:
+                got = git_blob_sha1_of(target, size, buf, progress)
+                want, algo = exp.blob_id, "git sha1"
+        except OSError as exc:
+            return [Problem("unreadable", r, f"cannot read: {exc.strerror or exc}", True)
+                    for r, _e, _s in items]
+        if got != want:
+            for r, _e, _s in items:
+                out.append(Problem("hash", r, f"{algo} mismatch: expected {want}, got {got}",
+                                   True))
+        return out
+
+    problems: list[Problem] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers),
+                            thread_name_prefix="cmw-verify") as pool:
+        futures = [pool.submit(one, t, items) for t, items in by_target.items()]
+        for future in as_completed(futures):
+            problems.extend(future.result())
+    return problems
+
+
+def default_workers() -> int:
+    """Hashing threads: one per core, at most 8 (disks rarely feed more)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------------------------
+# The check
+
+
+def verify_location(
+    loc: ModelLocation,
+    *,
+    full: bool = False,
+    workers: int | None = None,
+    progress: HashProgress | None = None,
+    on_hash_start: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Check a model folder; see the module docstring for what is checked.
+
+    Args:
+        loc: From :func:`locate_cached` or :func:`locate_local`.
+        full: Also hash every file that has a recorded hash.
+        workers: Hashing threads (default :func:`default_workers`).
+        progress: Called with byte counts while hashing (from worker threads).
+        on_hash_start: Called once with (files, bytes) before hashing starts.
+
+    Returns:
+        The report; ``report.ok`` is True when nothing is wrong.
+    """
+    started = time.perf_counter()
+    report = VerifyReport(str(loc.path), loc.repo_id, loc.revision, loc.commit, loc.source,
+                          "full" if full else "fast", loc.metadata)
+    problems = report.problems
+    present = _walk(loc.path)
+    present_set = set(present)
+
+    if loc.selected is not None:
+        expected_names = list(loc.selected)
+    elif loc.expected:
+        from cmw_vllm.model_downloader import filter_names, select_files
+
+        allow, ignore = select_files(list(loc.expected))
+        expected_names = filter_names(list(loc.expected), allow, ignore)
+    else:
+        expected_names = []
+    to_check = sorted(set(expected_names) | present_set)
+
+    sizes: dict[str, int] = {}
+    hash_jobs: list[tuple[str, Path, ExpectedFile, int]] = []
+    for rel in to_check:
+        full_path = loc.path / rel
+        exp = loc.expected.get(rel)
+        try:
+            st = full_path.stat()
+        except FileNotFoundError:
+            if full_path.is_symlink():
+                problems.append(Problem("missing", rel, "link points to a missing blob", True))
+            elif rel in expected_names:
+                problems.append(Problem("missing", rel, "missing", True))
+            continue
+        except OSError as exc:
+            problems.append(Problem("unreadable", rel, f"cannot stat: {exc.strerror}", True))
+            continue
+        size = st.st_size
+        sizes[rel] = size
+        report.files_checked += 1
+        report.bytes_checked += size
+        if exp is None:
+            report.files_without_hash += 1 if full else 0
+            continue
+        if exp.size is not None and exp.size != size:
+            problems.append(Problem("size", rel, f"size {size} bytes, expected {exp.size}", True))
+        if loc.source == "cache" and full_path.is_symlink():
+            blob = Path(os.readlink(full_path)).name
+            want = exp.sha256 or exp.blob_id
+            if want and blob != want and (SHA256_RE.match(blob) or SHA1_RE.match(blob)):
+                problems.append(Problem("blob", rel, f"links to blob {blob[:12]}, expected "
+                                        f"{want[:12]}", True))
+        if full:
+            if exp.sha256 or exp.blob_id:
+                hash_jobs.append((rel, full_path, exp, size))
+            else:
+                report.files_without_hash += 1
+
+    reported_missing = {p.file for p in problems if p.kind == "missing"}
+    _structure_checks(loc.path, sorted(sizes), sizes, problems, reported_missing)
+
+    if full and hash_jobs:
+        report.files_hashed = len({p.resolve() for _r, p, _e, _s in hash_jobs})
+        report.bytes_hashed = sum(s for _r, _p, _e, s in hash_jobs)
+        if on_hash_start is not None:
+            on_hash_start(report.files_hashed, report.bytes_hashed)
+        already = {p.file for p in problems if p.kind in ("size", "missing")}
+        hash_problems = _hash_jobs(hash_jobs, workers or default_workers(), progress)
+        problems.extend(p for p in hash_problems if p.file not in already)
+
+    order = {name: i for i, name in enumerate(to_check)}
+    problems.sort(key=lambda p: (order.get(p.file or "", len(order)), p.kind))
+    report.seconds = time.perf_counter() - started
+    logger.debug("verified %s: %d files, %d problems", loc.path, report.files_checked,
+                 len(problems))
+    return report
+
+
+def _structure_checks(root: Path, names: list[str], sizes: dict[str, int],
+                      problems: list[Problem], reported_missing: set[str | None]) -> None:
+    tensors_by_file: dict[str, set[str]] = {}
+    for rel in names:
+        full = root / rel
+        if rel.endswith(".safetensors"):
+            try:
+                text, tensor_names = safetensors_problem(full, sizes[rel])
+            except OSError as exc:
+                problems.append(Problem("unreadable", rel, f"cannot read: {exc.strerror}", True))
+                continue
+            tensors_by_file[rel] = tensor_names
+            if text:
+                problems.append(Problem("safetensors", rel, text, True))
+        elif (rel.endswith(".json") and rel.rsplit("/", 1)[-1] != "config.json"
+              and _read_json(full) is None):
+            problems.append(Problem("json", rel, "does not parse as JSON", True))
+
+    if "config.json" in sizes:
+        text = _config_problem(root / "config.json")
+        if text:
+            problems.append(Problem("config", "config.json", text, True))
+    elif "config.json" not in reported_missing:
+        problems.append(Problem("config", "config.json", "missing (vLLM needs it)", False))
+    if not _has_tokenizer(names):
+        problems.append(Problem("tokenizer", None, "no tokenizer file (tokenizer.json, "
+                                "tokenizer.model, vocab.json, *.tiktoken, ...)"))
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        problems.append(Problem("weights", None, "no weight files (*.safetensors, *.bin)"))
+
+    for rel in names:
+        if not rel.endswith(".index.json"):
+            continue
+        index = _read_json(root / rel)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            problems.append(Problem("index", rel, "has no weight_map", True))
+            continue
+        base = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+        shards: dict[str, list[str]] = {}
+        for tensor, shard in weight_map.items():
+            shards.setdefault(base + str(shard), []).append(str(tensor))
+        for shard, tensors in sorted(shards.items()):
+            if shard not in sizes:
+                if shard in reported_missing:
+                    continue
+                problems.append(Problem("index", shard, f"shard named by {rel} is missing",
+                                        True))
+                continue
+            have = tensors_by_file.get(shard)
+            if have:
+                absent = [t for t in tensors if t not in have]
+                if absent:
+                    problems.append(Problem("index", shard, f"lacks {len(absent)} tensor(s) "
+                                            f"{rel} puts there (e.g. {absent[0]})", True))
+
+
+def verify_model(
+    target: str | Path,
+    *,
+    revision: str | None = None,
+    full: bool = False,
+    workers: int | None = None,
+    progress: HashProgress | None = None,
+    on_hash_start: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Verify a local directory or a cached Hugging Face repo, offline.
+
+    Args:
+        target: A directory, or an ``org/name`` repo id found in the HF cache.
+        revision: Branch, tag or commit for a repo id (default ``main``).
+        full: Also hash every file.
+        workers: Hashing threads.
+        progress: Byte-count callback while hashing.
+        on_hash_start: Called with (files, bytes) before hashing.
+
+    Raises:
+        NotFoundError: Nothing to verify there.
+        UsageError: ``revision`` given with a directory.
+    """
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if revision:
+            raise UsageError("--revision applies to a Hugging Face repo, not a directory")
+        loc = locate_local(path)
+    else:
+        text = str(target)
+        if text.count("/") != 1 or text.startswith((".", "/", "~")):
+            raise NotFoundError(f"{text} is neither a directory nor a Hugging Face repo id")
+        loc = locate_cached(text, revision)
+    return verify_location(loc, full=full, workers=workers, progress=progress,
+                           on_hash_start=on_hash_start)
