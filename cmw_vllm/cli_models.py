@@ -30,11 +30,9 @@ PLAIN_PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines
 
 def _resolve(name: str) -> tuple[str, bool]:
     """(HF repo id or directory, is it a directory) for an alias, repo id or path."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path), True
     if importlib.util.find_spec("cmw_vllm.model_registry") is None:
-        return name, False
+        path = Path(name).expanduser()
+        return (str(path), True) if path.is_dir() else (name, False)
     from cmw_vllm.model_registry import resolve_target
 
     target = resolve_target(name)
