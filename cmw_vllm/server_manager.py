@@ -327,11 +327,14 @@ def _is_ours(record: ServerRecord) -> psutil.Process | None:
 
 
 def group_members(record: ServerRecord) -> list[psutil.Process]:
-    """Every live process of the server's process group started after the server.
+    """Every live process of the server's process group, when that group is still ours.
 
-    EngineCore and workers stay in the group even when the API server was killed and they
-    were re-parented, which is how orphans are found. The create-time bound keeps an
-    unrelated process that happens to reuse the group id out.
+    EngineCore and workers stay in the group (and the session) the server was started in,
+    even when the API server was killed and they were re-parented: that is how orphans are
+    found. The group counts as ours only when the record postdates the last boot, the group
+    leader is either gone or is our supervisor (same create time), and each member was
+    created after the supervisor, is in the supervisor's session, and is not this process or
+    one of its ancestors. Anything else is a reused id and is left alone.
     """
     import psutil
 
@@ -343,10 +346,21 @@ def group_members(record: ServerRecord) -> list[psutil.Process]:
             return [proc, *proc.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
+    if record.supervisor_create_time < psutil.boot_time():
+        return []
+    try:
+        leader = psutil.Process(record.pgid)
+        if abs(leader.create_time() - record.supervisor_create_time) > 0.05:
+            return []  # the group id now belongs to a process started later
+    except psutil.NoSuchProcess:
+        pass
+    protected = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     members = []
     for proc in psutil.process_iter(["create_time", "status"]):
+        if proc.pid in protected:
+            continue
         try:
-            if os.getpgid(proc.pid) != record.pgid:
+            if os.getpgid(proc.pid) != record.pgid or os.getsid(proc.pid) != record.pgid:
                 continue
         except (ProcessLookupError, PermissionError, OSError):
             continue

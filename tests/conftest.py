@@ -36,7 +36,7 @@ _ISOLATED_VARS = (
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Point the state dir and the HF cache at the test's temp dir; clear config env vars."""
     home = tmp_path / "cmw-home"
     monkeypatch.setenv("CMW_VLLM_HOME", str(home))
@@ -47,7 +47,22 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)  # no stray .env from the developer's checkout
-    return home
+    yield home
+    _stop_everything(home)
+
+
+def _stop_everything(home: Path) -> None:
+    """Finalizer: stop every server recorded under this test's state dir, even on failure."""
+    if not (home / "servers").is_dir():
+        return
+    from cmw_vllm.server_manager import ServerManager, record_names
+
+    manager = ServerManager()
+    for name in record_names():
+        try:
+            manager.stop(name, timeout=10)
+        except Exception as exc:  # keep cleaning the others
+            print(f"cleanup: could not stop {name}: {exc}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +115,29 @@ def real_vllm(engine_python: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
 def python_executable() -> str:
     """The interpreter running the tests (has cmw_vllm installed)."""
     return sys.executable
+
+
+FAKE_VLLM_DIR = Path(__file__).resolve().parent / "fake_vllm"
+
+
+@pytest.fixture
+def fake_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point cmw-vllm at a stand-in vLLM (tests/fake_vllm) that starts in about a second."""
+    wrapper = tmp_path / "fake-engine-python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'PYTHONPATH="{FAKE_VLLM_DIR}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CMW_VLLM_PYTHON", str(wrapper))
+    monkeypatch.setenv("FAKE_VLLM_DELAY", "0.4")
+    return wrapper
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

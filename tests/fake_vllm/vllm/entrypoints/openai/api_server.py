@@ -1,0 +1,112 @@
+"""A stand-in for vLLM's OpenAI server, for fast lifecycle tests.
+
+It accepts the same command line shape, writes vLLM's start-up log lines, starts a child
+process (like EngineCore) in its process group, and serves /health, /v1/models and a chat
+completion. ``FAKE_VLLM_MODE`` picks a behaviour: ``ok`` (default), ``oom`` (dies during
+start with vLLM's KV-cache message), ``ignore_term`` (ignores SIGTERM), ``die_after_ready``
+(exits 3 shortly after being ready). ``FAKE_VLLM_DELAY`` is the load time in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"(APIServer pid={os.getpid()}) INFO {msg}\n")
+    sys.stderr.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="vllm serve")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--served-model-name")
+    parser.add_argument("--dtype")
+    parser.add_argument("--gpu-memory-utilization", type=float)
+    parser.add_argument("--tensor-parallel-size", type=int)
+    parser.add_argument("--enforce-eager", action="store_true")
+    args = parser.parse_args()
+    mode = os.environ.get("FAKE_VLLM_MODE", "ok")
+    delay = float(os.environ.get("FAKE_VLLM_DELAY", "0.5"))
+    if mode == "ignore_term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log(f"Starting to load model {args.model}...")
+    # Like VLLM::EngineCore: a child in our process group that holds the model.
+    child_code = "import signal,time\n"
+    if mode == "ignore_term":
+        child_code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    child_code += "time.sleep(3600)"
+    engine = subprocess.Popen([sys.executable, "-c", child_code])
+    time.sleep(delay / 2)
+    log("Loading weights took 0.01 seconds")
+    if mode == "oom":
+        log("ValueError: To serve at least one request with the models's max seq len (99999), "
+            "(12.0 GiB KV cache is needed, which is larger than the available KV cache memory "
+            "(1.0 GiB). Based on the available memory, the estimated maximum model length is "
+            "8192. Try increasing `gpu_memory_utilization` or decreasing `max_model_len`")
+        log("RuntimeError: Engine core initialization failed. See root cause above.")
+        engine.kill()
+        sys.exit(1)
+    time.sleep(delay / 2)
+    log("CPU KV cache size: 2,097,152 tokens, Maximum concurrency for 512 tokens: 4096.00x")
+    served = args.served_model_name or args.model
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def _send(self, code: int, body: dict | None = None) -> None:
+            data = json.dumps(body).encode() if body is not None else b""
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/health":
+                self._send(200)
+            elif self.path == "/v1/models":
+                self._send(200, {"data": [{"id": served, "max_model_len": args.max_model_len}]})
+            elif self.path == "/version":
+                self._send(200, {"version": "0.0.0-fake"})
+            else:
+                self._send(404, {"error": "not found"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "hi"}}],
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    log(f"Starting vLLM server on http://{args.host}:{args.port}")
+    sys.stderr.write("INFO:     Application startup complete.\n")
+    sys.stderr.flush()
+
+    def on_term(_signum: int, _frame: object) -> None:
+        engine.terminate()
+        engine.wait()
+        os._exit(0)
+
+    if mode != "ignore_term":
+        signal.signal(signal.SIGTERM, on_term)
+    if mode == "die_after_ready":
+        import threading
+
+        threading.Timer(1.0, lambda: os._exit(3)).start()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

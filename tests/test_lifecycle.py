@@ -1,0 +1,370 @@
+"""Lifecycle through the CLI against the stand-in engine (tests/fake_vllm): fast, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from cmw_vllm.cli import cli
+from cmw_vllm.server_manager import ServerManager, group_members, read_record
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    return d
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def still_alive(pids: list[int]) -> list[int]:
+    """Pids that still run (zombies waiting for a reaper don't count)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def alive_group(name: str) -> list[int]:
+    record = read_record(name)
+    assert record is not None
+    return [p.pid for p in group_members(record)]
+
+
+def test_start_status_stop(fake_engine: Path, model_dir: Path, isolated_home: Path) -> None:
+    port = free_port()
+    code, out, err = run("start", str(model_dir), "--name", "t1", "--port", str(port))
+    assert code == 0, err
+    assert "is ready" in out
+    assert f"http://127.0.0.1:{port}/v1" in out
+    assert "curl " in out and "/v1/chat/completions" in out
+
+    record = read_record("t1")
+    assert record is not None
+    pid_file = isolated_home / "servers" / "t1.pid"
+    assert pid_file.read_text().strip() == str(record.pid)
+    assert "vllm" in " ".join(psutil.Process(record.pid).cmdline())
+    # State dir private, files private.
+    assert stat.S_IMODE(isolated_home.stat().st_mode) == 0o700
+    for f in (pid_file, isolated_home / "servers" / "t1.json", Path(record.log_path)):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+    code, out, _ = run("status", "--json")
+    assert code == 0
+    servers = json.loads(out)["servers"]
+    assert [(s["name"], s["state"], s["port"]) for s in servers] == [("t1", "healthy", port)]
+
+    members = alive_group("t1")
+    assert len(members) >= 3  # supervisor, API server, engine child
+    code, out, _ = run("stop", "t1")
+    assert code == 0
+    assert "Stopped 't1' (graceful" in out
+    assert not still_alive(members)
+    assert not pid_file.exists()
+
+    code, out, _ = run("status")
+    assert code == 3
+    assert "No managed servers" in out
+    code, out, _ = run("stop", "t1")
+    assert code == 0
+    assert "not running" in out
+
+
+def test_start_is_idempotent(fake_engine: Path, model_dir: Path) -> None:
+    port = str(free_port())
+    assert run("start", str(model_dir), "--name", "idem", "--port", port)[0] == 0
+    first = read_record("idem")
+    code, out, _ = run("start", str(model_dir), "--name", "idem", "--port", port)
+    assert code == 0
+    assert "already running" in out
+    assert read_record("idem").pid == first.pid  # type: ignore[union-attr]
+    # Same name, another model: refused, nothing changes.
+    other = model_dir.parent / "other"
+    other.mkdir()
+    code, _, err = run("start", str(other), "--name", "idem", "--port", port)
+    assert code == 6
+    assert "already runs" in err
+    assert read_record("idem").pid == first.pid  # type: ignore[union-attr]
+
+
+def test_concurrent_starts_make_one_server(fake_engine: Path, model_dir: Path) -> None:
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "cmw_vllm", "start", str(model_dir), "--name", "race",
+           "--port", port, "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [o[1] for o in outs]
+    pids = {json.loads(o[0])["pid"] for o in outs}
+    assert len(pids) == 1
+    servers = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(model_dir) in cmdline and "cmw_vllm.supervisor" not in cmdline:
+            servers.append(proc)
+    assert {p.pid for p in servers} == pids
+
+
+def test_start_failure_is_diagnosed(fake_engine: Path, model_dir: Path,
+                                    monkeypatch: pytest.MonkeyPatch,
+                                    isolated_home: Path) -> None:
+    monkeypatch.setenv("FAKE_VLLM_MODE", "oom")
+    code, _, err = run("start", str(model_dir), "--name", "oom", "--port", str(free_port()))
+    assert code == 1
+    assert "exited during start-up (exit code 1)" in err
+    assert "--max-model-len 8192" in err  # the diagnosis
+    assert "Engine core initialization failed" in err  # the log tail
+    assert "Traceback" not in err
+    assert not (isolated_home / "servers" / "oom.json").exists()
+    assert not (isolated_home / "servers" / "oom.pid").exists()
+    assert (isolated_home / "logs" / "oom.log").exists()
+
+
+def test_unknown_vllm_flag_fails_fast(fake_engine: Path, model_dir: Path) -> None:
+    code, _, err = run("start", str(model_dir), "--name", "badflag", "--port",
+                       str(free_port()), "--", "--no-such-flag")
+    assert code == 1
+    assert "vLLM does not know the flag(s) --no-such-flag" in err
+
+
+def test_port_held_by_another_program(fake_engine: Path, model_dir: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        code, _, err = run("start", str(model_dir), "--name", "p", "--port", str(port))
+        assert code == 6
+        assert f"port {port} is in use by pid {os.getpid()}" in err
+        code, out, err = run("start", str(model_dir), "--name", "p", "--port", str(port),
+                             "--auto-port")
+        assert code == 0, err
+        assert f"Port {port} is in use" in err
+        assert read_record("p").port != port  # type: ignore[union-attr]
+
+
+def test_stop_forces_a_server_that_ignores_sigterm(fake_engine: Path, model_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_MODE", "ignore_term")
+    assert run("start", str(model_dir), "--name", "stubborn", "--port", str(free_port()))[0] == 0
+    members = alive_group("stubborn")
+    code, out, _ = run("stop", "stubborn", "--timeout", "1")
+    assert code == 0
+    assert "forced with SIGKILL" in out
+    assert not still_alive(members)
+
+
+def test_sigkill_of_api_server_leaves_no_orphan(fake_engine: Path, model_dir: Path) -> None:
+    assert run("start", str(model_dir), "--name", "k9", "--port", str(free_port()))[0] == 0
+    record = read_record("k9")
+    assert record is not None
+    members = alive_group("k9")
+    os.kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    status = ServerManager().get_status("k9")
+    while status.state != "exited" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = ServerManager().get_status("k9")
+    assert status.state == "exited"
+    assert status.returncode == -9
+    assert status.orphans  # the engine child lives on in the group
+    code, out, err = run("status", "k9")
+    assert code == 1
+    assert "exited (-9)" in out
+    assert "processes left behind" in err
+    assert run("stop", "k9")[0] == 0
+    assert not still_alive(members)
+
+
+def test_exited_after_ready_then_start_again(fake_engine: Path, model_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    port = str(free_port())
+    monkeypatch.setenv("FAKE_VLLM_MODE", "die_after_ready")
+    assert run("start", str(model_dir), "--name", "dies", "--port", port)[0] == 0
+    deadline = time.monotonic() + 10
+    while ServerManager().get_status("dies").state != "exited" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    code, out, _ = run("status", "dies", "--json")
+    assert code == 1
+    server = json.loads(out)["servers"][0]
+    assert (server["state"], server["returncode"]) == ("exited", 3)
+    monkeypatch.setenv("FAKE_VLLM_MODE", "ok")
+    code, out, err = run("start", str(model_dir), "--name", "dies", "--port", port)
+    assert code == 0, err
+    assert "is ready" in out
+
+
+def _fake_record(home: Path, name: str, pid: int, created: float, pgid: int) -> None:
+    servers = home / "servers"
+    servers.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": 1, "name": name, "pid": pid, "create_time": created,
+        "supervisor_pid": pgid, "supervisor_create_time": created,
+        "pgid": pgid, "host": "127.0.0.1", "port": 1, "model": "m",
+        "served_model_name": "m", "task": "generate", "base_url": "http://127.0.0.1:1",
+        "command": ["python", "-m", "vllm"], "log_path": str(home / "x.log"),
+        "started_at": created, "config": {},
+    }
+    (servers / f"{name}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("own_session", [False, True], ids=["our-group", "own-session"])
+def test_stale_record_never_signals_the_other_process(isolated_home: Path,
+                                                      own_session: bool) -> None:
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 start_new_session=own_session)
+    try:
+        created = psutil.Process(bystander.pid).create_time()
+        # pid reuse: a record of an older server whose pid and group id the bystander now has.
+        _fake_record(isolated_home, "old", bystander.pid, created - 5,
+                     os.getpgid(bystander.pid))
+        # A forged record from before the last boot, pointing at the test's own group.
+        _fake_record(isolated_home, "ancient", os.getpid(), 1.0, os.getpgid(0))
+        code, out, err = run("status")
+        assert code == 1
+        assert out.count("stale") == 2
+        for name in ("old", "ancient"):
+            code, out, _ = run("stop", name, "--timeout", "1")
+            assert code == 0
+            assert "stale record" in out
+            assert not (isolated_home / "servers" / f"{name}.json").exists()
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "{trunc", "[1, 2]", json.dumps({"format": 0, "name": "bad"}), "\xff\xfe"],
+    ids=["empty", "truncated", "not-object", "old-format", "binary"],
+)
+def test_bad_records_are_reported_not_fatal(fake_engine: Path, model_dir: Path,
+                                            isolated_home: Path, content: str) -> None:
+    assert run("start", str(model_dir), "--name", "good", "--port", str(free_port()))[0] == 0
+    (isolated_home / "servers" / "bad.json").write_text(content, errors="surrogateescape")
+    code, out, err = run("status")
+    assert code == 1
+    assert "good" in out and "healthy" in out
+    assert "bad" in out and "invalid" in out
+    assert "bad: bad record" in err
+    assert "Traceback" not in out + err
+    code, out, _ = run("status", "--json")
+    states = {s["name"]: s["state"] for s in json.loads(out)["servers"]}
+    assert states == {"bad": "invalid", "good": "healthy"}
+    # stop removes the unreadable record.
+    assert run("stop", "bad")[0] == 0
+    assert not (isolated_home / "servers" / "bad.json").exists()
+
+
+def test_restart_keeps_settings_and_previous_log(fake_engine: Path, model_dir: Path) -> None:
+    assert run("start", str(model_dir), "--name", "rs", "--port", str(free_port()),
+               "--max-model-len", "256", "--", "--enforce-eager")[0] == 0
+    before = read_record("rs")
+    code, out, err = run("restart", "rs")
+    assert code == 0, err
+    after = read_record("rs")
+    assert after is not None and before is not None
+    assert after.pid != before.pid
+    assert after.config == before.config
+    assert "--enforce-eager" in after.command and "256" in after.command
+    assert Path(after.log_path + ".1").exists()
+    code, out, _ = run("logs", "rs", "-n", "1")
+    assert code == 0
+    assert out.strip().splitlines()[-1] == Path(after.log_path).read_text().splitlines()[-1]
+    code, _, err = run("restart", "nosuch")
+    assert code == 9
+    assert "no managed server named 'nosuch'" in err
+
+
+def test_ctrl_c_while_waiting_leaves_server_running(fake_engine: Path, model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_DELAY", "6")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cmw_vllm", "start", str(model_dir), "--name", "cc", "--port",
+         str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 20
+    while read_record_safe("cc") is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert "cmw-vllm stop cc" in err
+    assert ServerManager().get_status("cc").running
+
+
+def read_record_safe(name: str) -> object | None:
+    try:
+        return read_record(name)
+    except ValueError:
+        return None
+
+
+def test_api_key_stays_out_of_command_lines_and_files(fake_engine: Path, model_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      isolated_home: Path) -> None:
+    secret = "sk-test-do-not-leak-4711"
+    monkeypatch.setenv("VLLM_API_KEY", secret)
+    code, out, err = run("start", str(model_dir), "--name", "keyed", "--port", str(free_port()))
+    assert code == 0, err
+    assert secret not in out + err
+    record = read_record("keyed")
+    assert record is not None
+    procs = [psutil.Process(p) for p in alive_group("keyed")]
+    assert all(secret not in " ".join(p.cmdline()) for p in procs)
+    assert psutil.Process(record.pid).environ().get("VLLM_API_KEY") == secret
+    for f in isolated_home.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    code, out, _ = run("status", "--json")
+    assert secret not in out
+
+
+def test_public_bind_without_key_warns(fake_engine: Path, model_dir: Path) -> None:
+    code, _, err = run("start", str(model_dir), "--name", "pub", "--host", "0.0.0.0",
+                       "--port", str(free_port()))
+    assert code == 0
+    assert "without an API key" in err
+
+
+def test_gpus_option_sets_cuda_visible_devices(fake_engine: Path, model_dir: Path) -> None:
+    assert run("start", str(model_dir), "--name", "g", "--port", str(free_port()),
+               "--gpus", "1,0")[0] == 0
+    record = read_record("g")
+    assert record is not None
+    assert psutil.Process(record.pid).environ().get("CUDA_VISIBLE_DEVICES") == "1,0"
+
+
+def test_no_wait_then_status_reports_starting(fake_engine: Path, model_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_DELAY", "4")
+    code, out, _ = run("start", str(model_dir), "--name", "nw", "--port", str(free_port()),
+                       "--no-wait")
+    assert code == 0
+    assert "is starting" in out
+    code, out, _ = run("status", "nw")
+    assert code == 4
+    assert "starting" in out
