@@ -2,6 +2,76 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
+from cmw_vllm.cli_common import echo_json, print_table
+
 COMMANDS: list[click.Command] = []
+
+
+@click.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (keys below).")
+def list_cmd(as_json: bool) -> None:
+    """List the models cmw-vllm knows: built-in entries and your models file.
+
+    For each alias: the Hugging Face model, task, default port, approximate download size,
+    whether a snapshot is in the Hugging Face cache, and which managed servers run it.
+    Entries come from the built-in registry and from models.toml in the state directory
+    ($CMW_VLLM_HOME, default ~/.cmw-vllm), which adds aliases or overrides built-in ones.
+
+    \b
+    Examples:
+      cmw-vllm list
+      cmw-vllm list --json | jq -r '.models[] | select(.downloaded) | .alias'
+
+    \b
+    JSON: {"models": [{"alias", "model", "task", "port", "size_gb", "downloaded",
+           "running": [server names], "source": "built-in" | models file,
+           "description"}, ...]}
+    """
+    from cmw_vllm.model_registry import BUILTIN_SOURCE, all_entries, is_downloaded
+    from cmw_vllm.server_manager import running_models
+
+    running = running_models()
+    running_lower = {model.lower(): names for model, names in running.items()}
+    rows: list[dict[str, Any]] = []
+    for entry in all_entries().values():
+        servers = running.get(entry.model) or running_lower.get(entry.model.lower()) or []
+        rows.append(
+            {
+                "alias": entry.alias,
+                "model": entry.model,
+                "task": entry.task,
+                "port": entry.port,
+                "size_gb": entry.size_gb,
+                "downloaded": is_downloaded(entry.model),
+                "running": sorted(servers),
+                "source": entry.source,
+                "description": entry.description,
+            }
+        )
+    if as_json:
+        echo_json({"models": rows})
+        return
+    print_table(
+        ["ALIAS", "MODEL", "TASK", "PORT", "SIZE", "DOWNLOADED", "RUNNING"],
+        [
+            [
+                row["alias"] + ("" if row["source"] == BUILTIN_SOURCE else " *"),
+                row["model"],
+                row["task"],
+                str(row["port"]),
+                "-" if row["size_gb"] is None else f"~{row['size_gb']:g} GB",
+                "yes" if row["downloaded"] else "no",
+                ", ".join(row["running"]) or "-",
+            ]
+            for row in rows
+        ],
+    )
+    if any(row["source"] != BUILTIN_SOURCE for row in rows):
+        click.echo("* from your models file")
+
+
+COMMANDS.append(list_cmd)

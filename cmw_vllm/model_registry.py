@@ -1,0 +1,932 @@
+"""The model registry: built-in entries, the user's models file, and what a name means.
+
+A name on the command line (``start``, ``download``, ``verify``) is one of:
+
+- a registry alias (``qwen``, case-insensitive), giving that entry's tuned settings;
+- a Hugging Face id (``org/name``), with the entry whose ``model`` it is, if any;
+- a local directory (``./my-model``, ``/data/llama``), served as it is.
+
+Built-in entries are tuned for vLLM 0.32.0 on one GPU. ``gpu_memory_utilization`` is this
+server's share of the GPU's *total* memory; the values assume a 48 GB card with room left for
+a small embedding or reranker server beside it, except where the description says a model
+needs an 80 GB card. ``size_gb`` is the approximate download size of the safetensors weights
+(parameter count x bytes per parameter, rounded); it is a guide for disk checks, not exact.
+
+Users add or override entries in ``<state dir>/models.toml`` (see :func:`load_user_entries`).
+Precedence for the settings of a server is documented in :mod:`cmw_vllm.server_config`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cmw_vllm import paths
+from cmw_vllm.errors import ConfigError, NotFoundError, UsageError
+from cmw_vllm.server_config import MANAGED_FLAGS, NAME_RE, Dtype, Task
+
+VLLM_VERSION = "0.32.0"
+BUILTIN_SOURCE = "built-in"
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# Parser names registered in vLLM 0.32.0 (``../shared/vllm/parsers-0.32.0.txt``); a test keeps
+# these in step with that file.
+TOOL_CALL_PARSERS = _words(
+    """
+apertus cohere_command3 cohere_command4 deepseek_v3 deepseek_v31 deepseek_v32 deepseek_v4
+deepseek_v41 dots ernie45 functiongemma gemma4 gigachat3 glm45 glm47 granite granite-20b-fc
+granite4 hermes hf hunyuan_a13b hy_v3 hy_v4 inkling internlm jamba k2_horizon kimi_k2
+kimi_k3 lfm2 ling3 llama3_json llama4_json llama4_pythonic longcat mimo minicpm5 minimax_m2
+minimax_m3 mistral muse_glimmer olmo3 openai phi4_mini_json plamo3 poolside_v1 pythonic
+qwen3_coder qwen3_json qwen3_xml seed_oss step3 step3p5 xlam
+"""
+)
+REASONING_PARSERS = _words(
+    """
+cohere_command3 cohere_command4 deepseek_r1 deepseek_v3 deepseek_v4 deepseek_v41 ernie45
+gemma4 glm45 glm47 granite granite_thinking_parser hf holo2 hunyuan_a13b hy_v3 hy_v4 inkling
+k2_horizon kimi_k2 kimi_k3 ling3 mimo minicpmv minimax_m2 minimax_m2_append_think minimax_m3
+mistral muse_glimmer nemotron_v3 olmo3 openai_gptoss plamo3 poolside_v1 qwen3 seed_oss step3
+step3p5
+"""
+)
+
+# Every option ``vllm serve`` 0.32.0 accepts (``../shared/vllm/serve-flags-0.32.0.tsv``), so a
+# typo or a removed flag (``--task``) in a models file fails here, not minutes into a start.
+SERVE_FLAGS = _words(
+    """
+--additional-config --aggregate-engine-logging --all2all-backend --allow-credentials
+--allow-deprecated-quantization --allowed-headers --allowed-local-media-path
+--allowed-media-domains --allowed-methods --allowed-origins
+--anthropic-disabled-thinking-effort --api-key --api-server-count --async-scheduling
+--attention-backend --attention-config --aux-output-config --block-size --chat-template
+--chat-template-content-format --code-revision --cohere-format --cohere-is-reasoning-model
+--collect-detailed-traces --compilation-config --config --config-format --convert
+--cp-kv-cache-interleave-size --cpu-distributed-timeout-seconds --cpu-offload-gb
+--cpu-offload-params --cudagraph-capture-sizes --cudagraph-metrics
+--custom-histogram-buckets --data-parallel-address --data-parallel-backend
+--data-parallel-external-lb --data-parallel-hybrid-lb --data-parallel-multi-port-external-lb
+--data-parallel-rank --data-parallel-rpc-port --data-parallel-size
+--data-parallel-size-local --data-parallel-start-rank --data-parallel-supervisor-port
+--dbo-decode-token-threshold --dbo-prefill-token-threshold --dcp-comm-backend
+--dcp-kv-cache-interleave-size --dcp-q-replicate --decode-context-parallel-size
+--default-chat-template-kwargs --default-mm-loras --device-ids --device-memory-utilization
+--diffusion-config --disable-access-log-for-endpoints --disable-cascade-attn
+--disable-chunked-mm-input --disable-custom-all-reduce --disable-fastapi-docs
+--disable-hybrid-kv-cache-manager --disable-log-stats --disable-nccl-for-dp-synchronization
+--disable-sliding-window --disable-uvicorn-access-log --distributed-executor-backend
+--distributed-timeout-seconds --download-dir --dp-supervisor-probe-failure-threshold
+--dp-supervisor-probe-interval-s --dp-supervisor-probe-timeout-s --dp-sync-interval --dtype
+--ec-manager-config --ec-transfer-config --elastic-ep-max-dp-size --enable-auto-tool-choice
+--enable-batch-sharded-sampling --enable-chunked-prefill --enable-cumem-allocator
+--enable-dbo --enable-elastic-ep --enable-ep-weight-filter --enable-eplb
+--enable-expert-parallel --enable-fault-tolerance --enable-flash-late-interaction
+--enable-flashinfer-autotune --enable-force-include-usage --enable-hc-sp
+--enable-layerwise-nvtx-tracing --enable-log-deltas --enable-log-outputs
+--enable-log-requests --enable-logging-iteration-details --enable-lora
+--enable-mamba-cache-stochastic-rounding --enable-mamba-shared-prefix-checkpoint
+--enable-mfu-metrics --enable-mixed-moe-lora-format --enable-mm-embeds
+--enable-moe-shared-loras --enable-nccl-comm-suspend --enable-offline-docs
+--enable-per-request-metrics --enable-prefix-caching --enable-prompt-embeds
+--enable-prompt-tokens-details --enable-request-id-headers --enable-return-routed-experts
+--enable-scale-out --enable-server-load-tracking --enable-shm-tensor-arena
+--enable-sleep-mode --enable-ssl-refresh --enable-tokenizer-info-endpoint
+--enable-tower-connector-lora --enable-trace-replay --enforce-eager --engram-config
+--eplb-config --exclude-tools-when-tool-choice-none --expert-placement-strategy
+--fail-on-environ-validation --fault-tolerance-config --fingerprint-mode --fingerprint-value
+--fully-sharded-loras --gdn-prefill-backend --generation-config --gpu-memory-utilization
+--grpc --grpc-port --h11-max-header-count --h11-max-incomplete-event-size --headless --help
+--hf-config-path --hf-overrides --hf-token --host --ignore-patterns --interleave-mm-strings
+--io-processor-plugin --ir-op-priority --jit-monitor-mode --jit-monitor-verbose
+--kda-decode-backend --kda-prefill-backend --kernel-config --kv-cache-dtype
+--kv-cache-dtype-skip-layers --kv-cache-memory-bytes --kv-cache-metrics
+--kv-cache-metrics-sample --kv-events-config --kv-offloading-backend --kv-offloading-size
+--kv-sharing-fast-prefill --kv-transfer-config --language-model-only --limit-mm-per-prompt
+--linear-backend --load-format --log-config-file --log-error-stack --log-level
+--logging-config --logits-processors --logprobs-mode --long-prefill-token-threshold
+--long-prefill-token-threshold-adaptive --lora-dtype --lora-modules --lora-target-modules
+--mamba-backend --mamba-block-size --mamba-cache-dtype --mamba-cache-mode
+--mamba-cache-philox-rounds --mamba-ssm-cache-dtype --mamba-ssu-algorithm --master-addr
+--master-port --max-cpu-loras --max-cudagraph-capture-size --max-log-len --max-logprobs
+--max-lora-cls-labels --max-lora-rank --max-loras --max-model-len --max-num-active-seqs
+--max-num-batched-tokens --max-num-queued-reqs --max-num-queued-tokens
+--max-num-scheduled-tokens --max-num-seqs --max-parallel-loading-workers --media-io-kwargs
+--middleware --mm-device-do-normalize --mm-encoder-attn-backend --mm-encoder-attn-dtype
+--mm-encoder-fp8-scale-path --mm-encoder-fp8-scale-save-margin
+--mm-encoder-fp8-scale-save-path --mm-encoder-only --mm-encoder-tp-mode
+--mm-hasher-algorithm --mm-ipc-gpu-memory-gb --mm-processor-cache-gb
+--mm-processor-cache-type --mm-processor-device --mm-processor-kwargs
+--mm-shm-cache-max-object-size-mb --mm-tensor-ipc --model --model-class-overrides
+--model-impl --model-loader-extra-config --moe-backend --nnodes --no-allow-credentials
+--no-allow-deprecated-quantization --no-async-scheduling --no-cohere-is-reasoning-model
+--no-cudagraph-metrics --no-data-parallel-external-lb --no-data-parallel-hybrid-lb
+--no-dcp-q-replicate --no-disable-cascade-attn --no-disable-chunked-mm-input
+--no-disable-custom-all-reduce --no-disable-fastapi-docs
+--no-disable-hybrid-kv-cache-manager --no-disable-nccl-for-dp-synchronization
+--no-disable-sliding-window --no-disable-uvicorn-access-log --no-enable-auto-tool-choice
+--no-enable-batch-sharded-sampling --no-enable-chunked-prefill --no-enable-cumem-allocator
+--no-enable-dbo --no-enable-elastic-ep --no-enable-ep-weight-filter --no-enable-eplb
+--no-enable-expert-parallel --no-enable-fault-tolerance --no-enable-flash-late-interaction
+--no-enable-flashinfer-autotune --no-enable-force-include-usage --no-enable-hc-sp
+--no-enable-layerwise-nvtx-tracing --no-enable-log-deltas --no-enable-log-outputs
+--no-enable-log-requests --no-enable-logging-iteration-details --no-enable-lora
+--no-enable-mamba-cache-stochastic-rounding --no-enable-mamba-shared-prefix-checkpoint
+--no-enable-mfu-metrics --no-enable-mixed-moe-lora-format --no-enable-mm-embeds
+--no-enable-moe-shared-loras --no-enable-nccl-comm-suspend --no-enable-offline-docs
+--no-enable-per-request-metrics --no-enable-prefix-caching --no-enable-prompt-embeds
+--no-enable-prompt-tokens-details --no-enable-request-id-headers
+--no-enable-return-routed-experts --no-enable-scale-out --no-enable-server-load-tracking
+--no-enable-shm-tensor-arena --no-enable-sleep-mode --no-enable-ssl-refresh
+--no-enable-tokenizer-info-endpoint --no-enable-tower-connector-lora
+--no-enable-trace-replay --no-enforce-eager --no-exclude-tools-when-tool-choice-none
+--no-fail-on-environ-validation --no-fully-sharded-loras --no-interleave-mm-strings
+--no-jit-monitor-verbose --no-kv-cache-metrics --no-kv-sharing-fast-prefill
+--no-language-model-only --no-log-error-stack --no-long-prefill-token-threshold-adaptive
+--no-mm-device-do-normalize --no-mm-encoder-only --no-numa-bind --no-ray-workers-use-nsight
+--no-return-sampling-mask --no-return-tokens-as-token-ids --no-scheduler-reserve-full-isl
+--no-skip-mm-profiling --no-skip-tokenizer-init --no-sleep-mode-offload-cudagraph
+--no-specialize-active-lora --no-swa-bounded-replay --no-tokens-only --no-trust-remote-code
+--no-trust-request-chat-template --no-trust-request-mm-kwargs --no-use-fp64-gumbel
+--no-use-replayssm --no-use-tqdm-on-load --node-rank --num-gpu-blocks-override --numa-bind
+--numa-bind-cpus --numa-bind-nodes --offload-backend --offload-group-size
+--offload-num-in-group --offload-params --offload-prefetch-step --omni --optimization-level
+--otlp-traces-endpoint --override-generation-config --per-request-spec-decode-metrics
+--performance-mode --pipeline-parallel-size --pooler-config --port
+--prefill-context-parallel-size --prefill-schedule-interval
+--prefix-cache-retention-interval --prefix-caching-hash-algo --prefix-match-unit
+--profiler-config --pt-load-map-location --quantization --quantization-config
+--ray-workers-use-nsight --reasoning-config --reasoning-parser --reasoning-parser-plugin
+--renderer-num-workers --replayssm-buffer-len --response-role --return-sampling-mask
+--return-tokens-as-token-ids --revision --root-path --runner --safetensors-load-strategy
+--safetensors-prefetch-block-size --safetensors-prefetch-num-threads --scheduler-cls
+--scheduler-reserve-full-isl --scheduling-policy --seed --served-model-name
+--show-hidden-metrics-for-version --shutdown-timeout --skip-mm-profiling
+--skip-tokenizer-init --sleep-mode-offload-cudagraph --sleep-preserve-parameter-names
+--sparse-indexer-topk-backend --spec-method --spec-model --spec-tokens
+--specialize-active-lora --speculative-config --sse-keep-alive-interval --ssl-ca-certs
+--ssl-cert-reqs --ssl-certfile --ssl-ciphers --ssl-keyfile --stream-interval
+--structured-outputs-config --swa-bounded-replay --tensor-parallel-size --tokenizer
+--tokenizer-mode --tokenizer-revision --tokens-only --tool-call-parser --tool-parser-plugin
+--tool-server --tool-strict-level --trust-remote-code --trust-request-chat-template
+--trust-request-mm-kwargs --ubatch-size --uds --use-fp64-gumbel --use-replayssm
+--use-tqdm-on-load --uvicorn-log-level --video-pruning-method --video-pruning-rate
+--watermark --watermark-config --weight-transfer-config --worker-cls --worker-extension-cls
+-O -ac -asc -cc -dc -dcp -dp -dpa -dpb -dpe -dph -dpl -dpm -dpn -dpp -dpr -ep -h -n -pcp -pp
+-q -r -sc -tp
+"""
+)
+
+Runner = Literal["auto", "draft", "generate", "pooling"]
+Convert = Literal["auto", "classify", "embed", "none"]
+
+# Flags an entry sets through its own keys; repeating them in extra_args would be ambiguous.
+_FIELD_FLAGS = {
+    "--tool-call-parser": "tool_call_parser",
+    "--reasoning-parser": "reasoning_parser",
+    "--enable-auto-tool-choice": "enable_auto_tool_choice",
+    "--no-enable-auto-tool-choice": "enable_auto_tool_choice",
+    "--runner": "runner",
+    "--convert": "convert",
+    "--hf-overrides": "hf_overrides",
+    "--trust-remote-code": "trust_remote_code",
+    "--no-trust-remote-code": "trust_remote_code",
+}
+# ServerConfig fields that travel outside vllm_args, by the flag a user might try instead.
+_CONFIG_FLAGS = {
+    "--max-model-len": "max_model_len",
+    "--gpu-memory-utilization": "gpu_memory_utilization",
+    "--dtype": "dtype",
+    "--tensor-parallel-size": "tensor_parallel_size",
+    "-tp": "tensor_parallel_size",
+    "--port": "port",
+    "--model": "model",
+}
+
+_HF_PART_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_HF_ID_MAX = 96
+
+
+def is_hf_id(text: str) -> bool:
+    """True when ``text`` is a syntactically valid Hugging Face repository id ``org/name``.
+
+    Follows the Hub's rules: letters, digits, ``-``, ``_`` and ``.``; no ``--`` or ``..``;
+    parts neither start nor end with ``-`` or ``.``; at most 96 characters.
+    """
+    if len(text) > _HF_ID_MAX or text.count("/") != 1 or "--" in text or ".." in text:
+        return False
+    return all(_HF_PART_RE.match(part) for part in text.split("/"))
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or os.path.isabs(text)
+
+
+def _flag_of(token: str) -> str | None:
+    """The option a command-line token names (``--x=1`` -> ``--x``), or None for a value."""
+    if not token.startswith("-") or re.fullmatch(r"-\d.*", token) or token == "-":
+        return None
+    flag = token.split("=", 1)[0]
+    # vLLM's parser accepts --max_model_len for --max-model-len.
+    return flag[:2] + flag[2:].replace("_", "-") if flag.startswith("--") else flag
+
+
+def check_extra_args(args: list[str]) -> list[str]:
+    """Check extra ``vllm serve`` arguments against the flags vLLM 0.32.0 accepts.
+
+    Args:
+        args: Tokens as they would appear on the command line (``["--max-num-seqs", "64"]``).
+
+    Returns:
+        ``args`` unchanged.
+
+    Raises:
+        ValueError: A flag is unknown, set by cmw-vllm itself, or has its own entry key.
+    """
+    for token in args:
+        flag = _flag_of(token)
+        if flag is None:
+            continue
+        if flag == "--task":
+            raise ValueError(
+                "--task no longer exists in vLLM; set task, and runner/convert for pooling models"
+            )
+        if flag in _FIELD_FLAGS:
+            raise ValueError(f"{flag} has its own key: set {_FIELD_FLAGS[flag]} instead")
+        if flag in _CONFIG_FLAGS:
+            raise ValueError(f"{flag} has its own key: set {_CONFIG_FLAGS[flag]} instead")
+        if flag in MANAGED_FLAGS:
+            raise ValueError(f"{flag} is set by cmw-vllm and cannot be given here")
+        if flag in ("-h", "--help"):
+            raise ValueError(f"{flag} would make vLLM print its help and exit")
+        if flag not in SERVE_FLAGS:
+            close = difflib.get_close_matches(flag, SERVE_FLAGS, n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"unknown vLLM {VLLM_VERSION} flag {flag}{hint}")
+    return args
+
+
+class ModelEntry(BaseModel):
+    """One registry entry: a model and the vLLM settings it is served with.
+
+    Attributes:
+        alias: Short name, also the default server name (``qwen``).
+        model: Hugging Face id (``Qwen/Qwen3-0.6B``) or a local directory.
+        task: What the server is for: generate, embed, score (rerank) or classify.
+        port: Default HTTP port, unique across the registry.
+        description: One line for ``list``.
+        size_gb: Approximate download size of the weights in GB (10^9 bytes).
+        max_model_len: Context length to serve (``--max-model-len``).
+        gpu_memory_utilization: This server's fraction of the GPU's total memory.
+        dtype: Weight dtype (``--dtype``); None leaves vLLM's ``auto``.
+        tensor_parallel_size: GPUs per server; None means one.
+        tool_call_parser: vLLM tool-call parser name.
+        reasoning_parser: vLLM reasoning parser name.
+        enable_auto_tool_choice: Let the model decide when to call tools (needs a parser).
+        runner: ``--runner``; pooling tasks get ``pooling`` when unset.
+        convert: ``--convert`` (embed/classify adapters for pooling).
+        hf_overrides: JSON object passed as ``--hf-overrides``.
+        trust_remote_code: Run the repository's own Python code (``--trust-remote-code``).
+        extra_args: Further ``vllm serve`` flags, checked against vLLM 0.32.0's list.
+        source: ``built-in`` or the models file the entry (or its override) came from.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    alias: str
+    model: str = Field(min_length=1)
+    task: Task = "generate"
+    port: int = Field(ge=1, le=65535)
+    description: str = ""
+    size_gb: float | None = Field(None, gt=0)
+    max_model_len: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    dtype: Dtype | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1, le=64)
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    runner: Runner | None = None
+    convert: Convert | None = None
+    hf_overrides: dict[str, Any] | None = None
+    trust_remote_code: bool = False
+    extra_args: list[str] = Field(default_factory=list)
+    source: str = BUILTIN_SOURCE
+
+    @field_validator("alias")
+    @classmethod
+    def _check_alias(cls, value: str) -> str:
+        if not NAME_RE.match(value) or ".." in value:
+            raise ValueError(
+                "use letters, digits, '.', '_' and '-' (at most 64, starting with a letter "
+                "or digit)"
+            )
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        if not (_looks_like_path(value) or is_hf_id(value)):
+            raise ValueError("must be a Hugging Face id (org/name) or an absolute/./~ path")
+        return value
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _check_tool_parser(cls, value: str | None) -> str | None:
+        if value is not None and value not in TOOL_CALL_PARSERS:
+            raise ValueError(_unknown_name("tool-call parser", value, TOOL_CALL_PARSERS))
+        return value
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _check_reasoning_parser(cls, value: str | None) -> str | None:
+        if value is not None and value not in REASONING_PARSERS:
+            raise ValueError(_unknown_name("reasoning parser", value, REASONING_PARSERS))
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _check_extra_args(cls, value: list[str]) -> list[str]:
+        return check_extra_args(value)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ModelEntry:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            # vLLM refuses to start with --enable-auto-tool-choice alone.
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
+        if self.task == "generate":
+            if self.runner == "pooling" or self.convert in ("embed", "classify"):
+                raise ValueError(
+                    f"task 'generate' cannot use runner {self.runner!r} / convert "
+                    f"{self.convert!r}; set task to embed, score or classify"
+                )
+        elif self.runner not in (None, "pooling"):
+            raise ValueError(f"task {self.task!r} needs runner 'pooling' (got {self.runner!r})")
+        return self
+
+    def vllm_args(self) -> list[str]:
+        """Every ``vllm serve`` flag this entry adds beyond the ServerConfig fields.
+
+        The model, host, port, context length, dtype, memory share and tensor parallel size
+        are not included: they travel as ServerConfig fields (see :meth:`server_settings`).
+        """
+        args: list[str] = []
+        runner = self.runner or ("pooling" if self.task != "generate" else None)
+        if runner:
+            args += ["--runner", runner]
+        if self.convert:
+            args += ["--convert", self.convert]
+        if self.trust_remote_code:
+            args.append("--trust-remote-code")
+        if self.hf_overrides:
+            args += ["--hf-overrides", json.dumps(self.hf_overrides, separators=(",", ":"))]
+        if self.tool_call_parser:
+            if self.enable_auto_tool_choice:
+                args.append("--enable-auto-tool-choice")
+            args += ["--tool-call-parser", self.tool_call_parser]
+        if self.reasoning_parser:
+            args += ["--reasoning-parser", self.reasoning_parser]
+        return args + list(self.extra_args)
+
+    def server_settings(self) -> dict[str, Any]:
+        """ServerConfig field values for :func:`~cmw_vllm.server_config.resolve_server_config`.
+
+        Returns:
+            ``name`` (the alias), ``port``, ``task``, ``vllm_args`` and whichever of
+            ``max_model_len``, ``gpu_memory_utilization``, ``dtype`` and
+            ``tensor_parallel_size`` the entry sets (unset ones are left out).
+        """
+        settings: dict[str, Any] = {
+            "name": self.alias,
+            "port": self.port,
+            "task": self.task,
+            "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "dtype": self.dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "vllm_args": self.vllm_args(),
+        }
+        return {key: value for key, value in settings.items() if value is not None}
+
+
+def _unknown_name(kind: str, value: str, known: frozenset[str]) -> str:
+    close = difflib.get_close_matches(value, sorted(known), n=3, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    return f"unknown vLLM {VLLM_VERSION} {kind} {value!r}{hint}"
+
+
+_QWEN3_RERANKER_OVERRIDES = {
+    # The original checkpoint is a causal LM that scores with the "yes"/"no" logits; vLLM
+    # turns it into a sequence classifier this way (vLLM's Qwen3 reranker example).
+    "architectures": ["Qwen3ForSequenceClassification"],
+    "classifier_from_token": ["no", "yes"],
+    "is_original_qwen3_reranker": True,
+}
+_MISTRAL_FORMAT = [
+    "--tokenizer-mode",
+    "mistral",
+    "--config-format",
+    "mistral",
+    "--load-format",
+    "mistral",
+]
+
+# Ports: chat models from 8000; the guard and the pooling models from 8100 (8100-8102 and 8105
+# are the ports the original tool used for them).
+_BUILTIN: tuple[dict[str, Any], ...] = (
+    {
+        "alias": "qwen",
+        "model": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+        "task": "generate",
+        "port": 8000,
+        "description": "Qwen3 30B-A3B MoE instruct, hermes tool calls; "
+        "bf16 ~61 GB: needs an 80 GB GPU (or tensor_parallel_size 2)",
+        "size_gb": 61.1,  # 30.5B params x 2 bytes
+        "max_model_len": 32768,
+        "gpu_memory_utilization": 0.9,
+        "tool_call_parser": "hermes",
+        "enable_auto_tool_choice": True,
+    },
+    {
+        "alias": "gpt-oss-20b",
+        "model": "openai/gpt-oss-20b",
+        "task": "generate",
+        "port": 8001,
+        "description": "OpenAI gpt-oss 20B (MoE, MXFP4 ~14 GB), harmony tool calls and reasoning",
+        "size_gb": 13.8,  # the three model-*.safetensors; original/ and metal/ are not needed
+        "max_model_len": 65536,
+        "gpu_memory_utilization": 0.7,
+        "tool_call_parser": "openai",
+        "reasoning_parser": "openai_gptoss",
+        "enable_auto_tool_choice": True,
+    },
+    {
+        "alias": "ministral-14b",
+        "model": "mistralai/Ministral-3-14B-Instruct-2512",
+        "task": "generate",
+        "port": 8002,
+        "description": "Mistral Ministral 3 14B instruct (FP8, vision), mistral tokenizer and "
+        "tool calls",
+        "size_gb": 16.0,  # ~14B params in FP8 plus bf16 embeddings and vision encoder, approx.
+        "max_model_len": 32768,
+        "gpu_memory_utilization": 0.6,
+        "tool_call_parser": "mistral",
+        "enable_auto_tool_choice": True,
+        "extra_args": _MISTRAL_FORMAT,
+    },
+    {
+        "alias": "gigachat3-10b",
+        "model": "ai-sage/GigaChat3-10B-A1.8B-bf16",
+        "task": "generate",
+        "port": 8003,
+        "description": "Sber GigaChat3 10B-A1.8B MoE (bf16, MLA), Russian/English, gigachat3 "
+        "tool calls, MTP speculative decoding",
+        "size_gb": 21.0,  # ~10B params x 2 bytes plus the MTP layer, approx.
+        "max_model_len": 65536,
+        "gpu_memory_utilization": 0.6,
+        "tool_call_parser": "gigachat3",
+        "enable_auto_tool_choice": True,
+        # The model card's recommendation: one multi-token-prediction draft token.
+        "extra_args": ["--speculative-config", '{"method":"mtp","num_speculative_tokens":1}'],
+    },
+    {
+        "alias": "qwen3-coder-reap-25b",
+        "model": "cerebras/Qwen3-Coder-REAP-25B-A3B",
+        "task": "generate",
+        "port": 8004,
+        "description": "Cerebras REAP-pruned Qwen3-Coder 25B-A3B MoE, XML tool calls; "
+        "bf16 ~50 GB: needs an 80 GB GPU",
+        "size_gb": 49.9,  # 24.9B params x 2 bytes
+        "max_model_len": 65536,
+        "gpu_memory_utilization": 0.9,
+        "tool_call_parser": "qwen3_xml",
+        "enable_auto_tool_choice": True,
+    },
+    {
+        "alias": "qwen3-0.6b",
+        "model": "Qwen/Qwen3-0.6B",
+        "task": "generate",
+        "port": 8005,
+        "description": "Small Qwen3 0.6B with thinking mode and hermes tool calls; runs on a CPU",
+        "size_gb": 1.5,
+        # 8192 keeps the KV cache (~112 KiB/token) within 1 GiB on CPU (VLLM_CPU_KVCACHE_SPACE).
+        "max_model_len": 8192,
+        "gpu_memory_utilization": 0.15,
+        "tool_call_parser": "hermes",
+        "reasoning_parser": "qwen3",
+        "enable_auto_tool_choice": True,
+    },
+    {
+        "alias": "qwen3guard-0.6b",
+        "model": "Qwen/Qwen3Guard-Gen-0.6B",
+        "task": "generate",
+        "port": 8105,
+        "description": "Qwen3Guard-Gen 0.6B safety moderation: answers 'Safety: ... "
+        "Categories: ...' via chat",
+        "size_gb": 1.5,
+        "max_model_len": 32768,
+        "gpu_memory_utilization": 0.2,
+    },
+    {
+        "alias": "qwen3-embedding-0.6b",
+        "model": "Qwen/Qwen3-Embedding-0.6B",
+        "task": "embed",
+        "port": 8100,
+        "description": "Qwen3 text embeddings 0.6B (1024-dim, multilingual), /v1/embeddings",
+        "size_gb": 1.2,
+        "max_model_len": 32768,
+        "gpu_memory_utilization": 0.2,
+        "runner": "pooling",
+        "convert": "embed",
+    },
+    {
+        "alias": "qwen3-embedding-4b",
+        "model": "Qwen/Qwen3-Embedding-4B",
+        "task": "embed",
+        "port": 8106,
+        "description": "Qwen3 text embeddings 4B (2560-dim, multilingual), /v1/embeddings",
+        "size_gb": 8.0,
+        "max_model_len": 32768,
+        "gpu_memory_utilization": 0.35,
+        "runner": "pooling",
+        "convert": "embed",
+    },
+    {
+        "alias": "qwen3-embedding-8b",
+        "model": "Qwen/Qwen3-Embedding-8B",
+        "task": "embed",
+        "port": 8107,
+        "description": "Qwen3 text embeddings 8B (4096-dim, multilingual), /v1/embeddings",
+        "size_gb": 15.1,
+        "max_model_len": 32768,
+        "gpu_memory_utilization": 0.5,
+        "runner": "pooling",
+        "convert": "embed",
+    },
+    {
+        "alias": "qwen3-reranker-0.6b",
+        "model": "Qwen/Qwen3-Reranker-0.6B",
+        "task": "score",
+        "port": 8101,
+        "description": "Qwen3 reranker 0.6B, served as a classifier for /score and /rerank",
+        "size_gb": 1.2,
+        "max_model_len": 32768,
+        "gpu_memory_utilization": 0.2,
+        "runner": "pooling",
+        "hf_overrides": _QWEN3_RERANKER_OVERRIDES,
+    },
+    {
+        "alias": "bge-reranker-v2-m3",
+        "model": "BAAI/bge-reranker-v2-m3",
+        "task": "score",
+        "port": 8102,
+        "description": "BAAI bge-reranker-v2-m3 cross-encoder (XLM-RoBERTa, multilingual), "
+        "/score and /rerank",
+        "size_gb": 2.3,  # 568M params stored in fp32
+        "max_model_len": 8192,
+        "gpu_memory_utilization": 0.1,
+        "runner": "pooling",
+    },
+    {
+        "alias": "cross-encoder-russian",
+        "model": "DiTy/cross-encoder-russian-msmarco",
+        "task": "score",
+        "port": 8103,
+        "description": "Russian MS MARCO cross-encoder (ruBERT base), /score and /rerank",
+        "size_gb": 0.7,  # ~178M params stored in fp32
+        "max_model_len": 512,
+        "gpu_memory_utilization": 0.1,
+        "runner": "pooling",
+    },
+)
+
+
+def builtin_entries() -> list[ModelEntry]:
+    """The entries shipped with cmw-vllm, in display order."""
+    return [ModelEntry(**entry) for entry in _BUILTIN]
+
+
+# ---------------------------------------------------------------------------------------------
+# The user's models file
+
+
+def _table_lines(text: str, alias: str) -> tuple[int | None, dict[str, int]]:
+    """Find where ``[models.ALIAS]`` starts and on which line each of its keys is set.
+
+    tomllib reports no positions for valid documents, so errors about a key's value locate it
+    with this small scan (best effort: inline tables and dotted keys only get the table line).
+    """
+    header_re = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
+    key_re = re.compile(r"""^\s*["']?([A-Za-z0-9_-]+)["']?\s*=""")
+    target = f"models.{alias}"
+    start: int | None = None
+    keys: dict[str, int] = {}
+    inside = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = header_re.match(line)
+        if header:
+            name = re.sub(r"""\s*\.\s*""", ".", header.group(1)).replace('"', "").replace("'", "")
+            inside = name == target
+            if inside:
+                start = number
+            continue
+        if inside:
+            key = key_re.match(line)
+            if key:
+                keys.setdefault(key.group(1), number)
+        elif start is None and re.search(rf"""(^|[\s."']){re.escape(alias)}["']?\s*[.=]""", line):
+            start = number
+    return start, keys
+
+
+def _describe_error(err: dict[str, Any], alias: str, is_new: bool) -> tuple[str | None, str]:
+    """The key an error is about and a readable message."""
+    loc = [str(part) for part in err.get("loc", ())]
+    key = loc[0] if loc else None
+    kind = err.get("type", "")
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        allowed = ", ".join(name for name in ModelEntry.model_fields if name not in _NOT_IN_FILE)
+        msg = f"unknown key (allowed: {allowed})"
+    elif kind == "missing":
+        msg = (
+            f"required: '{alias}' is not a built-in alias, so the table must set it"
+            if is_new
+            else "required"
+        )
+    else:
+        got = err.get("input")
+        if isinstance(got, (str, int, float, bool)) and repr(got) not in msg:
+            msg = f"{msg} (got {got!r})"
+    where = ".".join([f"models.{alias}", *loc])
+    return key, f"{where}: {msg}"
+
+
+_NOT_IN_FILE = ("alias", "source")
+
+
+def _file_error(file: Path, line: int | None, message: str) -> ConfigError:
+    where = f"{file}, line {line}" if line else str(file)
+    return ConfigError(f"{where}: {message}")
+
+
+def load_user_entries(path: Path | None = None) -> list[ModelEntry]:
+    """Read the user's models file: new entries and overrides of built-in ones.
+
+    The file is TOML with one table per alias::
+
+        [models.my-llama]
+        model = "meta-llama/Llama-3.1-8B-Instruct"
+        task = "generate"
+        port = 8100
+        max_model_len = 16384
+        tool_call_parser = "llama3_json"
+
+    A table whose alias is built in overrides just the keys it sets; a new alias needs at
+    least ``model`` and ``port``.
+
+    Args:
+        path: The file; default :func:`cmw_vllm.paths.user_models_file`.
+
+    Returns:
+        The complete, validated entries the file defines (merged over built-ins), in file
+        order; empty when the file does not exist.
+
+    Raises:
+        ConfigError: The file cannot be read, is not valid TOML (the message has the line),
+            or an entry is invalid (the message names the file, line and key).
+    """
+    import tomllib
+
+    file = Path(path) if path is not None else paths.user_models_file()
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"cannot read models file {file}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+
+    unknown = sorted(set(data) - {"models"})
+    if unknown:
+        raise ConfigError(
+            f"{file}: unknown top-level key {unknown[0]!r}; put entries in [models.ALIAS] tables"
+        )
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{file}: 'models' must be a table of [models.ALIAS] tables")
+
+    builtins = {entry.alias.lower(): entry for entry in builtin_entries()}
+    entries: list[ModelEntry] = []
+    seen: dict[str, str] = {}
+    for alias, table in models.items():
+        start, key_lines = _table_lines(text, alias)
+        if not isinstance(table, dict):
+            raise _file_error(file, start, f"models.{alias} must be a table ([models.{alias}])")
+        if alias.lower() in seen:
+            raise _file_error(
+                file, start, f"alias '{alias}' is defined twice (also as '{seen[alias.lower()]}')"
+            )
+        seen[alias.lower()] = alias
+        for key in _NOT_IN_FILE:
+            if key in table:
+                hint = "the alias is the table name" if key == "alias" else "set by cmw-vllm"
+                line = key_lines.get(key, start)
+                raise _file_error(file, line, f"models.{alias}.{key}: cannot be set here ({hint})")
+        base = builtins.get(alias.lower())
+        values: dict[str, Any] = base.model_dump() if base else {}
+        values.update(table)
+        values["alias"] = base.alias if base else alias
+        values["source"] = str(file)
+        try:
+            entries.append(ModelEntry(**values))
+        except ValidationError as exc:
+            key, message = _describe_error(exc.errors()[0], alias, base is None)
+            line = key_lines.get(key, start) if key else start
+            raise _file_error(file, line, message) from None
+    return entries
+
+
+def all_entries() -> dict[str, ModelEntry]:
+    """Every entry by alias: the built-ins, overridden and extended by the user's file.
+
+    Raises:
+        ConfigError: The models file is invalid, or two entries share a default port.
+    """
+    entries = {entry.alias: entry for entry in builtin_entries()}
+    for entry in load_user_entries():
+        entries[entry.alias] = entry
+    by_port: dict[int, ModelEntry] = {}
+    for entry in entries.values():
+        other = by_port.get(entry.port)
+        if other is not None:
+            user = entry if entry.source != BUILTIN_SOURCE else other
+            raise ConfigError(
+                f"{user.source}: port {entry.port} of '{entry.alias}' is already the port of "
+                f"'{other.alias}'; every entry needs its own default port"
+            )
+        by_port[entry.port] = entry
+    return entries
+
+
+def find_entry(name: str, entries: dict[str, ModelEntry] | None = None) -> ModelEntry | None:
+    """The entry for an alias (case-insensitive) or a Hugging Face id, or None.
+
+    Args:
+        name: Alias or model id.
+        entries: The registry to search; default :func:`all_entries`.
+    """
+    entries = all_entries() if entries is None else entries
+    lowered = name.strip().lower()
+    for entry in entries.values():
+        if entry.alias.lower() == lowered:
+            return entry
+    for entry in entries.values():
+        if entry.model == name.strip():
+            return entry
+    for entry in entries.values():
+        if entry.model.lower() == lowered:
+            return entry
+    return None
+
+
+def suggest(name: str, entries: dict[str, ModelEntry]) -> list[str]:
+    """Aliases that look like ``name`` (by alias, or by the model's repository name)."""
+    lowered = name.lower()
+    candidates: dict[str, str] = {}
+    for entry in entries.values():
+        candidates.setdefault(entry.alias.lower(), entry.alias)
+        candidates.setdefault(entry.model.rsplit("/", 1)[-1].lower(), entry.alias)
+    matches = difflib.get_close_matches(lowered, list(candidates), n=6, cutoff=0.4)
+    out: list[str] = []
+    for match in matches:
+        alias = candidates[match]
+        if alias not in out:
+            out.append(alias)
+    return out[:4]
+
+
+@dataclass
+class ResolvedTarget:
+    """What a model argument on the command line refers to.
+
+    Attributes:
+        alias: The registry alias, when an entry applies.
+        model: Hugging Face id, or the absolute path of a local directory.
+        is_local: True for a local directory.
+        entry: The registry entry, if any.
+        settings: ServerConfig values from the entry (``entry_settings`` for
+            :func:`~cmw_vllm.server_config.resolve_server_config`); empty without an entry.
+    """
+
+    alias: str | None
+    model: str
+    is_local: bool
+    entry: ModelEntry | None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_target(target: str) -> ResolvedTarget:
+    """Work out what ``target`` names: an alias, a Hugging Face id, or a local directory.
+
+    A bare word that is an alias means the alias even if a directory of that name exists in
+    the current directory (write ``./qwen`` for the directory). Otherwise an existing
+    directory wins over a Hugging Face id of the same spelling, as in vLLM.
+
+    Raises:
+        UsageError: Unknown alias (with the closest names), or an invalid id.
+        NotFoundError: A path (``./x``, ``/x``, ``~/x``) that does not exist.
+        ConfigError: The models file is invalid.
+    """
+    text = target.strip()
+    if not text:
+        raise UsageError("empty model name")
+    entries = all_entries()
+    if not _looks_like_path(text):
+        entry = find_entry(text, entries)
+        if entry is not None and entry.alias.lower() == text.lower():
+            return _from_entry(entry)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ResolvedTarget(alias=None, model=str(path.resolve()), is_local=True, entry=None)
+    if _looks_like_path(text):
+        if path.exists():
+            raise UsageError(f"{text} is not a directory; give the model's directory")
+        raise NotFoundError(f"no such directory: {text}")
+    if "/" in text:
+        if not is_hf_id(text):
+            raise UsageError(
+                f"'{text}' is not a valid Hugging Face id (org/name: letters, digits, '-', "
+                "'_', '.') nor an existing directory"
+            )
+        entry = find_entry(text, entries)
+        if entry is not None:
+            return _from_entry(entry)
+        return ResolvedTarget(alias=None, model=text, is_local=False, entry=None)
+    close = suggest(text, entries)
+    did_you_mean = f"; did you mean: {', '.join(close)}?" if close else ""
+    raise UsageError(
+        f"unknown model '{text}'{did_you_mean}",
+        hint="run 'cmw-vllm list' for the aliases, or give a Hugging Face id (org/name) "
+        "or a local directory",
+    )
+
+
+def _from_entry(entry: ModelEntry) -> ResolvedTarget:
+    is_local = _looks_like_path(entry.model)
+    # vLLM neither expands ~ nor shares our working directory: hand it an absolute path.
+    model = str(Path(entry.model).expanduser().resolve()) if is_local else entry.model
+    return ResolvedTarget(
+        alias=entry.alias,
+        model=model,
+        is_local=is_local,
+        entry=entry,
+        settings=entry.server_settings(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face cache, read without importing huggingface_hub (keeps ``list`` fast)
+
+
+def hf_hub_cache() -> Path:
+    """The Hub cache directory, resolved from the environment as huggingface_hub does."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def is_downloaded(model: str) -> bool:
+    """True when the cache holds a non-empty snapshot of ``model`` (or it is a local dir).
+
+    This is a quick presence check; ``verify`` checks that the files are complete.
+    """
+    if _looks_like_path(model):
+        return Path(model).expanduser().is_dir()
+    snapshots = hf_hub_cache() / f"models--{model.replace('/', '--')}" / "snapshots"
+    try:
+        return any(
+            snapshot.is_dir() and any(snapshot.iterdir()) for snapshot in snapshots.iterdir()
+        )
+    except OSError:
+        return False
