@@ -160,7 +160,17 @@ class ServerConfig(BaseModel):
             args += ["--max-model-len", str(self.max_model_len)]
         if self.dtype != "auto":
             args += ["--dtype", self.dtype]
-        return args + list(self.vllm_args)
+        return args + self._task_args() + list(self.vllm_args)
+
+    def _task_args(self) -> list[str]:
+        """Pooling flags implied by ``task`` when the entry or user did not give them."""
+        if self.task == "generate" or any(
+            a.split("=", 1)[0] == "--runner" for a in self.vllm_args
+        ):
+            return []
+        if self.task == "embed":
+            return ["--runner", "pooling", "--convert", "embed"]
+        return ["--runner", "pooling"]
 
 
 def format_validation_error(exc: ValidationError, source: str | None = None) -> str:

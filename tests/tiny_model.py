@@ -125,7 +125,9 @@ def make_tiny_model(
     def ones(n: int) -> tuple[list[int], bytes]:
         return [n], _encode([1.0] * n, dtype)
 
-    tensors: dict[str, tuple[list[int], bytes]] = {"model.embed_tokens.weight": rand(vocab_size, hidden)}
+    tensors: dict[str, tuple[list[int], bytes]] = {
+        "model.embed_tokens.weight": rand(vocab_size, hidden)
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = ones(hidden)

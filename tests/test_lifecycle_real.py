@@ -1,0 +1,105 @@
+"""The lifecycle on real vLLM (CPU build) serving the tiny random-weight model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from click.testing import CliRunner
+
+from cmw_vllm.cli import cli
+from cmw_vllm.server_manager import ServerManager, group_members, read_record
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.vllm
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def live(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
+    """start -> healthy -> chat answers -> restart -> SIGKILL API server -> stop: nothing left."""
+    port = free_port()
+    code, out, err = run("start", str(tiny_model), "--name", "tiny", "--port", str(port),
+                         "--max-model-len", "512", "--timeout", "600")
+    assert code == 0, err
+    assert "is ready" in out
+
+    code, out, _ = run("status", "tiny", "--json")
+    assert code == 0
+    assert json.loads(out)["servers"][0]["state"] == "healthy"
+
+    url = f"http://127.0.0.1:{port}"
+    reply = requests.post(
+        f"{url}/v1/chat/completions",
+        json={"model": str(tiny_model), "messages": [{"role": "user", "content": "Hello"}],
+              "max_tokens": 8},
+        timeout=60,
+    )
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["usage"]["completion_tokens"] > 0
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+
+    # vLLM's own process tree: API server -> VLLM::EngineCore -> VLLM::Worker.
+    first = read_record("tiny")
+    assert first is not None
+    titles = " ".join(" ".join(p.cmdline()) for p in group_members(first))
+    assert "VLLM::EngineCore" in titles
+
+    code, out, err = run("restart", "tiny", "--timeout", "600")
+    assert code == 0, err
+    second = read_record("tiny")
+    assert second is not None and second.pid != first.pid
+    assert not live([p.pid for p in psutil.Process(os.getpid()).children()
+                     if p.pid == first.pid])
+    assert requests.get(f"{url}/health", timeout=5).status_code == 200
+    assert Path(second.log_path + ".1").exists()
+
+    # SIGKILL of the API server alone orphans EngineCore and the worker (vLLM #55510) ...
+    members = [p.pid for p in group_members(second)]
+    assert len(members) >= 3
+    os.kill(second.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    status = ServerManager().get_status("tiny")
+    while status.state != "exited" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = ServerManager().get_status("tiny")
+    assert status.state == "exited"
+    assert status.orphans, "EngineCore should outlive a SIGKILLed API server"
+    # ... and stop still reaps every one of them.
+    code, out, err = run("stop", "tiny")
+    assert code == 0, err
+    assert not live(members)
+    code, _, _ = run("status", "tiny")
+    assert code == 3
+
+
+def test_real_bad_flag_fails_fast_with_diagnosis(real_vllm: str, tiny_model: Path,
+                                                 isolated_home: Path) -> None:
+    code, _, err = run("start", str(tiny_model), "--name", "bad", "--port", str(free_port()),
+                       "--timeout", "600", "--", "--definitely-not-a-flag")
+    assert code == 1
+    assert "vLLM exited during start-up (exit code 2)" in err
+    assert "--definitely-not-a-flag" in err
+    assert "Traceback" not in err.split("--- last lines of the log ---")[0]
+    assert not (isolated_home / "servers" / "bad.json").exists()
