@@ -168,6 +168,11 @@ def download(ctx: click.Context, name: str, revision: str | None, include: tuple
     7 when disk space is short, 8 when the Hub cannot be reached or refuses access, 9 when
     the repo or revision does not exist.
 
+    JSON keys: ok, repo_id, revision, commit, path, already_complete, offline,
+    bytes_downloaded, seconds, plan {repo_id, revision, commit, target, files,
+    files_to_fetch, bytes_total, bytes_to_fetch, free_bytes, repair}, verify (as in
+    `cmw-vllm verify --json`).
+
     \b
     Examples:
       cmw-vllm download qwen

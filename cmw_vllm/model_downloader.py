@@ -400,17 +400,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
             hint="free some space (the partial file was removed) and run the download again",
         )
     if isinstance(exc, hf_errors.GatedRepoError):
-        if not have_token:
-            return EnvironmentProblem(
-                f"{repo_id} is a gated repository and no Hugging Face token was given",
-                hint=f"accept its terms at {url}, then export HF_TOKEN=hf_... "
-                     f"(a read token from {TOKEN_HELP}) or run `hf auth login`",
-            )
-        return EnvironmentProblem(
-            f"{repo_id} is a gated repository and your Hugging Face token has no access to it",
-            hint=f"accept its terms at {url} with the account that owns HF_TOKEN, "
-                 "or set HF_TOKEN to a token of an account that has access",
-        )
+        return gated_error(repo_id, have_token)
     if isinstance(exc, hf_errors.RevisionNotFoundError):
         return NotFoundError(f"revision {revision!r} not found in {repo_id}",
                              hint=f"see the branches and tags at {url}")
@@ -449,6 +439,22 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
         return CmwVllmError(f"a file of {repo_id} arrived incomplete; run the download again")
     return None
+
+
+def gated_error(repo_id: str, have_token: bool) -> EnvironmentProblem:
+    """The error for a gated repo, telling apart no token and a token without access."""
+    url = f"{endpoint()}/{repo_id}"
+    if not have_token:
+        return EnvironmentProblem(
+            f"{repo_id} is a gated repository and no Hugging Face token was given",
+            hint=f"accept its terms at {url}, then export HF_TOKEN=hf_... "
+                 f"(a read token from {TOKEN_HELP}) or run `hf auth login`",
+        )
+    return EnvironmentProblem(
+        f"{repo_id} is a gated repository and your Hugging Face token has no access to it",
+        hint=f"accept its terms at {url} with the account that owns HF_TOKEN, "
+             "or set HF_TOKEN to a token of an account that has access",
+    )
 
 
 @contextmanager
@@ -499,6 +505,9 @@ def plan_download(
     with _hub_errors(repo_id, rev):
         info = api.model_info(repo_id, revision=rev, files_metadata=True)
     commit = info.sha or rev
+    gated = bool(getattr(info, "gated", False))
+    if gated and token() is None:
+        raise gated_error(repo_id, have_token=False)  # the files would answer 401 anyway
     metadata: dict[str, tuple[int, str | None]] = {}
     for sibling in info.siblings or []:
         lfs = getattr(sibling, "lfs", None)
@@ -541,7 +550,7 @@ def plan_download(
         bytes_to_fetch=sum(f.size for f in files if not f.cached),
         free_bytes=free_space(target),
         repair=list(repair),
-        gated=bool(getattr(info, "gated", False)),
+        gated=gated,
     )
 
 

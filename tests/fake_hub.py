@@ -194,13 +194,13 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _json(self, data: object, head: bool) -> None:
             self._send(200, json.dumps(data).encode(), {"Content-Type": "application/json"}, head)
 
-        def _authorize(self, repo: FakeRepo, head: bool) -> bool:
+        def _authorize(self, repo: FakeRepo, head: bool, gate: bool) -> bool:
             auth = self.headers.get("Authorization", "")
             token = auth[7:] if auth.startswith("Bearer ") else None
             if token is not None and token not in hub.tokens:
                 self._error(401, None, INVALID_TOKEN_MESSAGE, head)
                 return False
-            if not repo.gated:
+            if not (repo.gated and gate):
                 return True
             if token is None:
                 self._error(401, "GatedRepo", "Access to this model is restricted", head)
@@ -210,12 +210,13 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return False
             return True
 
-        def _lookup(self, repo_id: str, rev: str, head: bool) -> FakeRepo | None:
+        def _lookup(self, repo_id: str, rev: str, head: bool,
+                    gate: bool = False) -> FakeRepo | None:
             repo = hub.repos.get(repo_id)
             if repo is None:
                 self._error(404, "RepoNotFound", "Repository not found", head)
                 return None
-            if not self._authorize(repo, head):
+            if not self._authorize(repo, head, gate):
                 return None
             if rev != repo.commit and rev not in repo.branches:
                 self._error(404, "RevisionNotFound", "Invalid rev id: " + rev, head)
@@ -242,7 +243,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 if repo:
                     self._json(_tree(repo, match["sub"] or ""), head)
             elif match := _RESOLVE.match(path):
-                repo = self._lookup(match["repo"], match["rev"], head)
+                # As on the real Hub, a gated repo's metadata is public; its files are not.
+                repo = self._lookup(match["repo"], match["rev"], head, gate=True)
                 if repo:
                     self._file(repo, match["path"], head)
             else:

@@ -137,6 +137,9 @@ def test_download_json_reports_plan_and_verify(hub: FakeHub) -> None:
     result = CliRunner().invoke(cli, ["download", REPO, "--json"])
     assert result.exit_code == EXIT_OK, result.output
     data = json.loads(result.stdout)
+    help_text = " ".join(CliRunner().invoke(cli, ["download", "--help"]).stdout.split())
+    for key in [*data, *data["plan"]]:
+        assert key in help_text, key
     assert data["plan"]["bytes_to_fetch"] == sum(f.size for f in repo.files.values())
     assert data["bytes_downloaded"] == data["plan"]["bytes_to_fetch"]
     assert data["verify"]["ok"] is True
