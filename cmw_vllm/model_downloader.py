@@ -286,19 +286,13 @@ def token() -> str | None:
     explicit = os.environ.get("HF_TOKEN")
     if explicit:
         return explicit
-    saved = Path(os.environ.get("HF_TOKEN_PATH") or _hf_home() / "token")
+    from cmw_vllm.disk_space import hf_home
+
+    saved = Path(os.environ.get("HF_TOKEN_PATH") or hf_home() / "token")
     try:
         return saved.read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
-
-
-def _hf_home() -> Path:
-    home = os.environ.get("HF_HOME")
-    if home:
-        return Path(home).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface"
 
 
 def free_space(path: Path) -> int:

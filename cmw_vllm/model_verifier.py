@@ -187,15 +187,9 @@ HashProgress = Callable[[int], None]
 
 def hub_cache_dir() -> Path:
     """The HF hub cache, from the environment at call time (``HF_HUB_CACHE``, ``HF_HOME``)."""
-    explicit = os.environ.get("HF_HUB_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    home = os.environ.get("HF_HOME")
-    if home:
-        return Path(home).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "huggingface" / "hub"
+    from cmw_vllm.disk_space import hf_cache_dir
+
+    return hf_cache_dir()
 
 
 def repo_cache_dir(repo_id: str, cache_dir: Path | None = None) -> Path:
