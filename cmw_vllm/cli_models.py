@@ -335,7 +335,7 @@ def verify(ctx: click.Context, name: str, revision: str | None, full: bool,
 
         callbacks = {"on_hash_start": start_plain, "progress": advance_plain}
     try:
-        report = verify_model(target, revision=None if is_local else revision, full=full,
+        report = verify_model(target, revision=revision, full=full,
                               **callbacks)
     finally:
         if progress_cm is not None:

@@ -367,6 +367,18 @@ def locate_local(path: Path) -> ModelLocation:
     return loc
 
 
+def _cache_snapshot_of(path: Path) -> tuple[str, str, Path] | None:
+    """(repo id, commit, hub cache) when ``path`` is a snapshot folder in an HF cache."""
+    resolved = path.resolve()
+    snapshots, repo_dir = resolved.parent, resolved.parent.parent
+    if snapshots.name != "snapshots" or not repo_dir.name.startswith("models--"):
+        return None
+    parts = repo_dir.name[len("models--"):].split("--")
+    if len(parts) != 2 or not SHA1_RE.match(resolved.name):
+        return None
+    return "/".join(parts), resolved.name, repo_dir.parent
+
+
 def _walk(root: Path) -> list[str]:
     """Repo-relative paths of the files (and links) under ``root``, skipping ``.cache``."""
     out: list[str] = []
@@ -724,7 +736,8 @@ def verify_model(
     if path.is_dir():
         if revision:
             raise UsageError("--revision applies to a Hugging Face repo, not a directory")
-        loc = locate_local(path)
+        cached = _cache_snapshot_of(path)
+        loc = locate_cached(*cached) if cached else locate_local(path)
     else:
         text = str(target)
         if text.count("/") != 1 or text.startswith((".", "/", "~")):

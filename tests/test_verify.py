@@ -178,6 +178,17 @@ def test_not_cached_and_unknown_revision(cached: FakeRepo,
         assert "Traceback" not in err
 
 
+def test_snapshot_folder_given_as_a_directory_uses_the_cache_metadata(
+        cached: FakeRepo) -> None:
+    snapshot = repo_cache_dir(REPO) / "snapshots" / cached.commit
+    flip_byte(blob(SHARD2), cached.files[SHARD2].size - 10)
+    code, report = verify_json(str(snapshot), "--full")
+    assert code == EXIT_FAILURE
+    assert report["source"] == "cache"
+    assert report["repo_id"] == REPO
+    assert problem_files(report) == [SHARD2]
+
+
 def test_revision_can_be_the_commit(cached: FakeRepo) -> None:
     code, report = verify_json(REPO, "--revision", cached.commit)
     assert code == EXIT_OK, report
