@@ -197,6 +197,8 @@ def _run_start(manager: Any, start: Any, name: str, quiet: bool) -> tuple[StartR
 @click.option("--no-wait", is_flag=True, help="Return right after launching.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for readiness (default 1800, env CMW_VLLM_START_TIMEOUT).")
+@click.option("--force", is_flag=True,
+              help="Skip the memory check that refuses a model that cannot fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def start(
     target: str,
@@ -214,6 +216,7 @@ def start(
     task: str | None,
     no_wait: bool,
     timeout: float | None,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Start a vLLM server in the background and wait until it is ready.
@@ -252,7 +255,7 @@ def start(
 
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
-                             on_progress=on_progress)
+                             on_progress=on_progress, check_resources=not force)
 
     result, elapsed = _run_start(manager, do_start, config.name, quiet=as_json or no_wait)
     _report_start(result, as_json, elapsed)

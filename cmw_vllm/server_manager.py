@@ -564,6 +564,7 @@ class ServerManager:
         timeout: float | None = None,
         auto_port: bool = False,
         on_progress: ProgressCallback | None = None,
+        check_resources: bool = True,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -573,8 +574,11 @@ class ServerManager:
             timeout: Seconds to wait (default ``CMW_VLLM_START_TIMEOUT``).
             auto_port: When the port is taken, use the next free one.
             on_progress: Called with (phase, elapsed seconds) while waiting.
+            check_resources: Refuse before launching when the model cannot fit the GPU (or,
+                on the CPU build, RAM); see :func:`cmw_vllm.memory_estimate.preflight`.
 
         Raises:
+            InsufficientResourcesError: The preflight check refused (numbers in the message).
             ConflictError: The name runs another model, or the port is held by something else.
             EnvironmentProblem: vLLM missing, state dir not writable.
             ServerStartError: vLLM exited during start-up (message has the diagnosis).
@@ -600,6 +604,12 @@ class ServerManager:
                 if existing.record is not None or existing.state == INVALID:
                     self._cleanup_dead(config.name, existing)
                 config, port_changed_from = self._choose_port(config, auto_port)
+                if check_resources:
+                    from cmw_vllm.memory_estimate import preflight
+
+                    check = preflight(config)
+                    logger.info("preflight for %s: %s %s", config.name, check.status,
+                                check.reason or "")
                 record = self._launch(config)
                 already = False
         result = StartResult(
@@ -949,7 +959,9 @@ class ServerManager:
             raise UsageError(f"cannot restart {name!r}: stored settings are invalid ({exc})") \
                 from None
         self.stop(name)
-        return self.start(config, wait=wait, timeout=timeout, on_progress=on_progress)
+        # It ran with these settings before: don't let a stale estimate block the restart.
+        return self.start(config, wait=wait, timeout=timeout, on_progress=on_progress,
+                          check_resources=False)
 
 
 def running_models() -> dict[str, list[str]]:

@@ -368,3 +368,20 @@ def test_no_wait_then_status_reports_starting(fake_engine: Path, model_dir: Path
     code, out, _ = run("status", "nw")
     assert code == 4
     assert "starting" in out
+
+
+def test_preflight_refuses_what_cannot_fit(fake_engine: Path, tiny_model: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           isolated_home: Path) -> None:
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    port = str(free_port())
+    code, _, err = run("start", str(tiny_model), "--name", "big", "--port", port,
+                       "--max-model-len", "5000000")
+    assert code == 7
+    assert "does not fit" in err
+    assert "--max-model-len 4096" in err  # the setting that would fit
+    assert not (isolated_home / "servers" / "big.json").exists()
+    assert not (isolated_home / "logs" / "big.log").exists()  # nothing was launched
+    code, _, err = run("start", str(tiny_model), "--name", "big", "--port", port,
+                       "--max-model-len", "5000000", "--force")
+    assert code == 0, err
