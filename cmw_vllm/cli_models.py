@@ -253,6 +253,18 @@ COMMANDS.append(download)
 # verify
 
 
+def _repair_args(report: VerifyReport, name: str) -> str | None:
+    """The ``download`` arguments that repair what ``report`` describes, if it can."""
+    if not report.repo_id:
+        return None
+    if report.source == "local":
+        return f"{report.repo_id} --local-dir {report.path}"
+    target = name if not Path(name).expanduser().is_dir() else report.repo_id
+    if report.revision and report.revision != "main":
+        target += f" --revision {report.revision}"
+    return target
+
+
 @click.command()
 @click.argument("name")
 @click.option("--revision", "-r", default=None,
@@ -347,7 +359,7 @@ def verify(ctx: click.Context, name: str, revision: str | None, full: bool,
         rev = f"@{report.revision}" if report.revision else ""
         commit = f" (commit {_short(report.commit)})" if report.commit else ""
         click.echo(f"{where}{rev}{commit} at {report.path}")
-        _print_verify(report, name if report.repo_id else None)
+        _print_verify(report, _repair_args(report, name))
     if not report.ok:
         ctx.exit(EXIT_FAILURE)
 

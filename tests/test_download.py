@@ -197,7 +197,7 @@ def test_include_replaces_default_selection(hub: FakeHub) -> None:
     assert not list(snapshot_of(repo).glob("*.safetensors"))
 
 
-def test_local_dir_download_and_verify(hub: FakeHub, tmp_path: Path) -> None:
+def test_local_dir_download_verify_and_repair(hub: FakeHub, tmp_path: Path) -> None:
     target = tmp_path / "models" / "tiny"
     runner = CliRunner()
     result = runner.invoke(cli, ["download", REPO, "--local-dir", str(target)])
@@ -218,6 +218,12 @@ def test_local_dir_download_and_verify(hub: FakeHub, tmp_path: Path) -> None:
     result = runner.invoke(cli, ["verify", str(target), "--full", "--json"])
     assert result.exit_code == EXIT_FAILURE
     assert [p["file"] for p in json.loads(result.stdout)["problems"]] == ["tokenizer_config.json"]
+    result = runner.invoke(cli, ["verify", str(target), "--full"])
+    assert f"cmw-vllm download {REPO} --local-dir {target} --repair" in result.stdout
+
+    result = runner.invoke(cli, ["download", REPO, "--local-dir", str(target), "--repair"])
+    assert result.exit_code == EXIT_OK, result.output
+    assert runner.invoke(cli, ["verify", str(target), "--full"]).exit_code == EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------
