@@ -463,10 +463,12 @@ def spec_from_hub(repo_id: str, revision: str | None = None, *,
     )
 
     try:
-        config_path = hf_hub_download(repo_id, "config.json", revision=revision,
-                                      etag_timeout=timeout)
+        # model_info first: it fails at once when the Hub is unreachable, where
+        # hf_hub_download retries with backoff for about 20 s.
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True,
                                   timeout=timeout)
+        config_path = hf_hub_download(repo_id, "config.json", revision=revision,
+                                      etag_timeout=timeout)
         tok_config = None
         siblings = [s.rfilename for s in (info.siblings or [])]
         if "tokenizer_config.json" in siblings:

@@ -1,0 +1,381 @@
+"""Memory estimate and preflight: KV rules, weights from headers, sources, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cmw_vllm import memory_estimate as me
+from cmw_vllm.errors import ConfigError, InsufficientResourcesError, UsageError
+from cmw_vllm.gpu_info import GpuInfo
+from cmw_vllm.server_config import ServerConfig
+from tests.tiny_model import make_tiny_model
+
+GiB = 1024**3
+
+# A Llama-3-8B-shaped config: big enough that context length decides the fit.
+LLAMA8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "torch_dtype": "bfloat16",
+}
+
+
+def write_big_model(directory: Path, config: dict[str, object]) -> Path:
+    """A model directory whose safetensors file has only a header (shapes of the real
+    tensors, no data): enough for the estimate, which reads headers only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    h = int(config["hidden_size"])  # type: ignore[call-overload]
+    inter = int(config["intermediate_size"])  # type: ignore[call-overload]
+    heads = int(config["num_attention_heads"])  # type: ignore[call-overload]
+    kv = int(config["num_key_value_heads"])  # type: ignore[call-overload]
+    vocab = int(config["vocab_size"])  # type: ignore[call-overload]
+    hd = h // heads
+    shapes = {"model.embed_tokens.weight": [vocab, h], "lm_head.weight": [vocab, h]}
+    for i in range(int(config["num_hidden_layers"])):  # type: ignore[call-overload]
+        p = f"model.layers.{i}."
+        shapes[p + "q"] = [heads * hd, h]
+        shapes[p + "kv"] = [2 * kv * hd, h]
+        shapes[p + "o"] = [h, heads * hd]
+        shapes[p + "mlp"] = [3 * inter, h]
+    header: dict[str, object] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return directory
+
+
+def fake_gpu(index: int = 0, total_gib: float = 80, free_gib: float | None = None) -> GpuInfo:
+    total = int(total_gib * GiB)
+    free = total if free_gib is None else int(free_gib * GiB)
+    return GpuInfo(index=index, name="Fake GPU", uuid=f"GPU-{index}", memory_total=total,
+                   memory_used=total - free, memory_free=free)
+
+
+def config_for(model: Path | str, **kw: object) -> ServerConfig:
+    return ServerConfig(name="t", model=str(model), **kw)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- KV rule
+
+
+@pytest.mark.parametrize(("layers", "kv_heads", "head_dim", "dtype"), [
+    (2, 1, 64, "bfloat16"), (3, 2, 128, "float16"), (5, 4, 64, "bfloat16"),
+])
+def test_kv_bytes_per_token_follows_vllm_rule(tmp_path: Path, layers: int, kv_heads: int,
+                                              head_dim: int, dtype: str) -> None:
+    model = make_tiny_model(tmp_path / "m", layers=layers, heads=4, kv_heads=kv_heads,
+                            head_dim=head_dim, dtype=dtype)
+    spec = me.load_model_spec(str(model))
+    kv = me.kv_cache_layout(spec)
+    assert spec.source == "local"
+    assert kv.bytes_per_token == 2 * kv_heads * head_dim * 2 * layers
+    assert kv.kv_cache_dtype == dtype
+
+
+def test_float32_checkpoint_runs_in_16_bits_unless_asked(tmp_path: Path) -> None:
+    model = make_tiny_model(tmp_path / "m", dtype="float32")
+    spec = me.load_model_spec(str(model))
+    auto = me.kv_cache_layout(spec)
+    fp32 = me.kv_cache_layout(spec, dtype="float32")
+    assert auto.kv_cache_dtype == "bfloat16"
+    assert fp32.bytes_per_token == 2 * auto.bytes_per_token
+    spec.pooling = True
+    assert me.resolve_dtype(spec) == "float16"
+
+
+def test_kv_cache_dtype_fp8_halves_and_unknown_is_refused(tiny_model: Path) -> None:
+    spec = me.load_model_spec(str(tiny_model))
+    base = me.kv_cache_layout(spec)
+    assert me.kv_cache_layout(spec, kv_cache_dtype="fp8").bytes_per_token * 2 == (
+        base.bytes_per_token)
+    with pytest.raises(UsageError, match="not modelled"):
+        me.kv_cache_layout(spec, kv_cache_dtype="nvfp4")
+
+
+def test_tensor_parallel_splits_kv_heads_and_replicates_when_fewer() -> None:
+    spec = me.spec_from_config(LLAMA8B, model="x", source="test")
+    one = me.kv_cache_layout(spec).bytes_per_token
+    assert me.kv_cache_layout(spec, tensor_parallel_size=2).bytes_per_token * 2 == one
+    assert me.kv_cache_layout(spec, tensor_parallel_size=8).bytes_per_token * 8 == one
+    # 8 KV heads over 16 ranks: each rank keeps a whole head.
+    sixteen = me.kv_cache_layout(spec, tensor_parallel_size=16)
+    assert sixteen.kv_heads_per_rank == 1
+    assert sixteen.bytes_per_token == one // 8
+
+
+def test_mla_caches_one_latent_not_split_by_tp() -> None:
+    cfg = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61,
+           "num_attention_heads": 128, "num_key_value_heads": 128, "kv_lora_rank": 512,
+           "qk_rope_head_dim": 64, "v_head_dim": 128, "torch_dtype": "bfloat16"}
+    spec = me.spec_from_config(cfg, model="ds", source="test")
+    kv1 = me.kv_cache_layout(spec)
+    kv8 = me.kv_cache_layout(spec, tensor_parallel_size=8)
+    assert spec.is_mla
+    assert kv1.bytes_per_token == (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 2 * (
+        cfg["num_hidden_layers"])
+    assert kv8.bytes_per_token == kv1.bytes_per_token
+
+
+def test_sliding_window_layers_hold_only_the_window() -> None:
+    layers = 6
+    cfg = {**LLAMA8B, "num_hidden_layers": layers, "sliding_window": 1024,
+           "layer_types": ["sliding_attention", "full_attention"] * (layers // 2)}
+    spec = me.spec_from_config(cfg, model="swa", source="test")
+    kv = me.kv_cache_layout(spec)
+    per_layer = 2 * 8 * 128 * 2
+    assert (kv.full_layers, kv.sliding_layers) == (layers // 2, layers // 2)
+    assert kv.bytes_per_token == per_layer * kv.full_layers
+    assert kv.request_bytes(10_000) == kv.bytes_per_token * 10_000 + (
+        kv.sliding_bytes_per_token * 1024)
+    assert kv.request_bytes(100) == (kv.bytes_per_token + kv.sliding_bytes_per_token) * 100
+
+
+def test_sliding_window_configs_by_convention() -> None:
+    base = {**LLAMA8B, "num_hidden_layers": 4, "sliding_window": 512}
+    qwen_off = me.spec_from_config({**base, "model_type": "qwen2", "use_sliding_window": False},
+                                   model="q", source="test")
+    assert qwen_off.layer_kinds == ["full"] * 4
+    qwen_on = me.spec_from_config({**base, "model_type": "qwen2", "use_sliding_window": True,
+                                   "max_window_layers": 2}, model="q", source="test")
+    assert qwen_on.layer_kinds == ["full", "full", "sliding", "sliding"]
+    gemma2 = me.spec_from_config({**base, "model_type": "gemma2"}, model="g", source="test")
+    assert gemma2.layer_kinds == ["sliding", "full", "sliding", "full"]
+    mistral = me.spec_from_config({**base, "model_type": "mistral"}, model="m", source="test")
+    assert mistral.layer_kinds == ["sliding"] * 4
+
+
+def test_kv_cache_tokens_counts_whole_blocks_like_vllm() -> None:
+    spec = me.spec_from_config({**LLAMA8B, "num_hidden_layers": 3}, model="x", source="t")
+    kv = me.kv_cache_layout(spec)
+    space, block = GiB, 128
+    blocks = space // (kv.bytes_per_token * block)
+    assert me.kv_cache_tokens(space, kv, 512, block) == blocks * block
+    # max_model_len not a multiple of the block: vLLM scales by whole blocks per request.
+    assert me.kv_cache_tokens(space, kv, 500, block) == int(blocks / math.ceil(500 / block) * 500)
+    assert me.max_concurrency(space, kv, 1024, block) == blocks / (1024 // block)
+    fit = me.largest_max_model_len(space, kv, block, limit=10**9)
+    assert fit == blocks * block
+    assert me.largest_max_model_len(space, kv, block, limit=1000) == 1000
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_weight_bytes_from_safetensors_headers(tiny_model: Path) -> None:
+    spec = me.load_model_spec(str(tiny_model))
+    st = tiny_model / "model.safetensors"
+    header_len = struct.unpack("<Q", st.read_bytes()[:8])[0]
+    data_bytes = st.stat().st_size - 8 - header_len
+    assert me.weight_bytes(spec) == data_bytes
+    assert me.weight_bytes(spec, "float32") == 2 * data_bytes
+    assert spec.num_parameters == data_bytes // 2
+
+
+def test_sharded_checkpoint_counts_each_shard_once(tmp_path: Path, tiny_model: Path) -> None:
+    sharded = make_tiny_model(tmp_path / "sharded", shards=3)
+    # A stray consolidated file next to the index is not what vLLM loads.
+    shutil.copy(tiny_model / "model.safetensors", sharded / "consolidated.safetensors")
+    one = me.weight_bytes(me.load_model_spec(str(tiny_model)))
+    assert me.weight_bytes(me.load_model_spec(str(sharded))) == one
+
+
+def test_derived_max_model_len_rules() -> None:
+    cfg = {"max_position_embeddings": 8192}
+    assert me.derive_max_model_len(cfg) == 8192
+    assert me.derive_max_model_len(cfg, {"model_max_length": 4096}) == 4096
+    linear = {**cfg, "rope_scaling": {"type": "linear", "factor": 4.0}}
+    assert me.derive_max_model_len(linear) == 4 * 8192
+    yarn = {**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    assert me.derive_max_model_len(yarn) == 8192
+    assert me.derive_max_model_len({}) == 2048
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _cache_repo(tiny_model: Path, repo_id: str) -> Path:
+    from cmw_vllm.disk_space import hf_cache_dir
+
+    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_model, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    return snap
+
+
+def test_model_from_hf_cache_snapshot(tiny_model: Path) -> None:
+    snap = _cache_repo(tiny_model, "org/tiny")
+    spec = me.load_model_spec("org/tiny")
+    assert spec.source == "hf-cache"
+    assert spec.path == str(snap)
+    assert me.weight_bytes(spec) == me.weight_bytes(me.load_model_spec(str(tiny_model)))
+
+
+def test_model_from_hub_metadata_only(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
+    import huggingface_hub
+
+    fetched: list[str] = []
+
+    def fake_download(repo_id: str, filename: str, **kw: object) -> str:
+        fetched.append(filename)
+        return str(tiny_model / filename)
+
+    params = {"BF16": 1_000_000, "F32": 10}
+    info = SimpleNamespace(
+        siblings=[SimpleNamespace(rfilename="model.safetensors", size=2_000_040),
+                  SimpleNamespace(rfilename="config.json", size=700),
+                  SimpleNamespace(rfilename="tokenizer_config.json", size=100)],
+        safetensors=SimpleNamespace(parameters=params, total=sum(params.values())),
+    )
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **kw: info)
+    spec = me.load_model_spec("org/remote")
+    assert spec.source == "hub"
+    assert set(fetched) == {"config.json", "tokenizer_config.json"}
+    assert me.weight_bytes(spec) == (params["BF16"] + params["F32"]) * 2
+
+
+def test_hub_unreachable_makes_preflight_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: connection refused
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    result = me.preflight(config_for("org/not-cached"), gpus=[fake_gpu()])
+    assert result.status == "unknown"
+    assert not result.ok
+    assert "org/not-cached" in (result.reason or "")
+
+
+def test_offline_and_not_cached_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = me.preflight(config_for("org/elsewhere"), gpus=[])
+    assert result.status == "unknown"
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def test_preflight_ok_on_an_empty_gpu(tiny_model: Path) -> None:
+    result = me.preflight(config_for(tiny_model), gpus=[fake_gpu()])
+    assert result.ok
+    assert result.device == "gpu"
+    assert result.estimate is not None and result.estimate.fits
+
+
+def test_preflight_refuses_a_busy_gpu_and_the_hint_fits(tiny_model: Path) -> None:
+    busy = [fake_gpu(total_gib=80, free_gib=10)]
+    with pytest.raises(InsufficientResourcesError) as err:
+        me.preflight(config_for(tiny_model), gpus=busy)
+    assert "free" in err.value.message
+    match = __import__("re").search(r"--gpu-memory-utilization ([\d.]+)", err.value.hint or "")
+    assert match, err.value.hint
+    fixed = me.preflight(config_for(tiny_model, gpu_memory_utilization=float(match.group(1))),
+                         gpus=busy)
+    assert fixed.ok
+
+
+def test_preflight_refuses_too_long_context_and_suggests_the_longest(tmp_path: Path) -> None:
+    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
+    gpus = [fake_gpu(total_gib=24)]
+    with pytest.raises(InsufficientResourcesError) as err:
+        me.preflight(config_for(model), gpus=gpus)
+    assert "max_model_len 131072" in err.value.message
+    match = __import__("re").search(r"--max-model-len (\d+)", err.value.hint or "")
+    assert match, err.value.hint
+    longest = int(match.group(1))
+    assert me.preflight(config_for(model, max_model_len=longest), gpus=gpus).ok
+    with pytest.raises(InsufficientResourcesError):
+        me.preflight(config_for(model, max_model_len=longest + 1), gpus=gpus)
+
+
+def test_preflight_kv_cache_dtype_flag_is_honoured(tmp_path: Path) -> None:
+    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
+    gpus = [fake_gpu(total_gib=48)]
+    auto = me.preflight(config_for(model, max_model_len=8192), gpus=gpus).estimate
+    fp8 = me.preflight(config_for(model, max_model_len=8192,
+                                  vllm_args=["--kv-cache-dtype", "fp8"]), gpus=gpus).estimate
+    assert auto is not None and fp8 is not None
+    assert fp8.kv_bytes_per_token * 2 == auto.kv_bytes_per_token
+    assert fp8.kv_cache_tokens > auto.kv_cache_tokens
+
+
+def test_preflight_tensor_parallel_needs_enough_gpus(tmp_path: Path) -> None:
+    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
+    with pytest.raises(InsufficientResourcesError, match="needs 2 GPUs"):
+        me.preflight(config_for(model, tensor_parallel_size=2, max_model_len=4096),
+                     gpus=[fake_gpu()])
+    two = me.preflight(config_for(model, tensor_parallel_size=2, max_model_len=4096),
+                       gpus=[fake_gpu(0), fake_gpu(1)])
+    assert two.estimate is not None
+    assert two.estimate.weight_bytes * 2 >= two.estimate.weight_bytes_total
+
+
+def test_preflight_uses_the_selected_gpu(tiny_model: Path) -> None:
+    gpus = [fake_gpu(0), fake_gpu(1, free_gib=1)]
+    assert me.preflight(config_for(tiny_model, gpus="0"), gpus=gpus).ok
+    with pytest.raises(InsufficientResourcesError, match="GPU 1"):
+        me.preflight(config_for(tiny_model, gpus="1"), gpus=gpus)
+    with pytest.raises(InsufficientResourcesError, match="GPU 1"):
+        me.preflight(config_for(tiny_model), gpus=gpus,
+                     environ={"CUDA_VISIBLE_DEVICES": "1"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        me.preflight(config_for(tiny_model, gpus="5"), gpus=gpus)
+
+
+def test_preflight_cpu_checks_kv_space_against_ram(tiny_model: Path) -> None:
+    ok = me.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": "1"}), gpus=[])
+    assert ok.ok and ok.device == "cpu"
+    assert ok.estimate is not None and ok.estimate.kv_space == GiB
+    import psutil
+
+    too_much = psutil.virtual_memory().total // GiB + 1
+    with pytest.raises(InsufficientResourcesError, match="RAM") as err:
+        me.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": str(too_much)}),
+                     gpus=[])
+    assert "VLLM_CPU_KVCACHE_SPACE" in (err.value.hint or "")
+    with pytest.raises(ConfigError, match="whole number"):
+        me.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": "1.5"}), gpus=[])
+
+
+def test_cpu_default_follows_vllm_memory_fraction(tiny_model: Path) -> None:
+    spec = me.load_model_spec(str(tiny_model))
+    total = 64 * GiB
+    roomy = me.MemoryTarget(device="cpu", memory_total=total, memory_free=total)
+    est = me.estimate(spec, me.EstimateSettings(), roomy)
+    assert est.budget == int(total * me.DEFAULT_GPU_MEMORY_UTILIZATION)
+    assert est.fits
+    # vLLM's CPU worker refuses when util x RAM exceeds what is available.
+    tight = me.MemoryTarget(device="cpu", memory_total=total, memory_free=total // 2)
+    refused = me.estimate(spec, me.EstimateSettings(), tight)
+    assert not refused.fits and not refused.free_memory_ok
+    lowered = me.estimate(spec, me.EstimateSettings(gpu_memory_utilization=0.4), tight)
+    assert lowered.fits
+
+
+def test_unreadable_config_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "mystery"}))
+    with pytest.raises(UsageError, match="cannot estimate"):
+        me.load_model_spec(str(tmp_path / "odd"))
+    result = me.preflight(config_for(tmp_path / "odd"), gpus=[fake_gpu()])
+    assert result.status == "unknown"
