@@ -13,14 +13,7 @@ from typing import Any
 
 import click
 
-from cmw_vllm import (
-    __version__,
-    cli_inference,
-    cli_lifecycle,
-    cli_machine,
-    cli_models,
-    cli_registry,
-)
+from cmw_vllm import __version__
 from cmw_vllm.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CmwVllmError
 
 logger = logging.getLogger("cmw_vllm")
@@ -28,12 +21,55 @@ logger = logging.getLogger("cmw_vllm")
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+# Command name -> the module that defines it. Only the invoked command's module is
+# imported, which keeps `status` and `--version` fast; `--help` imports them all.
+LAZY_COMMANDS = {
+    "start": "cli_lifecycle",
+    "stop": "cli_lifecycle",
+    "restart": "cli_lifecycle",
+    "status": "cli_lifecycle",
+    "logs": "cli_lifecycle",
+    "list": "cli_registry",
+    "download": "cli_models",
+    "verify": "cli_models",
+    "gpus": "cli_machine",
+    "disk": "cli_machine",
+    "setup": "cli_machine",
+    "estimate": "cli_machine",
+    "test": "cli_inference",
+}
+
+
 class CmwGroup(click.Group):
-    """The top-level group: maps package errors to one line and an exit code.
+    """The top-level group: loads commands lazily, maps package errors to exit codes.
 
     Overriding ``main`` (rather than wrapping it) makes click's test runner take the same
     path as the console script.
     """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command, in the order they are listed in ``--help``."""
+        return list(LAZY_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Import the module of ``cmd_name`` on first use."""
+        module_name = LAZY_COMMANDS.get(cmd_name)
+        if module_name is not None and cmd_name not in self.commands:
+            import importlib
+
+            module = importlib.import_module(f"cmw_vllm.{module_name}")
+            for command in module.COMMANDS:
+                self.add_command(command)
+        return self.commands.get(cmd_name)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """Suggest close names from every command, loaded or not."""
+        name = args[0]
+        if name not in LAZY_COMMANDS and not name.startswith("-") and not ctx.resilient_parsing:
+            raise click.exceptions.NoSuchCommand(name, possibilities=list(LAZY_COMMANDS), ctx=ctx)
+        return super().resolve_command(ctx, args)
 
     def main(self, args: Any = None, prog_name: str | None = None, *a: Any, **kw: Any) -> Any:
         """Run the CLI; never let a CmwVllmError escape as a traceback."""
@@ -97,11 +133,6 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj["verbose"] = verbose
     load_env_file()
     setup_logging(verbose)
-
-
-for _module in (cli_lifecycle, cli_registry, cli_models, cli_machine, cli_inference):
-    for _command in _module.COMMANDS:
-        cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:
