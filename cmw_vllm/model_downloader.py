@@ -613,8 +613,9 @@ def fetch(plan: DownloadPlan, *, progress_class: Callable[..., ProgressBar] | No
         InsufficientResourcesError: The disk filled up.
         NotFoundError, EnvironmentProblem: See :func:`translate_hub_error`.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download as _snapshot_download
 
+    snapshot_download: Any = _snapshot_download  # its overloads are too many for mypy
     bar_class = progress_class or ProgressBar
     event = threading.Event()
     ProgressBar.cancel_event = event
@@ -631,7 +632,7 @@ def fetch(plan: DownloadPlan, *, progress_class: Callable[..., ProgressBar] | No
                     ignore_patterns=plan.ignore_patterns,
                     force_download=bool(plan.repair),
                     max_workers=max_workers,
-                    tqdm_class=bar_class,  # type: ignore[arg-type]
+                    tqdm_class=bar_class,
                     token=token() or False,
                     endpoint=endpoint(),
                 )
@@ -706,7 +707,7 @@ def download_model(
         return _finish(repo_id, rev, plan, snapshot, started, 0, True)
     path = fetch(plan, progress_class=progress_class)
     if not plan.repair:
-        data = {
+        data: dict[str, object] = {
             "repo_id": repo_id, "revision": plan.revision, "commit": plan.commit,
             "allow_patterns": plan.allow_patterns, "ignore_patterns": plan.ignore_patterns,
             "files": [f.path for f in plan.files],

@@ -462,8 +462,9 @@ def _config_problem(path: Path) -> str | None:
     archs = data.get("architectures")
     if not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
         # Some repos keep the architecture under a nested text config only.
-        nested = data.get("text_config") if isinstance(data.get("text_config"), dict) else {}
-        if not nested.get("architectures") and not data.get("model_type"):
+        nested = data.get("text_config")
+        nested_archs = nested.get("architectures") if isinstance(nested, dict) else None
+        if not nested_archs and not data.get("model_type"):
             return "names no architecture (no 'architectures' or 'model_type')"
     return None
 

@@ -112,8 +112,8 @@ class FakeHub:
     @property
     def url(self) -> str:
         """The endpoint to put in ``HF_ENDPOINT``."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        port = self._server.server_address[1]
+        return f"http://127.0.0.1:{port}"
 
     def add_repo(
         self,

@@ -12,6 +12,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -82,13 +83,13 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def verify_json(*args: str) -> tuple[int, dict[str, object]]:
+def verify_json(*args: str) -> tuple[int, dict[str, Any]]:
     result = CliRunner().invoke(cli, ["verify", *args, "--json"])
     return result.exit_code, json.loads(result.stdout)
 
 
-def problem_files(report: dict[str, object]) -> list[str | None]:
-    return [p["file"] for p in report["problems"]]  # type: ignore[index, union-attr]
+def problem_files(report: dict[str, Any]) -> list[str | None]:
+    return [p["file"] for p in report["problems"]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def test_flipped_byte_in_shard_is_named_by_full_only(cached: FakeRepo) -> None:
     code, report = verify_json(REPO, "--full")
     assert code == EXIT_FAILURE
     assert problem_files(report) == [SHARD1]
-    problem = report["problems"][0]  # type: ignore[index]
+    problem = report["problems"][0]
     assert problem["kind"] == "hash"
     assert "sha256" in problem["message"]
     assert problem["repairable"] is True
@@ -125,9 +126,9 @@ def test_changed_small_file_fails_its_git_sha1(cached: FakeRepo) -> None:
     assert code == EXIT_OK, report
     code, report = verify_json(REPO, "--full")
     assert code == EXIT_FAILURE
-    assert [(p["file"], p["kind"]) for p in report["problems"]] == [  # type: ignore[union-attr]
+    assert [(p["file"], p["kind"]) for p in report["problems"]] == [
         ("config.json", "hash")]
-    assert "git sha1" in report["problems"][0]["message"]  # type: ignore[index]
+    assert "git sha1" in report["problems"][0]["message"]
 
 
 def test_truncated_shard_is_named_in_fast_mode(cached: FakeRepo) -> None:
@@ -146,7 +147,7 @@ def test_missing_blob_and_missing_link(cached: FakeRepo) -> None:
     (snapshot / "generation_config.json").unlink()
     code, report = verify_json(REPO)
     assert code == EXIT_FAILURE
-    messages = {p["file"]: p["message"] for p in report["problems"]}  # type: ignore[union-attr]
+    messages = {p["file"]: p["message"] for p in report["problems"]}
     assert messages["tokenizer.json"] == "link points to a missing blob"
     assert messages["generation_config.json"] == "missing"
 
@@ -217,7 +218,7 @@ def test_index_naming_a_missing_shard(local_copy: Path) -> None:
     code, report = verify_json(str(local_copy))
     assert code == EXIT_FAILURE
     assert problem_files(report) == [SHARD2]
-    assert report["problems"][0]["kind"] == "index"  # type: ignore[index]
+    assert report["problems"][0]["kind"] == "index"
 
 
 def test_config_without_architecture(local_copy: Path) -> None:
@@ -226,7 +227,7 @@ def test_config_without_architecture(local_copy: Path) -> None:
     (local_copy / "config.json").write_text(json.dumps(config))
     code, report = verify_json(str(local_copy))
     assert code == EXIT_FAILURE
-    assert [(p["kind"], p["file"]) for p in report["problems"]] == [  # type: ignore[union-attr]
+    assert [(p["kind"], p["file"]) for p in report["problems"]] == [
         ("config", "config.json")]
 
 
@@ -234,7 +235,7 @@ def test_no_tokenizer(local_copy: Path) -> None:
     (local_copy / "tokenizer.json").unlink()
     code, report = verify_json(str(local_copy))
     assert code == EXIT_FAILURE
-    assert [p["kind"] for p in report["problems"]] == ["tokenizer"]  # type: ignore[union-attr]
+    assert [p["kind"] for p in report["problems"]] == ["tokenizer"]
 
 
 def test_revision_with_a_directory_is_a_usage_error(local_copy: Path) -> None:
