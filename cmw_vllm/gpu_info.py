@@ -168,9 +168,10 @@ def _process_name(pid: int) -> str | None:
         import psutil
 
         proc = psutil.Process(pid)
+        title = _vllm_title(proc)
+        if title is not None:
+            return title
         name = proc.name()
-        if name.startswith("VLLM::"):
-            return name
         cmd = proc.cmdline()
         return " ".join(cmd)[:80] if cmd else name
     except Exception:  # gone, hidden in another pid namespace, or access denied
@@ -329,16 +330,15 @@ VLLM_TITLE_PREFIX = "VLLM::"
 
 def _vllm_title(proc: Any) -> str | None:
     """The ``VLLM::...`` title of a psutil process, or None."""
+    # The command line holds the whole title; the kernel's name is cut at 15 characters.
     try:
-        name = proc.name()
-        if name.startswith(VLLM_TITLE_PREFIX):
-            return name
         cmd = proc.cmdline()
+        if cmd and cmd[0].startswith(VLLM_TITLE_PREFIX):
+            return cmd[0].split()[0]
+        name = proc.name()
     except Exception:  # gone or not ours to read
         return None
-    if cmd and cmd[0].startswith(VLLM_TITLE_PREFIX):
-        return cmd[0].split()[0]
-    return None
+    return name if name.startswith(VLLM_TITLE_PREFIX) else None
 
 
 def orphan_vllm_processes(
