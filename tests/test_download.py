@@ -466,3 +466,38 @@ def test_real_vllm_serves_downloaded_snapshot(real_vllm: str, tiny_model: Path,
         assert reply.json()["choices"][0]["text"] is not None
     finally:
         run_subprocess("stop", "downloaded", timeout=120)
+
+
+def test_alias_from_the_user_models_file(hub: FakeHub, isolated_home: Path) -> None:
+    repo = hub.repos[REPO]
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "models.toml").write_text(
+        f'[models.tiny-test]\nmodel = "{REPO}"\nport = 8123\n', encoding="utf-8")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["download", "tiny-test"])
+    assert result.exit_code == EXIT_OK, result.output
+    assert (snapshot_of(repo) / "config.json").is_file()
+    result = runner.invoke(cli, ["verify", "tiny-test", "--json"])
+    assert result.exit_code == EXIT_OK, result.output
+    assert json.loads(result.stdout)["repo_id"] == REPO
+
+
+PROBE = """
+import sys
+from cmw_vllm.cli import main
+try:
+    main([sys.argv[1], "--help"])
+except SystemExit:
+    pass
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_cli_help_does_not_import_huggingface_hub() -> None:
+    for command in ("download", "verify"):
+        proc = subprocess.run([sys.executable, "-c", PROBE, command], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == EXIT_OK, proc.stderr
+        loaded = proc.stdout.splitlines()[-1].split()
+        assert "cmw_vllm.cli_models" in loaded
+        assert not [m for m in loaded if m.startswith(("huggingface_hub", "rich", "httpx"))]
