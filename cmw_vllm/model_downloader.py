@@ -748,5 +748,12 @@ def _offline_result(repo_id: str, rev: str, local_dir: Path | None,
             hint="unset HF_HUB_OFFLINE to download it",
         )
     report = verify_location(loc, full=False)
+    missing = [p.file for p in report.problems if p.kind == "missing"]
+    if missing:
+        raise EnvironmentProblem(
+            f"HF_HUB_OFFLINE is set and the cached {repo_id}@{rev} is incomplete "
+            f"({len(missing)} file(s) missing, e.g. {missing[0]})",
+            hint="unset HF_HUB_OFFLINE and run the download again to complete it",
+        )
     return DownloadResult(repo_id, rev, loc.commit, loc.path, None,
                           time.perf_counter() - started, 0, report.ok, True, report)

@@ -331,6 +331,14 @@ def test_offline_with_complete_cache_succeeds(hub: FakeHub) -> None:
     assert hub.requests == []
 
 
+def test_offline_with_incomplete_cache(hub: FakeHub) -> None:
+    repo = hub.repos[REPO]
+    assert CliRunner().invoke(cli, ["download", REPO]).exit_code == EXIT_OK
+    (snapshot_of(repo) / "tokenizer.json").unlink()
+    proc = run_subprocess("download", REPO, env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(proc, EXIT_ENVIRONMENT, "is incomplete", "tokenizer.json")
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
