@@ -4,7 +4,8 @@ It accepts the same command line shape, writes vLLM's start-up log lines, starts
 process (like EngineCore) in its process group, and serves /health, /v1/models and a chat
 completion. ``FAKE_VLLM_MODE`` picks a behaviour: ``ok`` (default), ``oom`` (dies during
 start with vLLM's KV-cache message), ``ignore_term`` (ignores SIGTERM), ``die_after_ready``
-(exits 3 shortly after being ready). ``FAKE_VLLM_DELAY`` is the load time in seconds.
+(exits 3 shortly after being ready), ``hang`` (accepts connections, never answers).
+``FAKE_VLLM_DELAY`` is the load time in seconds.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802
+            if mode == "hang":
+                time.sleep(3600)
             if self.path == "/health":
                 self._send(200)
             elif self.path == "/v1/models":
