@@ -1,0 +1,281 @@
+"""The machine commands through the CLI: disk, estimate, setup; and the engine probe."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from cmw_vllm import engine_probe, paths
+from cmw_vllm.cli import cli
+from cmw_vllm.errors import UsageError
+from cmw_vllm.server_manager import ServerRecord
+from tests.test_memory_estimate import LLAMA8B, write_big_model
+
+GiB = 1024**3
+
+
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML that finds no driver, so results do not depend on this machine's GPUs."""
+    mod = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def init() -> None:
+        raise NVMLError("Driver Not Loaded")
+
+    mod.NVMLError = NVMLError  # type: ignore[attr-defined]
+    mod.nvmlInit = init  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+# --------------------------------------------------------------------------- disk
+
+
+def test_disk_lists_locations_and_cached_models(tmp_path: Path) -> None:
+    from cmw_vllm.disk_space import hf_cache_dir
+
+    blobs = hf_cache_dir() / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "abc").write_bytes(b"w" * 3000)
+    code, out = run("disk")
+    assert code == 0
+    assert "org/tiny" in out and "state" in out and "logs" in out
+    code, out = run("disk", "--json", "--local-dir", str(tmp_path / "dl"))
+    data = json.loads(out)
+    assert [m["repo_id"] for m in data["cached_models"]] == ["org/tiny"]
+    assert data["cached_models"][0]["size"] == 3000
+    assert data["locations"][0]["label"] == "models (--local-dir)"
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+def test_estimate_json_for_a_local_model(tiny_model: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    code, out = run("estimate", str(tiny_model), "--max-model-len", "512", "--json")
+    data = json.loads(out)
+    assert code == (0 if data["fits"] else 7)
+    assert data["device"] == "cpu" and data["source"] == "local"
+    assert data["kv_space"] == GiB
+    assert data["kv_cache_tokens"] == data["kv_space"] // data["kv_bytes_per_token"]
+    assert data["concurrency"] == data["kv_cache_tokens"] / 512
+
+
+def test_estimate_human_output_and_exit_code(tmp_path: Path) -> None:
+    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
+    code, out = run("estimate", str(model), "--gpu-memory-gb", "80")
+    assert code == 0, out
+    assert "Fits" in out and "yes" in out
+    code, out = run("estimate", str(model), "--gpu-memory-gb", "24")
+    assert code == 7
+    assert "NO" in out and "problem:" in out
+    code, out = run("estimate", str(model), "--gpu-memory-gb", "24", "--json")
+    longest = json.loads(out)["max_model_len_that_fits"]
+    code, out = run("estimate", str(model), "--gpu-memory-gb", "24",
+                    "--max-model-len", str(longest))
+    assert code == 0, out
+
+
+def test_estimate_tp_and_kv_dtype_options(tmp_path: Path) -> None:
+    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
+    base = json.loads(run("estimate", str(model), "--gpu-memory-gb", "80", "--json")[1])
+    tp2 = json.loads(run("estimate", str(model), "--gpu-memory-gb", "80", "-tp", "2",
+                         "--json")[1])
+    fp8 = json.loads(run("estimate", str(model), "--gpu-memory-gb", "80",
+                         "--kv-cache-dtype", "fp8", "--json")[1])
+    assert tp2["kv_bytes_per_token"] * 2 == base["kv_bytes_per_token"]
+    assert tp2["kv_bytes_per_token_total"] == base["kv_bytes_per_token"]
+    assert fp8["kv_bytes_per_token"] * 2 == base["kv_bytes_per_token"]
+    ctx = json.loads(run("estimate", str(model), "--gpu-memory-gb", "80",
+                         "--concurrency-context", "4096", "--json")[1])
+    assert ctx["concurrency"] > base["concurrency"]
+
+
+def test_estimate_unknown_alias_is_a_usage_error() -> None:
+    code, out = run("estimate", "no-such-alias-anywhere")
+    assert code == UsageError.exit_code
+    assert "unknown model" in out
+
+
+def test_estimate_help_has_examples() -> None:
+    for command in ("gpus", "disk", "setup", "estimate"):
+        code, out = run(command, "--help")
+        assert code == 0 and "Examples:" in out
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def checks_by_name(data: dict[str, object]) -> dict[str, dict[str, str]]:
+    return {c["name"]: c for c in data["checks"]}  # type: ignore[attr-defined,index]
+
+
+def test_setup_without_vllm_fails_with_a_fix(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    monkeypatch.setenv("CMW_VLLM_PYTHON", sys.executable)  # has no vLLM
+    code, out = run("setup", "--json")
+    data = json.loads(out)
+    vllm = checks_by_name(data)["vLLM"]
+    assert code == 8 and data["ok"] is False
+    assert vllm["status"] == "fail" and "not installed" in vllm["detail"]
+    assert vllm["fix"]
+    code, out = run("setup")
+    assert code == 8 and "FAIL" in out and "fix:" in out
+
+
+def test_setup_with_the_real_engine(engine_python: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CMW_VLLM_PYTHON", engine_python)
+    code, out = run("setup", "--json")
+    data = json.loads(out)
+    checks = data["checks"]
+    assert code == (0 if all(c["status"] != "fail" for c in checks) else 8)
+    assert checks_by_name(data)["vLLM"]["status"] == "ok"
+    assert data["engine"]["dist"] in ("vllm", "vllm-cpu")
+    gpus = checks_by_name(data)["GPUs"]
+    if data["engine"]["build"] == "cpu":
+        assert gpus["status"] == "ok" and "CPU" in gpus["detail"]
+    else:
+        assert gpus["status"] == "fail"
+    assert "vllm" not in sys.modules and "torch" not in sys.modules
+
+
+def test_setup_never_prints_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "hf_" + "s3cr3t" * 5
+    monkeypatch.setenv("HF_TOKEN", secret)
+    code, out = run("setup", "--json")
+    assert secret not in out
+    assert checks_by_name(json.loads(out))["HF token"]["status"] == "ok"
+    monkeypatch.delenv("HF_TOKEN")
+    assert checks_by_name(json.loads(run("setup", "--json")[1]))["HF token"]["status"] == "warn"
+
+
+def test_setup_state_dir_not_writable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("CMW_VLLM_HOME", str(blocker / "home"))
+    code, out = run("setup", "--json")
+    state = checks_by_name(json.loads(out))["state dir"]
+    assert code == 8
+    assert state["status"] == "fail" and "CMW_VLLM_HOME" in state["fix"]
+
+
+def _titled(title: str, **kw: object) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["bash", "-c", f"exec -a {title} sleep 120"],
+                            stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(proc.pid).cmdline()[:1] == [title]:
+                return proc
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"{title} did not start")
+
+
+def test_setup_lists_leftover_engines_with_the_kill_command() -> None:
+    orphan = _titled("VLLM::EngineCore", start_new_session=True)
+    managed = _titled("VLLM::Worker", start_new_session=True)
+    try:
+        created = psutil.Process(managed.pid).create_time()
+        record = ServerRecord(
+            name="kept", pid=managed.pid, create_time=created, supervisor_pid=managed.pid,
+            supervisor_create_time=created, pgid=managed.pid, host="127.0.0.1", port=18998,
+            model="m", served_model_name="m", task="generate", base_url="http://x",
+            command=["vllm"], log_path="/dev/null", started_at=time.time(), config={})
+        paths.servers_dir().mkdir(parents=True, exist_ok=True)
+        (paths.servers_dir() / "kept.json").write_text(json.dumps(asdict(record)))
+        code, out = run("setup", "--json")
+        data = json.loads(out)
+        pids = {o["pid"] for o in data["orphans"]}
+        assert orphan.pid in pids
+        assert managed.pid not in pids
+        leftovers = checks_by_name(data)["leftover vLLM processes"]
+        assert leftovers["status"] == "warn"
+        assert f"kill {' '.join(str(p) for p in sorted(pids))}" in leftovers["fix"]
+        os.kill(orphan.pid, 15)
+        orphan.wait()
+        data = json.loads(run("setup", "--json")[1])
+        assert orphan.pid not in {o["pid"] for o in data["orphans"]}
+    finally:
+        for proc in (orphan, managed):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- engine probe
+
+
+def fake_python(tmp_path: Path, metadata: dict[str, object], torch: str | None) -> str:
+    """An 'interpreter' that answers the probe's two scripts: metadata, and torch (or hangs)."""
+    script = tmp_path / "python"
+    torch_part = f"echo '{torch}'" if torch is not None else "sleep 30"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$2" in\n'
+        f"  *'import torch'*) {torch_part} ;;\n"
+        f"  *) echo '{json.dumps(metadata)}' ;;\n"
+        "esac\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize(("dists", "torch", "build"), [
+    ({"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu"}, None, "cpu"),
+    ({"vllm": "0.32.0+cpu", "torch": "2.13.0+cpu"}, None, "cpu"),
+    ({"vllm": "0.32.0", "torch": "2.9.0+cu128"},
+     {"torch": "2.9.0+cu128", "cuda": "12.8", "cuda_available": True, "device_count": 2},
+     "cuda"),
+    ({"vllm": "0.32.0", "torch": "2.9.0+rocm6.4"}, None, "rocm"),
+])
+def test_probe_classifies_builds(tmp_path: Path, dists: dict[str, str],
+                                 torch: dict[str, object] | None, build: str) -> None:
+    py = fake_python(tmp_path, {"python_version": "3.12.0", "dists": dists},
+                     json.dumps(torch) if torch else None)
+    info = engine_probe.probe_engine(py, torch_timeout=0.5)
+    assert info.installed and info.build == build
+    assert info.version == dists.get("vllm-cpu", dists.get("vllm"))
+    if torch:
+        assert info.cuda_available is True and info.cuda_device_count == 2
+    else:
+        assert info.cuda_available is None  # the torch probe was cut off
+
+
+def test_probe_without_vllm_and_with_a_broken_python(tmp_path: Path) -> None:
+    py = fake_python(tmp_path, {"python_version": "3.12.0", "dists": {}}, None)
+    info = engine_probe.probe_engine(py)
+    assert not info.installed and "not installed" in (info.error or "")
+    missing = engine_probe.probe_engine(str(tmp_path / "nope"))
+    assert not missing.installed and missing.error
+
+
+def test_probe_the_real_engine(engine_python: str) -> None:
+    info = engine_probe.probe_engine(engine_python)
+    site = Path(engine_python).parent.parent / "lib"  # the venv, not the base interpreter
+    dist_infos = [p.name for p in site.glob("python*/site-packages/vllm*.dist-info")]
+    assert info.installed
+    assert any(d.startswith(f"{info.dist.replace('-', '_')}-{info.version}")  # type: ignore[union-attr]
+               for d in dist_infos), dist_infos
+    assert "vllm" not in sys.modules
