@@ -34,6 +34,7 @@ from cmw_vllm.errors import (
 )
 from cmw_vllm.model_verifier import (
     SHA1_RE,
+    ModelLocation,
     VerifyReport,
     hub_cache_dir,
     local_manifest_path,
@@ -64,8 +65,6 @@ DEFAULT_ALLOW_PATTERNS = [
 TORCH_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 # Safetensors in sub-folders (original/, metal/, onnx/, ...) duplicate the root weights.
 SUBFOLDER_WEIGHT_PATTERNS = ["*/*.safetensors"]
-# HF's own names for its progress bars (see huggingface_hub/_snapshot_download.py).
-_FILES_DESC = ("Fetching", "[dry-run] Fetching")
 
 
 class DownloadCancelled(Exception):
@@ -516,6 +515,8 @@ def plan_download(
     else:
         allow, ignore = select_files(names, include, exclude)
         selected = filter_names(names, allow, ignore)
+    if repair and not selected:
+        raise CmwVllmError(f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
     if not selected:
         raise UsageError(f"no file of {repo_id}@{rev} matches the selection",
                          hint="check --include/--exclude")
@@ -721,7 +722,8 @@ def download_model(
     return _finish(repo_id, rev, plan, path, started, plan.bytes_to_fetch, False)
 
 
-def _existing_location(repo_id: str, rev: str, local_dir: Path | None) -> Any:
+def _existing_location(repo_id: str, rev: str,
+                       local_dir: Path | None) -> ModelLocation | None:
     try:
         if local_dir is not None:
             return locate_local(Path(local_dir)) if Path(local_dir).is_dir() else None

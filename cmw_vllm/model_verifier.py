@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cmw_vllm.errors import NotFoundError, UsageError
@@ -645,6 +645,10 @@ def verify_location(
         hash_problems = _hash_jobs(hash_jobs, workers or default_workers(), progress)
         problems.extend(p for p in hash_problems if p.file not in already)
 
+    # Only files the Hub knows can be fetched again.
+    known = set(loc.expected) | set(expected_names)
+    problems[:] = [p if not p.repairable or p.file in known else replace(p, repairable=False)
+                   for p in problems]
     order = {name: i for i, name in enumerate(to_check)}
     problems.sort(key=lambda p: (order.get(p.file or "", len(order)), p.kind))
     report.seconds = time.perf_counter() - started

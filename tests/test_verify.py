@@ -221,6 +221,14 @@ def test_index_naming_a_missing_shard(local_copy: Path) -> None:
     assert report["problems"][0]["kind"] == "index"
 
 
+def test_problems_in_a_plain_directory_are_not_repairable(local_copy: Path) -> None:
+    (local_copy / "generation_config.json").write_text("{not json")
+    code, report = verify_json(str(local_copy))
+    assert code == EXIT_FAILURE
+    assert [(p["file"], p["kind"], p["repairable"]) for p in report["problems"]] == [
+        ("generation_config.json", "json", False)]
+
+
 def test_config_without_architecture(local_copy: Path) -> None:
     config = json.loads((local_copy / "config.json").read_text())
     del config["architectures"], config["model_type"]
