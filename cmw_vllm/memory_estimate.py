@@ -1002,16 +1002,49 @@ def cpu_kv_space(environ: Mapping[str, str]) -> int | None:
         ) from None
 
 
-def ram_target(environ: Mapping[str, str] | None = None) -> MemoryTarget:
-    """RAM as the target of the CPU build (honours a cgroup memory limit)."""
-    import psutil
+def cpu_memory() -> tuple[int, int]:
+    """(total, available) bytes of RAM as vLLM's CPU worker counts them.
 
-    vm = psutil.virtual_memory()
-    total, available = vm.total, vm.available
+    vLLM reads the NUMA node of the first CPU it may run on
+    (``/sys/devices/system/node/nodeN/meminfo``; available = MemFree + Active(file) +
+    Inactive(file) + SReclaimable) and clamps both to a cgroup memory limit
+    (``vllm/utils/cpu_resource_utils.py``). The node can be much smaller than the machine.
+    """
+    node = 0
+    try:
+        cpu = min(os.sched_getaffinity(0))
+        links = list(Path(f"/sys/devices/system/cpu/cpu{cpu}").glob("node[0-9]*"))
+        if links:
+            node = int(links[0].name[4:])
+    except (AttributeError, OSError, ValueError):
+        pass
+    info: dict[str, int] = {}
+    try:
+        for line in Path(f"/sys/devices/system/node/node{node}/meminfo").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[3].isdigit():
+                info[parts[2].rstrip(":")] = int(parts[3]) * 1024
+    except OSError:
+        info = {}
+    if "MemTotal" in info and "MemFree" in info:
+        total = info["MemTotal"]
+        available = info["MemFree"] + sum(
+            info.get(k, 0) for k in ("Active(file)", "Inactive(file)", "SReclaimable"))
+    else:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        total, available = vm.total, vm.available
     limit = _cgroup_limit()
     if limit is not None and limit < total:
         total = limit
-        available = min(available, max(0, limit - (_cgroup_usage() or 0)))
+        available = max(0, min(available, limit - (_cgroup_usage() or 0)))
+    return total, available
+
+
+def ram_target(environ: Mapping[str, str] | None = None) -> MemoryTarget:
+    """RAM as the target of the CPU build, measured the way vLLM measures it."""
+    total, available = cpu_memory()
     return MemoryTarget(
         device="cpu",
         memory_total=total,
@@ -1031,9 +1064,11 @@ def _read_int(path: str) -> int | None:
 
 
 def _cgroup_limit() -> int | None:
-    return _read_int("/sys/fs/cgroup/memory.max") or _read_int(
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes"
-    )
+    v2 = _read_int("/sys/fs/cgroup/memory.max")
+    if v2 is not None:
+        return v2
+    v1 = _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    return v1 if v1 is not None and v1 < (1 << 62) else None
 
 
 def _cgroup_usage() -> int | None:
@@ -1182,7 +1217,18 @@ def _refusal(est: MemoryEstimate, config: ServerConfig) -> InsufficientResources
         else:
             fixes.append("free the GPU (cmw-vllm gpus shows what holds it)")
     if not est.free_memory_ok and est.device == "cpu":
-        fixes.append(f"set {CPU_KV_SPACE_ENV} to a smaller whole number of GiB")
+        spare = (est.memory_free or 0) - est.weight_bytes - est.activation_bytes - (
+            est.runtime_bytes)
+        if spare >= GiB:
+            fixes.append(f"{CPU_KV_SPACE_ENV}={spare // GiB} (GiB of KV cache that fit)")
+        else:
+            fixes.append("free RAM (stop other servers)")
+        if est.kv_space_source not in (CPU_KV_SPACE_ENV, "--kv-cache-memory-bytes") and (
+            est.memory_free and est.memory_total
+        ):
+            frac = math.floor(est.memory_free / est.memory_total * 100) / 100
+            fixes.append(f"--gpu-memory-utilization {frac:g} (on the CPU build: the share "
+                         "of RAM)")
     if est.max_model_len_that_fits and est.max_model_len_that_fits < est.max_model_len:
         fixes.append(f"--max-model-len {est.max_model_len_that_fits}")
     elif est.device == "gpu" and (
