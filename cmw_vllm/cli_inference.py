@@ -80,6 +80,7 @@ def run_and_render_test(
     max_tokens: int | None = None,
     timeout: float | None = None,
     as_json: bool = False,
+    quiet: bool = False,
 ) -> TestResult:
     """Test a running server and print the result (``test`` and ``start --test``).
 
@@ -90,6 +91,8 @@ def run_and_render_test(
         max_tokens: generate: most tokens to generate.
         timeout: Seconds the request may take.
         as_json: Print JSON (stable keys) instead of text; on failure too, before raising.
+        quiet: Print nothing (a caller that merges ``TestResult.to_json()`` into its own
+            output, e.g. ``start --test --json``).
 
     Returns:
         The measurements.
@@ -112,14 +115,14 @@ def run_and_render_test(
             timeout=timeout or DEFAULT_TIMEOUT,
         )
     except CmwVllmError as exc:
-        if as_json:
+        if as_json and not quiet:
             echo_json({"name": record.name, "ok": False, "task": chosen,
                        "model": record.served_model_name, "url": record.base_url,
                        "error": exc.message, "hint": exc.hint})
         raise
-    if as_json:
+    if as_json and not quiet:
         echo_json({"name": record.name, **result.to_json()})
-    else:
+    elif not quiet:
         _render_result(record.name, result)
     return result
 

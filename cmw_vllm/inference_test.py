@@ -39,6 +39,12 @@ SCORE_DOCUMENTS = (
     "Bananas are rich in potassium.",
 )
 CLASSIFY_INPUT = "I love how fast this server answers!"
+_TASK_NOUNS = {
+    "generate": "a chat model",
+    "embed": "an embedding model",
+    "score": "a scoring (rerank) model",
+    "classify": "a classification model",
+}
 
 
 class InferenceTestError(ServerRequestError):
@@ -175,7 +181,8 @@ def _check_status(resp: requests.Response, url: str, task: str) -> None:
     if resp.status_code == 401:
         hint = "set VLLM_API_KEY to the key the server was started with"
     elif resp.status_code == 404 and "model" not in text.lower():
-        hint = (f"the server has no {url.rsplit('/', 1)[-1]} endpoint: is it a {task} model? "
+        path = url.split("//", 1)[-1].split("/", 1)[-1]
+        hint = (f"the server does not serve /{path}: is it {_TASK_NOUNS[task]}? "
                 "(pick another test with --task)")
     raise InferenceTestError(f"{url} answered HTTP {resp.status_code}: {text}", hint=hint,
                              status=resp.status_code)

@@ -616,3 +616,5 @@ def test_run_and_render_test_prints_json_and_raises_on_failure(
     assert out["ok"] is False and out["task"] == "embed" and "404" in out["error"]
     run_and_render_test(record)
     assert "LABEL_1 (p=0.600) of 2 classes" in capsys.readouterr().out
+    result = run_and_render_test(record, as_json=True, quiet=True)
+    assert result.label == "LABEL_1" and capsys.readouterr().out == ""
