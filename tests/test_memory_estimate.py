@@ -379,3 +379,18 @@ def test_unreadable_config_is_a_usage_error(tmp_path: Path) -> None:
         me.load_model_spec(str(tmp_path / "odd"))
     result = me.preflight(config_for(tmp_path / "odd"), gpus=[fake_gpu()])
     assert result.status == "unknown"
+
+
+def test_preflight_cpu_default_asks_for_a_share_of_node_ram(tiny_model: Path) -> None:
+    total, available = me.cpu_memory()
+    assert 0 < available < total
+    # Asking for all of RAM always exceeds what is available, as vLLM's CPU worker finds.
+    with pytest.raises(InsufficientResourcesError, match="RAM") as err:
+        me.preflight(config_for(tiny_model, gpu_memory_utilization=1.0), gpus=[], environ={})
+    assert "--gpu-memory-utilization" in (err.value.hint or "")
+    if available < 6 * GiB:
+        pytest.skip("too little free RAM here to check the passing side")
+    half = round(available / total / 2, 2)
+    ok = me.preflight(config_for(tiny_model, gpu_memory_utilization=half), gpus=[], environ={})
+    assert ok.ok and ok.estimate is not None
+    assert ok.estimate.kv_space_source.startswith(f"{half:g} x RAM")
