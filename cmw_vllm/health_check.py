@@ -588,7 +588,7 @@ def load_history(name: str, server_id: str | None = None) -> list[MetricsSnapsho
     for item in data.get("scrapes") or []:
         if not isinstance(item, dict) or not isinstance(item.get("at"), (int, float)):
             continue
-        fields = {k: item.get(k) for k in MetricsSnapshot.__dataclass_fields__}
+        fields: dict[str, Any] = {k: item.get(k) for k in MetricsSnapshot.__dataclass_fields__}
         if all(v is None or isinstance(v, (int, float)) for v in fields.values()):
             out.append(MetricsSnapshot(**fields))
     return sorted(out, key=lambda s: s.at)
