@@ -56,6 +56,9 @@ GPU_RUNTIME_BYTES = int(1.5 * GiB)
 # RSS of the API server, EngineCore and worker before any weights or KV cache (measured
 # ~630 MB + ~610 MB + ~1.7 GB with a tiny model on the CPU build).
 CPU_RUNTIME_BYTES = 3 * GiB
+# The part of that the API server and EngineCore hold before the CPU worker measures what
+# RAM is available.
+CPU_FRONTEND_BYTES = int(1.25 * GiB)
 
 # Bytes per element of safetensors dtypes.
 SAFETENSORS_BYTES: dict[str, float] = {
@@ -907,12 +910,15 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
             budget = int(target.memory_total * util)
             kv_space = budget - weights - acts - runtime // 2
             kv_source = f"{util:g} x RAM - weights - worker memory (vLLM's CPU default)"
-            if target.memory_free is not None and target.memory_free < budget:
+            if (target.memory_free is not None
+                    and target.memory_free - CPU_FRONTEND_BYTES < budget):
                 free_ok = False
                 problems.append(
-                    f"RAM has {_gib(target.memory_free)} available but vLLM's CPU build asks "
-                    f"for {util:g} x {_gib(target.memory_total)} = {_gib(budget)} when "
-                    f"{CPU_KV_SPACE_ENV} is unset"
+                    f"RAM has {_gib(target.memory_free)} available, about "
+                    f"{_gib(max(0, target.memory_free - CPU_FRONTEND_BYTES))} once vLLM's API "
+                    f"server and engine run, but its CPU worker asks for {util:g} x "
+                    f"{_gib(target.memory_total)} = {_gib(budget)} when {CPU_KV_SPACE_ENV} "
+                    "is unset"
                 )
         if free_ok and target.memory_free is not None and budget > target.memory_free:
             free_ok = False
@@ -980,6 +986,10 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
 
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
+
+
+def _size(n: float) -> str:
+    return _gib(n) if abs(n) >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
 
 
 # --------------------------------------------------------------------------- targets
@@ -1200,15 +1210,14 @@ def settings_from_config(config: ServerConfig) -> tuple[EstimateSettings, str | 
 
 
 def _refusal(est: MemoryEstimate, config: ServerConfig) -> InsufficientResourcesError:
-    where = est.target or est.device
+    where = "RAM" if est.device == "cpu" else (est.target or "the GPU")
+    per = " per GPU" if est.tensor_parallel_size > 1 else ""
     summary = (
-        f"{config.model} does not fit on {where}: weights {_gib(est.weight_bytes)}"
-        f"{' per GPU' if est.tensor_parallel_size > 1 else ''}, KV cache "
-        f"{_gib(est.kv_bytes_per_token * est.max_model_len)} for max_model_len "
-        f"{est.max_model_len}, {_gib(max(est.kv_space, 0))} left for it"
+        f"{config.model} will not fit in {where}: " + "; ".join(est.problems)
+        + f" (weights {_size(est.weight_bytes)}{per}, KV cache for max_model_len "
+        f"{est.max_model_len} {_size(est.kv_bytes_per_token * est.max_model_len)}, "
+        f"KV space {_size(max(est.kv_space, 0))})"
     )
-    if est.problems:
-        summary += " (" + "; ".join(est.problems) + ")"
     fixes: list[str] = []
     if not est.free_memory_ok and est.device == "gpu" and est.memory_free:
         frac = math.floor(est.memory_free / est.memory_total * 100) / 100
@@ -1226,9 +1235,11 @@ def _refusal(est: MemoryEstimate, config: ServerConfig) -> InsufficientResources
         if est.kv_space_source not in (CPU_KV_SPACE_ENV, "--kv-cache-memory-bytes") and (
             est.memory_free and est.memory_total
         ):
-            frac = math.floor(est.memory_free / est.memory_total * 100) / 100
-            fixes.append(f"--gpu-memory-utilization {frac:g} (on the CPU build: the share "
-                         "of RAM)")
+            frac = math.floor(
+                (est.memory_free - CPU_FRONTEND_BYTES) / est.memory_total * 100) / 100
+            if frac > 0:
+                fixes.append(f"--gpu-memory-utilization {frac:g} (on the CPU build: the "
+                             "share of RAM)")
     if est.max_model_len_that_fits and est.max_model_len_that_fits < est.max_model_len:
         fixes.append(f"--max-model-len {est.max_model_len_that_fits}")
     elif est.device == "gpu" and (
@@ -1236,7 +1247,7 @@ def _refusal(est: MemoryEstimate, config: ServerConfig) -> InsufficientResources
         and est.free_memory_ok
     ):
         fixes.append(f"--gpu-memory-utilization {est.gpu_memory_utilization_needed:g}")
-    if est.device == "gpu":
+    if est.device == "gpu" and est.free_memory_ok:
         fixes.append(f"--tensor-parallel-size {est.tensor_parallel_size * 2}")
     fixes.append("--force to start anyway")
     return InsufficientResourcesError(summary, hint="try " + ", or ".join(fixes))
