@@ -608,6 +608,8 @@ class KvCacheLayout:
         sliding_bytes_per_token: Bytes per token over the sliding layers (held for at most
             ``sliding_window`` tokens per request).
         sliding_window: The window in tokens.
+        in_flight_tokens: Tokens scheduled but not yet settled (``max_num_batched_tokens``):
+            a sliding layer keeps them on top of the window during chunked prefill.
     """
 
     kv_cache_dtype: str
@@ -618,11 +620,19 @@ class KvCacheLayout:
     bytes_per_token: int
     sliding_bytes_per_token: int = 0
     sliding_window: int | None = None
+    in_flight_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+    def sliding_tokens(self, tokens: int) -> int:
+        """Tokens a sliding layer holds for one request of ``tokens`` tokens (vLLM's
+        admission bound: the window minus one plus the in-flight tokens)."""
+        if not self.sliding_window:
+            return tokens
+        return min(self.sliding_window - 1 + self.in_flight_tokens, tokens)
 
     def request_bytes(self, tokens: int) -> int:
         """KV bytes one request of ``tokens`` tokens holds."""
-        window = min(tokens, self.sliding_window or tokens)
-        return self.bytes_per_token * tokens + self.sliding_bytes_per_token * window
+        return self.bytes_per_token * tokens + self.sliding_bytes_per_token * (
+            self.sliding_tokens(tokens))
 
 
 def kv_cache_layout(
@@ -631,6 +641,7 @@ def kv_cache_layout(
     kv_cache_dtype: str = "auto",
     dtype: str = "auto",
     tensor_parallel_size: int = 1,
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
 ) -> KvCacheLayout:
     """KV bytes per token per rank, by vLLM's rule.
 
@@ -668,6 +679,7 @@ def kv_cache_layout(
         bytes_per_token=per_layer * full,
         sliding_bytes_per_token=per_layer * sliding,
         sliding_window=spec.sliding_window if sliding else None,
+        in_flight_tokens=max_num_batched_tokens,
     )
 
 
@@ -679,13 +691,12 @@ def _request_blocks(kv: KvCacheLayout, tokens: int, block_size: int) -> int:
     """Blocks of the shared pool one request of ``tokens`` tokens takes."""
     blocks = _cdiv(tokens, block_size) if kv.full_layers else 0
     if kv.sliding_layers:
-        window = min(tokens, kv.sliding_window or tokens)
-        # vLLM keeps one block more than the window covers for sliding layers.
-        sliding_blocks = _cdiv(window, block_size) + (1 if window < tokens else 0)
-        # Sliding layers draw from the same pool, weighted by their share of the layers.
-        share = kv.sliding_layers / max(1, kv.full_layers + kv.sliding_layers)
-        full_share = 1 - share
-        return max(1, math.ceil(blocks * full_share + sliding_blocks * share))
+        # One block more than the tokens cover: the window may start mid-block.
+        sliding_blocks = _cdiv(kv.sliding_tokens(tokens), block_size) + 1
+        # Both kinds draw pages from one pool; counted here in blocks of all layers.
+        total_layers = kv.full_layers + kv.sliding_layers
+        return max(1, _cdiv(blocks * kv.full_layers + sliding_blocks * kv.sliding_layers,
+                            total_layers))
     return max(1, blocks)
 
 
@@ -842,7 +853,8 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
     tp = settings.tensor_parallel_size
     dtype = resolve_dtype(spec, settings.dtype)
     kv = kv_cache_layout(spec, kv_cache_dtype=settings.kv_cache_dtype, dtype=settings.dtype,
-                         tensor_parallel_size=tp)
+                         tensor_parallel_size=tp,
+                         max_num_batched_tokens=settings.max_num_batched_tokens)
     block = settings.block_size or (
         CPU_BLOCK_SIZE if target.device == "cpu" else GPU_BLOCK_SIZE
     )
@@ -866,8 +878,8 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
         )
     if kv.sliding_layers:
         notes.append(
-            f"{kv.sliding_layers} sliding-window layers (window {kv.sliding_window}) are "
-            "counted for at most the window per request"
+            f"{kv.sliding_layers} sliding-window layers (window {kv.sliding_window}) hold at "
+            f"most the window plus {kv.in_flight_tokens} in-flight tokens per request"
         )
     if spec.layer_kinds.count("none"):
         notes.append(

@@ -140,13 +140,24 @@ def test_sliding_window_layers_hold_only_the_window() -> None:
     cfg = {**LLAMA8B, "num_hidden_layers": layers, "sliding_window": 1024,
            "layer_types": ["sliding_attention", "full_attention"] * (layers // 2)}
     spec = me.spec_from_config(cfg, model="swa", source="test")
-    kv = me.kv_cache_layout(spec)
+    in_flight = 2048
+    kv = me.kv_cache_layout(spec, max_num_batched_tokens=in_flight)
     per_layer = 2 * 8 * 128 * 2
     assert (kv.full_layers, kv.sliding_layers) == (layers // 2, layers // 2)
     assert kv.bytes_per_token == per_layer * kv.full_layers
-    assert kv.request_bytes(10_000) == kv.bytes_per_token * 10_000 + (
-        kv.sliding_bytes_per_token * 1024)
+    # A sliding layer holds the window (minus the current token) plus the in-flight chunk.
+    held = 1024 - 1 + in_flight
+    assert kv.request_bytes(100_000) == kv.bytes_per_token * 100_000 + (
+        kv.sliding_bytes_per_token * held)
     assert kv.request_bytes(100) == (kv.bytes_per_token + kv.sliding_bytes_per_token) * 100
+    # Long contexts cost the sliding layers nothing more: capacity grows past the
+    # all-full-attention figure.
+    full = me.kv_cache_layout(me.spec_from_config({**cfg, "layer_types": None,
+                                                   "sliding_window": None},
+                                                  model="f", source="t"))
+    space, block = 8 * GiB, 16
+    assert me.kv_cache_tokens(space, kv, 65536, block) > me.kv_cache_tokens(
+        space, full, 65536, block)
 
 
 def test_sliding_window_configs_by_convention() -> None:
