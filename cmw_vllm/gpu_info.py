@@ -145,19 +145,31 @@ def owner_of(pid: int, records: Iterable[ServerRecord]) -> str | None:
         pgid = os.getpgid(pid)
     except (ProcessLookupError, PermissionError, OSError):
         pgid = None
-    if pgid is not None:
-        for record in records:
-            if record.pgid == pgid:
-                return record.name
-    by_pid = {r.pid: r.name for r in records}
-    if pid in by_pid:
-        return by_pid[pid]
+    created: float | None = None
     try:
         import psutil
 
-        for parent in psutil.Process(pid).parents():
-            if parent.pid in by_pid:
-                return by_pid[parent.pid]
+        created = psutil.Process(pid).create_time()
+    except Exception:  # gone, or in another pid namespace
+        created = None
+    if pgid is not None:
+        for record in records:
+            # A group id can be reused once the server is gone: the process must be younger
+            # than the group's leader, as in server_manager.group_members.
+            if record.pgid == pgid and (
+                created is None or created + 0.05 >= record.supervisor_create_time
+            ):
+                return record.name
+    by_pid = {r.pid: r for r in records}
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        for candidate in (proc, *proc.parents()):
+            record = by_pid.get(candidate.pid)
+            # Identity is pid + create time: a reused pid is not the server.
+            if record is not None and abs(candidate.create_time() - record.create_time) < 0.05:
+                return record.name
     except Exception as exc:  # psutil.Error and friends: the process is gone or hidden
         logger.debug("cannot walk the parents of pid %s: %s", pid, exc)
     return None

@@ -335,3 +335,18 @@ def test_import_does_not_load_nvml() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_reused_group_id_is_not_the_servers(server_tree: SimpleNamespace) -> None:
+    t = server_tree
+    # The same group id recorded for a server that started after these processes: the
+    # group id must have been reused, so they are not that server's.
+    later = ServerRecord(**{**asdict(t.record), "name": "later",
+                            "supervisor_create_time": time.time() + 60, "pid": 1})
+    assert gpu_info.owner_of(t.engine, [later]) is None
+    assert gpu_info.owner_of(t.engine, [t.record]) == "alpha"
+    # A record whose pid was reused by another process (different create time).
+    reused = ServerRecord(**{**asdict(t.record), "name": "reused", "pgid": -1,
+                             "create_time": t.record.create_time - 1000})
+    assert gpu_info.owner_of(t.worker, [reused]) is None
+    assert gpu_info.owner_of(t.worker, [t.record]) == "alpha"
