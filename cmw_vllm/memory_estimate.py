@@ -872,10 +872,14 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
             f"--max-model-len {settings.max_model_len} is longer than the model allows "
             f"({spec.derived_max_model_len}); vLLM refuses it"
         )
-    if not spec.is_mla and spec.num_kv_heads % tp and tp % spec.num_kv_heads:
+    if spec.num_attention_heads % tp or (
+        not spec.is_mla and spec.num_kv_heads % tp and tp % spec.num_kv_heads
+    ):
         problems.append(
-            f"{spec.num_kv_heads} KV heads cannot be split over {tp} tensor-parallel ranks"
+            f"{spec.num_attention_heads} attention heads ({spec.num_kv_heads} KV) cannot be "
+            f"split over {tp} tensor-parallel ranks; vLLM refuses it"
         )
+    settings_refused = bool(problems)
     if kv.sliding_layers:
         notes.append(
             f"{kv.sliding_layers} sliding-window layers (window {kv.sliding_window}) hold at "
@@ -958,7 +962,7 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
             f"one request of {max_len} tokens needs {_gib(kv.request_bytes(max_len))} of KV "
             f"cache but only {_gib(kv_space)} is left"
         )
-    fits = kv_fits and free_ok and not any("longer than the model" in p for p in problems)
+    fits = kv_fits and free_ok and not settings_refused
     return MemoryEstimate(
         model=spec.model,
         source=spec.source,

@@ -405,3 +405,15 @@ def test_preflight_cpu_default_asks_for_a_share_of_node_ram(tiny_model: Path) ->
     ok = me.preflight(config_for(tiny_model, gpu_memory_utilization=half), gpus=[], environ={})
     assert ok.ok and ok.estimate is not None
     assert ok.estimate.kv_space_source.startswith(f"{half:g} x RAM")
+
+
+def test_settings_vllm_refuses_do_not_fit(tmp_path: Path) -> None:
+    spec = me.spec_from_config(LLAMA8B, model="x", source="t")
+    target = me.given_gpu_target(80)
+    assert me.estimate(spec, me.EstimateSettings(max_model_len=8192), target).fits
+    too_long = me.estimate(spec, me.EstimateSettings(max_model_len=LLAMA8B[
+        "max_position_embeddings"] + 1), target)  # type: ignore[operator]
+    assert not too_long.fits and "longer than the model" in too_long.problems[0]
+    odd_tp = me.estimate(spec, me.EstimateSettings(max_model_len=8192,
+                                                   tensor_parallel_size=3), target)
+    assert not odd_tp.fits and "tensor-parallel" in odd_tp.problems[0]
