@@ -75,17 +75,22 @@ def format_duration(seconds: float | None) -> str:
     return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
+def make_table(columns: list[str], rows: list[list[str]], title: str | None = None) -> Any:
+    """A rich Table of strings (imports rich)."""
+    from rich.table import Table
+
+    table = Table(title=title, box=None, pad_edge=False, header_style="bold")
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def print_table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
     """A rich table on a terminal, plain tab-free aligned columns otherwise."""
     if stdout_is_tty():
-        from rich.table import Table
-
-        table = Table(title=title, box=None, pad_edge=False, header_style="bold")
-        for col in columns:
-            table.add_column(col)
-        for row in rows:
-            table.add_row(*row)
-        console().print(table)
+        console().print(make_table(columns, rows, title))
         return
     widths = [len(c) for c in columns]
     for row in rows:

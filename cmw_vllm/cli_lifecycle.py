@@ -99,24 +99,27 @@ def _warn_exposed(host: str) -> None:
         )
 
 
+def _start_json(result: StartResult) -> dict[str, Any]:
+    record = result.record
+    return {
+        "name": result.name,
+        "state": "healthy" if result.ready else "starting",
+        "already_running": result.already_running,
+        "model": record.model,
+        "pid": record.pid,
+        "port": record.port,
+        "url": record.base_url,
+        "log": record.log_path,
+        "ready_after_s": round(result.ready_after_s, 2)
+        if result.ready_after_s is not None
+        else None,
+    }
+
+
 def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
     record = result.record
     if as_json:
-        echo_json(
-            {
-                "name": result.name,
-                "state": "healthy" if result.ready else "starting",
-                "already_running": result.already_running,
-                "model": record.model,
-                "pid": record.pid,
-                "port": record.port,
-                "url": record.base_url,
-                "log": record.log_path,
-                "ready_after_s": round(result.ready_after_s, 2)
-                if result.ready_after_s is not None
-                else None,
-            }
-        )
+        echo_json(_start_json(result))
         return
     if result.port_changed_from is not None:
         echo_err(f"Port {result.port_changed_from} is in use; using {record.port}.")
@@ -199,6 +202,8 @@ def _run_start(manager: Any, start: Any, name: str, quiet: bool) -> tuple[StartR
               help="Seconds to wait for readiness (default 1800, env CMW_VLLM_START_TIMEOUT).")
 @click.option("--force", is_flag=True,
               help="Skip the memory check that refuses a model that cannot fit.")
+@click.option("--test", "run_test", is_flag=True,
+              help="Once ready, send one request for the model's task (like `cmw-vllm test`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def start(
     target: str,
@@ -217,6 +222,7 @@ def start(
     no_wait: bool,
     timeout: float | None,
     force: bool,
+    run_test: bool,
     as_json: bool,
 ) -> None:
     """Start a vLLM server in the background and wait until it is ready.
@@ -257,8 +263,32 @@ def start(
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
                              on_progress=on_progress, check_resources=not force)
 
+    if run_test and no_wait:
+        raise UsageError("--test needs the server ready: drop --no-wait")
     result, elapsed = _run_start(manager, do_start, config.name, quiet=as_json or no_wait)
+    if not run_test:
+        _report_start(result, as_json, elapsed)
+        return
+    from cmw_vllm.cli_inference import run_and_render_test
+
+    if as_json:
+        import json as _json
+
+        from cmw_vllm.errors import CmwVllmError
+
+        try:
+            test = run_and_render_test(result.record, quiet=True)
+            test_json, failure = test.to_json(), None
+        except CmwVllmError as exc:
+            test_json, failure = {"ok": False, "error": exc.message}, exc
+        buffer = _start_json(result)
+        buffer["test"] = test_json
+        click.echo(_json.dumps(buffer, indent=2, default=str))
+        if failure is not None:
+            raise failure
+        return
     _report_start(result, as_json, elapsed)
+    run_and_render_test(result.record)
 
 
 @click.command()
@@ -354,12 +384,104 @@ def _status_exit_code(statuses: list[ServerStatus]) -> int:
     return worst
 
 
+def _collect_status(
+    names: tuple[str, ...], as_json: bool
+) -> tuple[list[ServerStatus], int, dict[str, dict[str, Any]]]:
+    """Statuses, the exit code, and the load of the healthy ones."""
+    from cmw_vllm.server_manager import ServerManager, record_names
+
+    manager = ServerManager()
+    if names:
+        from cmw_vllm.server_config import validate_name
+
+        for n in names:
+            validate_name(n)
+        known = set(record_names())
+        missing = [n for n in names if n not in known]
+        statuses = manager.list_status([n for n in names if n in known])
+        for n in missing:
+            if not as_json:
+                echo_err(f"No managed server named {n!r}.")
+        code = EXIT_NOT_RUNNING if missing else _status_exit_code(statuses)
+    else:
+        statuses = manager.list_status()
+        code = _status_exit_code(statuses)
+    loads: dict[str, dict[str, Any]] = {}
+    if any(st.state == "healthy" for st in statuses):
+        from cmw_vllm.cli_inference import status_load_columns
+
+        loads = status_load_columns(statuses)
+    return statuses, code, loads
+
+
+def _status_rows(
+    statuses: list[ServerStatus], loads: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[list[str]]]:
+    from cmw_vllm.cli_inference import LOAD_COLUMNS, load_cells
+
+    columns = ["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME", *LOAD_COLUMNS]
+    rows = []
+    for st in statuses:
+        rec = st.record
+        state = st.state
+        if st.state == "exited" and st.returncode is not None:
+            state = f"exited ({st.returncode})"
+        rows.append(
+            [
+                st.name,
+                state,
+                rec.model if rec else "-",
+                str(st.pid) if st.pid else "-",
+                str(rec.port) if rec else "-",
+                format_duration(st.uptime) if st.running else "-",
+                *load_cells(loads.get(st.name)),
+            ]
+        )
+    return columns, rows
+
+
+def _watch(names: tuple[str, ...], interval: float) -> None:
+    """Redraw the status table every ``interval`` seconds until Ctrl-C."""
+    from cmw_vllm.cli_common import console, make_table, stdout_is_tty
+
+    out = console()
+    try:
+        if stdout_is_tty():
+            from rich.live import Live
+
+            with Live(console=out, auto_refresh=False, screen=False) as live:
+                while True:
+                    statuses, _, loads = _collect_status(names, as_json=True)
+                    columns, rows = _status_rows(statuses, loads)
+                    stamp = time.strftime("%H:%M:%S")
+                    live.update(make_table(columns, rows, title=f"cmw-vllm status {stamp}"),
+                                refresh=True)
+                    time.sleep(interval)
+        else:
+            while True:
+                statuses, _, loads = _collect_status(names, as_json=True)
+                columns, rows = _status_rows(statuses, loads)
+                click.echo(time.strftime("%Y-%m-%d %H:%M:%S"))
+                print_table(columns, rows)
+                click.echo("")
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
 @click.command()
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys).")
+@click.option("-w", "--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
 @click.pass_context
-def status(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
-    """Show managed servers: state, model, pid, port, uptime.
+def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: bool,
+           interval: float) -> None:
+    """Show managed servers: state, model, pid, port, uptime and load.
+
+    Load (healthy servers): requests running and waiting, KV-cache usage, and generated
+    tokens per second since the previous `status` (from vLLM's /metrics).
 
     \b
     States: starting, healthy, unhealthy (alive, /health failing), exited, stale (the pid
@@ -372,51 +494,27 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
       cmw-vllm status
       cmw-vllm status qwen --json | jq -r '.servers[0].state'
       cmw-vllm status qwen >/dev/null && echo up
+      cmw-vllm status --watch
     """
-    from cmw_vllm.server_manager import ServerManager, record_names
-
-    manager = ServerManager()
-    if names:
-        from cmw_vllm.server_config import validate_name
-
-        for n in names:
-            validate_name(n)
-        known = set(record_names())
-        missing = [n for n in names if n not in known]
-        statuses = manager.list_status([n for n in names if n in known])
-        if missing:
-            for n in missing:
-                if not as_json:
-                    echo_err(f"No managed server named {n!r}.")
-            code = EXIT_NOT_RUNNING
-        else:
-            code = _status_exit_code(statuses)
-    else:
-        statuses = manager.list_status()
-        code = _status_exit_code(statuses)
+    if watch:
+        if as_json:
+            raise UsageError("--watch and --json don't go together")
+        _watch(names, interval)
+        return
+    statuses, code, loads = _collect_status(names, as_json)
     if as_json:
-        echo_json({"servers": [s.to_json() for s in statuses]})
+        servers = []
+        for st in statuses:
+            data = st.to_json()
+            data["load"] = loads.get(st.name)
+            servers.append(data)
+        echo_json({"servers": servers})
     elif not statuses:
         if not names:
             click.echo("No managed servers.")
     else:
-        rows = []
-        for st in statuses:
-            rec = st.record
-            state = st.state
-            if st.state == "exited" and st.returncode is not None:
-                state = f"exited ({st.returncode})"
-            rows.append(
-                [
-                    st.name,
-                    state,
-                    rec.model if rec else "-",
-                    str(st.pid) if st.pid else "-",
-                    str(rec.port) if rec else "-",
-                    format_duration(st.uptime) if st.running else "-",
-                ]
-            )
-        print_table(["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME"], rows)
+        columns, rows = _status_rows(statuses, loads)
+        print_table(columns, rows)
         for st in statuses:
             if st.error and st.state in ("exited", "stale", "invalid"):
                 echo_err(f"{st.name}: {st.error}")
