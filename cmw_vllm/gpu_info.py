@@ -166,10 +166,10 @@ def owner_of(pid: int, records: Iterable[ServerRecord]) -> str | None:
 
         proc = psutil.Process(pid)
         for candidate in (proc, *proc.parents()):
-            record = by_pid.get(candidate.pid)
+            match = by_pid.get(candidate.pid)
             # Identity is pid + create time: a reused pid is not the server.
-            if record is not None and abs(candidate.create_time() - record.create_time) < 0.05:
-                return record.name
+            if match is not None and abs(candidate.create_time() - match.create_time) < 0.05:
+                return match.name
     except Exception as exc:  # psutil.Error and friends: the process is gone or hidden
         logger.debug("cannot walk the parents of pid %s: %s", pid, exc)
     return None

@@ -130,8 +130,8 @@ def test_mla_caches_one_latent_not_split_by_tp() -> None:
     kv1 = me.kv_cache_layout(spec)
     kv8 = me.kv_cache_layout(spec, tensor_parallel_size=8)
     assert spec.is_mla
-    assert kv1.bytes_per_token == (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 2 * (
-        cfg["num_hidden_layers"])
+    latent = int(str(cfg["kv_lora_rank"])) + int(str(cfg["qk_rope_head_dim"]))
+    assert kv1.bytes_per_token == latent * 2 * int(str(cfg["num_hidden_layers"]))
     assert kv8.bytes_per_token == kv1.bytes_per_token
 
 
@@ -411,8 +411,8 @@ def test_settings_vllm_refuses_do_not_fit(tmp_path: Path) -> None:
     spec = me.spec_from_config(LLAMA8B, model="x", source="t")
     target = me.given_gpu_target(80)
     assert me.estimate(spec, me.EstimateSettings(max_model_len=8192), target).fits
-    too_long = me.estimate(spec, me.EstimateSettings(max_model_len=LLAMA8B[
-        "max_position_embeddings"] + 1), target)  # type: ignore[operator]
+    past_end = int(str(LLAMA8B["max_position_embeddings"])) + 1
+    too_long = me.estimate(spec, me.EstimateSettings(max_model_len=past_end), target)
     assert not too_long.fits and "longer than the model" in too_long.problems[0]
     odd_tp = me.estimate(spec, me.EstimateSettings(max_model_len=8192,
                                                    tensor_parallel_size=3), target)
