@@ -385,3 +385,29 @@ def test_preflight_refuses_what_cannot_fit(fake_engine: Path, tiny_model: Path,
     code, _, err = run("start", str(tiny_model), "--name", "big", "--port", port,
                        "--max-model-len", "5000000", "--force")
     assert code == 0, err
+
+
+def test_status_shows_load_of_healthy_servers(fake_engine: Path, model_dir: Path) -> None:
+    assert run("start", str(model_dir), "--name", "busy", "--port", str(free_port()))[0] == 0
+    code, out, _ = run("status", "--json")
+    assert code == 0
+    load = json.loads(out)["servers"][0]["load"]
+    assert (load["requests_running"], load["requests_waiting"]) == (1, 2)
+    assert load["kv_cache_usage"] == pytest.approx(0.25)
+    code, out, _ = run("status")
+    row = next(line for line in out.splitlines() if line.startswith("busy"))
+    assert "25.0%" in row
+
+
+def test_status_watch_refreshes_until_ctrl_c(fake_engine: Path, model_dir: Path) -> None:
+    assert run("start", str(model_dir), "--name", "w", "--port", str(free_port()))[0] == 0
+    proc = subprocess.Popen([sys.executable, "-m", "cmw_vllm", "status", "--watch",
+                             "--interval", "0.3"], stdout=subprocess.PIPE, text=True)
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert out.count("NAME") >= 2  # redrawn at least twice
+    code, _, err = run("status", "--watch", "--json")
+    assert code == 2
+    assert "don't go together" in err

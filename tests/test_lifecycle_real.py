@@ -40,9 +40,10 @@ def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
     """start -> healthy -> chat answers -> restart -> SIGKILL API server -> stop: nothing left."""
     port = free_port()
     code, out, err = run("start", str(tiny_model), "--name", "tiny", "--port", str(port),
-                         "--max-model-len", "512", "--timeout", "600")
+                         "--max-model-len", "512", "--timeout", "600", "--test")
     assert code == 0, err
     assert "is ready" in out
+    assert "Test of 'tiny' passed (generate" in out  # start --test sent a chat request
 
     code, out, _ = run("status", "tiny", "--json")
     assert code == 0

@@ -61,6 +61,7 @@ def main() -> None:
     time.sleep(delay / 2)
     log("CPU KV cache size: 2,097,152 tokens, Maximum concurrency for 512 tokens: 4096.00x")
     served = args.served_model_name or args.model
+    counter = [0]  # completions served, for the token counters in /metrics
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a: object) -> None:
@@ -81,6 +82,20 @@ def main() -> None:
                 self._send(200)
             elif self.path == "/v1/models":
                 self._send(200, {"data": [{"id": served, "max_model_len": args.max_model_len}]})
+            elif self.path == "/metrics":
+                label = f'{{model_name="{served}"}}'
+                text = (
+                    f"vllm:num_requests_running{label} 1.0\n"
+                    f"vllm:num_requests_waiting{label} 2.0\n"
+                    f"vllm:kv_cache_usage_perc{label} 0.25\n"
+                    f"vllm:prompt_tokens_total{label} {3 * counter[0]}.0\n"
+                    f"vllm:generation_tokens_total{label} {counter[0]}.0\n"
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
             elif self.path == "/version":
                 self._send(200, {"version": "0.0.0-fake"})
             else:
@@ -89,6 +104,7 @@ def main() -> None:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
+            counter[0] += 1
             self._send(200, {"choices": [{"message": {"role": "assistant", "content": "hi"}}],
                              "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
 
