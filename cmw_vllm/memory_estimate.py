@@ -465,20 +465,28 @@ def spec_from_hub(repo_id: str, revision: str | None = None, *,
         RevisionNotFoundError,
     )
 
+    from cmw_vllm.disk_space import hf_cache_dir
+
+    # huggingface_hub reads HF_ENDPOINT and the cache location once, at import; read them
+    # now so that the environment of this call is the one used.
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    cache_dir = str(hf_cache_dir())
+
+    def fetch(filename: str) -> str:
+        return str(hf_hub_download(repo_id, filename, revision=revision, etag_timeout=timeout,
+                                   endpoint=endpoint, cache_dir=cache_dir))
+
     try:
         # model_info first: it fails at once when the Hub is unreachable, where
         # hf_hub_download retries with backoff for about 20 s.
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True,
-                                  timeout=timeout)
-        config_path = hf_hub_download(repo_id, "config.json", revision=revision,
-                                      etag_timeout=timeout)
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision,
+                                                   files_metadata=True, timeout=timeout)
+        config_path = fetch("config.json")
         tok_config = None
         siblings = [s.rfilename for s in (info.siblings or [])]
         if "tokenizer_config.json" in siblings:
             try:
-                tok_config = _read_json(Path(hf_hub_download(
-                    repo_id, "tokenizer_config.json", revision=revision, etag_timeout=timeout
-                )))
+                tok_config = _read_json(Path(fetch("tokenizer_config.json")))
             except Exception as exc:  # the tokenizer only caps max_model_len; go on
                 logger.debug("no tokenizer_config.json for %s: %s", repo_id, exc)
     except GatedRepoError as exc:

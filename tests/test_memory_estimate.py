@@ -6,15 +6,23 @@ import json
 import math
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from cmw_vllm import memory_estimate as me
-from cmw_vllm.errors import ConfigError, InsufficientResourcesError, UsageError
+from cmw_vllm.errors import (
+    ConfigError,
+    EnvironmentProblem,
+    InsufficientResourcesError,
+    NotFoundError,
+    UsageError,
+)
 from cmw_vllm.gpu_info import GpuInfo
 from cmw_vllm.server_config import ServerConfig
+from tests.fake_hub import FakeHub
 from tests.tiny_model import make_tiny_model
 
 GiB = 1024**3
@@ -266,15 +274,44 @@ def test_model_from_hub_metadata_only(monkeypatch: pytest.MonkeyPatch, tiny_mode
     assert me.weight_bytes(spec) == (params["BF16"] + params["F32"]) * 2
 
 
-def test_hub_unreachable_makes_preflight_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    with __import__("socket").socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed once the block ends: connection refused
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    result = me.preflight(config_for("org/not-cached"), gpus=[fake_gpu()])
-    assert result.status == "unknown"
-    assert not result.ok
-    assert "org/not-cached" in (result.reason or "")
+@pytest.fixture
+def hub(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A fake Hub (HF_ENDPOINT) serving the tiny model publicly and gated."""
+    with FakeHub() as server:
+        server.add_repo("org/public", tiny_model)
+        server.add_repo("org/gated", tiny_model, gated=True)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        yield server
+
+
+def test_hub_fetch_reads_only_small_files(hub: FakeHub, tiny_model: Path) -> None:
+    spec = me.load_model_spec("org/public")
+    assert spec.source == "hub"
+    fetched = {r.split("/resolve/main/")[-1] for r in hub.requests if "/resolve/" in r}
+    assert fetched <= {"config.json", "tokenizer_config.json"}
+    assert "config.json" in fetched
+    local = me.load_model_spec(str(tiny_model))
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (
+        local.num_layers, local.num_kv_heads, local.head_dim)
+    # Without headers the file size stands in: within the header's few KiB.
+    assert 0 <= me.weight_bytes(spec) - me.weight_bytes(local) < 64 * 1024
+    result = me.preflight(config_for("org/public"), gpus=[fake_gpu()])
+    assert result.ok
+
+
+def test_hub_missing_gated_or_down(hub: FakeHub) -> None:
+    with pytest.raises(NotFoundError):
+        me.load_model_spec("org/absent")
+    with pytest.raises(EnvironmentProblem, match="gated"):
+        me.load_model_spec("org/gated")
+    assert me.preflight(config_for("org/gated"), gpus=[fake_gpu()]).status == "unknown"
+    hub.fail_status = 503
+    with pytest.raises(EnvironmentProblem):
+        me.load_model_spec("org/public")
+    result = me.preflight(config_for("org/public"), gpus=[fake_gpu()])
+    assert result.status == "unknown" and not result.ok
+    assert "org/public" in (result.reason or "")
 
 
 def test_offline_and_not_cached_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
