@@ -35,20 +35,29 @@ def user_models_file() -> Path:
 
 
 def ensure_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700 and refuse a symlink in its place.
+    """Create ``path`` (and parents) private to the user, refusing symlinks inside the state dir.
+
+    The state dir itself is made mode 0700 (it may be a symlink the user set up to another
+    disk); a directory inside it that is a symlink is refused, so nothing is ever written
+    through a link planted there.
 
     Raises:
-        EnvironmentProblem: The directory cannot be created or is a symlink.
+        EnvironmentProblem: The directory cannot be created or is a planted symlink.
     """
     from cmw_vllm.errors import EnvironmentProblem
 
+    root = state_dir()
+    if path != root and root in path.parents:
+        ensure_dir(root)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path == root and path.stat().st_mode & 0o077:
+            path.chmod(0o700)
     except OSError as exc:
         raise EnvironmentProblem(
             f"cannot create {path}: {exc.strerror or exc}",
             hint=f"set {HOME_ENV} to a writable directory",
         ) from exc
-    if path.is_symlink():
+    if path != root and path.is_symlink():
         raise EnvironmentProblem(f"{path} is a symlink; refusing to write through it")
     return path

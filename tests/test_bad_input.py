@@ -1,0 +1,133 @@
+"""Bad input over every command: one clear line on stderr, a documented exit code, no
+traceback, and nothing changed on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cmw_vllm.cli import cli
+
+MODEL = "{model}"  # replaced by a local model directory
+
+# (id, argv, extra env, models.toml text or None, exit code, text expected on stderr)
+CASES: list[tuple[str, list[str], dict[str, str], str | None, int, str]] = [
+    ("unknown-alias", ["start", "qwne"], {}, None, 2, "did you mean"),
+    ("port-zero", ["start", MODEL, "--port", "0"], {}, None, 2, "invalid --port"),
+    ("port-too-big", ["start", MODEL, "--port", "70000"], {}, None, 2, "invalid --port"),
+    ("port-not-int", ["start", MODEL, "--port", "http"], {}, None, 2, "invalid --port"),
+    ("util-zero", ["start", MODEL, "--gpu-memory-utilization", "0"], {}, None, 2,
+     "invalid --gpu-memory-utilization"),
+    ("util-1.5", ["start", MODEL, "--gpu-memory-utilization", "1.5"], {}, None, 2,
+     "invalid --gpu-memory-utilization"),
+    ("negative-len", ["start", MODEL, "--max-model-len", "-5"], {}, None, 2,
+     "invalid --max-model-len"),
+    ("zero-len", ["start", MODEL, "--max-model-len", "0"], {}, None, 2,
+     "invalid --max-model-len"),
+    ("unknown-dtype", ["start", MODEL, "--dtype", "int4"], {}, None, 2, "'int4' is not one of"),
+    ("tp-zero", ["start", MODEL, "-tp", "0"], {}, None, 2, "invalid --tensor-parallel-size"),
+    ("name-traversal", ["start", MODEL, "--name", "../evil"], {}, None, 2,
+     "invalid --name"),
+    ("name-slash", ["start", MODEL, "--name", "a/b"], {}, None, 2, "invalid --name"),
+    ("name-shell", ["start", MODEL, "--name", "x;rm -rf ~"], {}, None, 2, "invalid --name"),
+    ("bad-gpus", ["start", MODEL, "--gpus", "first"], {}, None, 2, "invalid --gpus"),
+    ("bad-host", ["start", MODEL, "--host", "a b"], {}, None, 2, "invalid --host"),
+    ("key-on-cmdline", ["start", MODEL, "--", "--api-key", "k"], {}, None, 2,
+     "VLLM_API_KEY"),
+    ("managed-flag", ["start", MODEL, "--", "--port", "1"], {}, None, 2, "--port is set by"),
+    ("timeout-negative", ["start", MODEL, "--timeout", "-1"], {}, None, 2, "--timeout"),
+    ("test-no-wait", ["start", MODEL, "--test", "--no-wait"], {}, None, 2, "--test needs"),
+    ("missing-dir", ["start", "./no-such-model-dir"], {}, None, 9, "no-such-model-dir"),
+    ("bad-hf-id", ["start", "a/b/c"], {}, None, 2, "a/b/c"),
+    ("env-util", ["start", MODEL], {"CMW_VLLM_GPU_MEMORY_UTILIZATION": "2"}, None, 2,
+     "invalid --gpu-memory-utilization"),
+    ("env-timeout", ["start", MODEL], {"CMW_VLLM_START_TIMEOUT": "soon"}, None, 2,
+     "CMW_VLLM_START_TIMEOUT"),
+    ("stop-nothing", ["stop"], {}, None, 2, "name a server"),
+    ("stop-all-and-name", ["stop", "--all", "x"], {}, None, 2, "not both"),
+    ("stop-traversal", ["stop", "../x"], {}, None, 2, "invalid server name"),
+    ("status-traversal", ["status", "../../etc"], {}, None, 2, "invalid server name"),
+    ("status-watch-json", ["status", "--watch", "--json"], {}, None, 2, "don't go together"),
+    ("logs-unknown", ["logs", "nosuch"], {}, None, 9, "no log for server 'nosuch'"),
+    ("logs-traversal", ["logs", "../x"], {}, None, 2, "invalid server name"),
+    ("logs-negative", ["logs", "x", "-n", "-1"], {}, None, 2, "-n"),
+    ("restart-unknown", ["restart", "nosuch"], {}, None, 9, "no managed server named"),
+    ("models-syntax", ["list"], {}, "[models.x\nmodel = 1\n", 2, "models.toml"),
+    ("models-bad-key", ["list"], {}, '[models.x]\nmodel = "a/b"\nport = 9000\nwat = 1\n', 2,
+     "wat"),
+    ("models-bad-type", ["start", "x"], {}, '[models.x]\nmodel = "a/b"\nport = "high"\n', 2,
+     "port"),
+    ("download-unknown", ["download", "qwne"], {}, None, 2, "did you mean"),
+    ("estimate-unknown", ["estimate", "qwne"], {}, None, 2, "did you mean"),
+    ("verify-missing", ["verify", "./no-such-dir"], {}, None, 9, "no-such-dir"),
+    ("test-unknown", ["test", "nosuch"], {}, None, 3, "nosuch"),
+    ("unknown-option", ["gpus", "--bogus"], {}, None, 2, "No such option"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    if not root.exists():
+        return {}
+    out = {}
+    for f in sorted(root.rglob("*")):
+        rel = str(f.relative_to(root))
+        out[rel] = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "dir"
+    return out
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "models_toml", "code", "message"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_bad_input(argv: list[str], env: dict[str, str], models_toml: str | None, code: int,
+                   message: str, tmp_path: Path, isolated_home: Path, fake_engine: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    if models_toml is not None:
+        isolated_home.mkdir(parents=True, exist_ok=True)
+        (isolated_home / "models.toml").write_text(models_toml)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = _snapshot(tmp_path)
+    args = [a.replace(MODEL, str(model)) for a in argv]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    err_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert err_lines and len(err_lines) <= 5, err_lines  # a line or two, not a dump
+    assert _snapshot(tmp_path) == before
+
+
+def test_table_is_big_enough() -> None:
+    assert len(CASES) >= 30
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_unreadable_env_file(tmp_path: Path, isolated_home: Path) -> None:
+    (Path.cwd() / ".env").mkdir()  # a directory where the file should be
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 2
+    assert "cannot read env file" in result.stderr
+
+
+def test_env_file_never_overrides_the_shell(isolated_home: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    other = isolated_home.parent / "from-dotenv"
+    (Path.cwd() / ".env").write_text(f"CMW_VLLM_HOME={other}\nCMW_VLLM_HOST=10.1.2.3\n")
+    monkeypatch.delenv("CMW_VLLM_HOST", raising=False)
+    from cmw_vllm.settings import load_env_file
+
+    load_env_file()
+    import os
+
+    assert os.environ["CMW_VLLM_HOME"] == str(isolated_home)  # the shell's value stays
+    assert os.environ["CMW_VLLM_HOST"] == "10.1.2.3"  # unset in the shell: .env fills it
+    monkeypatch.delenv("CMW_VLLM_HOST")
