@@ -711,8 +711,8 @@ def load_user_entries(path: Path | None = None) -> list[ModelEntry]:
     file = Path(path) if path is not None else paths.user_models_file()
     try:
         raw = file.read_bytes()
-    except FileNotFoundError:
-        return []
+    except (FileNotFoundError, NotADirectoryError):
+        return []  # no file (or no state dir yet: creating it is start's business)
     except OSError as exc:
         raise ConfigError(f"cannot read models file {file}: {exc.strerror or exc}") from exc
     try:

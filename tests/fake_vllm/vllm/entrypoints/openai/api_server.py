@@ -47,7 +47,8 @@ def main() -> None:
     if mode == "ignore_term":
         child_code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
     child_code += "time.sleep(3600)"
-    engine = subprocess.Popen([sys.executable, "-c", child_code])
+    # Titled like vLLM's (setproctitle): argv[0] is what `ps` and psutil show.
+    engine = subprocess.Popen(["VLLM::EngineCore", "-c", child_code], executable=sys.executable)
     time.sleep(delay / 2)
     log("Loading weights took 0.01 seconds")
     if mode == "oom":
