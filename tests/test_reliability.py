@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -141,10 +142,8 @@ def test_setup_lists_orphans_whose_record_is_gone(fake_engine: Path, model_dir: 
         assert str(engine[0]) in listed
     finally:
         for proc in members:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 @pytest.mark.parametrize("planted", ["log-file", "logs-dir", "lock-file"])
