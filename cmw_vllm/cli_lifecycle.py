@@ -12,6 +12,7 @@ import click
 from cmw_vllm.cli_common import (
     echo_err,
     echo_json,
+    format_bytes,
     format_duration,
     print_table,
     stderr_is_tty,
@@ -387,7 +388,7 @@ def _status_exit_code(statuses: list[ServerStatus]) -> int:
 def _collect_status(
     names: tuple[str, ...], as_json: bool
 ) -> tuple[list[ServerStatus], int, dict[str, dict[str, Any]]]:
-    """Statuses, the exit code, and the load of the healthy ones."""
+    """Statuses, the exit code, and the load (and GPU memory) of the running ones."""
     from cmw_vllm.server_manager import ServerManager, record_names
 
     manager = ServerManager()
@@ -411,6 +412,12 @@ def _collect_status(
         from cmw_vllm.cli_inference import status_load_columns
 
         loads = status_load_columns(statuses)
+    running = [st.record for st in statuses if st.running and st.record is not None]
+    if running:
+        from cmw_vllm.gpu_info import server_gpu_memory
+
+        for name, used in server_gpu_memory(running).items():
+            loads.setdefault(name, {})["gpu_memory_bytes"] = used
     return statuses, code, loads
 
 
@@ -419,7 +426,7 @@ def _status_rows(
 ) -> tuple[list[str], list[list[str]]]:
     from cmw_vllm.cli_inference import LOAD_COLUMNS, load_cells
 
-    columns = ["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME", *LOAD_COLUMNS]
+    columns = ["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME", "GPU MEM", *LOAD_COLUMNS]
     rows = []
     for st in statuses:
         rec = st.record
@@ -434,6 +441,7 @@ def _status_rows(
                 str(st.pid) if st.pid else "-",
                 str(rec.port) if rec else "-",
                 format_duration(st.uptime) if st.running else "-",
+                format_bytes((loads.get(st.name) or {}).get("gpu_memory_bytes")),
                 *load_cells(loads.get(st.name)),
             ]
         )
@@ -506,7 +514,9 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         servers = []
         for st in statuses:
             data = st.to_json()
-            data["load"] = loads.get(st.name)
+            extra = dict(loads.get(st.name) or {})
+            data["gpu_memory_bytes"] = extra.pop("gpu_memory_bytes", None)
+            data["load"] = extra or None
             servers.append(data)
         echo_json({"servers": servers})
     elif not statuses:

@@ -411,3 +411,23 @@ def test_status_watch_refreshes_until_ctrl_c(fake_engine: Path, model_dir: Path)
     code, _, err = run("status", "--watch", "--json")
     assert code == 2
     assert "don't go together" in err
+
+
+def test_status_shows_gpu_memory_of_the_engine_processes(
+    fake_engine: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_gpu_info import FakeGpu, make_fake_nvml
+
+    assert run("start", str(model_dir), "--name", "onGpu", "--port", str(free_port()))[0] == 0
+    record = read_record("onGpu")
+    assert record is not None
+    engine = [p.pid for p in group_members(record) if p.cmdline()[:1] == ["VLLM::EngineCore"]]
+    gib = 1024**3
+    gpus = [FakeGpu("NVIDIA H100", 80 * gib, 30 * gib, procs=[(engine[0], 20 * gib),
+                                                             (1, 5 * gib)])]
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_nvml(gpus))
+    code, out, _ = run("status", "--json")
+    assert code == 0
+    assert json.loads(out)["servers"][0]["gpu_memory_bytes"] == 20 * gib  # not the foreign 5
+    code, out, _ = run("status")
+    assert "20.0 GiB" in out
