@@ -38,7 +38,6 @@ from cmw_vllm.errors import (
     StartTimeoutError,
     UsageError,
 )
-from cmw_vllm.health_check import probe_health
 
 if TYPE_CHECKING:
     import psutil
@@ -496,6 +495,8 @@ class ServerManager:
         return statuses
 
     def _probe_many(self, urls: list[str]) -> list[int | None]:
+        from cmw_vllm.health_check import probe_health
+
         if len(urls) == 1:
             return [probe_health(urls[0], self.health_timeout)]
         from concurrent.futures import ThreadPoolExecutor
@@ -770,6 +771,7 @@ class ServerManager:
             ServerStartError: The process exited first (its record is removed).
             StartTimeoutError: ``timeout`` passed; the server is left running.
         """
+        from cmw_vllm.health_check import probe_health
         from cmw_vllm.vllm_engine import detect_phase
 
         begin = time.monotonic()

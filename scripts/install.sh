@@ -10,6 +10,9 @@ VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q -e '.[test]'
+# Byte-compile now: an editable install never does, and PYTHONDONTWRITEBYTECODE=1 setups
+# would otherwise recompile every module on every command.
+.venv/bin/python -m compileall -q cmw_vllm
 
 has_vllm() { [ -x "$1" ] && "$1" -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("vllm") is None)'; }
 
