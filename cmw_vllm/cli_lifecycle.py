@@ -150,6 +150,25 @@ def _parse_port(value: str | None) -> int | None:
         raise UsageError(f"invalid --port: must be an integer (got {value!r})") from None
 
 
+SECRET_VARS = {"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
+
+
+def _parse_env(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    """``-e KEY=VALUE`` options as a dict (secrets are refused: they would be stored)."""
+    import re
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise UsageError(f"invalid --env {pair!r}: use KEY=VALUE")
+        if key in SECRET_VARS:
+            raise UsageError(f"--env {key}=... would be stored in the server's record; "
+                             f"export {key} in the environment instead")
+        out[key] = value
+    return out or None
+
+
 def _build_config(target: str, options: dict[str, Any], vllm_args: tuple[str, ...]) -> Any:
     from cmw_vllm.model_registry import resolve_target
     from cmw_vllm.server_config import resolve_server_config
@@ -196,6 +215,8 @@ def _run_start(manager: Any, start: Any, name: str, quiet: bool) -> tuple[StartR
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]))
 @click.option("--gpus", help="GPUs this server sees, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES).")
 @click.option("--served-model-name", help="Model name clients use in requests.")
+@click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Extra environment variable for vLLM (repeatable; kept for restart).")
 @click.option("--task", type=click.Choice(["generate", "embed", "score", "classify"]),
               help="What the model does (default: from the registry, else generate).")
 @click.option("--no-wait", is_flag=True, help="Return right after launching.")
@@ -219,6 +240,7 @@ def start(
     dtype: str | None,
     gpus: str | None,
     served_model_name: str | None,
+    env_pairs: tuple[str, ...],
     task: str | None,
     no_wait: bool,
     timeout: float | None,
@@ -254,6 +276,7 @@ def start(
             "gpus": gpus,
             "served_model_name": served_model_name,
             "task": task,
+            "env": _parse_env(env_pairs),
         },
         vllm_args,
     )

@@ -35,6 +35,8 @@ CASES: list[tuple[str, list[str], dict[str, str], str | None, int, str]] = [
     ("name-slash", ["start", MODEL, "--name", "a/b"], {}, None, 2, "invalid --name"),
     ("name-shell", ["start", MODEL, "--name", "x;rm -rf ~"], {}, None, 2, "invalid --name"),
     ("bad-gpus", ["start", MODEL, "--gpus", "first"], {}, None, 2, "invalid --gpus"),
+    ("env-not-pair", ["start", MODEL, "-e", "NOEQUALS"], {}, None, 2, "KEY=VALUE"),
+    ("env-secret", ["start", MODEL, "-e", "VLLM_API_KEY=k"], {}, None, 2, "export VLLM_API_KEY"),
     ("bad-host", ["start", MODEL, "--host", "a b"], {}, None, 2, "invalid --host"),
     ("key-on-cmdline", ["start", MODEL, "--", "--api-key", "k"], {}, None, 2,
      "VLLM_API_KEY"),

@@ -350,12 +350,17 @@ def test_public_bind_without_key_warns(fake_engine: Path, model_dir: Path) -> No
     assert "without an API key" in err
 
 
-def test_gpus_option_sets_cuda_visible_devices(fake_engine: Path, model_dir: Path) -> None:
+def test_gpus_and_env_options_reach_vllm(fake_engine: Path, model_dir: Path) -> None:
     assert run("start", str(model_dir), "--name", "g", "--port", str(free_port()),
-               "--gpus", "1,0")[0] == 0
+               "--gpus", "1,0", "-e", "VLLM_LOGGING_LEVEL=DEBUG")[0] == 0
     record = read_record("g")
     assert record is not None
-    assert psutil.Process(record.pid).environ().get("CUDA_VISIBLE_DEVICES") == "1,0"
+    environ = psutil.Process(record.pid).environ()
+    assert environ.get("CUDA_VISIBLE_DEVICES") == "1,0"
+    assert environ.get("VLLM_LOGGING_LEVEL") == "DEBUG"
+    assert run("restart", "g")[0] == 0  # kept for restart
+    record = read_record("g")
+    assert psutil.Process(record.pid).environ().get("VLLM_LOGGING_LEVEL") == "DEBUG"
 
 
 def test_no_wait_then_status_reports_starting(fake_engine: Path, model_dir: Path,
