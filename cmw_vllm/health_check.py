@@ -12,12 +12,9 @@ scrapes of each server are kept in ``<state dir>/metrics/NAME.json`` so that one
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -601,26 +598,11 @@ def save_history(name: str, scrapes: list[MetricsSnapshot], server_id: str | Non
         EnvironmentProblem: The state dir or the file cannot be written.
     """
     from cmw_vllm import paths
-    from cmw_vllm.errors import EnvironmentProblem
 
     directory = paths.ensure_dir(metrics_dir())
     path = directory / f"{name}.json"
     text = json.dumps({"server": server_id, "scrapes": [asdict(s) for s in scrapes]}) + "\n"
-    tmp = directory / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            os.write(fd, text.encode("utf-8"))
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise EnvironmentProblem(f"cannot write {path}: {exc.strerror or exc}") from exc
+    paths.write_private(path, text)
 
 
 def remember_scrape(

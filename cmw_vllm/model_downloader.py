@@ -717,7 +717,7 @@ def download_model(
             repo_id, plan.commit)
         try:
             write_manifest(target, data)
-        except OSError as exc:
+        except (OSError, EnvironmentProblem) as exc:
             logger.warning("cannot write download manifest %s: %s", target, exc)
     return _finish(repo_id, rev, plan, path, started, plan.bytes_to_fetch, False)
 

@@ -210,11 +210,15 @@ def local_manifest_path(local_dir: Path) -> Path:
 
 
 def write_manifest(path: Path, data: dict[str, object]) -> None:
-    """Write a download manifest atomically (temp file + ``os.replace``)."""
+    """Write a download manifest atomically, mode 0600.
+
+    Raises:
+        EnvironmentProblem: It cannot be written.
+    """
+    from cmw_vllm import paths
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    paths.write_private(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _read_json(path: Path) -> object | None:

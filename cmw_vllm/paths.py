@@ -61,3 +61,42 @@ def ensure_dir(path: Path) -> Path:
     if path != root and path.is_symlink():
         raise EnvironmentProblem(f"{path} is a symlink; refusing to write through it")
     return path
+
+
+def write_private(path: Path, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` to ``path`` atomically, mode 0600, never through a symlink.
+
+    A temp file beside it is created exclusively (``O_EXCL | O_NOFOLLOW``) and renamed over
+    ``path``, so readers see the old or the new content, never half of it, and a symlink
+    planted at ``path`` is replaced rather than followed.
+
+    Args:
+        path: The file to write.
+        text: Its new content.
+        fsync: Flush to disk before the rename (records that must survive a crash).
+
+    Raises:
+        EnvironmentProblem: The file cannot be written (read-only dir, disk full, ...).
+    """
+    import contextlib
+    import threading
+
+    from cmw_vllm.errors import EnvironmentProblem
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8"))
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise EnvironmentProblem(f"cannot write {path}: {exc.strerror or exc}") from exc

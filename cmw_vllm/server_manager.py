@@ -200,30 +200,6 @@ def log_path(name: str) -> Path:
     return paths.logs_dir() / f"{name}.log"
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` atomically (temp file + ``os.replace``), mode 0600, never via a symlink.
-
-    Raises:
-        EnvironmentProblem: The file cannot be written (read-only dir, disk full, ...).
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            os.write(fd, text.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise EnvironmentProblem(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
 def _remove(*files: Path) -> None:
     for f in files:
         with contextlib.suppress(FileNotFoundError):
@@ -753,8 +729,9 @@ class ServerManager:
         return record
 
     def _save(self, record: ServerRecord) -> None:
-        _write_private(_record_path(record.name), json.dumps(asdict(record), indent=2) + "\n")
-        _write_private(_pid_path(record.name), f"{record.pid}\n")
+        paths.write_private(_record_path(record.name),
+                            json.dumps(asdict(record), indent=2) + "\n", fsync=True)
+        paths.write_private(_pid_path(record.name), f"{record.pid}\n", fsync=True)
 
     def wait_ready(
         self,
