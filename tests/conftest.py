@@ -141,3 +141,38 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A directory that passes for a model (a config.json); enough for the stand-in engine."""
+    import json
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    return d
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run ``cmw-vllm ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from cmw_vllm.cli import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def alive_pids(pids: list[int]) -> list[int]:
+    """The pids that still run (zombies waiting for a reaper don't count)."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out

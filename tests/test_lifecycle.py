@@ -14,36 +14,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from click.testing import CliRunner
 
-from cmw_vllm.cli import cli
 from cmw_vllm.server_manager import ServerManager, group_members, read_record
-from tests.conftest import free_port
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
-    return d
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def still_alive(pids: list[int]) -> list[int]:
-    """Pids that still run (zombies waiting for a reaper don't count)."""
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+from tests.conftest import alive_pids, free_port
+from tests.conftest import run_cli as run
 
 
 def alive_group(name: str) -> list[int]:
@@ -80,7 +54,7 @@ def test_start_status_stop(fake_engine: Path, model_dir: Path, isolated_home: Pa
     code, out, _ = run("stop", "t1")
     assert code == 0
     assert "Stopped 't1' (graceful" in out
-    assert not still_alive(members)
+    assert not alive_pids(members)
     assert not pid_file.exists()
 
     code, out, _ = run("status")
@@ -171,7 +145,7 @@ def test_stop_forces_a_server_that_ignores_sigterm(fake_engine: Path, model_dir:
     code, out, _ = run("stop", "stubborn", "--timeout", "1")
     assert code == 0
     assert "forced with SIGKILL" in out
-    assert not still_alive(members)
+    assert not alive_pids(members)
 
 
 def test_sigkill_of_api_server_leaves_no_orphan(fake_engine: Path, model_dir: Path) -> None:
@@ -193,7 +167,7 @@ def test_sigkill_of_api_server_leaves_no_orphan(fake_engine: Path, model_dir: Pa
     assert "exited (-9)" in out
     assert "processes left behind" in err
     assert run("stop", "k9")[0] == 0
-    assert not still_alive(members)
+    assert not alive_pids(members)
 
 
 def test_exited_after_ready_then_start_again(fake_engine: Path, model_dir: Path,

@@ -11,29 +11,12 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from click.testing import CliRunner
 
-from cmw_vllm.cli import cli
 from cmw_vllm.server_manager import ServerManager, group_members, read_record
-from tests.conftest import free_port
+from tests.conftest import alive_pids, free_port
+from tests.conftest import run_cli as run
 
 pytestmark = pytest.mark.vllm
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def live(pids: list[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
@@ -71,7 +54,7 @@ def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
     assert code == 0, err
     second = read_record("tiny")
     assert second is not None and second.pid != first.pid
-    assert not live([p.pid for p in psutil.Process(os.getpid()).children()
+    assert not alive_pids([p.pid for p in psutil.Process(os.getpid()).children()
                      if p.pid == first.pid])
     assert requests.get(f"{url}/health", timeout=5).status_code == 200
     assert Path(second.log_path + ".1").exists()
@@ -90,7 +73,7 @@ def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
     # ... and stop still reaps every one of them.
     code, out, err = run("stop", "tiny")
     assert code == 0, err
-    assert not live(members)
+    assert not alive_pids(members)
     code, _, _ = run("status", "tiny")
     assert code == 3
 

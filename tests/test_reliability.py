@@ -14,25 +14,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from click.testing import CliRunner
 
 from cmw_vllm import server_manager
-from cmw_vllm.cli import cli
 from cmw_vllm.server_manager import group_members, read_record
 from tests.conftest import free_port
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
-    return d
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
+from tests.conftest import run_cli as run
 
 
 def processes_with(*needles: str) -> list[psutil.Process]:
