@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -639,6 +638,8 @@ class ServerManager:
         raise ConflictError(f"no free port found from {config.port}")
 
     def _launch(self, config: ServerConfig) -> ServerRecord:
+        import subprocess
+
         import psutil
 
         from cmw_vllm.vllm_engine import build_command, find_engine_python

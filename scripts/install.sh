@@ -9,7 +9,8 @@ PYTHON="${PYTHON:-python3}"
 VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q -e '.[test]'
+# compat mode: a plain path entry instead of an import hook that every start-up would pay for.
+.venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 # Byte-compile now: an editable install never does, and PYTHONDONTWRITEBYTECODE=1 setups
 # would otherwise recompile every module on every command.
 .venv/bin/python -m compileall -q cmw_vllm
