@@ -362,10 +362,25 @@ def _signal(proc: psutil.Process, sig: int) -> bool:
 
 
 def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited; return those still running after ``timeout``.
+
+    A zombie counts as gone: it holds no memory, and an orphan's zombie waits for init
+    to reap it, which can take a while (psutil.wait_procs would wait for that).
+    """
     import psutil
 
-    _gone, alive = psutil.wait_procs(procs, timeout=max(timeout, 0))
-    return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    def running(proc: psutil.Process) -> bool:
+        try:
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + max(timeout, 0)
+    alive = [p for p in procs if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if running(p)]
+    return alive
 
 
 def describe_port_holder(host: str, port: int) -> str | None:
