@@ -1,0 +1,45 @@
+"""The benchmarks run and print their figures (a smoke check: no timing is asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def bench(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), *args],
+                          capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
+                          env={**os.environ, **(env or {})}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_cli_smoke() -> None:
+    out = bench("bench_cli.py", "--runs", "2", "--servers", "3", "--hung", "1")
+    assert "CPUs" in out
+    assert "status --json (no servers)" in out
+    assert "over 3 servers, 1 hung" in out
+
+
+def test_bench_verify_smoke() -> None:
+    out = bench("bench_verify.py", "--size-mb", "8", "--files", "2", "--repeat", "1")
+    assert "sha256sum" in out
+
+
+def test_bench_download_smoke() -> None:
+    out = bench("bench_download.py", "--size-mb", "4", "--shards", "2", "--repeat", "1")
+    assert "hf download" in out
+
+
+@pytest.mark.vllm
+def test_bench_lifecycle_smoke(real_vllm: str) -> None:
+    out = bench("bench_lifecycle.py", "--overhead-runs", "1",
+                env={"CMW_VLLM_PYTHON": real_vllm})
+    for figure in ("exit -> report", "first 200 of /health", "stop (graceful)",
+                   "ignoring SIGTERM", "start overhead"):
+        assert figure in out
