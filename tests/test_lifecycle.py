@@ -410,3 +410,19 @@ def test_status_shows_gpu_memory_of_the_engine_processes(
     assert json.loads(out)["servers"][0]["gpu_memory_bytes"] == 20 * gib  # not the foreign 5
     code, out, _ = run("status")
     assert "20.0 GiB" in out
+
+
+def test_logs_follow_prints_new_lines_until_ctrl_c(fake_engine: Path, model_dir: Path) -> None:
+    assert run("start", str(model_dir), "--name", "lf", "--port", str(free_port()))[0] == 0
+    record = read_record("lf")
+    assert record is not None
+    proc = subprocess.Popen([sys.executable, "-m", "cmw_vllm", "logs", "lf", "-n", "1", "-f"],
+                            stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    with open(record.log_path, "a") as fh:
+        fh.write("a line written after following began\n")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "a line written after following began" in out
