@@ -184,7 +184,7 @@ def _build_config(target: str, options: dict[str, Any], vllm_args: tuple[str, ..
     )
 
 
-def _run_start(manager: Any, start: Any, name: str, quiet: bool) -> tuple[StartResult, float]:
+def _run_start(start: Any, name: str, quiet: bool) -> tuple[StartResult, float]:
     progress = _Progress(name, quiet=quiet)
     begin = time.monotonic()
     try:
@@ -289,7 +289,7 @@ def start(
 
     if run_test and no_wait:
         raise UsageError("--test needs the server ready: drop --no-wait")
-    result, elapsed = _run_start(manager, do_start, config.name, quiet=as_json or no_wait)
+    result, elapsed = _run_start(do_start, config.name, quiet=as_json or no_wait)
     if not run_test:
         _report_start(result, as_json, elapsed)
         return
@@ -393,7 +393,7 @@ def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> N
     def do_restart(on_progress: Any) -> StartResult:
         return manager.restart(name, wait=not no_wait, timeout=timeout, on_progress=on_progress)
 
-    result, elapsed = _run_start(manager, do_restart, name, quiet=as_json or no_wait)
+    result, elapsed = _run_start(do_restart, name, quiet=as_json or no_wait)
     _report_start(result, as_json, elapsed)
 
 

@@ -657,7 +657,7 @@ class ServerManager:
 
         import psutil
 
-        from cmw_vllm.vllm_engine import build_command, find_engine_python
+        from cmw_vllm.vllm_engine import build_command, find_engine_python, tail_lines
 
         python = find_engine_python()
         command = build_command(python, config.model, config.vllm_cli_args())
@@ -717,7 +717,7 @@ class ServerManager:
             sup.poll()
             raise ServerStartError(
                 f"could not launch vLLM for {config.name!r}",
-                log_tail="\n".join(_tail(log_file, 20)),
+                log_tail="\n".join(tail_lines(log_file, 20)),
             )
         record = ServerRecord(
             name=config.name,
@@ -967,8 +967,3 @@ def running_models() -> dict[str, list[str]]:
             out.setdefault(status.record.model, []).append(status.name)
     return out
 
-
-def _tail(path: Path, n: int) -> list[str]:
-    from cmw_vllm.vllm_engine import tail_lines
-
-    return tail_lines(path, n)
