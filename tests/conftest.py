@@ -8,8 +8,12 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from cmw_vllm.server_manager import ServerStatus
 
 from tests.tiny_model import make_tiny_model
 
@@ -176,3 +180,21 @@ def alive_pids(pids: list[int]) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def wait_for_state(name: str, state: str, timeout: float = 10.0) -> ServerStatus:
+    """Poll ``ServerManager().get_status(name)`` until it is ``state`` or ``timeout`` passes.
+
+    Returns:
+        The last ServerStatus seen (the caller asserts on it).
+    """
+    import time
+
+    from cmw_vllm.server_manager import ServerManager
+
+    deadline = time.monotonic() + timeout
+    status = ServerManager().get_status(name)
+    while status.state != state and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = ServerManager().get_status(name)
+    return status

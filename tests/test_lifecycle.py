@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from cmw_vllm.server_manager import ServerManager, group_members, read_record
-from tests.conftest import alive_pids, free_port
+from tests.conftest import alive_pids, free_port, wait_for_state
 from tests.conftest import run_cli as run
 
 
@@ -154,11 +154,7 @@ def test_sigkill_of_api_server_leaves_no_orphan(fake_engine: Path, model_dir: Pa
     assert record is not None
     members = alive_group("k9")
     os.kill(record.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    status = ServerManager().get_status("k9")
-    while status.state != "exited" and time.monotonic() < deadline:
-        time.sleep(0.1)
-        status = ServerManager().get_status("k9")
+    status = wait_for_state("k9", "exited")
     assert status.state == "exited"
     assert status.returncode == -9
     assert status.orphans  # the engine child lives on in the group
@@ -175,9 +171,7 @@ def test_exited_after_ready_then_start_again(fake_engine: Path, model_dir: Path,
     port = str(free_port())
     monkeypatch.setenv("FAKE_VLLM_MODE", "die_after_ready")
     assert run("start", str(model_dir), "--name", "dies", "--port", port)[0] == 0
-    deadline = time.monotonic() + 10
-    while ServerManager().get_status("dies").state != "exited" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_state("dies", "exited")
     code, out, _ = run("status", "dies", "--json")
     assert code == 1
     server = json.loads(out)["servers"][0]

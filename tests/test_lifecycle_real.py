@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
 
-from cmw_vllm.server_manager import ServerManager, group_members, read_record
-from tests.conftest import alive_pids, free_port
+from cmw_vllm.server_manager import group_members, read_record
+from tests.conftest import alive_pids, free_port, wait_for_state
 from tests.conftest import run_cli as run
 
 pytestmark = pytest.mark.vllm
@@ -63,11 +62,7 @@ def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
     members = [p.pid for p in group_members(second)]
     assert len(members) >= 3
     os.kill(second.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    status = ServerManager().get_status("tiny")
-    while status.state != "exited" and time.monotonic() < deadline:
-        time.sleep(0.2)
-        status = ServerManager().get_status("tiny")
+    status = wait_for_state("tiny", "exited", timeout=15)
     assert status.state == "exited"
     assert status.orphans, "EngineCore should outlive a SIGKILLed API server"
     # ... and stop still reaps every one of them.
