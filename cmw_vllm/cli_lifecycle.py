@@ -17,6 +17,12 @@ from cmw_vllm.cli_common import (
     print_table,
     stderr_is_tty,
 )
+from cmw_vllm.cli_multinode import (
+    cluster_views,
+    distributed_values,
+    multinode_options,
+    role_notes,
+)
 from cmw_vllm.errors import (
     EXIT_FAILURE,
     EXIT_NOT_RUNNING,
@@ -34,6 +40,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _STATE_EXIT = {
     "healthy": EXIT_OK,
     "starting": EXIT_STARTING,
+    "joined": EXIT_OK,
     "running": EXIT_OK,
     "unhealthy": EXIT_FAILURE,
     "exited": EXIT_FAILURE,
@@ -102,15 +109,19 @@ def _warn_exposed(host: str) -> None:
 
 def _start_json(result: StartResult) -> dict[str, Any]:
     record = result.record
+    ready_state = "joined" if record.role == "follower" else "healthy"
     return {
         "name": result.name,
-        "state": "healthy" if result.ready else "starting",
+        "state": ready_state if result.ready else "starting",
         "already_running": result.already_running,
         "model": record.model,
         "pid": record.pid,
-        "port": record.port,
-        "url": record.base_url,
+        "port": record.port or None,
+        "url": record.base_url or None,
         "log": record.log_path,
+        "role": record.role,
+        "node_rank": record.node_rank,
+        "leader": record.leader,
         "ready_after_s": round(result.ready_after_s, 2)
         if result.ready_after_s is not None
         else None,
@@ -127,6 +138,9 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
     if result.already_running:
         verb = "is already running" if result.ready else "is already starting"
         click.echo(f"Server {result.name!r} {verb} ({record.model}, pid {record.pid}).")
+    elif result.ready and record.role == "follower":
+        click.echo(f"Server {result.name!r} has joined ({record.model}, pid {record.pid}, "
+                   f"{elapsed:.1f}s).")
     elif result.ready:
         click.echo(
             f"Server {result.name!r} is ready ({record.model}, pid {record.pid}, "
@@ -136,6 +150,10 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
         click.echo(f"Server {result.name!r} is starting ({record.model}, pid {record.pid}).")
         click.echo(f"  Log:      {record.log_path}")
         click.echo(f"  Check:    cmw-vllm status {result.name}")
+    if record.role == "follower":  # headless: the leader serves the API
+        state = "has joined" if result.ready else "joins"
+        click.echo(f"  Follower: rank {record.node_rank}, {state} the leader at {record.leader}")
+        return
     click.echo(f"  Endpoint: {record.base_url}/v1")
     if result.ready:
         click.echo(f"  Try:      {_example_request(record)}")
@@ -227,6 +245,7 @@ def _run_start(start: Any, name: str, quiet: bool) -> tuple[StartResult, float]:
 @click.option("--test", "run_test", is_flag=True,
               help="Once ready, send one request for the model's task (like `cmw-vllm test`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@multinode_options
 def start(
     target: str,
     vllm_args: tuple[str, ...],
@@ -247,6 +266,7 @@ def start(
     force: bool,
     run_test: bool,
     as_json: bool,
+    **dist_options: Any,
 ) -> None:
     """Start a vLLM server in the background and wait until it is ready.
 
@@ -260,6 +280,7 @@ def start(
       cmw-vllm start Qwen/Qwen3-0.6B --name small --port 8010 --max-model-len 8192
       cmw-vllm start ./tiny-model --dtype float32 -- --enforce-eager
       cmw-vllm start qwen --gpus 1 --no-wait
+      cmw-vllm start qwen -tp 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1
     """
     from cmw_vllm.server_manager import ServerManager
 
@@ -277,6 +298,7 @@ def start(
             "served_model_name": served_model_name,
             "task": task,
             "env": _parse_env(env_pairs),
+            "distributed": distributed_values(dist_options),
         },
         vllm_args,
     )
@@ -462,7 +484,7 @@ def _status_rows(
                 state,
                 rec.model if rec else "-",
                 str(st.pid) if st.pid else "-",
-                str(rec.port) if rec else "-",
+                str(rec.port) if rec and rec.port else "-",
                 format_duration(st.uptime) if st.running else "-",
                 format_bytes((loads.get(st.name) or {}).get("gpu_memory_bytes")),
                 *load_cells(loads.get(st.name)),
@@ -533,10 +555,13 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         _watch(names, interval)
         return
     statuses, code, loads = _collect_status(names, as_json)
+    views = cluster_views(statuses)
     if as_json:
         servers = []
         for st in statuses:
             data = st.to_json()
+            if st.record is not None and st.record.role == "leader":
+                data["cluster"] = views.get(st.name)
             extra = dict(loads.get(st.name) or {})
             data["gpu_memory_bytes"] = extra.pop("gpu_memory_bytes", None)
             data["load"] = extra or None
@@ -548,6 +573,8 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     else:
         columns, rows = _status_rows(statuses, loads)
         print_table(columns, rows)
+        for line in role_notes(statuses, views):
+            click.echo(line)
         for st in statuses:
             if st.error and st.state in ("exited", "stale", "invalid"):
                 echo_err(f"{st.name}: {st.error}")

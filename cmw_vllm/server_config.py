@@ -11,8 +11,16 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from cmw_vllm import multinode
 from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
 
@@ -34,6 +42,7 @@ MANAGED_FLAGS = {
     "--dtype",
     "--api-key",
     "--served-model-name",
+    *multinode.MANAGED_FLAGS,
 }
 
 # Option names shown in errors, per field.
@@ -51,6 +60,7 @@ OPTION_NAMES = {
     "vllm_args": "extra vLLM flags",
     "env": "env",
     "served_model_name": "--served-model-name",
+    "distributed": "multi-node option",
 }
 
 
@@ -94,6 +104,7 @@ class ServerConfig(BaseModel):
     task: Task = "generate"
     vllm_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    distributed: multinode.Distributed | None = None
 
     @field_validator("name")
     @classmethod
@@ -134,6 +145,26 @@ class ServerConfig(BaseModel):
                 raise ValueError(f"{flag} is set by cmw-vllm; use its own option instead")
         return value
 
+    @model_validator(mode="after")
+    def _check_distributed(self) -> ServerConfig:
+        if self.distributed is not None:
+            try:
+                multinode.check_world(self.distributed, self.tensor_parallel_size,
+                                      self.vllm_args)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+        return self
+
+    @property
+    def role(self) -> str:
+        """``single``, ``leader`` (serves the API for several nodes) or ``follower``."""
+        return self.distributed.role if self.distributed is not None else multinode.SINGLE
+
+    def local_device_count(self) -> int:
+        """How many GPUs this node's part of the server uses."""
+        return multinode.local_device_count(self.distributed, self.tensor_parallel_size,
+                                            self.vllm_args)
+
     def base_url(self) -> str:
         """The HTTP address clients use (loopback when bound to all interfaces)."""
         host = self.host
@@ -149,7 +180,10 @@ class ServerConfig(BaseModel):
 
     def vllm_cli_args(self) -> list[str]:
         """The ``vllm serve`` flags for this config (the model and key are not included)."""
-        args = ["--host", self.host, "--port", str(self.port)]
+        if self.role == multinode.FOLLOWER:  # headless: no HTTP server
+            args = []
+        else:
+            args = ["--host", self.host, "--port", str(self.port)]
         if self.served_model_name:
             args += ["--served-model-name", self.served_model_name]
         if self.tensor_parallel_size != 1:
@@ -160,6 +194,8 @@ class ServerConfig(BaseModel):
             args += ["--max-model-len", str(self.max_model_len)]
         if self.dtype != "auto":
             args += ["--dtype", self.dtype]
+        if self.distributed is not None:
+            args += self.distributed.cli_args()
         return args + self._task_args() + list(self.vllm_args)
 
     def _task_args(self) -> list[str]:
@@ -177,8 +213,10 @@ def format_validation_error(exc: ValidationError, source: str | None = None) -> 
     """Turn a pydantic error into one readable line naming the option."""
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ())]
-    field = loc[0] if loc else "value"
+    field = loc[0] if loc else "settings"
     option = OPTION_NAMES.get(field, field) if source is None else ".".join(loc) or field
+    if source is None and field == "distributed" and len(loc) > 1:
+        option = multinode.OPTION_NAMES.get(loc[1], loc[1])
     msg = err.get("msg", "invalid value")
     msg = msg.removeprefix("Value error, ")
     got = err.get("input")

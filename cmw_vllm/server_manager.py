@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,7 @@ RUNNING = "running"  # process alive, health not checked
 STARTING = "starting"
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
+JOINED = "joined"  # a follower node that is in its leader's group (no HTTP of its own)
 EXITED = "exited"
 STALE = "stale"
 INVALID = "invalid"
@@ -79,6 +80,10 @@ class ServerRecord:
     started_at: float
     config: dict[str, Any]
     ready_at: float | None = None
+    role: str = "single"
+    node_rank: int = 0
+    leader: str | None = None
+    host_ip: str | None = None
     format: int = RECORD_FORMAT
 
     @classmethod
@@ -96,7 +101,7 @@ class ServerRecord:
         kwargs: dict[str, Any] = {}
         for f in cls.__dataclass_fields__.values():
             if f.name not in data:
-                if f.name in ("ready_at", "format"):
+                if f.default is not MISSING:
                     continue
                 raise ValueError(f"missing field {f.name!r}")
             kwargs[f.name] = data[f.name]
@@ -125,7 +130,7 @@ class ServerStatus:
     @property
     def running(self) -> bool:
         """True when the server's process is alive (starting, healthy or unhealthy)."""
-        return self.state in (RUNNING, STARTING, HEALTHY, UNHEALTHY)
+        return self.state in (RUNNING, STARTING, HEALTHY, UNHEALTHY, JOINED)
 
     def to_json(self) -> dict[str, Any]:
         """Stable JSON shape for ``status --json``."""
@@ -138,14 +143,17 @@ class ServerStatus:
             "task": rec.task if rec else None,
             "pid": self.pid,
             "host": rec.host if rec else None,
-            "port": rec.port if rec else None,
-            "url": rec.base_url if rec else None,
+            "port": rec.port if rec and rec.port else None,
+            "url": rec.base_url if rec and rec.base_url else None,
             "uptime_s": round(self.uptime, 1) if self.uptime is not None else None,
             "started_at": rec.started_at if rec else None,
             "returncode": self.returncode,
             "orphan_pids": self.orphans,
             "log": rec.log_path if rec else None,
             "error": self.error,
+            "role": rec.role if rec else None,
+            "node_rank": rec.node_rank if rec else None,
+            "leader": rec.leader if rec else None,
         }
         out.update(self.extra)
         return out
@@ -471,6 +479,9 @@ class ServerManager:
 
     def _statuses(self, names: list[str], check_health: bool) -> list[ServerStatus]:
         statuses = [self._observe(name) for name in names]
+        for status in statuses:
+            if status.state == RUNNING and status.record and status.record.role == "follower":
+                status.state = JOINED if self._follower_joined(status.record) else STARTING
         to_probe = [s for s in statuses if s.state == RUNNING and s.record is not None]
         if check_health and to_probe:
             codes = self._probe_many([s.record.base_url for s in to_probe])  # type: ignore[union-attr]
@@ -493,6 +504,12 @@ class ServerManager:
 
         with ThreadPoolExecutor(max_workers=min(32, len(urls))) as pool:
             return list(pool.map(lambda u: probe_health(u, self.health_timeout), urls))
+
+    @staticmethod
+    def _follower_joined(record: ServerRecord) -> bool:
+        from cmw_vllm.multinode import log_shows_joined
+
+        return record.ready_at is not None or log_shows_joined(Path(record.log_path))
 
     @staticmethod
     def _was_ready(record: ServerRecord) -> bool:
@@ -594,7 +611,8 @@ class ServerManager:
             else:
                 if existing.record is not None or existing.state == INVALID:
                     self._cleanup_dead(config.name, existing)
-                config, port_changed_from = self._choose_port(config, auto_port)
+                if config.role != "follower":  # a follower has no HTTP port
+                    config, port_changed_from = self._choose_port(config, auto_port)
                 if check_resources:
                     from cmw_vllm.memory_estimate import preflight
 
@@ -660,9 +678,14 @@ class ServerManager:
         from cmw_vllm.vllm_engine import build_command, find_engine_python, tail_lines
 
         python = find_engine_python()
-        command = build_command(python, config.model, config.vllm_cli_args())
+        command = build_command(python, config.model, config.vllm_cli_args(),
+                                serve=config.distributed is not None)
         env = dict(os.environ)
         env.update(config.env)
+        from cmw_vllm.multinode import launch_env
+
+        network = launch_env(config, env)
+        follower = config.role == "follower"
         if config.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = config.gpus
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -727,15 +750,19 @@ class ServerManager:
             supervisor_create_time=sup_proc.create_time(),
             pgid=sup.pid,
             host=config.host,
-            port=config.port,
+            port=0 if follower else config.port,
             model=config.model,
             served_model_name=config.served_name(),
             task=config.task,
-            base_url=config.base_url(),
+            base_url="" if follower else config.base_url(),
             command=command,
             log_path=str(log_file),
             started_at=time.time(),
             config=config.model_dump(mode="json"),
+            role=config.role,
+            node_rank=config.distributed.rank if config.distributed else 0,
+            leader=network.get("leader"),
+            host_ip=network.get("VLLM_HOST_IP"),
         )
         try:
             self._save(record)
@@ -774,10 +801,14 @@ class ServerManager:
         log_file = Path(record.log_path)
         exit_file = _exit_path(record.name)
         proc = _is_ours(record)
+        follower = record.role == "follower"
         while True:
             if proc is None or not proc.is_running() or exit_file.exists():
                 self._fail_start(record)
-            code = probe_health(record.base_url, min(self.health_timeout, 1.0))
+            if follower:
+                code = 200 if self._follower_joined(record) else None
+            else:
+                code = probe_health(record.base_url, min(self.health_timeout, 1.0))
             if code == 200:
                 self._mark_ready(record)
                 if on_progress:
@@ -790,6 +821,8 @@ class ServerManager:
                     log_offset += len(chunk)
                 if chunk:
                     phase = detect_phase(chunk.decode("utf-8", errors="replace"), phase)
+                    if follower and phase == "starting vLLM":
+                        phase = f"joining the leader at {record.leader}"
             except OSError:
                 pass
             if on_progress:

@@ -55,8 +55,22 @@ def find_engine_python() -> str:
     raise EnvironmentProblem("vLLM is not installed", hint=INSTALL_HINT)
 
 
-def build_command(python: str, model: str, args: list[str]) -> list[str]:
-    """The command that runs vLLM's OpenAI server (works with the CUDA and CPU wheels)."""
+SERVE_LAUNCHER = Path(__file__).with_name("vllm_launch.py")
+
+
+def build_command(python: str, model: str, args: list[str], *, serve: bool = False) -> list[str]:
+    """The command that runs vLLM's OpenAI server (works with the CUDA and CPU wheels).
+
+    Args:
+        python: vLLM's interpreter.
+        model: Model id or path.
+        args: The other ``vllm serve`` flags.
+        serve: Go through vLLM's ``serve`` CLI (:mod:`cmw_vllm.vllm_launch`), which alone
+            runs ``--headless`` follower nodes.
+    """
+    if serve:
+        code = f"import runpy; runpy.run_path({str(SERVE_LAUNCHER)!r}, run_name='__main__')"
+        return [python, "-c", code, "serve", model, *args]
     return [python, "-m", API_SERVER_MODULE, "--model", model, *args]
 
 
@@ -84,6 +98,13 @@ def detect_phase(text: str, current: str = "starting vLLM") -> str:
 
 # (regex, diagnosis); the first match wins, so specific patterns come first.
 _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
+    # A follower node's own verdict (cmw_vllm.vllm_launch): it names the leader and why.
+    (re.compile(r"^cmw-vllm: (.+)$", re.MULTILINE), "{0}"),
+    (
+        re.compile(r"current platform (\w+) does not support ray", re.IGNORECASE),
+        "vLLM's Ray executor refuses this platform ({0}): use "
+        "--distributed-executor-backend mp (Ray needs GPU nodes)",
+    ),
     (
         re.compile(r"estimated maximum model length is (\d+)"),
         "the KV cache cannot hold max_model_len; try --max-model-len {0} "
