@@ -901,32 +901,13 @@ def _from_entry(entry: ModelEntry) -> ResolvedTarget:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The Hugging Face cache, read without importing huggingface_hub (keeps ``list`` fast)
-
-
-def hf_hub_cache() -> Path:
-    """The Hub cache directory, resolved from the environment as huggingface_hub does."""
-    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
-
-
 def is_downloaded(model: str) -> bool:
-    """True when the cache holds a non-empty snapshot of ``model`` (or it is a local dir).
+    """True when ``model`` is a local directory, or the HF cache holds a snapshot of it.
 
     This is a quick presence check; ``verify`` checks that the files are complete.
     """
     if _looks_like_path(model):
         return Path(model).expanduser().is_dir()
-    snapshots = hf_hub_cache() / f"models--{model.replace('/', '--')}" / "snapshots"
-    try:
-        return any(
-            snapshot.is_dir() and any(snapshot.iterdir()) for snapshot in snapshots.iterdir()
-        )
-    except OSError:
-        return False
+    from cmw_vllm.hf_cache import is_cached
+
+    return is_cached(model)

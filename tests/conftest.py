@@ -25,7 +25,12 @@ REAL_VLLM_LOCK = Path(os.environ.get("CMW_VLLM_TEST_LOCK", "/tmp/cmw-vllm-real-v
 _ISOLATED_VARS = (
     "VLLM_API_KEY",
     "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
     "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
     "HF_ENDPOINT",
     "CMW_VLLM_ENV_FILE",
     "CMW_VLLM_HOST",
