@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 from tests.tiny_model import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIR = REPO_ROOT.parent / "shared"
 # Only one real vLLM server at a time on this machine (2 cores), across test processes too.
 REAL_VLLM_LOCK = Path(os.environ.get("CMW_VLLM_TEST_LOCK", "/tmp/cmw-vllm-real-vllm.lock"))
 
