@@ -121,7 +121,7 @@ def _safetensors(path: Path, tensors: dict[str, tuple[str, list[int], int]]) -> 
 
 
 def test_one_safetensors_reader_for_verify_and_estimate(tmp_path: Path) -> None:
-    from cmw_vllm.memory_estimate import spec_from_dir
+    from cmw_vllm.model_spec import spec_from_dir
     from cmw_vllm.model_verifier import safetensors_problem
 
     # fp4 packs two elements a byte: 8 elements are 4 bytes, not 8.
