@@ -24,7 +24,8 @@ from cmw_vllm.model_registry import (
     resolve_target,
 )
 from cmw_vllm.paths import user_models_file
-from cmw_vllm.server_config import resolve_server_config, validate_name
+from cmw_vllm.server_config import resolve_server_config
+from cmw_vllm.vocab import validate_name
 from tests.conftest import SHARED_DIR
 
 FLAGS_TSV = SHARED_DIR / "vllm" / "serve-flags-0.32.0.tsv"
