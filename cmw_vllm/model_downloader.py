@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 
 from cmw_vllm.errors import (
     CmwVllmError,
+    DownloadCancelled,
+    DownloadError,
     EnvironmentProblem,
     InsufficientResourcesError,
     NotFoundError,
@@ -65,10 +67,6 @@ DEFAULT_ALLOW_PATTERNS = [
 TORCH_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 # Safetensors in sub-folders (original/, metal/, onnx/, ...) duplicate the root weights.
 SUBFOLDER_WEIGHT_PATTERNS = ["*/*.safetensors"]
-
-
-class DownloadCancelled(Exception):
-    """Raised inside download threads after Ctrl-C so they stop at their next chunk."""
 
 
 @dataclass(frozen=True)
@@ -421,7 +419,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
             return EnvironmentProblem(
                 f"the Hugging Face Hub at {endpoint()} answered HTTP {status}; try again later")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return CmwVllmError(f"the Hub refused the request for {repo_id}: {first}")
+        return DownloadError(f"the Hub refused the request for {repo_id}: {first}")
     if isinstance(exc, hf_errors.LocalEntryNotFoundError) or _is_network_error(exc) or \
             isinstance(exc, ConnectionError):
         return EnvironmentProblem(
@@ -430,7 +428,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
                  "the cache",
         )
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
-        return CmwVllmError(f"a file of {repo_id} arrived incomplete; run the download again")
+        return DownloadError(f"a file of {repo_id} arrived incomplete; run the download again")
     return None
 
 
@@ -516,7 +514,8 @@ def plan_download(
         allow, ignore = select_files(names, include, exclude)
         selected = filter_names(names, allow, ignore)
     if repair and not selected:
-        raise CmwVllmError(f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
+        raise DownloadError(
+            f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
     if not selected:
         raise UsageError(f"no file of {repo_id}@{rev} matches the selection",
                          hint="check --include/--exclude")
