@@ -47,6 +47,7 @@ from cmw_vllm.model_verifier import (
     verify_location,
     write_manifest,
 )
+from cmw_vllm.vocab import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -341,15 +342,6 @@ def filter_names(names: Sequence[str], allow: Sequence[str] | None,
     return out
 
 
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
 def _escape(name: str) -> str:
     """A pattern that matches exactly ``name`` under fnmatch."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
@@ -556,8 +548,8 @@ def check_disk_space(plan: DownloadPlan) -> None:
     """
     if plan.bytes_to_fetch > plan.free_bytes:
         raise InsufficientResourcesError(
-            f"{plan.repo_id} needs {_fmt_bytes(plan.bytes_to_fetch)} "
-            f"({plan.bytes_to_fetch} bytes) more but only {_fmt_bytes(plan.free_bytes)} "
+            f"{plan.repo_id} needs {format_bytes(plan.bytes_to_fetch)} "
+            f"({plan.bytes_to_fetch} bytes) more but only {format_bytes(plan.free_bytes)} "
             f"({plan.free_bytes} bytes) is free in {plan.target}",
             hint="free some space, choose another place with --local-dir or HF_HOME, "
                  "or pass --force to try anyway",

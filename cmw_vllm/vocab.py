@@ -167,6 +167,11 @@ def format_gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def format_size(n: float) -> str:
+    """:func:`format_gib`, or MiB with one decimal below 0.1 GiB (``112.0 MiB``)."""
+    return format_gib(n) if abs(n) >= GiB / 10 else f"{n / MiB:.1f} MiB"
+
+
 # --------------------------------------------------------------------------- models
 
 _HF_ID_MAX = 96
