@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from cmw_vllm.errors import UsageError
+from cmw_vllm.hf_cache import SAFETENSORS_DTYPE_BITS
 from cmw_vllm.vocab import GiB, format_gib
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vLLM's --gpu-memory-utilization default
@@ -43,12 +44,6 @@ CPU_RUNTIME_BYTES = 3 * GiB
 # RAM is available.
 CPU_FRONTEND_BYTES = int(1.25 * GiB)
 
-# Bytes per element of safetensors dtypes.
-SAFETENSORS_BYTES: dict[str, float] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
-    "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "F8_E4M3FN": 1, "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
-}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _DTYPE_ALIASES = {
@@ -170,7 +165,7 @@ def weight_bytes(spec: ModelSpec, dtype: str = "auto") -> int:
             if code in FLOAT_DTYPES:
                 total += count * run_bytes
             else:
-                total += count * SAFETENSORS_BYTES.get(code, 1)
+                total += count * SAFETENSORS_DTYPE_BITS.get(code, 8) / 8
         return int(total)
     if spec.weight_file_bytes:
         stored = DTYPE_BYTES.get(spec.config_dtype or "bfloat16", 2)

@@ -109,12 +109,8 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# The one circle left, until the Hugging Face cache knowledge has its own module.
-KNOWN_CYCLES = [["cmw_vllm.model_downloader", "cmw_vllm.model_verifier"]]
-
-
 def test_every_import_points_down() -> None:
-    cycles = [c for c in _cycles(import_graph()) if c not in KNOWN_CYCLES]
+    cycles = _cycles(import_graph())
     assert not cycles, "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
