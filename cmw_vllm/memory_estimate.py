@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from cmw_vllm.errors import UsageError
 from cmw_vllm.hf_cache import SAFETENSORS_DTYPE_BITS
+from cmw_vllm.vocab import GiB, format_gib
 
-GiB = 1024**3
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vLLM's --gpu-memory-utilization default
 GPU_BLOCK_SIZE = 16
 CPU_BLOCK_SIZE = 128  # vllm/platforms/cpu.py sets 128 unless --block-size is given
@@ -465,9 +465,9 @@ def _gpu_budget(target: MemoryTarget, util: float, weights: int, acts: int,
                       f"{util:g} x GPU memory - weights - activations - runtime")
     if target.memory_free is not None and target.memory_free < budget:
         out.problems.append(
-            f"{target.description or 'the GPU'} has {gib_text(target.memory_free)} free but "
-            f"--gpu-memory-utilization {util:g} asks for {gib_text(budget)} "
-            f"of {gib_text(target.memory_total)}"
+            f"{target.description or 'the GPU'} has {format_gib(target.memory_free)} free but "
+            f"--gpu-memory-utilization {util:g} asks for {format_gib(budget)} "
+            f"of {format_gib(target.memory_total)}"
         )
     return out
 
@@ -488,17 +488,17 @@ def _cpu_budget(target: MemoryTarget, util: float, weights: int, acts: int,
                       f"{util:g} x RAM - weights - worker memory (vLLM's CPU default)")
         if free is not None and free - CPU_FRONTEND_BYTES < budget:
             out.problems.append(
-                f"RAM has {gib_text(free)} available, about "
-                f"{gib_text(max(0, free - CPU_FRONTEND_BYTES))} once vLLM's API server and "
+                f"RAM has {format_gib(free)} available, about "
+                f"{format_gib(max(0, free - CPU_FRONTEND_BYTES))} once vLLM's API server and "
                 f"engine run, but its CPU worker asks for {util:g} x "
-                f"{gib_text(target.memory_total)} = {gib_text(budget)} when "
+                f"{format_gib(target.memory_total)} = {format_gib(budget)} when "
                 f"{CPU_KV_SPACE_ENV} is unset"
             )
     if not out.problems and free is not None and out.budget > free:
         out.problems.append(
-            f"RAM has {gib_text(free)} available but the server needs about "
-            f"{gib_text(out.budget)} (weights {gib_text(weights)}, KV cache "
-            f"{gib_text(out.kv_space)}, runtime {gib_text(runtime + acts)})"
+            f"RAM has {format_gib(free)} available but the server needs about "
+            f"{format_gib(out.budget)} (weights {format_gib(weights)}, KV cache "
+            f"{format_gib(out.kv_space)}, runtime {format_gib(runtime + acts)})"
         )
     return out
 
@@ -596,14 +596,14 @@ def _assess(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) -
         kv_space, kv, block)
     if kv_space <= 0:
         problems.append(
-            f"no memory left for the KV cache: weights {gib_text(weights)} + activations and "
-            f"runtime {gib_text(acts + shares.runtime)} exceed the {gib_text(shares.budget)} "
+            f"no memory left for the KV cache: weights {format_gib(weights)} + activations and "
+            f"runtime {format_gib(acts + shares.runtime)} exceed the {format_gib(shares.budget)} "
             "budget"
         )
     elif not kv_fits:
         problems.append(
-            f"one request of {max_len} tokens needs {gib_text(kv.request_bytes(max_len))} of "
-            f"KV cache but only {gib_text(kv_space)} is left"
+            f"one request of {max_len} tokens needs {format_gib(kv.request_bytes(max_len))} of "
+            f"KV cache but only {format_gib(kv_space)} is left"
         )
     return MemoryEstimate(
         model=spec.model, source=spec.source, device=target.device,
@@ -743,13 +743,3 @@ def _cpu_suggestions(spec: ModelSpec, settings: EstimateSettings,
         if length is not None:
             out.append(f"--max-model-len {length}")
     return out
-
-
-def gib_text(n: float) -> str:
-    """Bytes as GiB with two decimals."""
-    return f"{n / GiB:.2f} GiB"
-
-
-def size_text(n: float) -> str:
-    """Bytes as GiB, or MiB below a tenth of a GiB."""
-    return gib_text(n) if abs(n) >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
