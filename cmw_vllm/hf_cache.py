@@ -206,6 +206,11 @@ def write_ref(folder: Path, revision: str, commit: str) -> None:
         logger.warning("cannot record %s -> %s in %s: %s", revision, commit, folder, exc)
 
 
+def has_blob(folder: Path, etag: str) -> bool:
+    """True when a repo folder holds the blob of this ETag (the content is on disk)."""
+    return (folder / "blobs" / etag).is_file()
+
+
 def tree_file(folder: Path, commit: str) -> Path:
     """The file listing ``snapshot_download`` leaves for a commit (size and hash per file)."""
     return folder / "trees" / f"{commit}.json"
