@@ -38,6 +38,7 @@ from cmw_vllm.hf_cache import (
     offline,
     repo_dir,
     select_files,
+    snapshot_path,
     token,
     write_ref,
 )
@@ -637,7 +638,7 @@ def download_model(
         on_plan(plan)
     if not force:
         check_disk_space(plan)
-    snapshot = plan.target / "snapshots" / plan.commit if local_dir is None else plan.target
+    snapshot = snapshot_path(plan.target, plan.commit) if local_dir is None else plan.target
     complete = plan.bytes_to_fetch == 0 and not plan.repair and all(
         (snapshot / f.path).exists() for f in plan.files)
     if complete:

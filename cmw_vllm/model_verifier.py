@@ -188,7 +188,7 @@ def manifest_path(repo_id: str, commit: str) -> Path:
 
 def local_manifest_path(local_dir: Path) -> Path:
     """Where cmw-vllm records which files a ``--local-dir`` download asked for."""
-    return local_dir / ".cache" / "huggingface" / "cmw-vllm-download.json"
+    return hf_cache.local_metadata_dir(local_dir) / "cmw-vllm-download.json"
 
 
 def write_manifest(path: Path, data: dict[str, object]) -> None:
@@ -270,7 +270,7 @@ def locate_cached(repo_id: str, revision: str | None = None,
             + (f" (cached: {', '.join(known)})" if known else ""),
             hint=f"download it: cmw-vllm download {repo_id} --revision {rev}",
         )
-    snapshot = repo_dir / "snapshots" / commit
+    snapshot = hf_cache.snapshot_path(repo_dir, commit)
     if not snapshot.is_dir():
         raise NotFoundError(
             f"snapshot {commit[:12]} of {repo_id} is missing from the cache",
@@ -317,7 +317,7 @@ def locate_local(path: Path) -> ModelLocation:
     if not path.is_dir():
         raise NotFoundError(f"{path} is not a directory")
     loc = ModelLocation(path.resolve(), source="local")
-    hf_dir = path / ".cache" / "huggingface"
+    hf_dir = hf_cache.local_metadata_dir(path)
     commits: dict[str, None] = {}
     etags: dict[str, str] = {}
     download_dir = hf_dir / "download"
@@ -332,7 +332,7 @@ def locate_local(path: Path) -> ModelLocation:
                 commits.setdefault(lines[0].strip(), None)
                 etags[rel] = lines[1].strip()
     for commit in commits:
-        tree = read_tree(hf_dir / "trees" / f"{commit}.json")
+        tree = read_tree(hf_cache.tree_file(hf_dir, commit))
         if tree is not None:
             loc.commit, loc.expected, loc.metadata = commit, tree, "tree"
             break
