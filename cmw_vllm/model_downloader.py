@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 from cmw_vllm.errors import (
     CmwVllmError,
+    DownloadCancelled,
+    DownloadError,
     EnvironmentProblem,
     InsufficientResourcesError,
     NotFoundError,
@@ -52,14 +54,11 @@ from cmw_vllm.model_verifier import (
     verify_location,
     write_manifest,
 )
+from cmw_vllm.vocab import format_bytes
 
 logger = logging.getLogger(__name__)
 
 TOKEN_HELP = "https://huggingface.co/settings/tokens"
-
-
-class DownloadCancelled(Exception):
-    """Raised inside download threads after Ctrl-C so they stop at their next chunk."""
 
 
 @dataclass(frozen=True)
@@ -269,13 +268,6 @@ def free_space(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _escape(name: str) -> str:
@@ -347,7 +339,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
             return EnvironmentProblem(
                 f"the Hugging Face Hub at {endpoint()} answered HTTP {status}; try again later")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return CmwVllmError(f"the Hub refused the request for {repo_id}: {first}")
+        return DownloadError(f"the Hub refused the request for {repo_id}: {first}")
     if isinstance(exc, hf_errors.LocalEntryNotFoundError) or _is_network_error(exc) or \
             isinstance(exc, ConnectionError):
         return EnvironmentProblem(
@@ -356,7 +348,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
                  "the cache",
         )
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
-        return CmwVllmError(f"a file of {repo_id} arrived incomplete; run the download again")
+        return DownloadError(f"a file of {repo_id} arrived incomplete; run the download again")
     return None
 
 
@@ -450,7 +442,8 @@ def plan_download(
         allow, ignore = select_files(names, include, exclude)
         selected = filter_names(names, allow, ignore)
     if repair and not selected:
-        raise CmwVllmError(f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
+        raise DownloadError(
+            f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
     if not selected:
         raise UsageError(f"no file of {repo_id}@{rev} matches the selection",
                          hint="check --include/--exclude")
@@ -509,8 +502,8 @@ def check_disk_space(plan: DownloadPlan) -> None:
     """
     if plan.bytes_to_fetch > plan.free_bytes:
         raise InsufficientResourcesError(
-            f"{plan.repo_id} needs {_fmt_bytes(plan.bytes_to_fetch)} "
-            f"({plan.bytes_to_fetch} bytes) more but only {_fmt_bytes(plan.free_bytes)} "
+            f"{plan.repo_id} needs {format_bytes(plan.bytes_to_fetch)} "
+            f"({plan.bytes_to_fetch} bytes) more but only {format_bytes(plan.free_bytes)} "
             f"({plan.free_bytes} bytes) is free in {plan.target}",
             hint="free some space, choose another place with --local-dir or HF_HOME, "
                  "or pass --force to try anyway",

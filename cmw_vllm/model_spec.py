@@ -18,6 +18,7 @@ from typing import Any
 from cmw_vllm import hf_cache
 from cmw_vllm.errors import EnvironmentProblem, NotFoundError, UsageError
 from cmw_vllm.memory_estimate import FLOAT_DTYPES, ModelSpec, normalise_dtype
+from cmw_vllm.vocab import looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ def load_model_spec(model: str, *, revision: str | None = None,
     path = Path(model).expanduser()
     if path.is_dir():
         return spec_from_dir(path, model=model, source="local")
-    if path.exists() or model.startswith(("/", "./", "../", "~")):
+    if path.exists() or looks_like_path(model):
         raise NotFoundError(f"{model} is not a model directory")
     snapshot = hf_cache.snapshot_dir(model, revision, needs="config.json")
     if snapshot is not None:

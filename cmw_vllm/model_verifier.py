@@ -31,6 +31,7 @@ from pathlib import Path
 
 from cmw_vllm import hf_cache
 from cmw_vllm.errors import NotFoundError, UsageError
+from cmw_vllm.vocab import looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -755,7 +756,7 @@ def verify_model(
         loc = locate_cached(*cached) if cached else locate_local(path)
     else:
         text = str(target)
-        if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        if text.count("/") != 1 or looks_like_path(text):
             raise NotFoundError(f"{text} is neither a directory nor a Hugging Face repo id")
         loc = locate_cached(text, revision)
     return verify_location(loc, full=full, workers=workers, progress=progress,

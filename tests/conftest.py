@@ -63,7 +63,8 @@ def _stop_everything(home: Path) -> None:
     """Finalizer: stop every server recorded under this test's state dir, even on failure."""
     if not (home / "servers").is_dir():
         return
-    from cmw_vllm.server_manager import ServerManager, record_names
+    from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.server_record import record_names
 
     manager = ServerManager()
     for name in record_names():

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from cmw_vllm import engine_probe, paths
 from cmw_vllm.cli import cli
 from cmw_vllm.errors import UsageError
-from cmw_vllm.server_manager import ServerRecord
+from cmw_vllm.server_record import ServerRecord
 from tests.test_memory_estimate import LLAMA8B, write_big_model
 
 GiB = 1024**3

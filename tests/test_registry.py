@@ -25,7 +25,8 @@ from cmw_vllm.model_registry import (
     resolve_target,
 )
 from cmw_vllm.paths import user_models_file
-from cmw_vllm.server_config import resolve_server_config, validate_name
+from cmw_vllm.server_config import resolve_server_config
+from cmw_vllm.vocab import validate_name
 
 # vLLM 0.32.0's own lists, as `vllm serve --help` and its parser registries give them.
 DATA = Path(__file__).parent / "data"
