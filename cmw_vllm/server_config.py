@@ -8,14 +8,14 @@ that applies it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
-from cmw_vllm.vocab import NAME_RULE, Dtype, Task, is_valid_name, parse_int
+from cmw_vllm.vocab import NAME_RULE, Convert, Dtype, Runner, Task, is_valid_name, parse_int
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -154,6 +154,39 @@ class ServerConfig(BaseModel):
         return ["--runner", "pooling"]
 
 
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag X`` or ``flag=X`` in ``args``."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def implied_task(args: Sequence[str], current: str | None = None) -> Task | None:
+    """The task that vLLM flags passed through imply, or None when they imply none.
+
+    ``--convert embed`` / ``--convert classify`` name the task; ``--runner generate`` (or
+    ``draft``) means generate; ``--runner pooling`` alone keeps a pooling task already
+    chosen (embed, score, classify) and otherwise means embed, vLLM's usual pooling task.
+
+    Args:
+        args: The vLLM flags given after ``--``.
+        current: The task the registry entry or the environment chose, if any.
+    """
+    convert = _flag_value(args, "--convert")
+    if convert in (Convert.EMBED, Convert.CLASSIFY):
+        return Task(convert)
+    runner = _flag_value(args, "--runner")
+    if runner in (Runner.GENERATE, Runner.DRAFT):
+        return Task.GENERATE
+    if runner == Runner.POOLING:
+        return Task(current) if current in (Task.EMBED, Task.SCORE, Task.CLASSIFY) else Task.EMBED
+    return None
+
+
 def format_validation_error(exc: ValidationError, source: str | None = None) -> str:
     """Turn a pydantic error into one readable line naming the option."""
     err = exc.errors()[0]
@@ -210,7 +243,8 @@ def resolve_server_config(
             ``vllm_args`` given here are appended to the entry's.
 
     Returns:
-        The validated config.
+        The validated config. Without ``--task``, pass-through ``--runner``/``--convert``
+        flags decide the task (see :func:`implied_task`).
 
     Raises:
         ConfigError: A value is invalid; the message names the option.
@@ -229,6 +263,10 @@ def resolve_server_config(
         else:
             values[key] = value
     values["vllm_args"] = vllm_args
+    if (cli or {}).get("task") is None:
+        implied = implied_task((cli or {}).get("vllm_args") or [], values.get("task"))
+        if implied is not None:
+            values["task"] = implied
     if not values.get("name"):
         values["name"] = name_from_model(model)
     for key in ("port", "tensor_parallel_size", "max_model_len"):

@@ -123,6 +123,15 @@ def test_unknown_vllm_flag_fails_fast(fake_engine: Path, model_dir: Path) -> Non
     assert "vLLM does not know the flag(s) --no-such-flag" in err
 
 
+def test_task_is_inferred_from_pass_through_flags(fake_engine: Path, model_dir: Path) -> None:
+    code, _, err = run("start", str(model_dir), "--name", "emb", "--port", str(free_port()),
+                       "--", "--runner", "pooling", "--convert", "embed")
+    assert code == 0, err
+    record = read_record("emb")
+    assert record is not None and record.task == "embed"
+    assert record.command.count("--runner") == 1  # the flags are not added a second time
+
+
 def test_port_held_by_another_program(fake_engine: Path, model_dir: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

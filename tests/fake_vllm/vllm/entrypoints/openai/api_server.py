@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--tensor-parallel-size", type=int)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--runner", choices=["auto", "draft", "generate", "pooling"])
+    parser.add_argument("--convert", choices=["auto", "classify", "embed", "none"])
     args = parser.parse_args()
     mode = os.environ.get("FAKE_VLLM_MODE", "ok")
     delay = float(os.environ.get("FAKE_VLLM_DELAY", "0.5"))
