@@ -81,6 +81,11 @@ class CmwGroup(click.Group):
         except CmwVllmError as exc:
             if verbose:
                 logger.exception("error")
+            body = getattr(exc, "body", None)
+            if verbose and body:
+                click.echo("--- the server's answer ---", err=True)
+                click.echo(body.rstrip("\n"), err=True)
+                click.echo("---", err=True)
             log_tail = getattr(exc, "log_tail", "")
             if log_tail:
                 click.echo("--- last lines of the log ---", err=True)

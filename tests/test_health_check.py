@@ -25,6 +25,7 @@ from cmw_vllm.errors import InferenceCheckError, ServerRequestError
 from cmw_vllm.inference_check import run_check
 from cmw_vllm.server_manager import ServerStatus
 from cmw_vllm.server_record import ServerRecord
+from cmw_vllm.vocab import State
 
 MODEL = "/models/tiny"
 
@@ -602,6 +603,55 @@ def test_classify_test_reads_the_label(standin: StandIn) -> None:
     result = run_check(standin.url, MODEL, "classify", api_key="", timeout=5.0)
     assert result.label == "positive" and result.num_classes == 2
     assert json.loads(standin.requests[-1]["body"])["input"] == [result.inputs[0]]
+
+
+HTML_501 = """<!DOCTYPE html>
+<html>
+<head><title>501 Not Implemented</title></head>
+<body>
+<h1>Not Implemented</h1>
+<p>The proxy does not implement POST for this path.</p>
+</body>
+</html>
+"""
+
+
+def test_an_html_error_page_is_shown_as_one_line(
+    standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from cmw_vllm.cli import cli
+    from cmw_vllm.server_manager import ServerManager
+
+    standin.routes[("POST", "/v1/chat/completions")] = lambda h, b: send(
+        h, 501, HTML_501, "text/html")
+    with pytest.raises(InferenceCheckError) as info:
+        run_check(standin.url, MODEL, "generate", api_key="", timeout=5.0)
+    assert info.value.message.endswith("answered HTTP 501: 501 Not Implemented")
+    assert info.value.body == HTML_501
+
+    status = ServerStatus(name="proxied", state=State.HEALTHY,
+                          record=record_for("proxied", standin.url))
+    monkeypatch.setattr(ServerManager, "get_status", lambda self, name: status)
+    result = CliRunner().invoke(cli, ["test", "proxied"])
+    assert result.exit_code == 1
+    assert "DOCTYPE" not in result.stderr and "<p>" not in result.stderr
+    assert "Error: " in result.stderr and "HTTP 501: 501 Not Implemented" in result.stderr
+    verbose = CliRunner().invoke(cli, ["-v", "test", "proxied"])
+    assert verbose.exit_code == 1
+    assert "The proxy does not implement POST for this path." in verbose.stderr
+
+
+def test_error_text_is_the_json_message_or_the_first_line(standin: StandIn) -> None:
+    standin.routes[("POST", "/v1/embeddings")] = lambda h, b: send(
+        h, 400, {"error": {"message": "input is\ntoo long", "type": "BadRequestError"}})
+    with pytest.raises(InferenceCheckError, match=r"HTTP 400: input is too long$"):
+        run_check(standin.url, MODEL, "embed", api_key="", timeout=5.0)
+    standin.routes[("POST", "/v1/embeddings")] = lambda h, b: send(
+        h, 502, "\nupstream failed\nsecond line\n", "text/plain")
+    with pytest.raises(InferenceCheckError, match=r"HTTP 502: upstream failed$"):
+        run_check(standin.url, MODEL, "embed", api_key="", timeout=5.0)
 
 
 def test_run_and_render_test_prints_json_and_raises_on_failure(

@@ -236,6 +236,42 @@ def test_stale_record_never_signals_the_other_process(isolated_home: Path,
         bystander.wait()
 
 
+def test_a_process_is_ours_only_when_its_command_line_is_the_recorded_one(
+    isolated_home: Path,
+) -> None:
+    # Same pid and create time as the record, and "vllm" in its arguments: but not the
+    # command the record names, so it is not ours (before, any argument with "vllm" was).
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                  "vllm.entrypoints.openai.api_server"])
+    try:
+        created = psutil.Process(bystander.pid).create_time()
+        _fake_record(isolated_home, "other", bystander.pid, created, bystander.pid)
+        code, out, _ = run("status", "other")
+        assert code == 1 and "stale" in out
+        assert run("stop", "other", "--timeout", "1")[0] == 0
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_command_matches_the_record_across_launch_styles() -> None:
+    from cmw_vllm.server_manager import command_matches
+
+    args = ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--port", "8000"]
+    assert command_matches(["/venv/bin/python", *args], ["/venv/bin/python", *args])
+    # A wrapper script that execs the interpreter, and a #! script run by its interpreter.
+    assert command_matches(["/usr/bin/python3", *args], ["/tmp/engine-python", *args])
+    assert command_matches(["/venv/bin/python", "/venv/bin/vllm", "serve", "/m"],
+                           ["/venv/bin/vllm", "serve", "/m"])
+    assert not command_matches(["/venv/bin/python", *args[:-1], "8001"],
+                               ["/venv/bin/python", *args])
+    assert not command_matches(["VLLM::EngineCore"], ["/venv/bin/python", *args])
+    assert not command_matches(["sh", "-c", "x", "/venv/bin/python", *args],
+                               ["/venv/bin/python", *args])
+    assert not command_matches([], ["/venv/bin/python", *args])
+
+
 @pytest.mark.parametrize(
     "content",
     ["", "{trunc", "[1, 2]", json.dumps({"format": 0, "name": "bad"}), "\xff\xfe"],
