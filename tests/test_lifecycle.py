@@ -38,7 +38,11 @@ def test_start_status_stop(fake_engine: Path, model_dir: Path, isolated_home: Pa
     assert record is not None
     pid_file = isolated_home / "servers" / "t1.pid"
     assert pid_file.read_text().strip() == str(record.pid)
-    assert "vllm" in " ".join(psutil.Process(record.pid).cmdline())
+    cmdline = psutil.Process(record.pid).cmdline()
+    assert "vllm" in " ".join(cmdline)
+    # It answers to its model id and to its cmw-vllm name.
+    flag = cmdline.index("--served-model-name")
+    assert cmdline[flag + 1:flag + 3] == [str(model_dir), "t1"]
     # State dir private, files private.
     assert stat.S_IMODE(isolated_home.stat().st_mode) == 0o700
     for f in (pid_file, isolated_home / "servers" / "t1.json", Path(record.log_path)):
