@@ -277,13 +277,11 @@ def _check_disk(report: DiskReport) -> list[Check]:
 
 
 def _check_token() -> Check:
-    from cmw_vllm.disk_space import hf_home
+    from cmw_vllm.hf_cache import token_source
 
-    if os.environ.get("HF_TOKEN"):
-        return Check("HF token", "ok", "set (HF_TOKEN)")
-    token_file = os.environ.get("HF_TOKEN_PATH") or str(hf_home() / "token")
-    if os.path.isfile(token_file) and os.path.getsize(token_file) > 0:
-        return Check("HF token", "ok", f"set ({token_file})")
+    source = token_source()
+    if source is not None:
+        return Check("HF token", "ok", f"set ({source})")
     return Check("HF token", "warn", "not set; gated models (Llama, Gemma, ...) will fail",
                  "export HF_TOKEN=hf_... (or `hf auth login`)")
 

@@ -28,13 +28,12 @@ from cmw_vllm.memory_estimate import (
     CPU_KV_SPACE_ENV,
     Device,
     EstimateSettings,
-    GiB,
     MemoryEstimate,
     MemoryTarget,
     estimate,
-    size_text,
 )
 from cmw_vllm.model_spec import load_model_spec
+from cmw_vllm.vocab import GiB, format_size
 
 if TYPE_CHECKING:
     from cmw_vllm.gpu_info import GpuInfo
@@ -264,9 +263,9 @@ def _refusal(est: MemoryEstimate, config: ServerConfig) -> InsufficientResources
     per = " per GPU" if est.tensor_parallel_size > 1 else ""
     summary = (
         f"{config.model} will not fit in {where}: " + "; ".join(est.problems)
-        + f" (weights {size_text(est.weight_bytes)}{per}, KV cache for max_model_len "
-        f"{est.max_model_len} {size_text(est.kv_bytes_per_token * est.max_model_len)}, "
-        f"KV space {size_text(max(est.kv_space, 0))})"
+        + f" (weights {format_size(est.weight_bytes)}{per}, KV cache for max_model_len "
+        f"{est.max_model_len} {format_size(est.kv_bytes_per_token * est.max_model_len)}, "
+        f"KV space {format_size(max(est.kv_space, 0))})"
     )
     fixes: list[str] = []
     if not est.free_memory_ok and est.device == "gpu" and est.memory_free:

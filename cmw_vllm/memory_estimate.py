@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from cmw_vllm.errors import UsageError
+from cmw_vllm.hf_cache import SAFETENSORS_DTYPE_BITS
+from cmw_vllm.vocab import GiB, format_gib
 
-GiB = 1024**3
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vLLM's --gpu-memory-utilization default
 GPU_BLOCK_SIZE = 16
 CPU_BLOCK_SIZE = 128  # vllm/platforms/cpu.py sets 128 unless --block-size is given
@@ -43,12 +44,6 @@ CPU_RUNTIME_BYTES = 3 * GiB
 # RAM is available.
 CPU_FRONTEND_BYTES = int(1.25 * GiB)
 
-# Bytes per element of safetensors dtypes.
-SAFETENSORS_BYTES: dict[str, float] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
-    "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "F8_E4M3FN": 1, "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
-}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _DTYPE_ALIASES = {
@@ -170,7 +165,7 @@ def weight_bytes(spec: ModelSpec, dtype: str = "auto") -> int:
             if code in FLOAT_DTYPES:
                 total += count * run_bytes
             else:
-                total += count * SAFETENSORS_BYTES.get(code, 1)
+                total += count * SAFETENSORS_DTYPE_BITS.get(code, 8) / 8
         return int(total)
     if spec.weight_file_bytes:
         stored = DTYPE_BYTES.get(spec.config_dtype or "bfloat16", 2)
@@ -496,9 +491,9 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
         if target.memory_free is not None and target.memory_free < budget:
             free_ok = False
             problems.append(
-                f"{target.description or 'the GPU'} has {gib_text(target.memory_free)} free but "
-                f"--gpu-memory-utilization {util:g} asks for {gib_text(budget)} "
-                f"of {gib_text(target.memory_total)}"
+                f"{target.description or 'the GPU'} has {format_gib(target.memory_free)} free but "
+                f"--gpu-memory-utilization {util:g} asks for {format_gib(budget)} "
+                f"of {format_gib(target.memory_total)}"
             )
     else:
         runtime = CPU_RUNTIME_BYTES
@@ -520,18 +515,18 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
                     and target.memory_free - CPU_FRONTEND_BYTES < budget):
                 free_ok = False
                 problems.append(
-                    f"RAM has {gib_text(target.memory_free)} available, about "
-                    f"{gib_text(max(0, target.memory_free - CPU_FRONTEND_BYTES))} once vLLM's API "
-                    f"server and engine run, but its CPU worker asks for {util:g} x "
-                    f"{gib_text(target.memory_total)} = {gib_text(budget)} when {CPU_KV_SPACE_ENV} "
-                    "is unset"
+                    f"RAM has {format_gib(target.memory_free)} available, about "
+                    f"{format_gib(max(0, target.memory_free - CPU_FRONTEND_BYTES))} once "
+                    "vLLM's API server and engine run, but its CPU worker asks for "
+                    f"{util:g} x {format_gib(target.memory_total)} = {format_gib(budget)} "
+                    f"when {CPU_KV_SPACE_ENV} is unset"
                 )
         if free_ok and target.memory_free is not None and budget > target.memory_free:
             free_ok = False
             problems.append(
-                f"RAM has {gib_text(target.memory_free)} available but the server needs about "
-                f"{gib_text(budget)} (weights {gib_text(weights)}, KV cache {gib_text(kv_space)}, "
-                f"runtime {gib_text(runtime + acts)})"
+                f"RAM has {format_gib(target.memory_free)} available but the server needs about "
+                f"{format_gib(budget)} (weights {format_gib(weights)}, KV cache "
+                f"{format_gib(kv_space)}, runtime {format_gib(runtime + acts)})"
             )
     tokens = kv_cache_tokens(kv_space, kv, max_len, block) if kv_space > 0 else 0
     fit_len = largest_max_model_len(kv_space, kv, block, spec.derived_max_model_len)
@@ -544,13 +539,13 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
     )
     if kv_space <= 0:
         problems.append(
-            f"no memory left for the KV cache: weights {gib_text(weights)} + activations and "
-            f"runtime {gib_text(acts + runtime)} exceed the {gib_text(budget)} budget"
+            f"no memory left for the KV cache: weights {format_gib(weights)} + activations and "
+            f"runtime {format_gib(acts + runtime)} exceed the {format_gib(budget)} budget"
         )
     elif not kv_fits:
         problems.append(
-            f"one request of {max_len} tokens needs {gib_text(kv.request_bytes(max_len))} of KV "
-            f"cache but only {gib_text(kv_space)} is left"
+            f"one request of {max_len} tokens needs {format_gib(kv.request_bytes(max_len))} of KV "
+            f"cache but only {format_gib(kv_space)} is left"
         )
     fits = kv_fits and free_ok and not settings_refused
     return MemoryEstimate(
@@ -588,11 +583,3 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
         problems=problems,
         notes=notes,
     )
-
-
-def gib_text(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-def size_text(n: float) -> str:
-    return gib_text(n) if abs(n) >= GiB / 10 else f"{n / 1024**2:.1f} MiB"

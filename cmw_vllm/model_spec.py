@@ -11,13 +11,14 @@ import json
 import logging
 import math
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cmw_vllm import hf_cache
 from cmw_vllm.errors import EnvironmentProblem, NotFoundError, UsageError
 from cmw_vllm.memory_estimate import FLOAT_DTYPES, ModelSpec, normalise_dtype
+from cmw_vllm.vocab import looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -193,29 +194,10 @@ def spec_from_config(
     )
 
 
-def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes).
-
-    Raises:
-        ValueError: The file is not a safetensors file.
-    """
-    with open(path, "rb") as fh:
-        raw_len = fh.read(8)
-        if len(raw_len) != 8:
-            raise ValueError("file too short")
-        (length,) = struct.unpack("<Q", raw_len)
-        if length > 100 * 1024 * 1024:
-            raise ValueError("header too large")
-        header = json.loads(fh.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return header
-
-
 def _params_from_headers(files: Sequence[Path]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for path in files:
-        header = read_safetensors_header(path)
+        _length, header = hf_cache.read_safetensors_header(path)
         for name, info in header.items():
             if name == "__metadata__" or not isinstance(info, dict):
                 continue
@@ -289,33 +271,6 @@ def spec_from_dir(directory: str | os.PathLike[str], *, model: str | None = None
     )
 
 
-def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
-    """The snapshot directory of ``repo_id`` in the HF cache that has a ``config.json``."""
-    from cmw_vllm.disk_space import hf_cache_dir
-
-    repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-    snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = repo_dir / "refs" / (revision or "main")
-    commit = None
-    if ref.is_file():
-        try:
-            commit = ref.read_text(encoding="utf-8").strip()
-        except OSError:
-            commit = None
-    elif revision and (snapshots / revision).is_dir():
-        commit = revision
-    if commit and (snapshots / commit / "config.json").exists():
-        return snapshots / commit
-    if revision:
-        return None
-    candidates = [d for d in snapshots.iterdir() if (d / "config.json").exists()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda d: d.stat().st_mtime)
-
-
 def spec_from_hub(repo_id: str, revision: str | None = None, *,
                   timeout: float = 10.0) -> ModelSpec:
     """Fetch only ``config.json`` and the weight files' metadata from the Hub.
@@ -334,12 +289,10 @@ def spec_from_hub(repo_id: str, revision: str | None = None, *,
         RevisionNotFoundError,
     )
 
-    from cmw_vllm.disk_space import hf_cache_dir
-
     # huggingface_hub reads HF_ENDPOINT and the cache location once, at import; read them
     # now so that the environment of this call is the one used.
-    endpoint = os.environ.get("HF_ENDPOINT") or None
-    cache_dir = str(hf_cache_dir())
+    endpoint = hf_cache.endpoint()
+    cache_dir = str(hf_cache.hub_cache_dir())
 
     def fetch(filename: str) -> str:
         return str(hf_hub_download(repo_id, filename, revision=revision, etag_timeout=timeout,
@@ -410,14 +363,12 @@ def load_model_spec(model: str, *, revision: str | None = None,
     path = Path(model).expanduser()
     if path.is_dir():
         return spec_from_dir(path, model=model, source="local")
-    if path.exists() or model.startswith(("/", "./", "../", "~")):
+    if path.exists() or looks_like_path(model):
         raise NotFoundError(f"{model} is not a model directory")
-    snapshot = cached_snapshot(model, revision)
+    snapshot = hf_cache.snapshot_dir(model, revision, needs="config.json")
     if snapshot is not None:
         return spec_from_dir(snapshot, model=model, source="hf-cache")
-    from cmw_vllm.settings import env_bool
-
-    if not allow_network or env_bool("HF_HUB_OFFLINE"):
+    if not allow_network or hf_cache.offline():
         raise EnvironmentProblem(
             f"{model} is not in the local cache and the Hub may not be asked",
             hint=f"download it first (cmw-vllm download {model})",

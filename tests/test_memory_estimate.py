@@ -234,9 +234,9 @@ def test_derived_max_model_len_rules() -> None:
 
 
 def _cache_repo(tiny_model: Path, repo_id: str) -> Path:
-    from cmw_vllm.disk_space import hf_cache_dir
+    from cmw_vllm.hf_cache import repo_dir
 
-    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    repo = repo_dir(repo_id)
     snap = repo / "snapshots" / "0123abcd"
     shutil.copytree(tiny_model, snap)
     (repo / "refs").mkdir(parents=True)
