@@ -189,13 +189,32 @@ def test_exclude_leaves_files_out_and_verify_accepts_it(hub: FakeHub) -> None:
     assert CliRunner().invoke(cli, ["verify", REPO]).exit_code == EXIT_OK
 
 
-def test_include_replaces_default_selection(hub: FakeHub) -> None:
+def test_include_replaces_default_selection_and_verify_checks_only_that(hub: FakeHub,
+                                                                        tmp_path: Path) -> None:
     repo = hub.repos[REPO]
-    result = CliRunner().invoke(cli, ["download", REPO, "--include", "*.json"])
-    # Only JSON files: the download works, and verify says what vLLM would miss.
-    assert result.exit_code == EXIT_FAILURE, result.output
-    assert "no weight files" in result.output
+    runner = CliRunner()
+    result = runner.invoke(cli, ["download", REPO, "--include", "*.json"])
+    # Only JSON files, as asked: no "no weight files", no missing shards of the index.
+    assert result.exit_code == EXIT_OK, result.output
+    assert "Verify (fast): OK" in result.output
+    assert "only the files --include/--exclude chose" in result.output
     assert not list(snapshot_of(repo).glob("*.safetensors"))
+    assert (snapshot_of(repo) / "model.safetensors.index.json").is_file()
+    assert runner.invoke(cli, ["verify", REPO]).exit_code == EXIT_OK
+    local = tmp_path / "json-only"
+    result = runner.invoke(cli, ["download", REPO, "--include", "*.json", "--local-dir",
+                                 str(local)])
+    assert result.exit_code == EXIT_OK, result.output
+    assert runner.invoke(cli, ["verify", str(local)]).exit_code == EXIT_OK
+
+    # What was selected is still checked.
+    config = snapshot_of(repo) / "config.json"
+    target = config.resolve()
+    target.chmod(0o644)
+    target.write_text("{not json")
+    result = runner.invoke(cli, ["verify", REPO])
+    assert result.exit_code == EXIT_FAILURE, result.output
+    assert "config.json: does not parse as JSON" in result.output
 
 
 def test_local_dir_download_verify_and_repair(hub: FakeHub, tmp_path: Path) -> None:
