@@ -63,6 +63,13 @@ class _Progress:
             echo_err(f"{self.name}: {phase} ({elapsed:.1f}s)")
         self.phase = phase
 
+    def note(self, line: str) -> None:
+        """Show ``line`` on stderr (above the spinner on a terminal), even when quiet."""
+        if self.status is not None:
+            self.status.console.print(f"Warning: {line}", markup=False, highlight=False)
+        else:
+            echo_err(f"Warning: {line}")
+
     def close(self) -> None:
         if self.status is not None:
             self.status.stop()
@@ -345,7 +352,8 @@ def start(
 
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
-                             on_progress=on_progress, check_resources=not force)
+                             on_progress=on_progress, check_resources=not force,
+                             on_notice=on_progress.note)
 
     if run_test and no_wait:
         raise UsageError("--test needs the server ready: drop --no-wait")
