@@ -99,6 +99,9 @@ class CmwGroup(click.Group):
             click.echo("Interrupted.", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except click.ClickException as exc:
+            if isinstance(exc, click.NoSuchOption) and exc.possibilities:
+                # A look-alike is a guess; --force turns a safety check off, so never guess it.
+                exc.possibilities = [p for p in exc.possibilities if p != "--force"]
             exc.show()
             sys.exit(exc.exit_code if exc.exit_code is not None else EXIT_USAGE)
         except click.exceptions.Exit as exc:

@@ -125,14 +125,21 @@ class ServerConfig(BaseModel):
         return f"http://{host}:{self.port}"
 
     def served_name(self) -> str:
-        """The model name clients put in requests."""
+        """The model name clients put in requests (the first name vLLM answers to)."""
         return self.served_model_name or self.model
+
+    def served_names(self) -> list[str]:
+        """Every name vLLM answers to: the user's ``--served-model-name``, else the model id
+        and the server's name (so ``"model": "qwen"`` works for ``start ... --name qwen``).
+        """
+        if self.served_model_name:
+            return [self.served_model_name]
+        return [self.model] if self.name == self.model else [self.model, self.name]
 
     def vllm_cli_args(self) -> list[str]:
         """The ``vllm serve`` flags for this config (the model and key are not included)."""
         args = ["--host", self.host, "--port", str(self.port)]
-        if self.served_model_name:
-            args += ["--served-model-name", self.served_model_name]
+        args += ["--served-model-name", *self.served_names()]
         if self.tensor_parallel_size != 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.gpu_memory_utilization is not None:
