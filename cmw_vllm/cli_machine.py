@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from cmw_vllm.cli_common import echo_json, format_bytes, print_table
+from cmw_vllm.cli_common import echo_json, echo_wrapped, format_bytes, print_table
 from cmw_vllm.errors import EXIT_ENVIRONMENT, EXIT_INSUFFICIENT, EXIT_OK
 
 if TYPE_CHECKING:
@@ -47,7 +47,8 @@ def _print_gpus(report: GpuReport) -> None:
         temp = "-" if g.temperature_c is None else f"{g.temperature_c} C"
         rows.append([str(g.index), g.name or "?", mem, format_bytes(g.memory_free),
                      _pct(g.utilization_gpu), temp, power, g.uuid or "-"])
-    print_table(["GPU", "NAME", "MEMORY USED", "FREE", "UTIL", "TEMP", "POWER", "UUID"], rows)
+    print_table(["GPU", "NAME", "MEMORY USED", "FREE", "UTIL", "TEMP", "POWER", "UUID"], rows,
+                drop=("UUID", "POWER", "TEMP", "UTIL", "FREE"), shrink=("NAME",), floor=12)
     procs = list(report.processes())
     if procs:
         click.echo("")
@@ -55,6 +56,7 @@ def _print_gpus(report: GpuReport) -> None:
             ["GPU", "PID", "MEMORY", "SERVER", "PROCESS"],
             [[str(g.index), str(p.pid), format_bytes(p.used_memory),
               p.server or "foreign", p.name or "?"] for g, p in procs],
+            shrink=("PROCESS",), floor=12,
         )
     for g in report.gpus:
         for err in g.errors:
@@ -100,7 +102,7 @@ def _print_disk(report: DiskReport) -> None:
         where = loc.path + ("" if loc.exists else " (not created yet)")
         rows.append([loc.label, where, format_bytes(loc.free), format_bytes(loc.total),
                      loc.error or ("" if loc.writable in (True, None) else "not writable")])
-    print_table(["WHAT", "PATH", "FREE", "TOTAL", "NOTE"], rows)
+    print_table(["WHAT", "PATH", "FREE", "TOTAL", "NOTE"], rows, shrink=("PATH",))
     click.echo("")
     if not report.cached_models:
         click.echo(f"No models in the Hugging Face cache ({report.hf_cache}).")
@@ -108,6 +110,7 @@ def _print_disk(report: DiskReport) -> None:
     print_table(
         ["CACHED MODEL", "SIZE", "REVISIONS"],
         [[m.repo_id, format_bytes(m.size), str(m.revisions)] for m in report.cached_models],
+        drop=("REVISIONS",),
     )
     click.echo(f"{len(report.cached_models)} models, {format_bytes(report.cached_total)} "
                f"in {report.hf_cache}")
@@ -182,10 +185,11 @@ def setup(ctx: click.Context, as_json: bool) -> None:
     else:
         checks = report.checks
         width = max(len(c.name) for c in checks)
+        indent = " " * (5 + 1 + width + 2)
         for c in checks:
-            click.echo(f"{c.status.upper():<5} {c.name:<{width}}  {c.detail}")
+            echo_wrapped(c.detail, indent, f"{c.status.upper():<5} {c.name:<{width}}  ")
             if c.fix and c.status != "ok":
-                click.echo(f"{'':<5} {'':<{width}}  fix: {c.fix}")
+                echo_wrapped(c.fix, indent + "     ", f"{indent}fix: ")
         click.echo("")
         click.echo("Ready to serve." if report.ok
                    else "Not ready to serve: fix the FAIL lines above.")
