@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -21,54 +20,45 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, ClassVar
 
 from cmw_vllm.errors import (
     CmwVllmError,
+    DownloadCancelled,
+    DownloadError,
     EnvironmentProblem,
     InsufficientResourcesError,
     NotFoundError,
     UsageError,
 )
+from cmw_vllm.hf_cache import (
+    endpoint,
+    filter_names,
+    has_blob,
+    hub_cache_dir,
+    offline,
+    repo_dir,
+    select_files,
+    snapshot_path,
+    token,
+    write_ref,
+)
 from cmw_vllm.model_verifier import (
-    SHA1_RE,
     ModelLocation,
     VerifyReport,
-    hub_cache_dir,
     local_manifest_path,
     locate_cached,
     locate_local,
     manifest_path,
-    repo_cache_dir,
     verify_location,
     write_manifest,
 )
+from cmw_vllm.vocab import format_bytes
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 TOKEN_HELP = "https://huggingface.co/settings/tokens"
-
-# What vLLM reads: weights, configs, tokenizer files, chat templates, remote code.
-DEFAULT_ALLOW_PATTERNS = [
-    "*.safetensors",
-    "*.json",
-    "*.txt",
-    "*.model",
-    "*.tiktoken",
-    "*.jinja",
-    "*.py",
-]
-# PyTorch pickles are fetched only when a repo has no safetensors at all.
-TORCH_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth"]
-# Safetensors in sub-folders (original/, metal/, onnx/, ...) duplicate the root weights.
-SUBFOLDER_WEIGHT_PATTERNS = ["*/*.safetensors"]
-
-
-class DownloadCancelled(Exception):
-    """Raised inside download threads after Ctrl-C so they stop at their next chunk."""
 
 
 @dataclass(frozen=True)
@@ -267,31 +257,7 @@ class ProgressBar:
 
 
 # --------------------------------------------------------------------------------------------
-# Environment, read at call time.
-
-
-def endpoint() -> str:
-    """The Hub's URL (``HF_ENDPOINT`` or huggingface.co)."""
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-
-
-def offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set to a true value."""
-    return (os.environ.get("HF_HUB_OFFLINE") or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def token() -> str | None:
-    """The Hugging Face token (``HF_TOKEN``, else the one saved by ``hf auth login``)."""
-    explicit = os.environ.get("HF_TOKEN")
-    if explicit:
-        return explicit
-    from cmw_vllm.disk_space import hf_home
-
-    saved = Path(os.environ.get("HF_TOKEN_PATH") or hf_home() / "token")
-    try:
-        return saved.read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
+# Environment and file selection
 
 
 def free_space(path: Path) -> int:
@@ -302,54 +268,6 @@ def free_space(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-# --------------------------------------------------------------------------------------------
-# File selection
-
-
-def select_files(names: Sequence[str], include: Sequence[str] = (),
-                 exclude: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """The allow and ignore patterns for a repo with these files.
-
-    Args:
-        names: Every file of the repo.
-        include: The user's ``--include`` patterns: they replace the default selection.
-        exclude: The user's ``--exclude`` patterns, always applied.
-
-    Returns:
-        (allow patterns, ignore patterns), as ``snapshot_download`` takes them.
-    """
-    ignore = list(exclude)
-    if include:
-        return list(include), ignore
-    allow = list(DEFAULT_ALLOW_PATTERNS)
-    safetensors = [n for n in names if n.endswith(".safetensors")]
-    if not safetensors:
-        allow += TORCH_WEIGHT_PATTERNS
-    elif any("/" not in n for n in safetensors) and any("/" in n for n in safetensors):
-        ignore += SUBFOLDER_WEIGHT_PATTERNS
-    return allow, ignore
-
-
-def filter_names(names: Sequence[str], allow: Sequence[str] | None,
-                 ignore: Sequence[str] | None) -> list[str]:
-    """The names matching ``allow`` and no ``ignore`` pattern (as huggingface_hub filters)."""
-    out = []
-    for name in names:
-        if allow is not None and not any(fnmatch(name, p) for p in allow):
-            continue
-        if ignore and any(fnmatch(name, p) for p in ignore):
-            continue
-        out.append(name)
-    return out
-
-
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _escape(name: str) -> str:
@@ -421,7 +339,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
             return EnvironmentProblem(
                 f"the Hugging Face Hub at {endpoint()} answered HTTP {status}; try again later")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return CmwVllmError(f"the Hub refused the request for {repo_id}: {first}")
+        return DownloadError(f"the Hub refused the request for {repo_id}: {first}")
     if isinstance(exc, hf_errors.LocalEntryNotFoundError) or _is_network_error(exc) or \
             isinstance(exc, ConnectionError):
         return EnvironmentProblem(
@@ -430,7 +348,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
                  "the cache",
         )
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
-        return CmwVllmError(f"a file of {repo_id} arrived incomplete; run the download again")
+        return DownloadError(f"a file of {repo_id} arrived incomplete; run the download again")
     return None
 
 
@@ -450,6 +368,19 @@ def gated_error(repo_id: str, have_token: bool) -> EnvironmentProblem:
     )
 
 
+def _hub_exceptions() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises: its errors, OS errors, and its HTTP client's errors.
+
+    The client's base class is found through the Hub's own HTTP error, so this works with
+    whichever client (httpx or httpx2) the installed huggingface_hub uses.
+    """
+    from huggingface_hub import errors
+
+    client = tuple(c for c in errors.HfHubHTTPError.__mro__[1:]
+                   if c.__name__ == "HTTPError" and issubclass(c, Exception))
+    return (OSError, errors.EntryNotFoundError, *client)
+
+
 @contextmanager
 def _hub_errors(repo_id: str, revision: str, target: Path | None = None) -> Iterator[None]:
     try:
@@ -458,7 +389,7 @@ def _hub_errors(repo_id: str, revision: str, target: Path | None = None) -> Iter
         raise
     except (KeyboardInterrupt, DownloadCancelled):
         raise
-    except Exception as exc:
+    except _hub_exceptions() as exc:
         mapped = translate_hub_error(exc, repo_id, revision, target)
         if mapped is None:
             raise
@@ -501,12 +432,7 @@ def plan_download(
     gated = bool(getattr(info, "gated", False))
     if gated and token() is None:
         raise gated_error(repo_id, have_token=False)  # the files would answer 401 anyway
-    metadata: dict[str, tuple[int, str | None]] = {}
-    for sibling in info.siblings or []:
-        lfs = getattr(sibling, "lfs", None)
-        size = (lfs.size if lfs is not None else sibling.size) or 0
-        etag = lfs.sha256 if lfs is not None else sibling.blob_id
-        metadata[sibling.rfilename] = (int(size), etag)
+    metadata = _file_metadata(info)
     names = list(metadata)
     if repair:
         allow: list[str] | None = [_escape(n) for n in repair]
@@ -516,22 +442,13 @@ def plan_download(
         allow, ignore = select_files(names, include, exclude)
         selected = filter_names(names, allow, ignore)
     if repair and not selected:
-        raise CmwVllmError(f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
+        raise DownloadError(
+            f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
     if not selected:
         raise UsageError(f"no file of {repo_id}@{rev} matches the selection",
                          hint="check --include/--exclude")
-    target = Path(local_dir).expanduser().absolute() if local_dir else repo_cache_dir(repo_id)
-    files: list[PlannedFile] = []
-    for name in selected:
-        size, etag = metadata[name]
-        if repair:
-            cached = False
-        elif local_dir:
-            on_disk = target / name
-            cached = on_disk.is_file() and on_disk.stat().st_size == size
-        else:
-            cached = bool(etag) and (target / "blobs" / str(etag)).is_file()
-        files.append(PlannedFile(name, size, cached))
+    target = Path(local_dir).expanduser().absolute() if local_dir else repo_dir(repo_id)
+    files = _planned_files(selected, metadata, target, bool(local_dir), bool(repair))
     return DownloadPlan(
         repo_id=repo_id,
         revision=rev,
@@ -549,6 +466,34 @@ def plan_download(
     )
 
 
+def _file_metadata(info: Any) -> dict[str, tuple[int, str | None]]:
+    """Size and ETag (LFS sha256, else git blob id) of each file, from ``model_info``."""
+    metadata: dict[str, tuple[int, str | None]] = {}
+    for sibling in info.siblings or []:
+        lfs = getattr(sibling, "lfs", None)
+        size = (lfs.size if lfs is not None else sibling.size) or 0
+        etag = lfs.sha256 if lfs is not None else sibling.blob_id
+        metadata[sibling.rfilename] = (int(size), etag)
+    return metadata
+
+
+def _planned_files(selected: list[str], metadata: dict[str, tuple[int, str | None]],
+                   target: Path, local: bool, repair: bool) -> list[PlannedFile]:
+    """The selected files, each marked cached when its bytes are already on disk."""
+    files: list[PlannedFile] = []
+    for name in selected:
+        size, etag = metadata[name]
+        if repair:
+            cached = False
+        elif local:
+            on_disk = target / name
+            cached = on_disk.is_file() and on_disk.stat().st_size == size
+        else:
+            cached = bool(etag) and has_blob(target, str(etag))
+        files.append(PlannedFile(name, size, cached))
+    return files
+
+
 def check_disk_space(plan: DownloadPlan) -> None:
     """Refuse a download that cannot fit.
 
@@ -557,8 +502,8 @@ def check_disk_space(plan: DownloadPlan) -> None:
     """
     if plan.bytes_to_fetch > plan.free_bytes:
         raise InsufficientResourcesError(
-            f"{plan.repo_id} needs {_fmt_bytes(plan.bytes_to_fetch)} "
-            f"({plan.bytes_to_fetch} bytes) more but only {_fmt_bytes(plan.free_bytes)} "
+            f"{plan.repo_id} needs {format_bytes(plan.bytes_to_fetch)} "
+            f"({plan.bytes_to_fetch} bytes) more but only {format_bytes(plan.free_bytes)} "
             f"({plan.free_bytes} bytes) is free in {plan.target}",
             hint="free some space, choose another place with --local-dir or HF_HOME, "
                  "or pass --force to try anyway",
@@ -585,21 +530,6 @@ def _cancel_on_sigint(event: threading.Event) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _write_ref(repo_dir: Path, revision: str, commit: str) -> None:
-    if revision == commit or SHA1_RE.match(revision):
-        return
-    ref = repo_dir / "refs" / revision
-    try:
-        if ref.is_file() and ref.read_text(encoding="utf-8").strip() == commit:
-            return
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-        tmp.write_text(commit, encoding="utf-8")
-        os.replace(tmp, ref)
-    except OSError as exc:
-        logger.warning("cannot record %s -> %s in %s: %s", revision, commit, repo_dir, exc)
 
 
 def fetch(plan: DownloadPlan, *, progress_class: Callable[..., ProgressBar] | None = None,
@@ -642,7 +572,7 @@ def fetch(plan: DownloadPlan, *, progress_class: Callable[..., ProgressBar] | No
     finally:
         ProgressBar.cancel_event = None
     if plan.local_dir is None:
-        _write_ref(plan.target, plan.revision, plan.commit)
+        write_ref(plan.target, plan.revision, plan.commit)
     return Path(folder)
 
 
@@ -701,25 +631,32 @@ def download_model(
         on_plan(plan)
     if not force:
         check_disk_space(plan)
-    snapshot = plan.target / "snapshots" / plan.commit if local_dir is None else plan.target
+    snapshot = snapshot_path(plan.target, plan.commit) if local_dir is None else plan.target
     complete = plan.bytes_to_fetch == 0 and not plan.repair and all(
         (snapshot / f.path).exists() for f in plan.files)
     if complete:
         return _finish(repo_id, rev, plan, snapshot, started, 0, True)
     path = fetch(plan, progress_class=progress_class)
     if not plan.repair:
-        data: dict[str, object] = {
-            "repo_id": repo_id, "revision": plan.revision, "commit": plan.commit,
-            "allow_patterns": plan.allow_patterns, "ignore_patterns": plan.ignore_patterns,
-            "files": [f.path for f in plan.files],
-        }
-        target = local_manifest_path(plan.target) if local_dir else manifest_path(
-            repo_id, plan.commit)
-        try:
-            write_manifest(target, data)
-        except (OSError, EnvironmentProblem) as exc:
-            logger.warning("cannot write download manifest %s: %s", target, exc)
+        _record_selection(plan, include, exclude)
     return _finish(repo_id, rev, plan, path, started, plan.bytes_to_fetch, False)
+
+
+def _record_selection(plan: DownloadPlan, include: Sequence[str],
+                      exclude: Sequence[str]) -> None:
+    """Write the manifest that tells verify which files this download asked for."""
+    data: dict[str, object] = {
+        "repo_id": plan.repo_id, "revision": plan.revision, "commit": plan.commit,
+        "allow_patterns": plan.allow_patterns, "ignore_patterns": plan.ignore_patterns,
+        "include": list(include), "exclude": list(exclude),
+        "files": [f.path for f in plan.files],
+    }
+    target = (local_manifest_path(plan.target) if plan.local_dir
+              else manifest_path(plan.repo_id, plan.commit))
+    try:
+        write_manifest(target, data)
+    except (OSError, EnvironmentProblem) as exc:
+        logger.warning("cannot write download manifest %s: %s", target, exc)
 
 
 def _existing_location(repo_id: str, rev: str,

@@ -34,7 +34,7 @@ from cmw_vllm.errors import ConfigError, EnvironmentProblem
 
 if TYPE_CHECKING:
     from cmw_vllm.server_config import ServerConfig
-    from cmw_vllm.server_manager import ServerRecord
+    from cmw_vllm.server_record import ServerRecord
 
 DEFAULT_MASTER_PORT = 29501  # vLLM's default --master-port
 DEFAULT_DP_RPC_PORT = 29550  # vLLM's default --data-parallel-rpc-port

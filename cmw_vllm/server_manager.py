@@ -1,12 +1,8 @@
 """Start, stop and inspect vLLM servers, each under its own name.
 
-State lives in the state dir (see :mod:`cmw_vllm.paths`):
-
-- ``servers/NAME.json``: the record (pid, create time, port, command, log, config), written
-  atomically under a per-name lock;
-- ``servers/NAME.pid``: the vLLM API server's pid alone (``kill $(cat ...)``, ``PIDFile=``);
-- ``servers/NAME.exit``: how the server ended, written by :mod:`cmw_vllm.supervisor`;
-- ``logs/NAME.log``: vLLM's output (the previous run's log is kept as ``NAME.log.1``).
+The files a server leaves in the state dir, and how a record is read, are in
+:mod:`cmw_vllm.server_record`; this module writes them (atomically, under a per-name lock)
+and looks at the processes they name.
 
 A process is ours only when its pid, create time and command line match the record; the
 engine's children (EngineCore, workers) are found by the process group the server was
@@ -23,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +28,23 @@ from cmw_vllm.errors import (
     CmwVllmError,
     ConflictError,
     EnvironmentProblem,
-    NotFoundError,
+    ServerNotRunningError,
     ServerStartError,
     StartTimeoutError,
+    StopError,
     UsageError,
 )
+from cmw_vllm.server_record import (
+    ServerRecord,
+    exit_path,
+    log_path,
+    pid_path,
+    read_exit,
+    read_record,
+    record_names,
+    record_path,
+)
+from cmw_vllm.vocab import ALIVE_STATES, State, validate_name
 
 if TYPE_CHECKING:
     import psutil
@@ -45,70 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RECORD_FORMAT = 1
 IS_WINDOWS = os.name == "nt"
-
-# Server states, as shown by ``status``.
-RUNNING = "running"  # process alive, health not checked
-STARTING = "starting"
-HEALTHY = "healthy"
-UNHEALTHY = "unhealthy"
-JOINED = "joined"  # a follower node that is in its leader's group (no HTTP of its own)
-EXITED = "exited"
-STALE = "stale"
-INVALID = "invalid"
-
-
-@dataclass
-class ServerRecord:
-    """What ``start`` wrote about one server."""
-
-    name: str
-    pid: int
-    create_time: float
-    supervisor_pid: int
-    supervisor_create_time: float
-    pgid: int
-    host: str
-    port: int
-    model: str
-    served_model_name: str
-    task: str
-    base_url: str
-    command: list[str]
-    log_path: str
-    started_at: float
-    config: dict[str, Any]
-    ready_at: float | None = None
-    role: str = "single"
-    node_rank: int = 0
-    leader: str | None = None
-    host_ip: str | None = None
-    format: int = RECORD_FORMAT
-
-    @classmethod
-    def from_json(cls, data: Any) -> ServerRecord:
-        """Build a record from parsed JSON.
-
-        Raises:
-            ValueError: Missing or mistyped fields, or another record format.
-        """
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        fmt = data.get("format")
-        if fmt != RECORD_FORMAT:
-            raise ValueError(f"record format {fmt!r} is not {RECORD_FORMAT} (older cmw-vllm?)")
-        kwargs: dict[str, Any] = {}
-        for f in cls.__dataclass_fields__.values():
-            if f.name not in data:
-                if f.default is not MISSING:
-                    continue
-                raise ValueError(f"missing field {f.name!r}")
-            kwargs[f.name] = data[f.name]
-        for key in ("pid", "supervisor_pid", "pgid", "port"):
-            if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool):
-                raise ValueError(f"field {key!r} is not an integer")
-        return cls(**kwargs)
 
 
 @dataclass
@@ -116,7 +61,7 @@ class ServerStatus:
     """The observed state of one managed server (or of a record that could not be read)."""
 
     name: str
-    state: str
+    state: State
     record: ServerRecord | None = None
     pid: int | None = None
     uptime: float | None = None
@@ -125,12 +70,11 @@ class ServerStatus:
     orphans: list[int] = field(default_factory=list)
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
         """True when the server's process is alive (starting, healthy or unhealthy)."""
-        return self.state in (RUNNING, STARTING, HEALTHY, UNHEALTHY, JOINED)
+        return self.state in ALIVE_STATES
 
     def to_json(self) -> dict[str, Any]:
         """Stable JSON shape for ``status --json``."""
@@ -155,7 +99,6 @@ class ServerStatus:
             "node_rank": rec.node_rank if rec else None,
             "leader": rec.leader if rec else None,
         }
-        out.update(self.extra)
         return out
 
 
@@ -190,21 +133,9 @@ ProgressCallback = Callable[[str, float], None]
 # --------------------------------------------------------------------------- files
 
 
-def _record_path(name: str) -> Path:
-    return paths.servers_dir() / f"{name}.json"
-
-
-def _pid_path(name: str) -> Path:
-    return paths.servers_dir() / f"{name}.pid"
-
-
-def _exit_path(name: str) -> Path:
-    return paths.servers_dir() / f"{name}.exit"
-
-
-def log_path(name: str) -> Path:
-    """The log file of server ``name``."""
-    return paths.logs_dir() / f"{name}.log"
+def _no_such_server(name: str) -> ServerNotRunningError:
+    return ServerNotRunningError(f"no managed server named {name!r}",
+                                 hint="see `cmw-vllm status` for the managed servers")
 
 
 def _remove(*files: Path) -> None:
@@ -230,48 +161,6 @@ def _name_lock(name: str, timeout: float = 60.0) -> Iterator[None]:
         raise ConflictError(
             f"another cmw-vllm command is working on server {name!r}; try again"
         ) from None
-
-
-def read_record(name: str) -> ServerRecord | None:
-    """Read the record of ``name``; None when there is none.
-
-    Raises:
-        ValueError: The file exists but is not a valid record.
-    """
-    path = _record_path(name)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"unreadable: {exc}") from exc
-    if not raw.strip():
-        raise ValueError("empty file")
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    record = ServerRecord.from_json(data)
-    if record.name != name:
-        raise ValueError(f"record names server {record.name!r}, file is {path.name}")
-    return record
-
-
-def record_names() -> list[str]:
-    """Names of every server with a record file, sorted."""
-    try:
-        entries = os.listdir(paths.servers_dir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(e[:-5] for e in entries if e.endswith(".json") and not e.startswith("."))
-
-
-def _read_exit(name: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(_exit_path(name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # --------------------------------------------------------------------------- processes
@@ -303,9 +192,23 @@ def _is_ours(record: ServerRecord) -> psutil.Process | None:
         cmdline = proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    if record.command and cmdline[:1] and not any("vllm" in part for part in cmdline):
-        return None
-    return proc
+    return proc if command_matches(cmdline, record.command) else None
+
+
+def command_matches(cmdline: list[str], command: list[str]) -> bool:
+    """True when a process's command line is the command that was recorded for it.
+
+    The recorded arguments must end the command line exactly. Only the program may show
+    differently: a ``#!`` script runs as ``python SCRIPT ARGS``, and a wrapper that execs
+    the interpreter (``exec python "$@"``) replaces it; so before the arguments there is
+    one word, or two. vLLM renames its EngineCore and worker children (``VLLM::EngineCore``)
+    but not the API server, the process a record names.
+    """
+    if not command:
+        return False
+    args = command[1:]
+    head = len(cmdline) - len(args)
+    return head in (1, 2) and cmdline[head:] == args
 
 
 def group_members(record: ServerRecord) -> list[psutil.Process]:
@@ -457,14 +360,12 @@ class ServerManager:
         """Observe one server.
 
         Raises:
-            NotFoundError: No record for ``name``.
+            ServerNotRunningError: No record for ``name``.
         """
-        from cmw_vllm.server_config import validate_name
-
         validate_name(name)
         statuses = self._statuses([name], check_health)
-        if statuses[0].state == INVALID and statuses[0].error == "no record":
-            raise NotFoundError(f"no managed server named {name!r}")
+        if statuses[0].state == State.INVALID and statuses[0].error == "no record":
+            raise _no_such_server(name)
         return statuses[0]
 
     def list_status(
@@ -479,20 +380,20 @@ class ServerManager:
 
     def _statuses(self, names: list[str], check_health: bool) -> list[ServerStatus]:
         statuses = [self._observe(name) for name in names]
-        for status in statuses:
-            if status.state == RUNNING and status.record and status.record.role == "follower":
-                status.state = JOINED if self._follower_joined(status.record) else STARTING
-        to_probe = [s for s in statuses if s.state == RUNNING and s.record is not None]
+        for st in statuses:
+            if st.state == State.RUNNING and st.record and st.record.role == "follower":
+                st.state = State.JOINED if self._follower_joined(st.record) else State.STARTING
+        to_probe = [s for s in statuses if s.state == State.RUNNING and s.record is not None]
         if check_health and to_probe:
             codes = self._probe_many([s.record.base_url for s in to_probe])  # type: ignore[union-attr]
             for status, code in zip(to_probe, codes, strict=True):
                 status.health_code = code
                 if code == 200:
-                    status.state = HEALTHY
+                    status.state = State.HEALTHY
                 elif code is not None or self._was_ready(status.record):  # type: ignore[arg-type]
-                    status.state = UNHEALTHY
+                    status.state = State.UNHEALTHY
                 else:
-                    status.state = STARTING
+                    status.state = State.STARTING
         return statuses
 
     def _probe_many(self, urls: list[str]) -> list[int | None]:
@@ -528,30 +429,30 @@ class ServerManager:
         try:
             record = read_record(name)
         except ValueError as exc:
-            return ServerStatus(name=name, state=INVALID, error=f"bad record: {exc}")
+            return ServerStatus(name=name, state=State.INVALID, error=f"bad record: {exc}")
         if record is None:
-            return ServerStatus(name=name, state=INVALID, error="no record")
+            return ServerStatus(name=name, state=State.INVALID, error="no record")
         proc = _is_ours(record)
         if proc is not None:
             return ServerStatus(
                 name=name,
-                state=RUNNING,
+                state=State.RUNNING,
                 record=record,
                 pid=record.pid,
                 uptime=time.time() - record.started_at,
             )
-        status = ServerStatus(name=name, state=EXITED, record=record, pid=record.pid)
+        status = ServerStatus(name=name, state=State.EXITED, record=record, pid=record.pid)
         orphans = [p.pid for p in group_members(record)]
         status.orphans = orphans
-        exit_info = _read_exit(name)
+        exit_info = read_exit(name)
         if exit_info is not None and exit_info.get("pid") == record.pid:
             status.returncode = exit_info.get("returncode")
         elif self._pid_alive(record.pid):
-            status.state = STALE
+            status.state = State.STALE
             status.error = f"pid {record.pid} now belongs to another process"
         from cmw_vllm.vllm_engine import diagnose, tail_lines
 
-        if status.state == EXITED:
+        if status.state == State.EXITED:
             status.log_tail = tail_lines(Path(record.log_path), 10)
             status.error = diagnose("\n".join(tail_lines(Path(record.log_path), 200)))
         return status
@@ -573,6 +474,7 @@ class ServerManager:
         auto_port: bool = False,
         on_progress: ProgressCallback | None = None,
         check_resources: bool = True,
+        on_notice: Callable[[str], None] | None = None,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -583,10 +485,14 @@ class ServerManager:
             auto_port: When the port is taken, use the next free one.
             on_progress: Called with (phase, elapsed seconds) while waiting.
             check_resources: Refuse before launching when the model cannot fit the GPU (or,
-                on the CPU build, RAM); see :func:`cmw_vllm.memory_estimate.preflight`.
+                on the CPU build, RAM); see :func:`cmw_vllm.memory_check.preflight`.
+            on_notice: Called with a line the user should see before the wait (the memory
+                check was skipped, and why).
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
+            ModelUnavailableError: The model is neither on disk nor cached and the Hub
+                cannot be asked.
             ConflictError: The name runs another model, or the port is held by something else.
             EnvironmentProblem: vLLM missing, state dir not writable.
             ServerStartError: vLLM exited during start-up (message has the diagnosis).
@@ -609,16 +515,16 @@ class ServerManager:
                 record = existing.record
                 already = True
             else:
-                if existing.record is not None or existing.state == INVALID:
+                if existing.record is not None or existing.state == State.INVALID:
                     self._cleanup_dead(config.name, existing)
                 if config.role != "follower":  # a follower has no HTTP port
                     config, port_changed_from = self._choose_port(config, auto_port)
                 if check_resources:
-                    from cmw_vllm.memory_estimate import preflight
+                    from cmw_vllm.memory_check import preflight
 
                     check = preflight(config)
-                    logger.info("preflight for %s: %s %s", config.name, check.status,
-                                check.reason or "")
+                    if check.status == "skipped" and on_notice is not None:
+                        on_notice(f"memory check skipped: {check.reason}")
                 record = self._launch(config)
                 already = False
         result = StartResult(
@@ -637,7 +543,7 @@ class ServerManager:
         """Remove what a dead server left: orphans of its group, its record files."""
         if status.record is not None and status.orphans:
             self._terminate(status.record, None, kill_timeout=5.0)
-        _remove(_record_path(name), _pid_path(name), _exit_path(name))
+        _remove(record_path(name), pid_path(name), exit_path(name))
 
     def _choose_port(
         self, config: ServerConfig, auto_port: bool
@@ -694,7 +600,7 @@ class ServerManager:
             raise EnvironmentProblem(f"{log_file} is a symlink; refusing to write through it")
         if log_file.exists():
             os.replace(log_file, log_file.with_name(log_file.name + ".1"))
-        exit_file = _exit_path(config.name)
+        exit_file = exit_path(config.name)
         _remove(exit_file)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
         try:
@@ -772,9 +678,9 @@ class ServerManager:
         return record
 
     def _save(self, record: ServerRecord) -> None:
-        paths.write_private(_record_path(record.name),
+        paths.write_private(record_path(record.name),
                             json.dumps(asdict(record), indent=2) + "\n", fsync=True)
-        paths.write_private(_pid_path(record.name), f"{record.pid}\n", fsync=True)
+        paths.write_private(pid_path(record.name), f"{record.pid}\n", fsync=True)
 
     def wait_ready(
         self,
@@ -799,7 +705,7 @@ class ServerManager:
         phase = "starting vLLM"
         log_offset = 0
         log_file = Path(record.log_path)
-        exit_file = _exit_path(record.name)
+        exit_file = exit_path(record.name)
         proc = _is_ours(record)
         follower = record.role == "follower"
         while True:
@@ -850,10 +756,10 @@ class ServerManager:
         log_file = Path(record.log_path)
         # The supervisor writes the exit file right after vLLM exits; give it a moment.
         for _ in range(20):
-            if _exit_path(record.name).exists():
+            if exit_path(record.name).exists():
                 break
             time.sleep(0.02)
-        exit_info = _read_exit(record.name) or {}
+        exit_info = read_exit(record.name) or {}
         rc = exit_info.get("returncode")
         text = "\n".join(tail_lines(log_file, 400))
         with contextlib.suppress(CmwVllmError), _name_lock(record.name, timeout=10):
@@ -862,7 +768,7 @@ class ServerManager:
                 current = read_record(record.name)
             if current is not None and current.pid == record.pid:
                 self._terminate(record, None, kill_timeout=5.0)
-                _remove(_record_path(record.name), _pid_path(record.name))
+                _remove(record_path(record.name), pid_path(record.name))
         rc_text = f" (exit code {rc})" if rc is not None else ""
         raise ServerStartError(
             f"vLLM exited during start-up{rc_text}; log: {log_file}",
@@ -886,9 +792,8 @@ class ServerManager:
             kill_timeout: Seconds to wait for the processes to vanish after SIGKILL.
 
         Raises:
-            CmwVllmError: Processes of the server survived SIGKILL.
+            StopError: Processes of the server survived SIGKILL.
         """
-        from cmw_vllm.server_config import validate_name
         from cmw_vllm.settings import stop_timeout
 
         validate_name(name)
@@ -897,22 +802,22 @@ class ServerManager:
         with _name_lock(name):
             status = self._observe(name)
             if status.record is None:
-                if status.state == INVALID and status.error != "no record":
-                    _remove(_record_path(name), _pid_path(name), _exit_path(name))
+                if status.state == State.INVALID and status.error != "no record":
+                    _remove(record_path(name), pid_path(name), exit_path(name))
                     return StopResult(name=name, was_running=False, stale=True)
                 return StopResult(name=name, was_running=False)
             record = status.record
             result = StopResult(name=name, was_running=status.running,
-                                stale=status.state == STALE)
+                                stale=status.state == State.STALE)
             main = _is_ours(record)
             forced, killed, remaining = self._terminate(record, main, timeout, kill_timeout)
             result.forced, result.killed_pids, result.remaining_pids = forced, killed, remaining
             if remaining:
-                raise CmwVllmError(
+                raise StopError(
                     f"processes of {name!r} survived SIGKILL: "
                     + ", ".join(str(p) for p in remaining)
                 )
-            _remove(_record_path(name), _pid_path(name), _exit_path(name))
+            _remove(record_path(name), pid_path(name), exit_path(name))
         result.duration_s = time.monotonic() - begin
         return result
 
@@ -969,10 +874,10 @@ class ServerManager:
         """Stop ``name`` and start it again with the settings it was started with.
 
         Raises:
-            NotFoundError: No record for ``name``.
+            ServerNotRunningError: No record for ``name``.
             UsageError: The record's settings no longer validate.
         """
-        from cmw_vllm.server_config import ServerConfig, validate_name
+        from cmw_vllm.server_config import ServerConfig
 
         validate_name(name)
         try:
@@ -980,7 +885,7 @@ class ServerManager:
         except ValueError as exc:
             raise UsageError(f"cannot restart {name!r}: bad record ({exc})") from None
         if record is None:
-            raise NotFoundError(f"no managed server named {name!r}")
+            raise _no_such_server(name)
         try:
             config = ServerConfig(**record.config)
         except Exception as exc:
