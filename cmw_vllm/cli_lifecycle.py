@@ -336,9 +336,13 @@ def start(
     already runs reports it and exits 0.
 
     \b
-    JSON: {name, state (healthy, or starting with --no-wait), already_running, model, pid,
-           port, url, log, ready_after_s}; with --test also test: the object of
-           `cmw-vllm test --json`.
+    JSON: {name, state (healthy, joined for a follower, or starting with --no-wait),
+           already_running, model, pid, port, url, log, ready_after_s, role, node_rank,
+           leader}; with --test also test: the object of `cmw-vllm test --json`.
+
+    \b
+    Several machines: the rank-0 node (--node-rank 0) serves the API, the others run
+    headless and are ready once they joined it (README: "Several machines").
 
     \b
     Examples:
@@ -475,8 +479,8 @@ def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> N
     The previous log is kept as NAME.log.1 beside the new one.
 
     \b
-    JSON: {name, state, already_running, model, pid, port, url, log, ready_after_s}, as
-          for `cmw-vllm start --json`.
+    JSON: {name, state, already_running, model, pid, port, url, log, ready_after_s, role,
+          node_rank, leader}, as for `cmw-vllm start --json`.
 
     \b
     Examples:
@@ -682,17 +686,20 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     tokens per second since the previous `status` (from vLLM's /metrics).
 
     \b
-    States: starting, healthy, unhealthy (alive, /health failing), exited, stale (the pid
-    now belongs to another process), invalid (unreadable record).
-    Exit codes: 0 all healthy; 1 some unhealthy, exited, stale or invalid; 3 no such
+    States: starting, healthy, unhealthy (alive, /health failing), joined (a follower node
+    in its leader's group), exited, stale (the pid now belongs to another process), invalid
+    (unreadable record).
+    Exit codes: 0 all healthy or joined; 1 some unhealthy, exited, stale or invalid; 3 no such
     server / none managed; 4 some still starting (worst wins).
 
     \b
     JSON: {"servers": [{name, state, model, served_model_name, task, pid, host, port, url,
-           uptime_s, started_at, returncode, orphan_pids, log, error, gpu_memory_bytes,
-           load}]}; load is null or {ok, error, requests_running, requests_waiting,
-           kv_cache_usage, prompt_tokens_total, generation_tokens_total,
-           prompt_tokens_per_s, generation_tokens_per_s, rate_interval_s}.
+           uptime_s, started_at, returncode, orphan_pids, log, error, role, node_rank,
+           leader, gpu_memory_bytes, load}]}; load is null or {ok, error,
+           requests_running, requests_waiting, kv_cache_usage, prompt_tokens_total,
+           generation_tokens_total, prompt_tokens_per_s, generation_tokens_per_s,
+           rate_interval_s}; a leader also has cluster: {nnodes, data_parallel_size,
+           world_size, rendezvous, followers_seen}.
 
     \b
     Examples:
