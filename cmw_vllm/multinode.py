@@ -407,6 +407,11 @@ def world_from_log(log_text: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
+def _plain(ip: str) -> str:
+    """An IPv4 address seen through a dual-stack socket (``::ffff:a.b.c.d``) as ``a.b.c.d``."""
+    return ip.removeprefix("::ffff:")
+
+
 def cluster_view(record: ServerRecord, pids: list[int]) -> dict[str, Any]:
     """What a leader can see of its whole set, from its record, its log and its sockets.
 
@@ -429,11 +434,17 @@ def cluster_view(record: ServerRecord, pids: list[int]) -> dict[str, Any]:
         import psutil
 
         wanted = set(pids)
+        served, own_clients = [], set()
         with contextlib.suppress(psutil.AccessDenied, OSError):
             for conn in psutil.net_connections(kind="tcp"):
-                if (conn.pid in wanted and conn.status == psutil.CONN_ESTABLISHED
-                        and conn.laddr and conn.laddr.port == leader[1] and conn.raddr):
-                    seen.add(conn.raddr.ip)
+                if conn.pid not in wanted or conn.status != psutil.CONN_ESTABLISHED:
+                    continue
+                if conn.laddr and conn.raddr and conn.laddr.port == leader[1]:
+                    served.append(conn.raddr)
+                elif conn.laddr and conn.raddr and conn.raddr.port == leader[1]:
+                    own_clients.add((_plain(conn.laddr.ip), conn.laddr.port))  # own workers
+        seen = {_plain(addr.ip) for addr in served if (_plain(addr.ip), addr.port)
+                not in own_clients}
     return {
         "nnodes": dist.nnodes,
         "data_parallel_size": dist.data_parallel_size or 1,
