@@ -373,6 +373,12 @@ def start(
         vllm_args,
     )
     _warn_exposed(config.host)
+    if config.distributed and config.distributed.executor_backend == "ray":
+        from cmw_vllm.ray_node import ray_address
+
+        cluster = ray_address()  # this machine's managed Ray node (`cmw-vllm ray start`)
+        if cluster:
+            os.environ.setdefault("RAY_ADDRESS", cluster)
     manager = ServerManager()
 
     def do_start(on_progress: Any) -> StartResult:

@@ -87,3 +87,111 @@ def role_notes(statuses: list[ServerStatus], views: dict[str, dict[str, Any]]) -
             text += f" of {size} ranks/nodes; followers connected: {seen}"
         lines.append(text)
     return lines
+
+
+# --------------------------------------------------------------------------- ray
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def ray() -> None:
+    """Run this machine's Ray node as a managed service (for vLLM's Ray executor).
+
+    \b
+    Examples:
+      cmw-vllm ray start --head                       # first machine
+      cmw-vllm ray start --address 10.0.0.1:6379      # every other machine
+      cmw-vllm start qwen -tp 8 --distributed-executor-backend ray   # on the head
+      cmw-vllm ray status
+      cmw-vllm ray stop
+    """
+
+
+@ray.command(name="start")
+@click.argument("ray_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- RAY_FLAGS...]")
+@click.option("--head", is_flag=True, help="Start the cluster's head node.")
+@click.option("--address", help="Join the cluster whose head is HOST:PORT.")
+@click.option("--port", type=click.IntRange(1, 65535), default=6379, show_default=True,
+              help="The head's port.")
+@click.option("--node-ip-address", help="This machine's address in the cluster (default: "
+              "the one that routes to the head; on the head, its only non-loopback one).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0,
+              show_default=True, help="Seconds to wait for the node to start.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (as `ray status --json`).")
+def ray_start(ray_args: tuple[str, ...], head: bool, address: str | None, port: int,
+              node_ip_address: str | None, timeout: float, as_json: bool) -> None:
+    """Start this machine's Ray node in the background (`ray start --block`, logged).
+
+    Starting a node that already runs reports it and exits 0.
+
+    \b
+    JSON: {state, role, pid, node_ip, address, log, nodes, error}
+    """
+    from cmw_vllm.cli_common import echo_json
+    from cmw_vllm.ray_node import node_status, start_node
+
+    record, already = start_node(head=head, address=address, port=port,
+                                 node_ip=node_ip_address, ray_args=list(ray_args),
+                                 timeout=timeout)
+    if as_json:
+        echo_json(node_status(with_nodes=False).to_json())
+        return
+    verb = "already runs" if already else "started"
+    click.echo(f"Ray {record.role.removeprefix('ray-')} node {verb} (pid {record.pid}, "
+               f"{record.host_ip}); cluster {record.leader}.")
+    click.echo(f"  Log:  {record.log_path}")
+    if record.role == "ray-head":
+        click.echo(f"  Join: cmw-vllm ray start --address {record.leader}")
+
+
+@ray.command(name="status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys).")
+@click.pass_context
+def ray_status(ctx: click.Context, as_json: bool) -> None:
+    """Show this machine's Ray node and every node of its cluster.
+
+    Exit codes: 0 running; 1 exited; 3 no Ray node here.
+
+    \b
+    JSON: {state, role, pid, node_ip, address, log, nodes: [{node_ip, alive, cpus, gpus}],
+           error}
+    """
+    from cmw_vllm.cli_common import echo_err, echo_json, print_table
+    from cmw_vllm.errors import EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK
+    from cmw_vllm.ray_node import node_status
+
+    status = node_status()
+    code = {"running": EXIT_OK, "exited": EXIT_FAILURE}.get(status.state, EXIT_NOT_RUNNING)
+    if as_json:
+        echo_json(status.to_json())
+        ctx.exit(code)
+    rec = status.record
+    if rec is None:
+        click.echo("No Ray node here (cmw-vllm ray start --head).")
+        ctx.exit(code)
+    click.echo(f"Ray {rec.role.removeprefix('ray-')} node: {status.state} (pid {rec.pid}, "
+               f"{rec.host_ip}); cluster {rec.leader}")
+    if status.nodes:
+        rows = [[n["node_ip"], "alive" if n["alive"] else "dead", f"{n['cpus']:g}",
+                 f"{n['gpus']:g}"] for n in status.nodes]
+        print_table(["NODE", "STATE", "CPUS", "GPUS"], rows)
+    if status.error:
+        echo_err(status.error)
+    ctx.exit(code)
+
+
+@ray.command(name="stop")
+@click.option("--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL.")
+def ray_stop(timeout: float) -> None:
+    """Stop this machine's Ray node (only the processes it started)."""
+    from cmw_vllm.ray_node import stop_node
+
+    was_running, killed = stop_node(timeout)
+    if not was_running and not killed:
+        click.echo("No Ray node was running here.")
+    else:
+        how = f"forced: {', '.join(map(str, killed))}" if killed else "graceful"
+        click.echo(f"Stopped the Ray node ({how}).")
+
+
+COMMANDS: list[click.Command] = [ray]

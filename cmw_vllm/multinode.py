@@ -86,8 +86,8 @@ OPTION_NAMES = {
 # A follower has joined when its workers are in the process group (TP/PP over nodes), or
 # when its engines have finished the handshake with the leader's front end (DP over nodes).
 _JOINED_RE = re.compile(
-    r"rank \d+ in world size \d+ is assigned as|"
-    r"init engine \(profile, create kv cache, warmup model\) took"
+    r"rank \d+ in world size (?!1 )\d+ is assigned as|"
+    r"Waiting for READY message from DP Coordinator"
 )
 # The leader's rank-0 worker logs the size of the whole group.
 _WORLD_RE = re.compile(r"world_size=(\d+) rank=0 .*distributed_init_method=tcp://([^ ]+)")
@@ -415,9 +415,9 @@ def _plain(ip: str) -> str:
 def cluster_view(record: ServerRecord, pids: list[int]) -> dict[str, Any]:
     """What a leader can see of its whole set, from its record, its log and its sockets.
 
-    No remote login: the followers are the machines with a connection open to the
-    leader's rendezvous port (TCPStore for tensor/pipeline parallel, the front end's RPC
-    port for data parallel), held by one of ``pids`` (the leader's processes).
+    No remote login: the followers are the machines that ``pids`` (the leader's processes)
+    hold TCP connections with, other than HTTP clients (tensor/pipeline parallel: the
+    TCPStore and gloo; data parallel: the engines' links to the coordinator and front end).
 
     Returns:
         ``nnodes``, ``data_parallel_size``, ``world_size`` (from the log, once the workers
@@ -434,17 +434,16 @@ def cluster_view(record: ServerRecord, pids: list[int]) -> dict[str, Any]:
         import psutil
 
         wanted = set(pids)
-        served, own_clients = [], set()
+        conns = []
         with contextlib.suppress(psutil.AccessDenied, OSError):
-            for conn in psutil.net_connections(kind="tcp"):
-                if conn.pid not in wanted or conn.status != psutil.CONN_ESTABLISHED:
-                    continue
-                if conn.laddr and conn.raddr and conn.laddr.port == leader[1]:
-                    served.append(conn.raddr)
-                elif conn.laddr and conn.raddr and conn.raddr.port == leader[1]:
-                    own_clients.add((_plain(conn.laddr.ip), conn.laddr.port))  # own workers
-        seen = {_plain(addr.ip) for addr in served if (_plain(addr.ip), addr.port)
-                not in own_clients}
+            conns = [c for c in psutil.net_connections(kind="tcp") if c.pid in wanted
+                     and c.status == psutil.CONN_ESTABLISHED and c.laddr and c.raddr]
+        # Connections between the leader's own processes show both ends; HTTP clients are
+        # not nodes. What is left leads to the followers (rendezvous, gloo, DP engines).
+        own_ends = {(_plain(c.laddr.ip), c.laddr.port) for c in conns}
+        seen = {_plain(c.raddr.ip) for c in conns
+                if (_plain(c.raddr.ip), c.raddr.port) not in own_ends
+                and c.laddr.port != record.port}
     return {
         "nnodes": dist.nnodes,
         "data_parallel_size": dist.data_parallel_size or 1,

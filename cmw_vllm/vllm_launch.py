@@ -88,15 +88,43 @@ def _give_up(message: str) -> None:
         os._exit(EXIT_LEADER_UNREACHABLE)
 
 
+def connected_to(host: str) -> bool:
+    """True when this process or one of its children holds a TCP connection to ``host``."""
+    import psutil  # a dependency of vLLM
+
+    try:
+        ips = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+        me = psutil.Process()
+        procs = [me, *me.children(recursive=True)]
+    except (OSError, psutil.Error):
+        return False
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except (psutil.Error, OSError):
+            continue
+        for conn in conns:
+            if (conn.status == psutil.CONN_ESTABLISHED and conn.raddr
+                    and conn.raddr.ip.removeprefix("::ffff:") in ips):
+                return True
+    return False
+
+
 def watch_leader(host: str, port: int, join_timeout: float,
                  interval: float = PROBE_INTERVAL_S) -> None:
-    """Give up when the leader never answers within ``join_timeout`` or goes away."""
+    """Give up when the leader never answers within ``join_timeout`` or goes away.
+
+    The leader is there while its rendezvous port answers (tensor/pipeline parallel: the
+    TCPStore lives as long as the leader) or, once joined, while this node holds a
+    connection to it (data parallel: the leader closes its handshake port after start-up,
+    and the engines stay connected to its coordinator and front end).
+    """
     begin = time.monotonic()
     reached = False
     failures = 0
     while True:
         reason = probe(host, port, timeout=min(interval, 2.0))
-        if reason is None:
+        if reason is None or (reached and connected_to(host)):
             reached, failures = True, 0
         elif reached:
             failures += 1

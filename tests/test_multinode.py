@@ -196,3 +196,18 @@ def test_follower_with_a_wrong_master_fails_fast(fake_engine: Path, model_dir: P
     assert took < 20
     code, _, _ = run_cli("status", "fol")
     assert code == 3  # failed start: nothing left, no record
+
+
+def test_joined_lines_from_real_vllm_logs() -> None:
+    tp = ("(Worker pid=13459) INFO 11-26 02:16:10 [parallel_state.py:2350] rank 1 in world size "
+          "2 is assigned as DP rank 0, PP rank 0, PCP rank 0, TP rank 1, ETP rank 1")
+    dp_local = ("(Worker pid=29297) INFO 11-26 02:37:01 [parallel_state.py:2350] rank 0 in world "
+                "size 1 is assigned as DP rank 0, PP rank 0, PCP rank 0, TP rank 0")
+    dp = ("(EngineCore_DP1 pid=28766) INFO 11-26 02:38:15 [core.py:1247] Waiting for READY "
+          "message from DP Coordinator...")
+    assert multinode.follower_joined(tp)
+    assert not multinode.follower_joined(dp_local)  # its own local group, not the leader's
+    assert multinode.follower_joined(dp_local + "\n" + dp)
+    world = ("(Worker pid=1) INFO [parallel_state.py:1906] world_size=2 rank=0 local_rank=0 "
+             "distributed_init_method=tcp://10.231.9.1:19850 backend=gloo")
+    assert multinode.world_from_log(world) == (2, "10.231.9.1:19850")
