@@ -72,10 +72,10 @@ class _Progress:
             self.status = None
 
 
-def _example_request(record: ServerRecord) -> str:
+def _example_request(record: ServerRecord, api_key: bool) -> str:
     import json
 
-    auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if os.environ.get("VLLM_API_KEY") else ""
+    auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if api_key else ""
     model = record.served_model_name
     if record.task == "embed":
         path, body = "/v1/embeddings", {"model": model, "input": "Hello"}
@@ -92,8 +92,8 @@ def _example_request(record: ServerRecord) -> str:
             f"-d '{json.dumps(body)}'")
 
 
-def _warn_exposed(host: str) -> None:
-    if host not in LOOPBACK and not os.environ.get("VLLM_API_KEY"):
+def _warn_exposed(host: str, api_key: bool) -> None:
+    if host not in LOOPBACK and not api_key:
         echo_err(
             f"Warning: binding to {host} without an API key: anyone who can reach this "
             "machine can use the server (set VLLM_API_KEY)."
@@ -138,7 +138,7 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
         click.echo(f"  Check:    cmw-vllm status {result.name}")
     click.echo(f"  Endpoint: {record.base_url}/v1")
     if result.ready:
-        click.echo(f"  Try:      {_example_request(record)}")
+        click.echo(f"  Try:      {_example_request(record, result.api_key)}")
 
 
 def _parse_port(value: str | None) -> int | None:
@@ -262,30 +262,33 @@ def start(
       cmw-vllm start qwen --gpus 1 --no-wait
     """
     from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.settings import api_key
 
-    config = _build_config(
-        target,
-        {
-            "name": name,
-            "host": host,
-            "port": _parse_port(port),
-            "tensor_parallel_size": tensor_parallel_size,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "max_model_len": max_model_len,
-            "dtype": dtype,
-            "gpus": gpus,
-            "served_model_name": served_model_name,
-            "task": task,
-            "env": _parse_env(env_pairs),
-        },
-        vllm_args,
-    )
-    _warn_exposed(config.host)
+    options = {
+        "name": name,
+        "host": host,
+        "port": _parse_port(port),
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_model_len": max_model_len,
+        "dtype": dtype,
+        "gpus": gpus,
+        "served_model_name": served_model_name,
+        "task": task,
+        "env": _parse_env(env_pairs),
+    }
+    config = _build_config(target, options, vllm_args)
+    # What the user asked for explicitly: a running server with other values is an error.
+    requested = {k for k, v in options.items() if v is not None and k != "name"}
+    if vllm_args:
+        requested.add("vllm_args")
+    _warn_exposed(config.host, bool(api_key()))
     manager = ServerManager()
 
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
-                             on_progress=on_progress, check_resources=not force)
+                             on_progress=on_progress, check_resources=not force,
+                             requested=requested)
 
     if run_test and no_wait:
         raise UsageError("--test needs the server ready: drop --no-wait")
@@ -325,7 +328,8 @@ def start(
 def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json: bool) -> None:
     """Stop servers: SIGTERM, then SIGKILL of everything left of them after --timeout.
 
-    Stopping a server that is not running says so and exits 0.
+    Stopping a server that is not running says so and exits 0; a name that is neither a
+    server nor a registry entry exits 3 with the closest names.
 
     \b
     Examples:
@@ -348,6 +352,7 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
                     "name": r.name,
                     "was_running": r.was_running,
                     "stale": r.stale,
+                    "invalid": r.invalid,
                     "forced": r.forced,
                     "killed_pids": r.killed_pids,
                     "duration_s": round(r.duration_s, 2),
@@ -362,6 +367,8 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
         if r.was_running:
             how = "forced with SIGKILL" if r.forced else "graceful"
             click.echo(f"Stopped {r.name!r} ({how}, {r.duration_s:.1f}s).")
+        elif r.invalid:
+            click.echo(f"Server {r.name!r} had an unreadable record ({r.invalid}); removed it.")
         elif r.stale:
             click.echo(f"Server {r.name!r} was not running; removed its stale record.")
         elif r.killed_pids:
@@ -378,9 +385,10 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
               help="Seconds to wait for readiness.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> None:
-    """Restart a server with the settings it was started with.
+    """Restart a server with the settings of its last start (also after `stop`).
 
-    The previous log is kept as NAME.log.1 beside the new one.
+    The API key is VLLM_API_KEY when set, else the one the server was started with (kept
+    in a private file). The previous log is kept as NAME.log.1 beside the new one.
 
     \b
     Examples:
@@ -394,6 +402,7 @@ def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> N
         return manager.restart(name, wait=not no_wait, timeout=timeout, on_progress=on_progress)
 
     result, elapsed = _run_start(do_restart, name, quiet=as_json or no_wait)
+    _warn_exposed(result.record.host, result.api_key)
     _report_start(result, as_json, elapsed)
 
 
@@ -551,6 +560,10 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         for st in statuses:
             if st.error and st.state in ("exited", "stale", "invalid"):
                 echo_err(f"{st.name}: {st.error}")
+            if st.state == "exited" and st.log_tail and st.record is not None:
+                echo_err(f"{st.name}: from its log {st.record.log_path}:")
+                for line in st.log_tail:
+                    echo_err(f"  {line}")
             if st.orphans:
                 echo_err(f"{st.name}: processes left behind: "
                          f"{', '.join(map(str, st.orphans))} (cmw-vllm stop {st.name})")

@@ -52,6 +52,12 @@ class NotFoundError(CmwVllmError):
     exit_code = EXIT_NOT_FOUND
 
 
+class NotRunningError(CmwVllmError):
+    """No managed server (nor registry entry) has that name."""
+
+    exit_code = EXIT_NOT_RUNNING
+
+
 class ConflictError(CmwVllmError):
     """Something else holds what we need (a port, a name)."""
 
