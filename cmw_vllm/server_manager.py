@@ -576,7 +576,7 @@ class ServerManager:
             auto_port: When the port is taken, use the next free one.
             on_progress: Called with (phase, elapsed seconds) while waiting.
             check_resources: Refuse before launching when the model cannot fit the GPU (or,
-                on the CPU build, RAM); see :func:`cmw_vllm.memory_estimate.preflight`.
+                on the CPU build, RAM); see :func:`cmw_vllm.memory_check.preflight`.
             api_key: The key vLLM requires from clients (default ``VLLM_API_KEY``). It
                 reaches vLLM through its environment and is kept for ``restart`` in a
                 private file (:mod:`cmw_vllm.last_start`), never in the record.
@@ -610,7 +610,7 @@ class ServerManager:
                     self._cleanup_dead(config.name, existing)
                 config, port_changed_from = self._choose_port(config, auto_port)
                 if check_resources:
-                    from cmw_vllm.memory_estimate import preflight
+                    from cmw_vllm.memory_check import preflight
 
                     check = preflight(config)
                     logger.info("preflight for %s: %s %s", config.name, check.status,

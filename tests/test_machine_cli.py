@@ -52,9 +52,9 @@ def run(*args: str) -> tuple[int, str]:
 
 
 def test_disk_lists_locations_and_cached_models(tmp_path: Path) -> None:
-    from cmw_vllm.disk_space import hf_cache_dir
+    from cmw_vllm.hf_cache import repo_dir
 
-    blobs = hf_cache_dir() / "models--org--tiny" / "blobs"
+    blobs = repo_dir("org/tiny") / "blobs"
     blobs.mkdir(parents=True)
     (blobs / "abc").write_bytes(b"w" * 3000)
     code, out = run("disk")
