@@ -12,6 +12,7 @@ import click
 from cmw_vllm.cli_common import (
     echo_err,
     echo_json,
+    echo_wrapped,
     format_bytes,
     format_duration,
     print_table,
@@ -24,23 +25,19 @@ from cmw_vllm.errors import (
     EXIT_STARTING,
     UsageError,
 )
+from cmw_vllm.vocab import CLI_DTYPES, STATE_EXIT_CODES, TASKS, State, Task, parse_port
 
 if TYPE_CHECKING:
-    from cmw_vllm.server_manager import ServerRecord, ServerStatus, StartResult
+    from cmw_vllm.server_manager import ServerStatus, StartResult
+    from cmw_vllm.server_record import ServerRecord
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
-# status exit codes, worst wins (documented in the README).
-_STATE_EXIT = {
-    "healthy": EXIT_OK,
-    "starting": EXIT_STARTING,
-    "running": EXIT_OK,
-    "unhealthy": EXIT_FAILURE,
-    "exited": EXIT_FAILURE,
-    "stale": EXIT_FAILURE,
-    "invalid": EXIT_FAILURE,
-}
+# status: the worst server's exit code wins (documented in the README).
 _EXIT_RANK = {EXIT_OK: 0, EXIT_STARTING: 1, EXIT_FAILURE: 2}
+
+# Columns status adds per server (see :func:`load_cells`).
+LOAD_COLUMNS = ["RUN", "WAIT", "KV", "TOK/S"]
 
 
 class _Progress:
@@ -66,30 +63,47 @@ class _Progress:
             echo_err(f"{self.name}: {phase} ({elapsed:.1f}s)")
         self.phase = phase
 
+    def note(self, line: str) -> None:
+        """Show ``line`` on stderr (above the spinner on a terminal), even when quiet."""
+        if self.status is not None:
+            self.status.console.print(f"Warning: {line}", markup=False, highlight=False)
+        else:
+            echo_err(f"Warning: {line}")
+
     def close(self) -> None:
         if self.status is not None:
             self.status.stop()
             self.status = None
 
 
-def _example_request(record: ServerRecord, api_key: bool) -> str:
+def _example_request(record: ServerRecord, indent: str, api_key: bool) -> str:
+    """A curl command for the server's task, one argument per line (copy-pasteable).
+
+    The JSON body is split after each top-level member, so no line runs much past 80
+    columns and none wraps in the middle of a word.
+    """
     import json
 
-    auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if api_key else ""
     model = record.served_model_name
-    if record.task == "embed":
+    if record.task == Task.EMBED:
         path, body = "/v1/embeddings", {"model": model, "input": "Hello"}
-    elif record.task == "score":
+    elif record.task == Task.SCORE:
         path = "/rerank"
         body = {"model": model, "query": "What is vLLM?", "documents": ["An LLM server."]}
-    elif record.task == "classify":
+    elif record.task == Task.CLASSIFY:
         path, body = "/classify", {"model": model, "input": "Hello"}
     else:
         path = "/v1/chat/completions"
         body = {"model": model, "messages": [{"role": "user", "content": "Hello"}],
                 "max_tokens": 32}
-    return (f"curl {record.base_url}{path} -H 'Content-Type: application/json'{auth} "
-            f"-d '{json.dumps(body)}'")
+    more = indent + "  "
+    lines = [f"curl {record.base_url}{path}", f"{more}-H 'Content-Type: application/json'"]
+    if api_key:
+        lines.append(f'{more}-H "Authorization: Bearer $VLLM_API_KEY"')
+    members = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in body.items()]
+    data = f",\n{more}     ".join(members).replace("'", "'\\''")  # inside '...'
+    lines.append(f"{more}-d '{{{data}}}'")
+    return " \\\n".join(lines)
 
 
 def _warn_exposed(host: str, api_key: bool) -> None:
@@ -104,7 +118,7 @@ def _start_json(result: StartResult) -> dict[str, Any]:
     record = result.record
     return {
         "name": result.name,
-        "state": "healthy" if result.ready else "starting",
+        "state": State.HEALTHY if result.ready else State.STARTING,
         "already_running": result.already_running,
         "model": record.model,
         "pid": record.pid,
@@ -138,16 +152,7 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
         click.echo(f"  Check:    cmw-vllm status {result.name}")
     click.echo(f"  Endpoint: {record.base_url}/v1")
     if result.ready:
-        click.echo(f"  Try:      {_example_request(record, result.api_key)}")
-
-
-def _parse_port(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"invalid --port: must be an integer (got {value!r})") from None
+        click.echo(f"  Try:      {_example_request(record, ' ' * 12, result.api_key)}")
 
 
 SECRET_VARS = {"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
@@ -191,33 +196,90 @@ def _run_start(start: Any, name: str, quiet: bool) -> tuple[StartResult, float]:
         result = start(on_progress=progress)
     except KeyboardInterrupt:
         progress.close()
-        echo_err(
-            f"Stopped waiting; {name!r} keeps starting in the background. "
-            f"Stop it with: cmw-vllm stop {name}"
-        )
+        echo_wrapped(f"Stopped waiting; {name!r} keeps starting in the background. "
+                     f"Stop it with: cmw-vllm stop {name}", err=True)
         raise
     finally:
         progress.close()
     return result, time.monotonic() - begin
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _misplaced_vllm_flags(command: click.Command, args: list[str]) -> UsageError | None:
+    """The error for vLLM flags given before ``--`` (``start DIR --enforce-eager``), if any.
+
+    Without this, click answers an unknown option with the closest of ours, and
+    ``--enforce-eager`` became "Did you mean --force?": the flag that skips the memory check.
+    """
+    from cmw_vllm.vllm_flags import normalize_flag, serve_flags
+
+    ours = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    vllm = serve_flags()
+    split = args.index("--") if "--" in args else len(args)
+    kept: list[str] = []
+    moved: list[str] = []
+    i = 0
+    while i < split:
+        token = args[i]
+        flag = normalize_flag(token)
+        if flag is None or token.split("=", 1)[0] in ours or flag not in vllm:
+            kept.append(token)
+            i += 1
+            continue
+        moved.append(token)
+        takes_value = vllm[flag] and "=" not in token and not (flag == "-O" and token != "-O")
+        if takes_value and i + 1 < split and normalize_flag(args[i + 1]) is None:
+            moved.append(args[i + 1])
+            i += 1
+        i += 1
+    if not moved:
+        return None
+    import shlex
+
+    names = [t.split("=", 1)[0] for t in moved if normalize_flag(t) is not None]
+    fixed = ["cmw-vllm", "start", *kept, "--", *moved, *args[split + 1:]]
+    return UsageError(
+        f"{', '.join(names)} "
+        + ("is a vLLM flag, not a cmw-vllm option" if len(names) == 1
+           else "are vLLM flags, not cmw-vllm options")
+        + ": put vLLM flags after `--`",
+        hint=shlex.join(fixed),
+    )
+
+
+class _StartCommand(click.Command):
+    """``start``: vLLM flags given before ``--`` get a clear error, never a look-alike."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse as click does; on an unknown option, check it against vLLM's flags."""
+        try:
+            return super().parse_args(ctx, list(args))
+        except click.NoSuchOption:
+            error = _misplaced_vllm_flags(self, list(args))
+            if error is not None:
+                raise error from None
+            raise
+
+
+@click.command(cls=_StartCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("target", metavar="NAME|MODEL|DIR")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
 @click.option("--name", help="Server name (default: the alias, or derived from the model).")
 @click.option("--host", help="Address to bind (default 127.0.0.1, env CMW_VLLM_HOST).")
-@click.option("--port", "port", help="HTTP port (default: the registry entry's, else 8000).")
+@click.option("--port", "port", metavar="PORT",
+              help="HTTP port (default: the registry entry's, else 8000).")
 @click.option("--auto-port", is_flag=True, help="If the port is taken, use the next free one.")
 @click.option("-tp", "--tensor-parallel-size", type=int, help="GPUs to split the model over.")
 @click.option("--gpu-memory-utilization", type=float,
               help="Fraction (0, 1] of each GPU's memory this server may use.")
 @click.option("--max-model-len", type=int, help="Maximum context length in tokens.")
-@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]))
+@click.option("--dtype", type=click.Choice(CLI_DTYPES),
+              help="Weight and activation dtype (default auto: the checkpoint's, env "
+              "CMW_VLLM_DTYPE).")
 @click.option("--gpus", help="GPUs this server sees, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES).")
 @click.option("--served-model-name", help="Model name clients use in requests.")
 @click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
               help="Extra environment variable for vLLM (repeatable; kept for restart).")
-@click.option("--task", type=click.Choice(["generate", "embed", "score", "classify"]),
+@click.option("--task", type=click.Choice(TASKS),
               help="What the model does (default: from the registry, else generate).")
 @click.option("--no-wait", is_flag=True, help="Return right after launching.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
@@ -255,6 +317,11 @@ def start(
     already runs reports it and exits 0.
 
     \b
+    JSON: {name, state (healthy, or starting with --no-wait), already_running, model, pid,
+           port, url, log, ready_after_s}; with --test also test: the object of
+           `cmw-vllm test --json`.
+
+    \b
     Examples:
       cmw-vllm start qwen
       cmw-vllm start Qwen/Qwen3-0.6B --name small --port 8010 --max-model-len 8192
@@ -267,7 +334,7 @@ def start(
     options = {
         "name": name,
         "host": host,
-        "port": _parse_port(port),
+        "port": None if port is None else parse_port(port),
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "max_model_len": max_model_len,
@@ -288,7 +355,7 @@ def start(
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
                              on_progress=on_progress, check_resources=not force,
-                             requested=requested)
+                             on_notice=on_progress.note, requested=requested)
 
     if run_test and no_wait:
         raise UsageError("--test needs the server ready: drop --no-wait")
@@ -332,34 +399,38 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
     server nor a registry entry exits 3 with the closest names.
 
     \b
+    JSON: {"servers": [{name, was_running, stale, invalid, forced, killed_pids,
+          duration_s}]}; invalid: why an unreadable record was removed, else null
+
+    \b
     Examples:
       cmw-vllm stop qwen
       cmw-vllm stop --all --timeout 10
     """
-    from cmw_vllm.server_manager import ServerManager, record_names
+    from cmw_vllm.server_manager import ServerManager
 
     if stop_all and names:
         raise UsageError("give server names or --all, not both")
     if not stop_all and not names:
         raise UsageError("name a server to stop, or pass --all")
     manager = ServerManager()
-    targets = record_names() if stop_all else list(names)
-    results = [manager.stop(n, timeout=timeout) for n in targets]
+    if stop_all:
+        results = manager.stop_all(timeout=timeout)
+    else:
+        results = [manager.stop(n, timeout=timeout) for n in names]
     if as_json:
-        echo_json(
-            [
-                {
-                    "name": r.name,
-                    "was_running": r.was_running,
-                    "stale": r.stale,
-                    "invalid": r.invalid,
-                    "forced": r.forced,
-                    "killed_pids": r.killed_pids,
-                    "duration_s": round(r.duration_s, 2),
-                }
-                for r in results
-            ]
-        )
+        echo_json({"servers": [
+            {
+                "name": r.name,
+                "was_running": r.was_running,
+                "stale": r.stale,
+                "invalid": r.invalid,
+                "forced": r.forced,
+                "killed_pids": r.killed_pids,
+                "duration_s": round(r.duration_s, 2),
+            }
+            for r in results
+        ]})
         return
     if not results:
         click.echo("No managed servers.")
@@ -391,6 +462,10 @@ def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> N
     in a private file). The previous log is kept as NAME.log.1 beside the new one.
 
     \b
+    JSON: {name, state, already_running, model, pid, port, url, log, ready_after_s}, as
+          for `cmw-vllm start --json`.
+
+    \b
     Examples:
       cmw-vllm restart qwen
     """
@@ -411,38 +486,41 @@ def _status_exit_code(statuses: list[ServerStatus]) -> int:
         return EXIT_NOT_RUNNING
     worst = EXIT_OK
     for st in statuses:
-        code = _STATE_EXIT.get(st.state, EXIT_FAILURE)
+        code = STATE_EXIT_CODES.get(st.state, EXIT_FAILURE)
         if _EXIT_RANK[code] > _EXIT_RANK[worst]:
             worst = code
     return worst
 
 
 def _collect_status(
-    names: tuple[str, ...], as_json: bool
+    names: tuple[str, ...], quiet: bool
 ) -> tuple[list[ServerStatus], int, dict[str, dict[str, Any]]]:
-    """Statuses, the exit code, and the load (and GPU memory) of the running ones."""
-    from cmw_vllm.server_manager import ServerManager, record_names
+    """Statuses, the exit code, and the load (and GPU memory) of the running ones.
+
+    Args:
+        names: The servers to show (none: every managed server).
+        quiet: Don't say on stderr which names are unknown (JSON, ``--watch``).
+    """
+    from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.server_record import record_names
+    from cmw_vllm.vocab import validate_name
 
     manager = ServerManager()
     if names:
-        from cmw_vllm.server_config import validate_name
-
         for n in names:
             validate_name(n)
         known = set(record_names())
         missing = [n for n in names if n not in known]
         statuses = manager.list_status([n for n in names if n in known])
         for n in missing:
-            if not as_json:
+            if not quiet:
                 echo_err(f"No managed server named {n!r}.")
         code = EXIT_NOT_RUNNING if missing else _status_exit_code(statuses)
     else:
         statuses = manager.list_status()
         code = _status_exit_code(statuses)
     loads: dict[str, dict[str, Any]] = {}
-    if any(st.state == "healthy" for st in statuses):
-        from cmw_vllm.cli_inference import status_load_columns
-
+    if any(st.state == State.HEALTHY for st in statuses):
         loads = status_load_columns(statuses)
     running = [st.record for st in statuses if st.running and st.record is not None]
     if running:
@@ -453,17 +531,75 @@ def _collect_status(
     return statuses, code, loads
 
 
+# --------------------------------------------------------------------------- status load
+
+
+def status_load_columns(
+    statuses: list[ServerStatus], timeout: float | None = None, *, store: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Load of every healthy server in ``statuses``, scraped concurrently.
+
+    One call costs at most about ``timeout`` seconds however many servers hang. Rates
+    (tokens/s) come from the scrape stored by the previous call, so the first call after a
+    while shows none.
+
+    Args:
+        statuses: From ``ServerManager().list_status()``.
+        timeout: Seconds per scrape (default ``CMW_VLLM_HEALTH_TIMEOUT``).
+        store: Keep the scrapes for the next call's rates.
+
+    Returns:
+        Server name -> ``LoadInfo.to_json()`` (keys ``ok``, ``error``, ``requests_running``,
+        ``requests_waiting``, ``kv_cache_usage`` (0..1), ``prompt_tokens_total``,
+        ``generation_tokens_total``, ``prompt_tokens_per_s``, ``generation_tokens_per_s``,
+        ``rate_interval_s``), for healthy servers only.
+    """
+    from cmw_vllm.health_check import collect_load
+    from cmw_vllm.settings import health_timeout
+
+    records = [s.record for s in statuses if s.state == State.HEALTHY and s.record is not None]
+    if not records:
+        return {}
+    loads = collect_load(records, health_timeout() if timeout is None else timeout, store=store)
+    return {name: info.to_json() for name, info in loads.items()}
+
+
+def load_cells(load: dict[str, Any] | None) -> list[str]:
+    """Table cells for :data:`LOAD_COLUMNS` from one :func:`status_load_columns` value.
+
+    ``-`` where a figure is unknown (no load, scrape failed, no earlier scrape for a rate).
+    """
+    if not load or not load.get("ok"):
+        return ["-"] * len(LOAD_COLUMNS)
+
+    def num(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    kv = load.get("kv_cache_usage")
+    rate = load.get("generation_tokens_per_s")
+    return [
+        num(load.get("requests_running")),
+        num(load.get("requests_waiting")),
+        "-" if kv is None else f"{kv * 100:.1f}%",
+        "-" if rate is None else f"{rate:.1f}",
+    ]
+
+
+# At a narrow terminal: load figures go first, then the rest; MODEL is shortened; NAME and
+# STATE are never cut (users need the exact name for stop, logs and test).
+STATUS_DROP = ("TOK/S", "WAIT", "RUN", "KV", "GPU MEM", "UPTIME", "PID", "PORT")
+STATUS_SHRINK = ("MODEL",)
+
+
 def _status_rows(
     statuses: list[ServerStatus], loads: dict[str, dict[str, Any]]
 ) -> tuple[list[str], list[list[str]]]:
-    from cmw_vllm.cli_inference import LOAD_COLUMNS, load_cells
-
     columns = ["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME", "GPU MEM", *LOAD_COLUMNS]
     rows = []
     for st in statuses:
         rec = st.record
         state = st.state
-        if st.state == "exited" and st.returncode is not None:
+        if st.state == State.EXITED and st.returncode is not None:
             state = f"exited ({st.returncode})"
         rows.append(
             [
@@ -481,32 +617,40 @@ def _status_rows(
 
 
 def _watch(names: tuple[str, ...], interval: float) -> None:
-    """Redraw the status table every ``interval`` seconds until Ctrl-C."""
-    from cmw_vllm.cli_common import console, make_table, stdout_is_tty
+    """Redraw the status table every ``interval`` seconds until Ctrl-C (then exit 130).
+
+    On a terminal the table is redrawn in place and, on Ctrl-C, erased and printed once
+    more, so exactly one copy (one title) stays on the screen.
+    """
+    from cmw_vllm.cli_common import console, fitted_table, stdout_is_tty
+
+    def table(title: str) -> Any:
+        statuses, _, loads = _collect_status(names, quiet=True)
+        columns, rows = _status_rows(statuses, loads)
+        return fitted_table(columns, rows, out.width, title, STATUS_DROP, STATUS_SHRINK)
 
     out = console()
-    try:
-        if stdout_is_tty():
-            from rich.live import Live
+    if not stdout_is_tty():
+        while True:
+            statuses, _, loads = _collect_status(names, quiet=True)
+            columns, rows = _status_rows(statuses, loads)
+            click.echo(time.strftime("%Y-%m-%d %H:%M:%S"))
+            print_table(columns, rows)
+            click.echo("")
+            time.sleep(interval)
+    from rich.live import Live
 
-            with Live(console=out, auto_refresh=False, screen=False) as live:
-                while True:
-                    statuses, _, loads = _collect_status(names, as_json=True)
-                    columns, rows = _status_rows(statuses, loads)
-                    stamp = time.strftime("%H:%M:%S")
-                    live.update(make_table(columns, rows, title=f"cmw-vllm status {stamp}"),
-                                refresh=True)
-                    time.sleep(interval)
-        else:
+    last = None
+    try:
+        with Live(console=out, auto_refresh=False, transient=True) as live:
             while True:
-                statuses, _, loads = _collect_status(names, as_json=True)
-                columns, rows = _status_rows(statuses, loads)
-                click.echo(time.strftime("%Y-%m-%d %H:%M:%S"))
-                print_table(columns, rows)
-                click.echo("")
+                last = table(f"cmw-vllm status {time.strftime('%H:%M:%S')}")
+                live.update(last, refresh=True)
                 time.sleep(interval)
     except KeyboardInterrupt:
-        return
+        if last is not None:
+            out.print(last)
+        raise
 
 
 @click.command()
@@ -530,6 +674,14 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     server / none managed; 4 some still starting (worst wins).
 
     \b
+    JSON: {"servers": [{name, state, model, served_model_name, task, pid, host, port, url,
+           uptime_s, started_at, returncode, orphan_pids, log, error, log_tail,
+           gpu_memory_bytes, load}]}; log_tail: the log lines that tell why an exited
+           server ended (else []); load is null or {ok, error, requests_running,
+           requests_waiting, kv_cache_usage, prompt_tokens_total, generation_tokens_total,
+           prompt_tokens_per_s, generation_tokens_per_s, rate_interval_s}.
+
+    \b
     Examples:
       cmw-vllm status
       cmw-vllm status qwen --json | jq -r '.servers[0].state'
@@ -541,7 +693,7 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
             raise UsageError("--watch and --json don't go together")
         _watch(names, interval)
         return
-    statuses, code, loads = _collect_status(names, as_json)
+    statuses, code, loads = _collect_status(names, quiet=as_json)
     if as_json:
         servers = []
         for st in statuses:
@@ -556,9 +708,9 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
             click.echo("No managed servers.")
     else:
         columns, rows = _status_rows(statuses, loads)
-        print_table(columns, rows)
+        print_table(columns, rows, drop=STATUS_DROP, shrink=STATUS_SHRINK)
         for st in statuses:
-            if st.error and st.state in ("exited", "stale", "invalid"):
+            if st.error and st.state in (State.EXITED, State.STALE, State.INVALID):
                 echo_err(f"{st.name}: {st.error}")
             if st.state == "exited" and st.log_tail and st.record is not None:
                 echo_err(f"{st.name}: from its log {st.record.log_path}:")
@@ -575,7 +727,8 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
 @click.option("-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True,
               help="How many lines from the end.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
-@click.option("--previous", is_flag=True, help="Show the log of the run before the last restart.")
+@click.option("--previous", is_flag=True,
+              help="Show the log of the run before the last start or restart.")
 def logs(name: str, lines: int, follow: bool, previous: bool) -> None:
     """Show a server's log (vLLM's output).
 
@@ -585,14 +738,21 @@ def logs(name: str, lines: int, follow: bool, previous: bool) -> None:
       cmw-vllm logs qwen -f
     """
     from cmw_vllm.errors import NotFoundError
-    from cmw_vllm.server_config import validate_name
-    from cmw_vllm.server_manager import log_path
+    from cmw_vllm.server_record import log_path
     from cmw_vllm.vllm_engine import tail_lines
+    from cmw_vllm.vocab import validate_name
 
     validate_name(name)
     path = log_path(name)
     if previous:
+        current = path
         path = path.with_name(path.name + ".1")
+        if not path.exists() and current.exists():
+            raise NotFoundError(
+                f"server {name!r} has no earlier run: the previous run's log ({path.name}) "
+                "is kept from its next restart on",
+                hint=f"cmw-vllm logs {name} shows the current run",
+            )
     if not path.exists():
         raise NotFoundError(f"no log for server {name!r} ({path})")
     for line in tail_lines(path, lines):
@@ -622,9 +782,7 @@ def _follow(path: Any) -> None:
             except FileNotFoundError:
                 pass
             time.sleep(0.25)
-    except KeyboardInterrupt:
-        pass
-    finally:
+    finally:  # Ctrl-C goes on to the group: "Interrupted.", exit 130
         fh.close()
 
 

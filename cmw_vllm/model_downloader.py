@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 from cmw_vllm.errors import (
     CmwVllmError,
+    DownloadCancelled,
+    DownloadError,
     EnvironmentProblem,
     InsufficientResourcesError,
     NotFoundError,
@@ -33,10 +35,12 @@ from cmw_vllm.errors import (
 from cmw_vllm.hf_cache import (
     endpoint,
     filter_names,
+    has_blob,
     hub_cache_dir,
     offline,
     repo_dir,
     select_files,
+    snapshot_path,
     token,
     write_ref,
 )
@@ -50,14 +54,11 @@ from cmw_vllm.model_verifier import (
     verify_location,
     write_manifest,
 )
+from cmw_vllm.vocab import format_bytes
 
 logger = logging.getLogger(__name__)
 
 TOKEN_HELP = "https://huggingface.co/settings/tokens"
-
-
-class DownloadCancelled(Exception):
-    """Raised inside download threads after Ctrl-C so they stop at their next chunk."""
 
 
 @dataclass(frozen=True)
@@ -267,13 +268,6 @@ def free_space(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _escape(name: str) -> str:
@@ -345,7 +339,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
             return EnvironmentProblem(
                 f"the Hugging Face Hub at {endpoint()} answered HTTP {status}; try again later")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return CmwVllmError(f"the Hub refused the request for {repo_id}: {first}")
+        return DownloadError(f"the Hub refused the request for {repo_id}: {first}")
     if isinstance(exc, hf_errors.LocalEntryNotFoundError) or _is_network_error(exc) or \
             isinstance(exc, ConnectionError):
         return EnvironmentProblem(
@@ -354,7 +348,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
                  "the cache",
         )
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
-        return CmwVllmError(f"a file of {repo_id} arrived incomplete; run the download again")
+        return DownloadError(f"a file of {repo_id} arrived incomplete; run the download again")
     return None
 
 
@@ -374,6 +368,19 @@ def gated_error(repo_id: str, have_token: bool) -> EnvironmentProblem:
     )
 
 
+def _hub_exceptions() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises: its errors, OS errors, and its HTTP client's errors.
+
+    The client's base class is found through the Hub's own HTTP error, so this works with
+    whichever client (httpx or httpx2) the installed huggingface_hub uses.
+    """
+    from huggingface_hub import errors
+
+    client = tuple(c for c in errors.HfHubHTTPError.__mro__[1:]
+                   if c.__name__ == "HTTPError" and issubclass(c, Exception))
+    return (OSError, errors.EntryNotFoundError, *client)
+
+
 @contextmanager
 def _hub_errors(repo_id: str, revision: str, target: Path | None = None) -> Iterator[None]:
     try:
@@ -382,7 +389,7 @@ def _hub_errors(repo_id: str, revision: str, target: Path | None = None) -> Iter
         raise
     except (KeyboardInterrupt, DownloadCancelled):
         raise
-    except Exception as exc:
+    except _hub_exceptions() as exc:
         mapped = translate_hub_error(exc, repo_id, revision, target)
         if mapped is None:
             raise
@@ -425,12 +432,7 @@ def plan_download(
     gated = bool(getattr(info, "gated", False))
     if gated and token() is None:
         raise gated_error(repo_id, have_token=False)  # the files would answer 401 anyway
-    metadata: dict[str, tuple[int, str | None]] = {}
-    for sibling in info.siblings or []:
-        lfs = getattr(sibling, "lfs", None)
-        size = (lfs.size if lfs is not None else sibling.size) or 0
-        etag = lfs.sha256 if lfs is not None else sibling.blob_id
-        metadata[sibling.rfilename] = (int(size), etag)
+    metadata = _file_metadata(info)
     names = list(metadata)
     if repair:
         allow: list[str] | None = [_escape(n) for n in repair]
@@ -440,22 +442,13 @@ def plan_download(
         allow, ignore = select_files(names, include, exclude)
         selected = filter_names(names, allow, ignore)
     if repair and not selected:
-        raise CmwVllmError(f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
+        raise DownloadError(
+            f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
     if not selected:
         raise UsageError(f"no file of {repo_id}@{rev} matches the selection",
                          hint="check --include/--exclude")
     target = Path(local_dir).expanduser().absolute() if local_dir else repo_dir(repo_id)
-    files: list[PlannedFile] = []
-    for name in selected:
-        size, etag = metadata[name]
-        if repair:
-            cached = False
-        elif local_dir:
-            on_disk = target / name
-            cached = on_disk.is_file() and on_disk.stat().st_size == size
-        else:
-            cached = bool(etag) and (target / "blobs" / str(etag)).is_file()
-        files.append(PlannedFile(name, size, cached))
+    files = _planned_files(selected, metadata, target, bool(local_dir), bool(repair))
     return DownloadPlan(
         repo_id=repo_id,
         revision=rev,
@@ -473,6 +466,34 @@ def plan_download(
     )
 
 
+def _file_metadata(info: Any) -> dict[str, tuple[int, str | None]]:
+    """Size and ETag (LFS sha256, else git blob id) of each file, from ``model_info``."""
+    metadata: dict[str, tuple[int, str | None]] = {}
+    for sibling in info.siblings or []:
+        lfs = getattr(sibling, "lfs", None)
+        size = (lfs.size if lfs is not None else sibling.size) or 0
+        etag = lfs.sha256 if lfs is not None else sibling.blob_id
+        metadata[sibling.rfilename] = (int(size), etag)
+    return metadata
+
+
+def _planned_files(selected: list[str], metadata: dict[str, tuple[int, str | None]],
+                   target: Path, local: bool, repair: bool) -> list[PlannedFile]:
+    """The selected files, each marked cached when its bytes are already on disk."""
+    files: list[PlannedFile] = []
+    for name in selected:
+        size, etag = metadata[name]
+        if repair:
+            cached = False
+        elif local:
+            on_disk = target / name
+            cached = on_disk.is_file() and on_disk.stat().st_size == size
+        else:
+            cached = bool(etag) and has_blob(target, str(etag))
+        files.append(PlannedFile(name, size, cached))
+    return files
+
+
 def check_disk_space(plan: DownloadPlan) -> None:
     """Refuse a download that cannot fit.
 
@@ -481,8 +502,8 @@ def check_disk_space(plan: DownloadPlan) -> None:
     """
     if plan.bytes_to_fetch > plan.free_bytes:
         raise InsufficientResourcesError(
-            f"{plan.repo_id} needs {_fmt_bytes(plan.bytes_to_fetch)} "
-            f"({plan.bytes_to_fetch} bytes) more but only {_fmt_bytes(plan.free_bytes)} "
+            f"{plan.repo_id} needs {format_bytes(plan.bytes_to_fetch)} "
+            f"({plan.bytes_to_fetch} bytes) more but only {format_bytes(plan.free_bytes)} "
             f"({plan.free_bytes} bytes) is free in {plan.target}",
             hint="free some space, choose another place with --local-dir or HF_HOME, "
                  "or pass --force to try anyway",
@@ -610,25 +631,32 @@ def download_model(
         on_plan(plan)
     if not force:
         check_disk_space(plan)
-    snapshot = plan.target / "snapshots" / plan.commit if local_dir is None else plan.target
+    snapshot = snapshot_path(plan.target, plan.commit) if local_dir is None else plan.target
     complete = plan.bytes_to_fetch == 0 and not plan.repair and all(
         (snapshot / f.path).exists() for f in plan.files)
     if complete:
         return _finish(repo_id, rev, plan, snapshot, started, 0, True)
     path = fetch(plan, progress_class=progress_class)
     if not plan.repair:
-        data: dict[str, object] = {
-            "repo_id": repo_id, "revision": plan.revision, "commit": plan.commit,
-            "allow_patterns": plan.allow_patterns, "ignore_patterns": plan.ignore_patterns,
-            "files": [f.path for f in plan.files],
-        }
-        target = local_manifest_path(plan.target) if local_dir else manifest_path(
-            repo_id, plan.commit)
-        try:
-            write_manifest(target, data)
-        except (OSError, EnvironmentProblem) as exc:
-            logger.warning("cannot write download manifest %s: %s", target, exc)
+        _record_selection(plan, include, exclude)
     return _finish(repo_id, rev, plan, path, started, plan.bytes_to_fetch, False)
+
+
+def _record_selection(plan: DownloadPlan, include: Sequence[str],
+                      exclude: Sequence[str]) -> None:
+    """Write the manifest that tells verify which files this download asked for."""
+    data: dict[str, object] = {
+        "repo_id": plan.repo_id, "revision": plan.revision, "commit": plan.commit,
+        "allow_patterns": plan.allow_patterns, "ignore_patterns": plan.ignore_patterns,
+        "include": list(include), "exclude": list(exclude),
+        "files": [f.path for f in plan.files],
+    }
+    target = (local_manifest_path(plan.target) if plan.local_dir
+              else manifest_path(plan.repo_id, plan.commit))
+    try:
+        write_manifest(target, data)
+    except (OSError, EnvironmentProblem) as exc:
+        logger.warning("cannot write download manifest %s: %s", target, exc)
 
 
 def _existing_location(repo_id: str, rev: str,

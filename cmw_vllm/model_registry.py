@@ -17,17 +17,26 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cmw_vllm import paths
 from cmw_vllm.errors import ConfigError, NotFoundError, UsageError
-from cmw_vllm.server_config import MANAGED_FLAGS, NAME_RE, Dtype, Task
+from cmw_vllm.server_config import MANAGED_FLAGS
+from cmw_vllm.vocab import (
+    NAME_RULE,
+    Convert,
+    Dtype,
+    Runner,
+    Task,
+    is_hf_id,
+    is_valid_name,
+    looks_like_path,
+)
 
 VLLM_VERSION = "0.32.0"
 BUILTIN_SOURCE = "built-in"
@@ -185,8 +194,6 @@ SERVE_FLAGS = _words(
 """
 )
 
-Runner = Literal["auto", "draft", "generate", "pooling"]
-Convert = Literal["auto", "classify", "embed", "none"]
 
 # Flags an entry sets through its own keys; repeating them in extra_args would be ambiguous.
 _FIELD_FLAGS = {
@@ -210,25 +217,6 @@ _CONFIG_FLAGS = {
     "--port": "port",
     "--model": "model",
 }
-
-_HF_PART_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
-_HF_ID_MAX = 96
-
-
-def is_hf_id(text: str) -> bool:
-    """True when ``text`` is a syntactically valid Hugging Face repository id ``org/name``.
-
-    Follows the Hub's rules: letters, digits, ``-``, ``_`` and ``.``; no ``--`` or ``..``;
-    parts neither start nor end with ``-`` or ``.``; at most 96 characters.
-    """
-    if len(text) > _HF_ID_MAX or text.count("/") != 1 or "--" in text or ".." in text:
-        return False
-    return all(_HF_PART_RE.match(part) for part in text.split("/"))
-
-
-def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or os.path.isabs(text)
-
 
 def _flag_of(token: str) -> str | None:
     """The option a command-line token names (``--x=1`` -> ``--x``), or None for a value."""
@@ -303,19 +291,20 @@ class ModelEntry(BaseModel):
 
     alias: str
     model: str = Field(min_length=1)
-    task: Task = "generate"
+    # Vocabulary words arrive as strings from TOML: only they are read leniently.
+    task: Task = Field(Task.GENERATE, strict=False)
     port: int = Field(ge=1, le=65535)
     description: str = ""
     size_gb: float | None = Field(None, gt=0)
     max_model_len: int | None = Field(None, ge=1)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    dtype: Dtype | None = None
+    dtype: Dtype | None = Field(None, strict=False)
     tensor_parallel_size: int | None = Field(None, ge=1, le=64)
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     enable_auto_tool_choice: bool = False
-    runner: Runner | None = None
-    convert: Convert | None = None
+    runner: Runner | None = Field(None, strict=False)
+    convert: Convert | None = Field(None, strict=False)
     hf_overrides: dict[str, Any] | None = None
     trust_remote_code: bool = False
     extra_args: list[str] = Field(default_factory=list)
@@ -324,17 +313,14 @@ class ModelEntry(BaseModel):
     @field_validator("alias")
     @classmethod
     def _check_alias(cls, value: str) -> str:
-        if not NAME_RE.match(value) or ".." in value:
-            raise ValueError(
-                "use letters, digits, '.', '_' and '-' (at most 64, starting with a letter "
-                "or digit)"
-            )
+        if not is_valid_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
-        if not (_looks_like_path(value) or is_hf_id(value)):
+        if not (looks_like_path(value) or is_hf_id(value)):
             raise ValueError("must be a Hugging Face id (org/name) or an absolute/./~ path")
         return value
 
@@ -362,13 +348,13 @@ class ModelEntry(BaseModel):
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             # vLLM refuses to start with --enable-auto-tool-choice alone.
             raise ValueError("enable_auto_tool_choice needs tool_call_parser")
-        if self.task == "generate":
-            if self.runner == "pooling" or self.convert in ("embed", "classify"):
+        if self.task == Task.GENERATE:
+            if self.runner == Runner.POOLING or self.convert in (Convert.EMBED, Convert.CLASSIFY):
                 raise ValueError(
                     f"task 'generate' cannot use runner {self.runner!r} / convert "
                     f"{self.convert!r}; set task to embed, score or classify"
                 )
-        elif self.runner not in (None, "pooling"):
+        elif self.runner not in (None, Runner.POOLING):
             raise ValueError(f"task {self.task!r} needs runner 'pooling' (got {self.runner!r})")
         return self
 
@@ -379,7 +365,7 @@ class ModelEntry(BaseModel):
         are not included: they travel as ServerConfig fields (see :meth:`server_settings`).
         """
         args: list[str] = []
-        runner = self.runner or ("pooling" if self.task != "generate" else None)
+        runner = self.runner or (Runner.POOLING if self.task != Task.GENERATE else None)
         if runner:
             args += ["--runner", runner]
         if self.convert:
@@ -573,14 +559,17 @@ def _parse_models_file(file: Path, raw: bytes, source: str,
 def _entry_from_table(file: Path, text: str, alias: str, table: object, source: str,
                       base: ModelEntry | None) -> ModelEntry:
     """One validated entry from a ``[models.ALIAS]`` table, merged over ``base``."""
-    start, key_lines = _table_lines(text, alias)
+
+    def error_at(key: str | None, message: str) -> ConfigError:
+        start, key_lines = _table_lines(text, alias)  # only on error: it scans the file
+        return _file_error(file, key_lines.get(key, start) if key else start, message)
+
     if not isinstance(table, dict):
-        raise _file_error(file, start, f"models.{alias} must be a table ([models.{alias}])")
+        raise error_at(None, f"models.{alias} must be a table ([models.{alias}])")
     for key in _NOT_IN_FILE:
         if key in table:
             hint = "the alias is the table name" if key == "alias" else "set by cmw-vllm"
-            line = key_lines.get(key, start)
-            raise _file_error(file, line, f"models.{alias}.{key}: cannot be set here ({hint})")
+            raise error_at(key, f"models.{alias}.{key}: cannot be set here ({hint})")
     values: dict[str, Any] = base.model_dump() if base else {}
     values.update(table)
     values["alias"] = base.alias if base else alias
@@ -589,8 +578,7 @@ def _entry_from_table(file: Path, text: str, alias: str, table: object, source: 
         return ModelEntry(**values)
     except ValidationError as exc:
         key, message = _describe_error(exc.errors()[0], alias, base is None)
-        line = key_lines.get(key, start) if key else start
-        raise _file_error(file, line, message) from None
+        raise error_at(key, message) from None
 
 
 def all_entries() -> dict[str, ModelEntry]:
@@ -681,14 +669,14 @@ def resolve_target(target: str) -> ResolvedTarget:
     if not text:
         raise UsageError("empty model name")
     entries = all_entries()
-    if not _looks_like_path(text):
+    if not looks_like_path(text):
         entry = find_entry(text, entries)
         if entry is not None and entry.alias.lower() == text.lower():
             return _from_entry(entry)
     path = Path(text).expanduser()
     if path.is_dir():
         return ResolvedTarget(alias=None, model=str(path.resolve()), is_local=True, entry=None)
-    if _looks_like_path(text):
+    if looks_like_path(text):
         if path.exists():
             raise UsageError(f"{text} is not a directory; give the model's directory")
         raise NotFoundError(f"no such directory: {text}")
@@ -712,7 +700,7 @@ def resolve_target(target: str) -> ResolvedTarget:
 
 
 def _from_entry(entry: ModelEntry) -> ResolvedTarget:
-    is_local = _looks_like_path(entry.model)
+    is_local = looks_like_path(entry.model)
     # vLLM neither expands ~ nor shares our working directory: hand it an absolute path.
     model = str(Path(entry.model).expanduser().resolve()) if is_local else entry.model
     return ResolvedTarget(
@@ -729,7 +717,7 @@ def is_downloaded(model: str) -> bool:
 
     This is a quick presence check; ``verify`` checks that the files are complete.
     """
-    if _looks_like_path(model):
+    if looks_like_path(model):
         return Path(model).expanduser().is_dir()
     from cmw_vllm.hf_cache import is_cached
 

@@ -8,19 +8,17 @@ that applies it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
+from cmw_vllm.vocab import NAME_RULE, Convert, Dtype, Runner, Task, is_valid_name, parse_int
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-Dtype = Literal["auto", "float16", "bfloat16", "float32", "half", "float"]
-Task = Literal["generate", "embed", "score", "classify"]
 
 # Flags that cmw-vllm sets itself from ServerConfig fields; extra args must not repeat them.
 MANAGED_FLAGS = {
@@ -54,20 +52,6 @@ OPTION_NAMES = {
 }
 
 
-def validate_name(name: str) -> str:
-    """Check that a server name is safe to use as a file name.
-
-    Raises:
-        ConfigError: The name has path separators, ``..``, shell characters or is too long.
-    """
-    if not NAME_RE.match(name) or ".." in name:
-        raise ConfigError(
-            f"invalid server name {name!r}: use letters, digits, '.', '_' and '-' "
-            "(at most 64, starting with a letter or digit)"
-        )
-    return name
-
-
 def name_from_model(model: str) -> str:
     """Derive a server name from a model id or path (``Qwen/Qwen3-0.6B`` -> ``qwen3-0.6b``)."""
     base = model.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1].lower()
@@ -89,20 +73,17 @@ class ServerConfig(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
-    dtype: Dtype = "auto"
+    dtype: Dtype = Dtype.AUTO
     gpus: str | None = None
-    task: Task = "generate"
+    task: Task = Task.GENERATE
     vllm_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not NAME_RE.match(value) or ".." in value:
-            raise ValueError(
-                "use letters, digits, '.', '_' and '-' (at most 64, starting with a letter "
-                "or digit)"
-            )
+        if not is_valid_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
     @field_validator("host")
@@ -144,33 +125,73 @@ class ServerConfig(BaseModel):
         return f"http://{host}:{self.port}"
 
     def served_name(self) -> str:
-        """The model name clients put in requests."""
+        """The model name clients put in requests (the first name vLLM answers to)."""
         return self.served_model_name or self.model
+
+    def served_names(self) -> list[str]:
+        """Every name vLLM answers to: the user's ``--served-model-name``, else the model id
+        and the server's name (so ``"model": "qwen"`` works for ``start ... --name qwen``).
+        """
+        if self.served_model_name:
+            return [self.served_model_name]
+        return [self.model] if self.name == self.model else [self.model, self.name]
 
     def vllm_cli_args(self) -> list[str]:
         """The ``vllm serve`` flags for this config (the model and key are not included)."""
         args = ["--host", self.host, "--port", str(self.port)]
-        if self.served_model_name:
-            args += ["--served-model-name", self.served_model_name]
+        args += ["--served-model-name", *self.served_names()]
         if self.tensor_parallel_size != 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.gpu_memory_utilization is not None:
             args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
         if self.max_model_len is not None:
             args += ["--max-model-len", str(self.max_model_len)]
-        if self.dtype != "auto":
+        if self.dtype != Dtype.AUTO:
             args += ["--dtype", self.dtype]
         return args + self._task_args() + list(self.vllm_args)
 
     def _task_args(self) -> list[str]:
         """Pooling flags implied by ``task`` when the entry or user did not give them."""
-        if self.task == "generate" or any(
+        if self.task == Task.GENERATE or any(
             a.split("=", 1)[0] == "--runner" for a in self.vllm_args
         ):
             return []
-        if self.task == "embed":
+        if self.task == Task.EMBED:
             return ["--runner", "pooling", "--convert", "embed"]
         return ["--runner", "pooling"]
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag X`` or ``flag=X`` in ``args``."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def implied_task(args: Sequence[str], current: str | None = None) -> Task | None:
+    """The task that vLLM flags passed through imply, or None when they imply none.
+
+    ``--convert embed`` / ``--convert classify`` name the task; ``--runner generate`` (or
+    ``draft``) means generate; ``--runner pooling`` alone keeps a pooling task already
+    chosen (embed, score, classify) and otherwise means embed, vLLM's usual pooling task.
+
+    Args:
+        args: The vLLM flags given after ``--``.
+        current: The task the registry entry or the environment chose, if any.
+    """
+    convert = _flag_value(args, "--convert")
+    if convert in (Convert.EMBED, Convert.CLASSIFY):
+        return Task(convert)
+    runner = _flag_value(args, "--runner")
+    if runner in (Runner.GENERATE, Runner.DRAFT):
+        return Task.GENERATE
+    if runner == Runner.POOLING:
+        return Task(current) if current in (Task.EMBED, Task.SCORE, Task.CLASSIFY) else Task.EMBED
+    return None
 
 
 def format_validation_error(
@@ -239,7 +260,8 @@ def resolve_server_config(
             ``vllm_args`` given here are appended to the entry's.
 
     Returns:
-        The validated config.
+        The validated config. Without ``--task``, pass-through ``--runner``/``--convert``
+        flags decide the task (see :func:`implied_task`).
 
     Raises:
         ConfigError: A value is invalid; the message names the option.
@@ -262,19 +284,17 @@ def resolve_server_config(
         else:
             values[key] = value
     values["vllm_args"] = vllm_args
+    if (cli or {}).get("task") is None:
+        implied = implied_task((cli or {}).get("vllm_args") or [], values.get("task"))
+        if implied is not None:
+            values["task"] = implied
     if not values.get("name"):
         values["name"] = name_from_model(model)
     # A bad value from the environment is named by its variable (and .env file, if any).
     names = {f: SERVER_ENV_VARS[f] + source_of(SERVER_ENV_VARS[f]) for f in from_env}
     for key in ("port", "tensor_parallel_size", "max_model_len"):
         if isinstance(values.get(key), str):
-            try:
-                values[key] = int(values[key])
-            except ValueError:
-                option = names.get(key, OPTION_NAMES[key])
-                raise ConfigError(
-                    f"invalid {option}: must be an integer (got {values[key]!r})"
-                ) from None
+            values[key] = parse_int(values[key], names.get(key, OPTION_NAMES[key]))
     try:
         return ServerConfig(**values)
     except ValidationError as exc:

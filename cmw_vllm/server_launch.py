@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmw_vllm import paths
-from cmw_vllm.errors import EnvironmentProblem, NotRunningError, ServerStartError
+from cmw_vllm.errors import EnvironmentProblem, ServerNotRunningError, ServerStartError
 
 if TYPE_CHECKING:
     import psutil
@@ -158,7 +158,7 @@ def check_known_name(name: str, server_names: Collection[str]) -> None:
     """Make sure ``name`` is a server or a registry entry, so a typo is not "not running".
 
     Raises:
-        NotRunningError: Neither (with the closest names).
+        ServerNotRunningError: Neither (with the closest names).
     """
     import difflib
 
@@ -179,7 +179,7 @@ def check_known_name(name: str, server_names: Collection[str]) -> None:
     close = difflib.get_close_matches(name, servers, n=3, cutoff=0.6)
     close += [alias for alias in suggest(name, entries) if alias not in close]
     did_you_mean = f"; did you mean: {', '.join(close[:4])}?" if close else ""
-    raise NotRunningError(
+    raise ServerNotRunningError(
         f"no server or registry entry named {name!r}{did_you_mean}",
         hint="`cmw-vllm status` lists the servers, `cmw-vllm list` the registry",
     )

@@ -1,12 +1,8 @@
 """Start, stop and inspect vLLM servers, each under its own name.
 
-State lives in the state dir (see :mod:`cmw_vllm.paths`):
-
-- ``servers/NAME.json``: the record (pid, create time, port, command, log, config), written
-  atomically under a per-name lock;
-- ``servers/NAME.pid``: the vLLM API server's pid alone (``kill $(cat ...)``, ``PIDFile=``);
-- ``servers/NAME.exit``: how the server ended, written by :mod:`cmw_vllm.supervisor`;
-- ``logs/NAME.log``: vLLM's output (the previous run's log is kept as ``NAME.log.1``).
+The files a server leaves in the state dir, and how a record is read, are in
+:mod:`cmw_vllm.server_record`; this module writes them (atomically, under a per-name lock)
+and looks at the processes they name.
 
 A process is ours only when its pid, create time and command line match the record; the
 engine's children (EngineCore, workers) are found by the process group the server was
@@ -31,11 +27,23 @@ from cmw_vllm.errors import (
     CmwVllmError,
     ConflictError,
     EnvironmentProblem,
-    NotFoundError,
+    ServerNotRunningError,
     ServerStartError,
     StartTimeoutError,
+    StopError,
     UsageError,
 )
+from cmw_vllm.server_record import (
+    ServerRecord,
+    exit_path,
+    log_path,
+    pid_path,
+    read_exit,
+    read_record,
+    record_names,
+    record_path,
+)
+from cmw_vllm.vocab import ALIVE_STATES, State, validate_name
 
 if TYPE_CHECKING:
     import psutil
@@ -44,67 +52,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RECORD_FORMAT = 1
 IS_WINDOWS = os.name == "nt"
 
-# Server states, as shown by ``status``.
-RUNNING = "running"  # process alive, health not checked
-STARTING = "starting"
-HEALTHY = "healthy"
-UNHEALTHY = "unhealthy"
-EXITED = "exited"
-STALE = "stale"
-INVALID = "invalid"
-
 BAD_RECORD = "bad record: "  # how an unreadable record's error starts
-
-
-@dataclass
-class ServerRecord:
-    """What ``start`` wrote about one server."""
-
-    name: str
-    pid: int
-    create_time: float
-    supervisor_pid: int
-    supervisor_create_time: float
-    pgid: int
-    host: str
-    port: int
-    model: str
-    served_model_name: str
-    task: str
-    base_url: str
-    command: list[str]
-    log_path: str
-    started_at: float
-    config: dict[str, Any]
-    ready_at: float | None = None
-    format: int = RECORD_FORMAT
-
-    @classmethod
-    def from_json(cls, data: Any) -> ServerRecord:
-        """Build a record from parsed JSON.
-
-        Raises:
-            ValueError: Missing or mistyped fields, or another record format.
-        """
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        fmt = data.get("format")
-        if fmt != RECORD_FORMAT:
-            raise ValueError(f"record format {fmt!r} is not {RECORD_FORMAT} (older cmw-vllm?)")
-        kwargs: dict[str, Any] = {}
-        for f in cls.__dataclass_fields__.values():
-            if f.name not in data:
-                if f.name in ("ready_at", "format"):
-                    continue
-                raise ValueError(f"missing field {f.name!r}")
-            kwargs[f.name] = data[f.name]
-        for key in ("pid", "supervisor_pid", "pgid", "port"):
-            if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool):
-                raise ValueError(f"field {key!r} is not an integer")
-        return cls(**kwargs)
 
 
 @dataclass
@@ -112,7 +62,7 @@ class ServerStatus:
     """The observed state of one managed server (or of a record that could not be read)."""
 
     name: str
-    state: str
+    state: State
     record: ServerRecord | None = None
     pid: int | None = None
     uptime: float | None = None
@@ -121,12 +71,11 @@ class ServerStatus:
     orphans: list[int] = field(default_factory=list)
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
         """True when the server's process is alive (starting, healthy or unhealthy)."""
-        return self.state in (RUNNING, STARTING, HEALTHY, UNHEALTHY)
+        return self.state in ALIVE_STATES
 
     def to_json(self) -> dict[str, Any]:
         """Stable JSON shape for ``status --json``."""
@@ -149,7 +98,6 @@ class ServerStatus:
             "error": self.error,
             "log_tail": self.log_tail,
         }
-        out.update(self.extra)
         return out
 
 
@@ -186,21 +134,9 @@ ProgressCallback = Callable[[str, float], None]
 # --------------------------------------------------------------------------- files
 
 
-def _record_path(name: str) -> Path:
-    return paths.servers_dir() / f"{name}.json"
-
-
-def _pid_path(name: str) -> Path:
-    return paths.servers_dir() / f"{name}.pid"
-
-
-def _exit_path(name: str) -> Path:
-    return paths.servers_dir() / f"{name}.exit"
-
-
-def log_path(name: str) -> Path:
-    """The log file of server ``name``."""
-    return paths.logs_dir() / f"{name}.log"
+def _no_such_server(name: str) -> ServerNotRunningError:
+    return ServerNotRunningError(f"no managed server named {name!r}",
+                                 hint="see `cmw-vllm status` for the managed servers")
 
 
 def _remove(*files: Path) -> None:
@@ -226,51 +162,6 @@ def _name_lock(name: str, timeout: float = 60.0) -> Iterator[None]:
         raise ConflictError(
             f"another cmw-vllm command is working on server {name!r}; try again"
         ) from None
-
-
-def read_record(name: str) -> ServerRecord | None:
-    """Read the record of ``name``; None when there is none.
-
-    Raises:
-        ValueError: The file exists but is not a valid record.
-    """
-    path = _record_path(name)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"unreadable: {exc}") from exc
-    if not raw.strip():
-        raise ValueError("empty file")
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        at = "" if exc.msg.endswith(" at") else " at"
-        raise ValueError(
-            f"not valid JSON: {exc.msg}{at} line {exc.lineno}, column {exc.colno}"
-        ) from None
-    record = ServerRecord.from_json(data)
-    if record.name != name:
-        raise ValueError(f"record names server {record.name!r}, file is {path.name}")
-    return record
-
-
-def record_names() -> list[str]:
-    """Names of every server with a record file, sorted."""
-    try:
-        entries = os.listdir(paths.servers_dir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(e[:-5] for e in entries if e.endswith(".json") and not e.startswith("."))
-
-
-def _read_exit(name: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(_exit_path(name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # --------------------------------------------------------------------------- processes
@@ -302,9 +193,23 @@ def _is_ours(record: ServerRecord) -> psutil.Process | None:
         cmdline = proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    if record.command and cmdline[:1] and not any("vllm" in part for part in cmdline):
-        return None
-    return proc
+    return proc if command_matches(cmdline, record.command) else None
+
+
+def command_matches(cmdline: list[str], command: list[str]) -> bool:
+    """True when a process's command line is the command that was recorded for it.
+
+    The recorded arguments must end the command line exactly. Only the program may show
+    differently: a ``#!`` script runs as ``python SCRIPT ARGS``, and a wrapper that execs
+    the interpreter (``exec python "$@"``) replaces it; so before the arguments there is
+    one word, or two. vLLM renames its EngineCore and worker children (``VLLM::EngineCore``)
+    but not the API server, the process a record names.
+    """
+    if not command:
+        return False
+    args = command[1:]
+    head = len(cmdline) - len(args)
+    return head in (1, 2) and cmdline[head:] == args
 
 
 def group_members(record: ServerRecord) -> list[psutil.Process]:
@@ -456,14 +361,12 @@ class ServerManager:
         """Observe one server.
 
         Raises:
-            NotFoundError: No record for ``name``.
+            ServerNotRunningError: No record for ``name``.
         """
-        from cmw_vllm.server_config import validate_name
-
         validate_name(name)
         statuses = self._statuses([name], check_health)
-        if statuses[0].state == INVALID and statuses[0].error == "no record":
-            raise NotFoundError(f"no managed server named {name!r}")
+        if statuses[0].state == State.INVALID and statuses[0].error == "no record":
+            raise _no_such_server(name)
         return statuses[0]
 
     def list_status(
@@ -478,17 +381,17 @@ class ServerManager:
 
     def _statuses(self, names: list[str], check_health: bool) -> list[ServerStatus]:
         statuses = [self._observe(name) for name in names]
-        to_probe = [s for s in statuses if s.state == RUNNING and s.record is not None]
+        to_probe = [s for s in statuses if s.state == State.RUNNING and s.record is not None]
         if check_health and to_probe:
             codes = self._probe_many([s.record.base_url for s in to_probe])  # type: ignore[union-attr]
             for status, code in zip(to_probe, codes, strict=True):
                 status.health_code = code
                 if code == 200:
-                    status.state = HEALTHY
+                    status.state = State.HEALTHY
                 elif code is not None or self._was_ready(status.record):  # type: ignore[arg-type]
-                    status.state = UNHEALTHY
+                    status.state = State.UNHEALTHY
                 else:
-                    status.state = STARTING
+                    status.state = State.STARTING
         return statuses
 
     def _probe_many(self, urls: list[str]) -> list[int | None]:
@@ -518,30 +421,30 @@ class ServerManager:
         try:
             record = read_record(name)
         except ValueError as exc:
-            return ServerStatus(name=name, state=INVALID, error=f"{BAD_RECORD}{exc}")
+            return ServerStatus(name=name, state=State.INVALID, error=f"{BAD_RECORD}{exc}")
         if record is None:
-            return ServerStatus(name=name, state=INVALID, error="no record")
+            return ServerStatus(name=name, state=State.INVALID, error="no record")
         proc = _is_ours(record)
         if proc is not None:
             return ServerStatus(
                 name=name,
-                state=RUNNING,
+                state=State.RUNNING,
                 record=record,
                 pid=record.pid,
                 uptime=time.time() - record.started_at,
             )
-        status = ServerStatus(name=name, state=EXITED, record=record, pid=record.pid)
+        status = ServerStatus(name=name, state=State.EXITED, record=record, pid=record.pid)
         orphans = [p.pid for p in group_members(record)]
         status.orphans = orphans
-        exit_info = _read_exit(name)
+        exit_info = read_exit(name)
         if exit_info is not None and exit_info.get("pid") == record.pid:
             status.returncode = exit_info.get("returncode")
         elif self._pid_alive(record.pid):
-            status.state = STALE
+            status.state = State.STALE
             status.error = f"pid {record.pid} now belongs to another process"
         from cmw_vllm.vllm_engine import diagnose, failure_excerpt, tail_lines
 
-        if status.state == EXITED:
+        if status.state == State.EXITED:
             text = "\n".join(tail_lines(Path(record.log_path), 400))
             status.log_tail = failure_excerpt(text, 10)
             status.error = diagnose(text)
@@ -564,6 +467,7 @@ class ServerManager:
         auto_port: bool = False,
         on_progress: ProgressCallback | None = None,
         check_resources: bool = True,
+        on_notice: Callable[[str], None] | None = None,
         api_key: str | None = None,
         requested: Collection[str] = (),
     ) -> StartResult:
@@ -577,6 +481,8 @@ class ServerManager:
             on_progress: Called with (phase, elapsed seconds) while waiting.
             check_resources: Refuse before launching when the model cannot fit the GPU (or,
                 on the CPU build, RAM); see :func:`cmw_vllm.memory_check.preflight`.
+            on_notice: Called with a line the user should see before the wait (the memory
+                check was skipped, and why).
             api_key: The key vLLM requires from clients (default ``VLLM_API_KEY``). It
                 reaches vLLM through its environment and is kept for ``restart`` in a
                 private file (:mod:`cmw_vllm.last_start`), never in the record.
@@ -585,6 +491,8 @@ class ServerManager:
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
+            ModelUnavailableError: The model is neither on disk nor cached and the Hub
+                cannot be asked.
             ConflictError: The name runs another model or other requested settings, or the
                 port is held by something else.
             EnvironmentProblem: vLLM missing, state dir not writable.
@@ -606,15 +514,15 @@ class ServerManager:
                 record = existing.record
                 already = True
             else:
-                if existing.record is not None or existing.state == INVALID:
+                if existing.record is not None or existing.state == State.INVALID:
                     self._cleanup_dead(config.name, existing)
                 config, port_changed_from = self._choose_port(config, auto_port)
                 if check_resources:
                     from cmw_vllm.memory_check import preflight
 
                     check = preflight(config)
-                    logger.info("preflight for %s: %s %s", config.name, check.status,
-                                check.reason or "")
+                    if check.status == "skipped" and on_notice is not None:
+                        on_notice(f"memory check skipped: {check.reason}")
                 record = self._launch(config, api_key)
                 already = False
         result = StartResult(
@@ -656,7 +564,7 @@ class ServerManager:
         """Remove what a dead server left: orphans of its group, its record files."""
         if status.record is not None and status.orphans:
             self._terminate(status.record, None, kill_timeout=5.0)
-        _remove(_record_path(name), _pid_path(name), _exit_path(name))
+        _remove(record_path(name), pid_path(name), exit_path(name))
 
     def _choose_port(
         self, config: ServerConfig, auto_port: bool
@@ -701,7 +609,7 @@ class ServerManager:
 
         command, env = engine_command(config, api_key)
         log_file = open_fresh_log(log_path(config.name))
-        exit_file = _exit_path(config.name)
+        exit_file = exit_path(config.name)
         _remove(exit_file)
         sup, child = spawn(config.name, command, env, log_file, exit_file)
         record = ServerRecord(
@@ -727,14 +635,14 @@ class ServerManager:
             last_start.save(config.name, record.config, api_key)
         except CmwVllmError:
             self._terminate(record, None, kill_timeout=5.0)
-            _remove(_record_path(record.name), _pid_path(record.name))
+            _remove(record_path(record.name), pid_path(record.name))
             raise
         return record
 
     def _save(self, record: ServerRecord) -> None:
-        paths.write_private(_record_path(record.name),
+        paths.write_private(record_path(record.name),
                             json.dumps(asdict(record), indent=2) + "\n", fsync=True)
-        paths.write_private(_pid_path(record.name), f"{record.pid}\n", fsync=True)
+        paths.write_private(pid_path(record.name), f"{record.pid}\n", fsync=True)
 
     def wait_ready(
         self,
@@ -759,7 +667,7 @@ class ServerManager:
         phase = "starting vLLM"
         log_offset = 0
         log_file = Path(record.log_path)
-        exit_file = _exit_path(record.name)
+        exit_file = exit_path(record.name)
         proc = _is_ours(record)
         while True:
             if proc is None or not proc.is_running() or exit_file.exists():
@@ -811,10 +719,10 @@ class ServerManager:
         log_file = Path(record.log_path)
         # The supervisor writes the exit file right after vLLM exits; give it a moment.
         for _ in range(20):
-            if _exit_path(record.name).exists():
+            if exit_path(record.name).exists():
                 break
             time.sleep(0.02)
-        exit_info = _read_exit(record.name) or {}
+        exit_info = read_exit(record.name) or {}
         rc = exit_info.get("returncode")
         text = "\n".join(tail_lines(log_file, 2000))
         left = ""
@@ -825,8 +733,8 @@ class ServerManager:
                     current = read_record(record.name)
                 if current is not None and current.pid == record.pid:
                     self._terminate(record, None, kill_timeout=5.0)
-                    _remove(_record_path(record.name), _pid_path(record.name),
-                            _exit_path(record.name))
+                    _remove(record_path(record.name), pid_path(record.name),
+                            exit_path(record.name))
         except ConflictError:
             # Another command holds the name (a stop, most likely): it cleans up; say so.
             logger.warning("%s: lock busy, left the clean-up to the command holding it",
@@ -858,10 +766,9 @@ class ServerManager:
             kill_timeout: Seconds to wait for the processes to vanish after SIGKILL.
 
         Raises:
-            NotRunningError: No server, kept settings or registry entry has that name.
-            CmwVllmError: Processes of the server survived SIGKILL.
+            ServerNotRunningError: No server, kept settings or registry entry has that name.
+            StopError: Processes of the server survived SIGKILL.
         """
-        from cmw_vllm.server_config import validate_name
         from cmw_vllm.settings import stop_timeout
 
         validate_name(name)
@@ -870,8 +777,8 @@ class ServerManager:
         with _name_lock(name):
             status = self._observe(name)
             if status.record is None:
-                if status.state == INVALID and status.error != "no record":
-                    _remove(_record_path(name), _pid_path(name), _exit_path(name))
+                if status.state == State.INVALID and status.error != "no record":
+                    _remove(record_path(name), pid_path(name), exit_path(name))
                     why = (status.error or "").removeprefix(BAD_RECORD)
                     return StopResult(name=name, was_running=False, invalid=why)
                 from cmw_vllm.server_launch import check_known_name
@@ -880,16 +787,16 @@ class ServerManager:
                 return StopResult(name=name, was_running=False)
             record = status.record
             result = StopResult(name=name, was_running=status.running,
-                                stale=status.state == STALE)
+                                stale=status.state == State.STALE)
             main = _is_ours(record)
             forced, killed, remaining = self._terminate(record, main, timeout, kill_timeout)
             result.forced, result.killed_pids, result.remaining_pids = forced, killed, remaining
             if remaining:
-                raise CmwVllmError(
+                raise StopError(
                     f"processes of {name!r} survived SIGKILL: "
                     + ", ".join(str(p) for p in remaining)
                 )
-            _remove(_record_path(name), _pid_path(name), _exit_path(name))
+            _remove(record_path(name), pid_path(name), exit_path(name))
         result.duration_s = time.monotonic() - begin
         return result
 
@@ -951,14 +858,14 @@ class ServerManager:
         a server started with a key never comes back without one.
 
         Raises:
-            NotFoundError: ``name`` was never started here.
+            ServerNotRunningError: ``name`` was never started here.
             UsageError: Its record is unreadable, or the kept settings no longer validate.
             EnvironmentProblem: The kept API key cannot be read.
         """
         from pydantic import ValidationError
 
         from cmw_vllm import last_start
-        from cmw_vllm.server_config import ServerConfig, validate_name
+        from cmw_vllm.server_config import ServerConfig
 
         validate_name(name)
         try:
@@ -970,7 +877,7 @@ class ServerManager:
             ) from None
         settings = record.config if record is not None else last_start.load_settings(name)
         if settings is None:
-            raise NotFoundError(
+            raise ServerNotRunningError(
                 f"no managed server named {name!r}",
                 hint=f"start it first: cmw-vllm start MODEL --name {name}",
             )

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from cmw_vllm import gpu_info, paths
 from cmw_vllm.cli import cli
-from cmw_vllm.server_manager import ServerRecord
+from cmw_vllm.server_record import ServerRecord
 
 GiB = 1024**3
 

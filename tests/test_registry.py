@@ -25,7 +25,8 @@ from cmw_vllm.model_registry import (
     resolve_target,
 )
 from cmw_vllm.paths import user_models_file
-from cmw_vllm.server_config import resolve_server_config, validate_name
+from cmw_vllm.server_config import resolve_server_config
+from cmw_vllm.vocab import validate_name
 
 # vLLM 0.32.0's own lists, as `vllm serve --help` and its parser registries give them.
 DATA = Path(__file__).parent / "data"
@@ -567,6 +568,19 @@ def test_models_file_entry_with_a_local_path(tmp_path: Path) -> None:
     assert target.is_local and target.alias == "local"
     assert target.model == str(model_dir.resolve())
     assert is_downloaded("./weights") and not is_downloaded("./missing")
+
+
+def test_served_names_default_to_model_and_name_unless_set() -> None:
+    config = resolve_server_config("org/m", cli={"name": "small"})
+    args = config.vllm_cli_args()
+    at = args.index("--served-model-name")
+    assert args[at + 1:at + 3] == ["org/m", "small"]
+    assert config.served_name() == "org/m"
+    own = resolve_server_config("org/m", cli={"name": "small", "served_model_name": "mine"})
+    args = own.vllm_cli_args()
+    at = args.index("--served-model-name")
+    assert args[at + 1] == "mine" and "small" not in args
+    assert own.served_names() == ["mine"]
 
 
 def test_builtin_registry_is_read_on_first_use_only() -> None:

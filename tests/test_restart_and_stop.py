@@ -85,7 +85,7 @@ def test_restart_after_stop_uses_the_last_settings(fake_engine: Path, model_dir:
     assert after.config == before.config and after.port == port
     assert "--enforce-eager" in after.command
     code, _, err = run("restart", "never-started")
-    assert code == 9
+    assert code == 3
     assert "cmw-vllm start" in err
 
 
