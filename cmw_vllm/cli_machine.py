@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cmw_vllm.cli_common import echo_json, format_bytes, print_table
+from cmw_vllm.cli_common import echo_json, echo_wrapped, format_bytes, print_table
 from cmw_vllm.errors import EXIT_ENVIRONMENT, EXIT_INSUFFICIENT, EXIT_OK
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ def _print_gpus(report: GpuReport) -> None:
         temp = "-" if g.temperature_c is None else f"{g.temperature_c} C"
         rows.append([str(g.index), g.name or "?", mem, format_bytes(g.memory_free),
                      _pct(g.utilization_gpu), temp, power, g.uuid or "-"])
-    print_table(["GPU", "NAME", "MEMORY USED", "FREE", "UTIL", "TEMP", "POWER", "UUID"], rows)
+    print_table(["GPU", "NAME", "MEMORY USED", "FREE", "UTIL", "TEMP", "POWER", "UUID"], rows,
+                drop=("UUID", "POWER", "TEMP", "UTIL", "FREE"), shrink=("NAME",), floor=12)
     procs = list(report.processes())
     if procs:
         click.echo("")
@@ -59,6 +60,7 @@ def _print_gpus(report: GpuReport) -> None:
             ["GPU", "PID", "MEMORY", "SERVER", "PROCESS"],
             [[str(g.index), str(p.pid), format_bytes(p.used_memory),
               p.server or "foreign", p.name or "?"] for g, p in procs],
+            shrink=("PROCESS",), floor=12,
         )
     for g in report.gpus:
         for err in g.errors:
@@ -104,7 +106,7 @@ def _print_disk(report: DiskReport) -> None:
         where = loc.path + ("" if loc.exists else " (not created yet)")
         rows.append([loc.label, where, format_bytes(loc.free), format_bytes(loc.total),
                      loc.error or ("" if loc.writable in (True, None) else "not writable")])
-    print_table(["WHAT", "PATH", "FREE", "TOTAL", "NOTE"], rows)
+    print_table(["WHAT", "PATH", "FREE", "TOTAL", "NOTE"], rows, shrink=("PATH",))
     click.echo("")
     if not report.cached_models:
         click.echo(f"No models in the Hugging Face cache ({report.hf_cache}).")
@@ -112,6 +114,7 @@ def _print_disk(report: DiskReport) -> None:
     print_table(
         ["CACHED MODEL", "SIZE", "REVISIONS"],
         [[m.repo_id, format_bytes(m.size), str(m.revisions)] for m in report.cached_models],
+        drop=("REVISIONS",),
     )
     click.echo(f"{len(report.cached_models)} models, {format_bytes(report.cached_total)} "
                f"in {report.hf_cache}")
@@ -366,10 +369,11 @@ def setup(ctx: click.Context, as_json: bool) -> None:
         echo_json({"ok": ok, "checks": [asdict(c) for c in checks], **extra})
     else:
         width = max(len(c.name) for c in checks)
+        indent = " " * (5 + 1 + width + 2)
         for c in checks:
-            click.echo(f"{c.status.upper():<5} {c.name:<{width}}  {c.detail}")
+            echo_wrapped(c.detail, indent, f"{c.status.upper():<5} {c.name:<{width}}  ")
             if c.fix and c.status != "ok":
-                click.echo(f"{'':<5} {'':<{width}}  fix: {c.fix}")
+                echo_wrapped(c.fix, indent + "     ", f"{indent}fix: ")
         click.echo("")
         click.echo("Ready to serve." if ok else "Not ready to serve: fix the FAIL lines above.")
     ctx.exit(EXIT_OK if ok else EXIT_ENVIRONMENT)
@@ -396,13 +400,16 @@ def _print_estimate(est: MemoryEstimate) -> None:
         ("Capacity", f"{est.kv_cache_tokens:,} tokens at max_model_len {est.max_model_len:,} "
                      f"(block {est.block_size})"),
         ("Concurrency", f"{est.concurrency:.2f} requests of {est.concurrency_context:,} tokens"),
-        ("Longest fit", f"max_model_len {est.max_model_len_that_fits:,} "
-                        f"(model allows {est.derived_max_model_len:,})"),
     ]
-    if est.device == "gpu" and est.gpu_memory_utilization_needed is not None:
-        lines.append(("Needs", f"{format_bytes(est.needed_bytes)}{per} = "
-                               f"--gpu-memory-utilization {est.gpu_memory_utilization_needed:g}"
-                               f" (using {est.gpu_memory_utilization:g})"))
+    if est.free_memory_ok and est.max_model_len_that_fits > 0:
+        # The longest context only means something when the budget itself is available.
+        lines.append(("Longest fit", f"max_model_len {est.max_model_len_that_fits:,} "
+                                     f"(model allows {est.derived_max_model_len:,})"))
+    if est.device == "gpu" and est.memory_total:
+        lines.append(("Needs", f"{format_bytes(est.needed_bytes)}{per} "
+                               f"({est.needed_bytes / est.memory_total:.0%} of the GPU; "
+                               f"--gpu-memory-utilization {est.gpu_memory_utilization:g} "
+                               "asked)"))
     lines.append(("Fits", "yes" if est.fits else "NO"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
@@ -411,15 +418,21 @@ def _print_estimate(est: MemoryEstimate) -> None:
         click.echo(f"problem: {problem}")
     for note in est.notes:
         click.echo(f"note: {note}")
+    if not est.fits:
+        from cmw_vllm.memory_check import refusal_hint
+
+        click.echo(f"Hint: {refusal_hint(est, force=False)}")
 
 
 @_register
 @click.command()
 @click.argument("model", metavar="MODEL|DIR|ALIAS")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
 @click.option("--max-model-len", type=click.IntRange(min=1),
               help="Context length (default: the entry's, else the model's own).")
 @click.option("-tp", "--tensor-parallel-size", type=click.IntRange(min=1, max=64),
               help="GPUs to split the model over (default 1).")
+@click.option("--gpus", help="GPUs the server would see, e.g. 0,1 (as `start --gpus`).")
 @click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True),
               help="Check against an empty GPU of this many GiB instead of this machine.")
 @click.option("--gpu-memory-utilization", type=click.FloatRange(min=0, max=1, min_open=True),
@@ -427,6 +440,8 @@ def _print_estimate(est: MemoryEstimate) -> None:
 @click.option("--kv-cache-dtype", help="auto (model dtype), bfloat16, float16 or fp8*.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               help="Weight dtype (auto: the checkpoint's; float32 runs as bfloat16).")
+@click.option("--task", type=click.Choice(["generate", "embed", "score", "classify"]),
+              help="What the model does (default: from the registry, else generate).")
 @click.option("--concurrency-context", type=click.IntRange(min=1),
               help="Tokens per request for the concurrency figure (default max_model_len).")
 @click.option("--revision", help="Hub revision when the model is fetched.")
@@ -435,24 +450,29 @@ def _print_estimate(est: MemoryEstimate) -> None:
 def estimate(
     ctx: click.Context,
     model: str,
+    vllm_args: tuple[str, ...],
     max_model_len: int | None,
     tensor_parallel_size: int | None,
+    gpus: str | None,
     gpu_memory_gb: float | None,
     gpu_memory_utilization: float | None,
     kv_cache_dtype: str | None,
     dtype: str | None,
+    task: str | None,
     concurrency_context: int | None,
     revision: str | None,
     as_json: bool,
 ) -> None:
     """Estimate the memory a model needs under vLLM and whether it fits.
 
-    Reads config.json and the weights' sizes from a local directory, the Hugging Face
-    cache, or (only those small files) the Hub. Checks against this machine's GPUs, a GPU
-    size given with --gpu-memory-gb, or, without a GPU, RAM and VLLM_CPU_KVCACHE_SPACE.
-    KV bytes per token follow vLLM's rule (GQA, MLA, sliding windows, KV dtype, tensor
-    parallel); weights are exact from safetensors headers; activations are an allowance.
-    Exit code 0 when it fits, 7 when it does not.
+    The same check `start` makes before it launches, with the same settings: the registry
+    entry, CMW_VLLM_* variables, these options and the vLLM flags after `--` that change
+    memory (--kv-cache-dtype, --block-size, --max-num-batched-tokens,
+    --kv-cache-memory-bytes). Reads config.json and the weights' sizes from a local
+    directory, the Hugging Face cache, or (only those small files) the Hub. Checks against
+    this machine's GPUs, a GPU size given with --gpu-memory-gb, or, without a GPU, RAM and
+    VLLM_CPU_KVCACHE_SPACE. When it does not fit, suggestions lists settings that do (never
+    more than is free). Exit code 0 when it fits, 7 when it does not.
 
     \b
     JSON keys: model, source, device, target, dtype, kv_cache_dtype, tensor_parallel_size,
@@ -461,47 +481,35 @@ def estimate(
     derived_max_model_len, memory_total, memory_free, gpu_memory_utilization, budget,
     kv_space, kv_space_source, kv_cache_tokens, fits, max_model_len_that_fits, needed_bytes,
     gpu_memory_utilization_needed, free_memory_ok, concurrency_context, concurrency,
-    problems[], notes[]. Bytes are per GPU unless named *_total.
+    problems[], notes[], suggestions[]. Bytes are per GPU unless named *_total.
 
     \b
     Examples:
       cmw-vllm estimate Qwen/Qwen3-8B --gpu-memory-gb 24
       cmw-vllm estimate qwen --max-model-len 32768 -tp 2
       cmw-vllm estimate ./my-model --kv-cache-dtype fp8 --concurrency-context 4096 --json
+      cmw-vllm estimate qwen --gpus 1 -- --max-num-batched-tokens 4096
     """
-    from cmw_vllm import memory_check as mc
-    from cmw_vllm import memory_estimate as me
-    from cmw_vllm import model_spec as ms
+    from cmw_vllm.memory_check import check_config
     from cmw_vllm.model_registry import resolve_target
+    from cmw_vllm.server_config import resolve_server_config
 
+    extra = list(vllm_args)
+    if kv_cache_dtype:
+        extra += ["--kv-cache-dtype", kv_cache_dtype]
+    if revision:
+        extra += ["--revision", revision]
     resolved = resolve_target(model)
-    entry = dict(resolved.settings or {})
-    settings = me.EstimateSettings(
-        max_model_len=max_model_len or entry.get("max_model_len"),
-        tensor_parallel_size=tensor_parallel_size or entry.get("tensor_parallel_size") or 1,
-        dtype=dtype or entry.get("dtype") or "auto",
-        gpu_memory_utilization=gpu_memory_utilization or entry.get("gpu_memory_utilization"),
-        concurrency_context=concurrency_context,
+    config = resolve_server_config(
+        resolved.model,
+        entry_settings=resolved.settings,
+        environ=os.environ,
+        cli={"max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel_size,
+             "gpus": gpus, "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype,
+             "task": task, "vllm_args": extra or None},
     )
-    entry_args = [str(a) for a in entry.get("vllm_args") or []]
-    settings.kv_cache_dtype = kv_cache_dtype or mc.flag_value(
-        entry_args, "--kv-cache-dtype") or "auto"
-    spec = ms.load_model_spec(resolved.model, revision=revision)
-    if entry.get("task") not in (None, "generate"):
-        spec.pooling = True
-    if gpu_memory_gb is not None:
-        target = mc.given_gpu_target(gpu_memory_gb, settings.tensor_parallel_size)
-    else:
-        from cmw_vllm.gpu_info import query_gpus
-
-        found = query_gpus(match_servers=False).gpus
-        if found:
-            target = mc.gpu_target(mc.select_gpus(
-                found, os.environ.get("CUDA_VISIBLE_DEVICES") or None,
-                settings.tensor_parallel_size))
-        else:
-            target = mc.ram_target()
-    est = me.estimate(spec, settings, target)
+    est = check_config(config, gpu_memory_gb=gpu_memory_gb,
+                       concurrency_context=concurrency_context)
     if as_json:
         echo_json(est.to_json())
     else:

@@ -189,9 +189,23 @@ def _is_ours(record: ServerRecord) -> psutil.Process | None:
         cmdline = proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    if record.command and cmdline[:1] and not any("vllm" in part for part in cmdline):
-        return None
-    return proc
+    return proc if command_matches(cmdline, record.command) else None
+
+
+def command_matches(cmdline: list[str], command: list[str]) -> bool:
+    """True when a process's command line is the command that was recorded for it.
+
+    The recorded arguments must end the command line exactly. Only the program may show
+    differently: a ``#!`` script runs as ``python SCRIPT ARGS``, and a wrapper that execs
+    the interpreter (``exec python "$@"``) replaces it; so before the arguments there is
+    one word, or two. vLLM renames its EngineCore and worker children (``VLLM::EngineCore``)
+    but not the API server, the process a record names.
+    """
+    if not command:
+        return False
+    args = command[1:]
+    head = len(cmdline) - len(args)
+    return head in (1, 2) and cmdline[head:] == args
 
 
 def group_members(record: ServerRecord) -> list[psutil.Process]:
@@ -448,6 +462,7 @@ class ServerManager:
         auto_port: bool = False,
         on_progress: ProgressCallback | None = None,
         check_resources: bool = True,
+        on_notice: Callable[[str], None] | None = None,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -459,9 +474,13 @@ class ServerManager:
             on_progress: Called with (phase, elapsed seconds) while waiting.
             check_resources: Refuse before launching when the model cannot fit the GPU (or,
                 on the CPU build, RAM); see :func:`cmw_vllm.memory_check.preflight`.
+            on_notice: Called with a line the user should see before the wait (the memory
+                check was skipped, and why).
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
+            ModelUnavailableError: The model is neither on disk nor cached and the Hub
+                cannot be asked.
             ConflictError: The name runs another model, or the port is held by something else.
             EnvironmentProblem: vLLM missing, state dir not writable.
             ServerStartError: vLLM exited during start-up (message has the diagnosis).
@@ -491,8 +510,8 @@ class ServerManager:
                     from cmw_vllm.memory_check import preflight
 
                     check = preflight(config)
-                    logger.info("preflight for %s: %s %s", config.name, check.status,
-                                check.reason or "")
+                    if check.status == "skipped" and on_notice is not None:
+                        on_notice(f"memory check skipped: {check.reason}")
                 record = self._launch(config)
                 already = False
         result = StartResult(

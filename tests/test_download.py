@@ -33,6 +33,7 @@ from cmw_vllm.errors import (
 )
 from cmw_vllm.hf_cache import filter_names, select_files
 from cmw_vllm.hf_cache import repo_dir as repo_cache_dir
+from tests.conftest import spawn_cli
 from tests.fake_hub import FakeHub, FakeRepo
 from tests.tiny_model import make_tiny_model
 
@@ -416,8 +417,7 @@ def test_local_directory_is_not_downloaded(tmp_path: Path,
 def test_ctrl_c_leaves_cache_consistent_and_next_run_completes(hub: FakeHub) -> None:
     repo = hub.repos[REPO]
     hub.bytes_per_second = 100_000
-    proc = subprocess.Popen([sys.executable, "-m", "cmw_vllm", "download", REPO],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn_cli("download", REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     blobs = repo_cache_dir(REPO) / "blobs"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not list(blobs.glob("*.incomplete")):

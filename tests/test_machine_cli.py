@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from cmw_vllm import engine_probe, paths
+from cmw_vllm import memory_check as mc
 from cmw_vllm.cli import cli
 from cmw_vllm.errors import UsageError
 from cmw_vllm.server_record import ServerRecord
@@ -70,12 +72,18 @@ def test_disk_lists_locations_and_cached_models(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- estimate
 
 
-def test_estimate_json_for_a_local_model(tiny_model: Path,
+@pytest.fixture
+def roomy_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAM as vLLM counts it: 64 GiB, 60 available, whatever this machine has."""
+    monkeypatch.setattr(mc, "cpu_memory", lambda: (64 * GiB, 60 * GiB))
+
+
+def test_estimate_json_for_a_local_model(tiny_model: Path, roomy_ram: None,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     code, out = run("estimate", str(tiny_model), "--max-model-len", "512", "--json")
     data = json.loads(out)
-    assert code == (0 if data["fits"] else 7)
+    assert code == 0 and data["fits"] and data["suggestions"] == []
     assert data["device"] == "cpu" and data["source"] == "local"
     assert data["kv_space"] == GiB
     assert data["kv_cache_tokens"] == data["kv_space"] // data["kv_bytes_per_token"]
@@ -118,10 +126,45 @@ def test_estimate_unknown_alias_is_a_usage_error() -> None:
     assert "unknown model" in out
 
 
-def test_estimate_help_has_examples() -> None:
-    for command in ("gpus", "disk", "setup", "estimate"):
-        code, out = run(command, "--help")
-        assert code == 0 and "Examples:" in out
+@pytest.mark.parametrize("vllm_args", [
+    [],
+    ["--kv-cache-dtype", "fp8", "--block-size", "32", "--max-num-batched-tokens", "2048"],
+    ["--kv-cache-memory-bytes", "2G"],
+])
+def test_estimate_is_the_check_start_makes(tmp_path: Path, roomy_ram: None,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           vllm_args: list[str]) -> None:
+    from cmw_vllm.cli_lifecycle import _build_config
+
+    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
+    monkeypatch.setenv("CMW_VLLM_GPU_MEMORY_UTILIZATION", "0.5")
+    monkeypatch.setenv("CMW_VLLM_MAX_MODEL_LEN", "4096")
+    code, out = run("estimate", str(model), "--json", "--", *vllm_args)
+    shown = json.loads(out)
+    config = _build_config(str(model), {}, tuple(vllm_args))
+    assert shown == mc.check_config(config).to_json()
+    assert (shown["gpu_memory_utilization"], shown["max_model_len"]) == (0.5, 4096)
+    if "--block-size" in vllm_args:
+        assert (shown["block_size"], shown["kv_cache_dtype"]) == (32, "fp8")
+    if "--kv-cache-memory-bytes" in vllm_args:
+        assert shown["kv_space"] == 2 * 10**9
+    assert code == (0 if shown["fits"] else 7)
+
+
+def test_estimate_never_suggests_an_impossible_setting(tmp_path: Path) -> None:
+    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
+    code, out = run("estimate", str(model), "--gpu-memory-gb", "1")
+    assert code == 7
+    assert re.search(r"^Fits +NO$", out, re.M) and "Longest fit" not in out
+    assert "Hint: use more or bigger GPUs" in out
+    assert not re.search(r"--gpu-memory-utilization (1\.[0-9]|[2-9])", out), out
+    code, out = run("estimate", str(model), "--gpu-memory-gb", "24")
+    assert code == 7 and "Hint: try `--max-model-len " in out
+    suggested = json.loads(run("estimate", str(model), "--gpu-memory-gb", "24",
+                               "--json")[1])["suggestions"]
+    assert suggested and all(
+        run("estimate", str(model), "--gpu-memory-gb", "24", *s.split())[0] == 0
+        for s in suggested)
 
 
 # --------------------------------------------------------------------------- setup
