@@ -73,8 +73,9 @@ def bench_hung(servers: int, hung: int, env: dict[str, str], tmp: Path) -> None:
         for i in range(servers):
             mode = "hang" if i < hung else "ok"
             subprocess.run(
+                # --auto-port: another run of this bench (or a test) may hold the port.
                 cli_cmd("start", str(model), "--name", f"s{i:02d}", "--port", str(18400 + i),
-                        "--no-wait", "--force"),
+                        "--auto-port", "--no-wait", "--force"),
                 env={**base_env, "FAKE_VLLM_MODE": mode}, capture_output=True, check=True,
             )
         time.sleep(3)  # let them all get to "serving" (or hanging)
