@@ -73,9 +73,8 @@ def bench_hung(servers: int, hung: int, env: dict[str, str], tmp: Path) -> None:
         for i in range(servers):
             mode = "hang" if i < hung else "ok"
             subprocess.run(
-                # --auto-port: another run of this bench (or a test) may hold the port.
                 cli_cmd("start", str(model), "--name", f"s{i:02d}", "--port", str(18400 + i),
-                        "--auto-port", "--no-wait", "--force"),
+                        "--no-wait", "--force", "--auto-port"),  # other runs may hold ports
                 env={**base_env, "FAKE_VLLM_MODE": mode}, capture_output=True, check=True,
             )
         time.sleep(3)  # let them all get to "serving" (or hanging)
