@@ -80,6 +80,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-qwen2")
 
 
+@pytest.fixture(scope="session")
+def sharded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model in two safetensors shards with an index file (download, verify)."""
+    return make_tiny_model(tmp_path_factory.mktemp("sharded-model") / "tiny-sharded", shards=2)
+
+
 # Where `.ci/run` installs vLLM: the default when CMW_VLLM_PYTHON is not set.
 LOCAL_ENGINE_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 
