@@ -16,7 +16,7 @@ Two layouts, which can be combined:
   ``--data-parallel-start-rank S``; their engines connect to the leader's A:P.
 
 This module is pure (no click, no printing). The follower's watch on its leader runs in
-vLLM's interpreter: :mod:`cmw_vllm.engine_entry.leader_watch`.
+vLLM's interpreter: :mod:`cmw_vllm.engine_entry.cmw_leader_watch`.
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def _resolve(host: str) -> str | None:
 
 def probe_tcp(host: str, port: int, timeout: float = 2.0) -> str | None:
     """Try to connect to ``host:port``; None when it accepts, else why not, in words."""
-    from cmw_vllm.engine_entry.leader_watch import probe
+    from cmw_vllm.engine_entry.cmw_leader_watch import probe
 
     return probe(host, port, timeout)
 
@@ -384,7 +384,7 @@ def launch_env(config: ServerConfig, env: dict[str, str]) -> dict[str, str]:
         ConfigError: See :func:`node_network`.
         EnvironmentProblem: No route leads to the leader.
     """
-    from cmw_vllm.engine_entry.leader_watch import JOIN_TIMEOUT_ENV, WATCH_ENV
+    from cmw_vllm.engine_entry.cmw_leader_watch import JOIN_TIMEOUT_ENV, WATCH_ENV
 
     dist = config.distributed
     if dist is None or dist.role == SINGLE:

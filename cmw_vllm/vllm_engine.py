@@ -134,7 +134,7 @@ OFFLINE_PATTERN = (
 
 # (regex, diagnosis); the first match wins, so specific patterns come first.
 _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
-    # A follower node's own verdict (engine_entry/leader_watch.py): the leader and why.
+    # A follower node's own verdict (engine_entry/cmw_leader_watch.py): the leader and why.
     (re.compile(r"^cmw-vllm: ((?:lost|cannot reach) the leader .+)$", re.MULTILINE), "{0}"),
     (
         re.compile(r"current platform (\w+) does not support ray", re.IGNORECASE),

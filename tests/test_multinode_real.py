@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REAL_VLLM_LOCK, find_engine_python
+from tests.conftest import REAL_VLLM_LOCK
 from tests.netns import NetnsPair, unavailable_reason
 from tests.tiny_model import make_tiny_model
 
@@ -63,16 +63,12 @@ def _side_env(home: Path, engine: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, engine_python: str) -> Iterator[Cluster]:
     """Leader in A, follower in B, TP=2 across them; torn down with the namespaces."""
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    engine = find_engine_python()
-    if not engine:
-        if os.environ.get("CI"):
-            pytest.fail("CI must provide vLLM (CMW_VLLM_PYTHON or .venv-vllm)")
-        pytest.skip("vLLM is not installed (set CMW_VLLM_PYTHON)")
+    engine = engine_python
     root = tmp_path_factory.mktemp("multinode")
     model = make_tiny_model(root / "tiny-qwen2")
     REAL_VLLM_LOCK.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REAL_VLLM_LOCK, find_engine_python
+from tests.conftest import REAL_VLLM_LOCK
 from tests.netns import NetnsPair, unavailable_reason
 from tests.tiny_model import make_tiny_model
 
@@ -47,14 +47,12 @@ def _env(home: Path, engine: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayPair]:
+def ray_pair(tmp_path_factory: pytest.TempPathFactory, engine_python: str) -> Iterator[RayPair]:
     """Ray head in namespace A, a Ray worker in B; both stopped and the namespaces removed."""
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    engine = find_engine_python()
-    if not engine:
-        pytest.skip("vLLM is not installed (set CMW_VLLM_PYTHON)")
+    engine = engine_python
     if not (Path(engine).parent / "ray").exists():
         pytest.skip(f"Ray is not installed beside vLLM ({engine}); scripts/install.sh adds it")
     root = tmp_path_factory.mktemp("ray")

@@ -43,10 +43,10 @@ def main() -> int:
     if importlib.util.find_spec("vllm") is None:
         sys.stderr.write(f"cmw-vllm: No module named 'vllm' in {sys.executable}\n")
         return VLLM_MISSING
-    if os.environ.get("CMW_VLLM_WATCH_LEADER"):  # a follower node: see leader_watch.py
-        import leader_watch  # beside this file
+    if os.environ.get("CMW_VLLM_WATCH_LEADER"):  # a follower node: see cmw_leader_watch.py
+        import cmw_leader_watch  # beside this file (a name no package of vLLM uses)
 
-        leader_watch.start_from_env()
+        cmw_leader_watch.start_from_env()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *sys.argv[1:]]
