@@ -513,11 +513,13 @@ def _collect_status(
     loads: dict[str, dict[str, Any]] = {}
     if any(st.state == State.HEALTHY for st in statuses):
         loads = status_load_columns(statuses)
-    running = [st.record for st in statuses if st.running and st.record is not None]
-    if running:
+    # An exited server's leftovers (an EngineCore after a SIGKILL) hold GPU memory too.
+    holders = [st.record for st in statuses
+               if st.record is not None and (st.running or st.orphans)]
+    if holders:
         from cmw_vllm.gpu_info import server_gpu_memory
 
-        for name, used in server_gpu_memory(running).items():
+        for name, used in server_gpu_memory(holders).items():
             loads.setdefault(name, {})["gpu_memory_bytes"] = used
     return statuses, code, loads
 
