@@ -61,15 +61,6 @@ def bench_startup(runs: int, env: dict[str, str]) -> None:
               f"{max(ts) * 1000:9.1f}")
 
 
-def free_port() -> int:
-    """A port nothing listens on now (fixed ports collide with other runs on a shared host)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def bench_hung(servers: int, hung: int, env: dict[str, str], tmp: Path) -> None:
     wrapper = tmp / "fake-engine"
     wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{FAKE_VLLM}" exec "{sys.executable}" "$@"\n')
@@ -82,8 +73,8 @@ def bench_hung(servers: int, hung: int, env: dict[str, str], tmp: Path) -> None:
         for i in range(servers):
             mode = "hang" if i < hung else "ok"
             subprocess.run(
-                cli_cmd("start", str(model), "--name", f"s{i:02d}", "--port", str(free_port()),
-                        "--no-wait", "--force"),
+                cli_cmd("start", str(model), "--name", f"s{i:02d}", "--port", str(18400 + i),
+                        "--no-wait", "--force", "--auto-port"),  # other runs may hold ports
                 env={**base_env, "FAKE_VLLM_MODE": mode}, capture_output=True, check=True,
             )
         time.sleep(3)  # let them all get to "serving" (or hanging)
