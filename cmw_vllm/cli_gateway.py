@@ -52,8 +52,7 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
       cmw-vllm gateway
       cmw-vllm gateway --port 4000 --idle-timeout 300 -d
       CMW_VLLM_GATEWAY_API_KEYS=sk-mine cmw-vllm gateway --host 0.0.0.0
-      curl localhost:4000/v1/chat/completions -H 'Content-Type: application/json' \\
-        -d '{"model": "qwen", "messages": [{"role": "user", "content": "Hi"}]}'
+      curl localhost:4000/v1/models
     """
     import logging
     import os
