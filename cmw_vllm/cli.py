@@ -82,9 +82,14 @@ class CmwGroup(click.Group):
         except CmwVllmError as exc:
             if verbose:
                 logger.exception("error")
+            body = getattr(exc, "body", None)
+            if verbose and body:
+                click.echo("--- the server's answer ---", err=True)
+                click.echo(body.rstrip("\n"), err=True)
+                click.echo("---", err=True)
             log_tail = getattr(exc, "log_tail", "")
             if log_tail:
-                click.echo("--- last lines of the log ---", err=True)
+                click.echo("--- from the log ---", err=True)
                 click.echo(log_tail, err=True)
                 click.echo("---", err=True)
             click.echo(f"Error: {exc.message}", err=True)

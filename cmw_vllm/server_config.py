@@ -8,14 +8,14 @@ that applies it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
-from cmw_vllm.vocab import NAME_RULE, Dtype, Task, is_valid_name, parse_int
+from cmw_vllm.vocab import NAME_RULE, Convert, Dtype, Runner, Task, is_valid_name, parse_int
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -161,12 +161,55 @@ class ServerConfig(BaseModel):
         return ["--runner", "pooling"]
 
 
-def format_validation_error(exc: ValidationError, source: str | None = None) -> str:
-    """Turn a pydantic error into one readable line naming the option."""
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag X`` or ``flag=X`` in ``args``."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def implied_task(args: Sequence[str], current: str | None = None) -> Task | None:
+    """The task that vLLM flags passed through imply, or None when they imply none.
+
+    ``--convert embed`` / ``--convert classify`` name the task; ``--runner generate`` (or
+    ``draft``) means generate; ``--runner pooling`` alone keeps a pooling task already
+    chosen (embed, score, classify) and otherwise means embed, vLLM's usual pooling task.
+
+    Args:
+        args: The vLLM flags given after ``--``.
+        current: The task the registry entry or the environment chose, if any.
+    """
+    convert = _flag_value(args, "--convert")
+    if convert in (Convert.EMBED, Convert.CLASSIFY):
+        return Task(convert)
+    runner = _flag_value(args, "--runner")
+    if runner in (Runner.GENERATE, Runner.DRAFT):
+        return Task.GENERATE
+    if runner == Runner.POOLING:
+        return Task(current) if current in (Task.EMBED, Task.SCORE, Task.CLASSIFY) else Task.EMBED
+    return None
+
+
+def format_validation_error(
+    exc: ValidationError, source: str | None = None, names: Mapping[str, str] | None = None
+) -> str:
+    """Turn a pydantic error into one readable line naming the option.
+
+    Args:
+        exc: The error.
+        source: The file the values came from (the option is then its dotted key).
+        names: Field -> what to call it instead of its option (an env var, say).
+    """
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ())]
     field = loc[0] if loc else "value"
     option = OPTION_NAMES.get(field, field) if source is None else ".".join(loc) or field
+    if names and field in names:
+        option = names[field]
     msg = err.get("msg", "invalid value")
     msg = msg.removeprefix("Value error, ")
     got = err.get("input")
@@ -217,18 +260,23 @@ def resolve_server_config(
             ``vllm_args`` given here are appended to the entry's.
 
     Returns:
-        The validated config.
+        The validated config. Without ``--task``, pass-through ``--runner``/``--convert``
+        flags decide the task (see :func:`implied_task`).
 
     Raises:
         ConfigError: A value is invalid; the message names the option.
     """
+    from cmw_vllm.settings import source_of
+
     values: dict[str, Any] = {"model": model}
-    for layer in (entry_settings or {}, env_overrides(environ or {})):
+    from_env = env_overrides(environ or {})
+    for layer in (entry_settings or {}, from_env):
         values.update({k: v for k, v in layer.items() if v is not None and k != "vllm_args"})
     vllm_args = list((entry_settings or {}).get("vllm_args") or [])
     for key, value in (cli or {}).items():
         if value is None:
             continue
+        from_env.pop(key, None)
         if key == "vllm_args":
             vllm_args += list(value)
         elif key == "env":
@@ -236,9 +284,18 @@ def resolve_server_config(
         else:
             values[key] = value
     values["vllm_args"] = vllm_args
+    if (cli or {}).get("task") is None:
+        implied = implied_task((cli or {}).get("vllm_args") or [], values.get("task"))
+        if implied is not None:
+            values["task"] = implied
     if not values.get("name"):
         values["name"] = name_from_model(model)
+    # A bad value from the environment is named by its variable (and .env file, if any).
+    names = {f: SERVER_ENV_VARS[f] + source_of(SERVER_ENV_VARS[f]) for f in from_env}
     for key in ("port", "tensor_parallel_size", "max_model_len"):
         if isinstance(values.get(key), str):
-            values[key] = parse_int(values[key], OPTION_NAMES[key])
-    return build_config(values)
+            values[key] = parse_int(values[key], names.get(key, OPTION_NAMES[key]))
+    try:
+        return ServerConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, names=names)) from None

@@ -16,9 +16,8 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +53,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IS_WINDOWS = os.name == "nt"
+
+BAD_RECORD = "bad record: "  # how an unreadable record's error starts
 
 
 @dataclass
@@ -95,6 +96,7 @@ class ServerStatus:
             "orphan_pids": self.orphans,
             "log": rec.log_path if rec else None,
             "error": self.error,
+            "log_tail": self.log_tail,
         }
         return out
 
@@ -109,6 +111,7 @@ class StartResult:
     ready: bool
     port_changed_from: int | None = None
     ready_after_s: float | None = None
+    api_key: bool = False  # vLLM was given VLLM_API_KEY
 
 
 @dataclass
@@ -119,6 +122,7 @@ class StopResult:
     was_running: bool
     forced: bool = False
     stale: bool = False
+    invalid: str | None = None  # why the record could not be read (it was removed)
     killed_pids: list[int] = field(default_factory=list)
     duration_s: float = 0.0
     remaining_pids: list[int] = field(default_factory=list)
@@ -189,9 +193,23 @@ def _is_ours(record: ServerRecord) -> psutil.Process | None:
         cmdline = proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    if record.command and cmdline[:1] and not any("vllm" in part for part in cmdline):
-        return None
-    return proc
+    return proc if command_matches(cmdline, record.command) else None
+
+
+def command_matches(cmdline: list[str], command: list[str]) -> bool:
+    """True when a process's command line is the command that was recorded for it.
+
+    The recorded arguments must end the command line exactly. Only the program may show
+    differently: a ``#!`` script runs as ``python SCRIPT ARGS``, and a wrapper that execs
+    the interpreter (``exec python "$@"``) replaces it; so before the arguments there is
+    one word, or two. vLLM renames its EngineCore and worker children (``VLLM::EngineCore``)
+    but not the API server, the process a record names.
+    """
+    if not command:
+        return False
+    args = command[1:]
+    head = len(cmdline) - len(args)
+    return head in (1, 2) and cmdline[head:] == args
 
 
 def group_members(record: ServerRecord) -> list[psutil.Process]:
@@ -403,7 +421,7 @@ class ServerManager:
         try:
             record = read_record(name)
         except ValueError as exc:
-            return ServerStatus(name=name, state=State.INVALID, error=f"bad record: {exc}")
+            return ServerStatus(name=name, state=State.INVALID, error=f"{BAD_RECORD}{exc}")
         if record is None:
             return ServerStatus(name=name, state=State.INVALID, error="no record")
         proc = _is_ours(record)
@@ -424,11 +442,12 @@ class ServerManager:
         elif self._pid_alive(record.pid):
             status.state = State.STALE
             status.error = f"pid {record.pid} now belongs to another process"
-        from cmw_vllm.vllm_engine import diagnose, tail_lines
+        from cmw_vllm.vllm_engine import diagnose, failure_excerpt, tail_lines
 
         if status.state == State.EXITED:
-            status.log_tail = tail_lines(Path(record.log_path), 10)
-            status.error = diagnose("\n".join(tail_lines(Path(record.log_path), 200)))
+            text = "\n".join(tail_lines(Path(record.log_path), 400))
+            status.log_tail = failure_excerpt(text, 10)
+            status.error = diagnose(text)
         return status
 
     @staticmethod
@@ -449,6 +468,8 @@ class ServerManager:
         on_progress: ProgressCallback | None = None,
         check_resources: bool = True,
         on_notice: Callable[[str], None] | None = None,
+        api_key: str | None = None,
+        requested: Collection[str] = (),
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -462,30 +483,34 @@ class ServerManager:
                 on the CPU build, RAM); see :func:`cmw_vllm.memory_check.preflight`.
             on_notice: Called with a line the user should see before the wait (the memory
                 check was skipped, and why).
+            api_key: The key vLLM requires from clients (default ``VLLM_API_KEY``). It
+                reaches vLLM through its environment and is kept for ``restart`` in a
+                private file (:mod:`cmw_vllm.last_start`), never in the record.
+            requested: ServerConfig fields the user set explicitly. When the server already
+                runs, any of them that differs from the running settings is an error.
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
             ModelUnavailableError: The model is neither on disk nor cached and the Hub
                 cannot be asked.
-            ConflictError: The name runs another model, or the port is held by something else.
+            ConflictError: The name runs another model or other requested settings, or the
+                port is held by something else.
             EnvironmentProblem: vLLM missing, state dir not writable.
             ServerStartError: vLLM exited during start-up (message has the diagnosis).
             StartTimeoutError: Not ready within ``timeout``; the server keeps starting.
         """
+        from cmw_vllm.settings import api_key as env_api_key
         from cmw_vllm.settings import start_timeout
 
         timeout = start_timeout() if timeout is None else timeout
+        api_key = api_key or env_api_key()
         for d in (paths.state_dir(), paths.servers_dir(), paths.logs_dir()):
             paths.ensure_dir(d)
         port_changed_from = None
         with _name_lock(config.name):
             existing = self._observe(config.name)
             if existing.running and existing.record is not None:
-                if existing.record.model != config.model:
-                    raise ConflictError(
-                        f"server {config.name!r} already runs {existing.record.model}",
-                        hint=f"stop it first (cmw-vllm stop {config.name}) or use --name",
-                    )
+                self._check_same_server(existing.record, config, requested, auto_port)
                 record = existing.record
                 already = True
             else:
@@ -498,7 +523,7 @@ class ServerManager:
                     check = preflight(config)
                     if check.status == "skipped" and on_notice is not None:
                         on_notice(f"memory check skipped: {check.reason}")
-                record = self._launch(config)
+                record = self._launch(config, api_key)
                 already = False
         result = StartResult(
             name=config.name,
@@ -506,11 +531,34 @@ class ServerManager:
             already_running=already,
             ready=False,
             port_changed_from=port_changed_from,
+            api_key=bool(api_key) if not already else _has_api_key(record),
         )
         if wait:
             result.ready_after_s = self.wait_ready(record, timeout, on_progress)
             result.ready = True
         return result
+
+    @staticmethod
+    def _check_same_server(record: ServerRecord, config: ServerConfig,
+                           requested: Collection[str], auto_port: bool) -> None:
+        """Refuse a start whose model or explicitly requested settings differ from the running
+        server's (rather than report "already running" and ignore them)."""
+        from cmw_vllm.server_launch import differing_settings
+
+        name = config.name
+        if record.model != config.model:
+            raise ConflictError(
+                f"server {name!r} already runs {record.model}",
+                hint=f"stop it first (cmw-vllm stop {name}) or use --name",
+            )
+        ignore = {"port"} if auto_port else set()
+        differ = differing_settings(record.config, config, set(requested) - ignore)
+        if differ:
+            raise ConflictError(
+                f"server {name!r} already runs with other settings: {'; '.join(differ)}",
+                hint=f"to apply them, stop it (cmw-vllm stop {name}) and start it again with "
+                "them; or pick another --name",
+            )
 
     def _cleanup_dead(self, name: str, status: ServerStatus) -> None:
         """Remove what a dead server left: orphans of its group, its record files."""
@@ -549,79 +597,27 @@ class ServerManager:
                 break
         raise ConflictError(f"no free port found from {config.port}")
 
-    def _launch(self, config: ServerConfig) -> ServerRecord:
-        import subprocess
+    def _launch(self, config: ServerConfig, api_key: str | None) -> ServerRecord:
+        """Spawn the supervisor and vLLM under it; write the record and the restart files.
 
-        import psutil
+        Raises:
+            EnvironmentProblem: vLLM missing, the log or record cannot be written.
+            ServerStartError: The supervisor did not get vLLM running.
+        """
+        from cmw_vllm import last_start
+        from cmw_vllm.server_launch import engine_command, open_fresh_log, spawn
 
-        from cmw_vllm.vllm_engine import build_command, find_engine_python, tail_lines
-
-        python = find_engine_python()
-        command = build_command(python, config.model, config.vllm_cli_args())
-        env = dict(os.environ)
-        env.update(config.env)
-        if config.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = config.gpus
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        log_file = log_path(config.name)
-        if log_file.is_symlink():
-            raise EnvironmentProblem(f"{log_file} is a symlink; refusing to write through it")
-        if log_file.exists():
-            os.replace(log_file, log_file.with_name(log_file.name + ".1"))
+        command, env = engine_command(config, api_key)
+        log_file = open_fresh_log(log_path(config.name))
         exit_file = exit_path(config.name)
         _remove(exit_file)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            log_fd = os.open(log_file, flags, 0o600)
-        except OSError as exc:
-            raise EnvironmentProblem(f"cannot write {log_file}: {exc.strerror or exc}") from exc
-        supervisor_cmd = [sys.executable, "-m", "cmw_vllm.supervisor", str(exit_file), "--",
-                          *command]
-        popen_kwargs: dict[str, Any] = {}
-        if IS_WINDOWS:
-            popen_kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-        else:
-            popen_kwargs["start_new_session"] = True
-        logger.info("launching %s", " ".join(command))
-        try:
-            sup = subprocess.Popen(
-                supervisor_cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=str(paths.state_dir()),
-                close_fds=True,
-                **popen_kwargs,
-            )
-        finally:
-            os.close(log_fd)
-        sup_proc = psutil.Process(sup.pid)
-        child = None
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            try:
-                children = sup_proc.children()
-            except psutil.NoSuchProcess:
-                children = []
-            if children:
-                child = children[0]
-                break
-            if sup.poll() is not None:
-                break
-            time.sleep(0.01)
-        if child is None:
-            sup.poll()
-            raise ServerStartError(
-                f"could not launch vLLM for {config.name!r}",
-                log_tail="\n".join(tail_lines(log_file, 20)),
-            )
+        sup, child = spawn(config.name, command, env, log_file, exit_file)
         record = ServerRecord(
             name=config.name,
             pid=child.pid,
             create_time=child.create_time(),
             supervisor_pid=sup.pid,
-            supervisor_create_time=sup_proc.create_time(),
+            supervisor_create_time=sup.create_time(),
             pgid=sup.pid,
             host=config.host,
             port=config.port,
@@ -636,8 +632,10 @@ class ServerManager:
         )
         try:
             self._save(record)
+            last_start.save(config.name, record.config, api_key)
         except CmwVllmError:
             self._terminate(record, None, kill_timeout=5.0)
+            _remove(record_path(record.name), pid_path(record.name))
             raise
         return record
 
@@ -709,7 +707,14 @@ class ServerManager:
                 self._save(record)
 
     def _fail_start(self, record: ServerRecord) -> None:
-        from cmw_vllm.vllm_engine import diagnose, tail_lines
+        """vLLM exited during start-up: reap what is left, remove the record, say why."""
+        from cmw_vllm.vllm_engine import (
+            INSTALL_HINT,
+            VLLM_MISSING_EXIT,
+            diagnose,
+            failure_excerpt,
+            tail_lines,
+        )
 
         log_file = Path(record.log_path)
         # The supervisor writes the exit file right after vLLM exits; give it a moment.
@@ -719,19 +724,30 @@ class ServerManager:
             time.sleep(0.02)
         exit_info = read_exit(record.name) or {}
         rc = exit_info.get("returncode")
-        text = "\n".join(tail_lines(log_file, 400))
-        with contextlib.suppress(CmwVllmError), _name_lock(record.name, timeout=10):
-            current = None
-            with contextlib.suppress(ValueError):
-                current = read_record(record.name)
-            if current is not None and current.pid == record.pid:
-                self._terminate(record, None, kill_timeout=5.0)
-                _remove(record_path(record.name), pid_path(record.name))
+        text = "\n".join(tail_lines(log_file, 2000))
+        left = ""
+        try:
+            with _name_lock(record.name, timeout=10):
+                current = None
+                with contextlib.suppress(ValueError):
+                    current = read_record(record.name)
+                if current is not None and current.pid == record.pid:
+                    self._terminate(record, None, kill_timeout=5.0)
+                    _remove(record_path(record.name), pid_path(record.name),
+                            exit_path(record.name))
+        except ConflictError:
+            # Another command holds the name (a stop, most likely): it cleans up; say so.
+            logger.warning("%s: lock busy, left the clean-up to the command holding it",
+                           record.name)
+            left = f" (its record is left: cmw-vllm stop {record.name} removes it)"
         rc_text = f" (exit code {rc})" if rc is not None else ""
+        if rc == VLLM_MISSING_EXIT and "No module named 'vllm'" in text:
+            raise EnvironmentProblem(f"vLLM is not installed in {record.command[0]}{left}",
+                                     hint=INSTALL_HINT)
         raise ServerStartError(
-            f"vLLM exited during start-up{rc_text}; log: {log_file}",
+            f"vLLM exited during start-up{rc_text}; log: {log_file}{left}",
             hint=diagnose(text),
-            log_tail="\n".join(tail_lines(log_file, 15)),
+            log_tail="\n".join(failure_excerpt(text)),
         )
 
     # ----------------------------------------------------------------- stop
@@ -750,6 +766,7 @@ class ServerManager:
             kill_timeout: Seconds to wait for the processes to vanish after SIGKILL.
 
         Raises:
+            ServerNotRunningError: No server, kept settings or registry entry has that name.
             StopError: Processes of the server survived SIGKILL.
         """
         from cmw_vllm.settings import stop_timeout
@@ -762,7 +779,11 @@ class ServerManager:
             if status.record is None:
                 if status.state == State.INVALID and status.error != "no record":
                     _remove(record_path(name), pid_path(name), exit_path(name))
-                    return StopResult(name=name, was_running=False, stale=True)
+                    why = (status.error or "").removeprefix(BAD_RECORD)
+                    return StopResult(name=name, was_running=False, invalid=why)
+                from cmw_vllm.server_launch import check_known_name
+
+                check_known_name(name, record_names())
                 return StopResult(name=name, was_running=False)
             record = status.record
             result = StopResult(name=name, was_running=status.running,
@@ -829,30 +850,57 @@ class ServerManager:
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> StartResult:
-        """Stop ``name`` and start it again with the settings it was started with.
+        """Stop ``name`` (if it runs) and start it again with the settings of its last start.
+
+        The settings and the API key of the last start are kept after ``stop``
+        (:mod:`cmw_vllm.last_start`), so a stopped server can be restarted too. The API key
+        is the environment's ``VLLM_API_KEY`` when set, else the one it was started with:
+        a server started with a key never comes back without one.
 
         Raises:
-            ServerNotRunningError: No record for ``name``.
-            UsageError: The record's settings no longer validate.
+            ServerNotRunningError: ``name`` was never started here.
+            UsageError: Its record is unreadable, or the kept settings no longer validate.
+            EnvironmentProblem: The kept API key cannot be read.
         """
+        from pydantic import ValidationError
+
+        from cmw_vllm import last_start
         from cmw_vllm.server_config import ServerConfig
 
         validate_name(name)
         try:
             record = read_record(name)
         except ValueError as exc:
-            raise UsageError(f"cannot restart {name!r}: bad record ({exc})") from None
-        if record is None:
-            raise _no_such_server(name)
+            raise UsageError(
+                f"cannot restart {name!r}: its record is unreadable ({exc})",
+                hint=f"`cmw-vllm stop {name}` removes it; then start the server again",
+            ) from None
+        settings = record.config if record is not None else last_start.load_settings(name)
+        if settings is None:
+            raise ServerNotRunningError(
+                f"no managed server named {name!r}",
+                hint=f"start it first: cmw-vllm start MODEL --name {name}",
+            )
         try:
-            config = ServerConfig(**record.config)
-        except Exception as exc:
-            raise UsageError(f"cannot restart {name!r}: stored settings are invalid ({exc})") \
-                from None
-        self.stop(name)
+            config = ServerConfig(**settings)
+        except (ValidationError, TypeError) as exc:
+            raise UsageError(
+                f"cannot restart {name!r}: its kept settings are invalid ({exc})",
+                hint="start it again with cmw-vllm start",
+            ) from None
+        api_key = last_start.api_key_for_restart(name)
+        if record is not None:
+            self.stop(name)
         # It ran with these settings before: don't let a stale estimate block the restart.
         return self.start(config, wait=wait, timeout=timeout, on_progress=on_progress,
-                          check_resources=False)
+                          check_resources=False, api_key=api_key)
+
+
+def _has_api_key(record: ServerRecord) -> bool:
+    """Whether the running server was started with an API key (its key file exists)."""
+    from cmw_vllm import last_start
+
+    return last_start.key_path(record.name).exists()
 
 
 def running_models() -> dict[str, list[str]]:

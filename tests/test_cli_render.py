@@ -94,8 +94,8 @@ def test_wrap_breaks_at_words_and_never_inside_one() -> None:
 
 
 def test_setup_wraps_at_word_boundaries(terminal, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cmw_vllm import cli_machine
-    from cmw_vllm.cli_machine import Check
+    from cmw_vllm import machine_setup
+    from cmw_vllm.machine_setup import Check, SetupReport
 
     long_path = "/srv/models/" + "x" * 90  # longer than a line: overflows, never split
     checks = [
@@ -104,7 +104,8 @@ def test_setup_wraps_at_word_boundaries(terminal, monkeypatch: pytest.MonkeyPatc
         Check("disk: models (HF cache)", "warn", f"1.0 GiB free of 2.0 GiB at {long_path}",
               "large models need tens of GB: free space or set HF_HOME to a bigger disk"),
     ]
-    monkeypatch.setattr(cli_machine, "_setup_report", lambda: (checks, {}))
+    monkeypatch.setattr(machine_setup, "setup_report",
+                        lambda: SetupReport(checks, None, None, None, []))  # type: ignore[arg-type]
     for width in (60, 80):
         terminal(width)
         code, out, _ = run_cli("setup")

@@ -128,6 +128,15 @@ def test_unknown_vllm_flag_fails_fast(fake_engine: Path, model_dir: Path) -> Non
     assert "vLLM does not know the flag(s) --no-such-flag" in err
 
 
+def test_task_is_inferred_from_pass_through_flags(fake_engine: Path, model_dir: Path) -> None:
+    code, _, err = run("start", str(model_dir), "--name", "emb", "--port", str(free_port()),
+                       "--", "--runner", "pooling", "--convert", "embed")
+    assert code == 0, err
+    record = read_record("emb")
+    assert record is not None and record.task == "embed"
+    assert record.command.count("--runner") == 1  # the flags are not added a second time
+
+
 def test_port_held_by_another_program(fake_engine: Path, model_dir: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -232,6 +241,42 @@ def test_stale_record_never_signals_the_other_process(isolated_home: Path,
         bystander.wait()
 
 
+def test_a_process_is_ours_only_when_its_command_line_is_the_recorded_one(
+    isolated_home: Path,
+) -> None:
+    # Same pid and create time as the record, and "vllm" in its arguments: but not the
+    # command the record names, so it is not ours (before, any argument with "vllm" was).
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                  "vllm.entrypoints.openai.api_server"])
+    try:
+        created = psutil.Process(bystander.pid).create_time()
+        _fake_record(isolated_home, "other", bystander.pid, created, bystander.pid)
+        code, out, _ = run("status", "other")
+        assert code == 1 and "stale" in out
+        assert run("stop", "other", "--timeout", "1")[0] == 0
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_command_matches_the_record_across_launch_styles() -> None:
+    from cmw_vllm.server_manager import command_matches
+
+    args = ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--port", "8000"]
+    assert command_matches(["/venv/bin/python", *args], ["/venv/bin/python", *args])
+    # A wrapper script that execs the interpreter, and a #! script run by its interpreter.
+    assert command_matches(["/usr/bin/python3", *args], ["/tmp/engine-python", *args])
+    assert command_matches(["/venv/bin/python", "/venv/bin/vllm", "serve", "/m"],
+                           ["/venv/bin/vllm", "serve", "/m"])
+    assert not command_matches(["/venv/bin/python", *args[:-1], "8001"],
+                               ["/venv/bin/python", *args])
+    assert not command_matches(["VLLM::EngineCore"], ["/venv/bin/python", *args])
+    assert not command_matches(["sh", "-c", "x", "/venv/bin/python", *args],
+                               ["/venv/bin/python", *args])
+    assert not command_matches([], ["/venv/bin/python", *args])
+
+
 @pytest.mark.parametrize(
     "content",
     ["", "{trunc", "[1, 2]", json.dumps({"format": 0, "name": "bad"}), "\xff\xfe"],
@@ -311,8 +356,12 @@ def test_api_key_stays_out_of_command_lines_and_files(fake_engine: Path, model_d
     procs = [psutil.Process(p) for p in alive_group("keyed")]
     assert all(secret not in " ".join(p.cmdline()) for p in procs)
     assert psutil.Process(record.pid).environ().get("VLLM_API_KEY") == secret
+    # The only file that holds the key is the private one restart reads it from.
+    key_file = isolated_home / "restart" / "keyed.key"
+    assert key_file.read_text().strip() == secret
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     for f in isolated_home.rglob("*"):
-        if f.is_file():
+        if f.is_file() and f != key_file:
             assert secret.encode() not in f.read_bytes(), f
     code, out, _ = run("status", "--json")
     assert secret not in out
