@@ -121,7 +121,7 @@ def test_start_timeout_answers_503_and_the_start_goes_on(gateway_factory: Any,
     gw = gateway_factory(start_timeout=0.5)
     reply = _chat(gw.url, "a")
     assert reply.status_code == 503 and reply.headers["Retry-After"] == "10"
-    assert "not ready after 0.5s" in reply.json()["error"]["message"]
+    assert reply.json()["error"]["message"].startswith("model `a` is not ready after 0.5s")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and _chat(gw.url, "a").status_code != 200:
         time.sleep(0.3)

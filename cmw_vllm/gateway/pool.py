@@ -19,7 +19,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cmw_vllm.errors import CmwVllmError, InsufficientResourcesError
+from cmw_vllm.errors import (
+    CmwVllmError,
+    ConflictError,
+    InsufficientResourcesError,
+)
+from cmw_vllm.errors import GatewayRefusal as Refusal
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.settings import GATEWAY_TASK, GatewaySettings
 
@@ -37,27 +42,6 @@ DRAINING = "draining"  # no new requests; stopped once the last one ends
 STOPPING = "stopping"
 UNHEALTHY = "unhealthy"
 STARTABLE = "startable"  # an entry with no server (``/v1/models`` only)
-
-
-class Refusal(Exception):
-    """A request the gateway answers itself, with an OpenAI-style error.
-
-    Args:
-        status: HTTP status.
-        message: The error's message.
-        kind: The error's ``type``.
-        retry_after: Seconds for a ``Retry-After`` header.
-        hint: What to do about it (a start failure's diagnosis).
-    """
-
-    def __init__(self, status: int, message: str, kind: str = "ServiceUnavailableError",
-                 retry_after: int | None = None, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.retry_after = retry_after
-        self.hint = hint
 
 
 @dataclass(eq=False)
@@ -318,6 +302,8 @@ class Pool:
         self.waiting[name] += 1
         try:
             await self._wait(asyncio.shield(task), deadline, model)
+        except Refusal:
+            raise
         except CmwVllmError as exc:
             raise Refusal(503, f"starting `{model}` failed: {exc.message}",
                           "ServerStartError", retry_after=10, hint=exc.hint) from None
@@ -346,7 +332,7 @@ class Pool:
         config = await asyncio.to_thread(self._config_for, entry)
         async with self._launch_lock:
             if self._closing:
-                raise CmwVllmError("the gateway is shutting down")
+                raise ConflictError("the gateway is shutting down")
             logger.info("starting %s (%s) on demand", name, config.model)
             begin = time.monotonic()
             await self._make_room(config)

@@ -20,8 +20,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from cmw_vllm.errors import GatewayRefusal as Refusal
 from cmw_vllm.gateway.metrics import Metrics
-from cmw_vllm.gateway.pool import Backend, Pool, Refusal
+from cmw_vllm.gateway.pool import Backend, Pool
 from cmw_vllm.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
