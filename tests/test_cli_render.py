@@ -205,3 +205,43 @@ def test_status_watch_leaves_one_table_and_exits_130(fake_engine: Path, model_di
     assert left.count("cmw-vllm status") == 1, left
     assert left.count("watched") == 1 and "Interrupted." in left
     assert all(len(line) <= 80 for line in left.splitlines())
+
+
+@pytest.mark.parametrize("width", [60, 80, 160])
+def test_gpus_fit_the_terminal_and_keep_server_names(
+    terminal, monkeypatch: pytest.MonkeyPatch, width: int
+) -> None:
+    import sys
+
+    from tests.test_gpu_info import FakeGpu, make_fake_nvml
+
+    gib = 1024**3
+    gpus = [FakeGpu("NVIDIA H100 80GB HBM3", 80 * gib, 30 * gib, procs=[(1, 20 * gib)]),
+            FakeGpu("NVIDIA H100 80GB HBM3", 80 * gib, 2 * gib)]
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_nvml(gpus))
+    terminal(width)
+    code, out, err = run_cli("gpus")
+    assert code == 0, err
+    lines = _lines(out)
+    assert all(len(line) <= width for line in lines), out
+    header = next(line for line in lines if line.startswith("GPU  "))
+    assert header.split()[:2] == ["GPU", "NAME"]
+    assert any(line.split()[:2] == ["1", "NVIDIA"] for line in lines)  # each GPU has a row
+    procs = lines[lines.index(next(x for x in lines if "SERVER" in x)):]
+    assert "foreign" in "\n".join(procs)  # pid 1 is no server of ours, shown whole
+    if width >= 160:
+        assert "UUID" in header and "\u2026" not in out
+
+
+def test_no_gpu_message_wraps_at_words(terminal, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from tests.test_gpu_info import make_fake_nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_nvml(
+        [], init_error="NVML Shared Library Not Found on this rather long explanation"))
+    terminal(60)
+    code, out, _ = run_cli("gpus")
+    assert code == 0
+    assert all(len(line) <= 60 for line in _lines(out)), out
+    assert "serves without a GPU." in re.sub(r"\s+", " ", out)
