@@ -126,10 +126,10 @@ def test_ctrl_c_message_and_try_line_fit_80_columns(
     from cmw_vllm.server_manager import ServerManager
 
     terminal(80)
-    code, out, _ = run_cli("start", str(model_dir), "--name", "qwen3-embedding-0.6b-long-name",
-                           "--served-model-name", "Qwen/Qwen3-Embedding-0.6B", "--port",
-                           str(free_port()))
-    assert code == 0
+    code, out, err = run_cli("start", str(model_dir), "--name", "qwen3-embedding-0.6b-long-name",
+                             "--served-model-name", "Qwen/Qwen3-Embedding-0.6B", "--port",
+                             str(free_port()))
+    assert code == 0, err
     try_block = out[out.index("Try:"):]
     assert all(len(line) <= 80 for line in _lines(try_block)), try_block
     assert try_block.rstrip().endswith("}'")  # the whole command, one argument per line
@@ -149,9 +149,9 @@ def test_ctrl_c_message_and_try_line_fit_80_columns(
 def test_try_line_is_a_working_shell_command(fake_engine: Path, model_dir: Path) -> None:
     import subprocess
 
-    code, out, _ = run_cli("start", str(model_dir), "--name", "curlme", "--port",
-                           str(free_port()))
-    assert code == 0
+    code, out, err = run_cli("start", str(model_dir), "--name", "curlme", "--port",
+                             str(free_port()))
+    assert code == 0, err
     command = out[out.index("Try:") + len("Try:"):].strip()
     command = command.replace("curl ", "curl -sS --fail ", 1)
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
