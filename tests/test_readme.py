@@ -163,6 +163,8 @@ def _mode(args: list[str]) -> tuple[str, str]:
         return "dry", "the registry's models need a GPU and a Hub download"
     if command in ("download", "verify", "estimate") and not _is_local(str(target)):
         return "parse", "needs the Hugging Face Hub"
+    if command == "ray":
+        return "parse", "needs Ray and other machines (tests/test_ray_real.py runs it)"
     return "run", "the stand-in engine does it"
 
 
@@ -316,3 +318,13 @@ def test_readme_status_json_keys_are_the_real_ones(fake_engine: Path, model_dir:
     server = json.loads(CliRunner().invoke(cli, ["status", "--json"]).stdout)["servers"][0]
     keys = set(server) | set(server.get("load") or {})
     assert keys <= documented, f"README lacks {sorted(keys - documented)}"
+
+
+def test_readme_names_the_tasks_that_test_and_start_accept() -> None:
+    from cmw_vllm.vocab import TASKS
+
+    text = README.read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| `test NAME"))
+    assert set(re.findall(r"`(\w+)`", row)) >= set(TASKS), row
+    for task in re.findall(r"--task[ =]([a-z]\w*)", text):  # not the placeholder T
+        assert task in TASKS, f"README: --task {task} is not one of {TASKS}"
