@@ -20,8 +20,10 @@ without touching this file. What each kind of example gets:
   ``python bench/...`` scripts must exist and answer ``--help``; ``pip install`` is skipped
   (it would change the test environment). Other programs are left alone.
 - File examples: a ```` ```toml ```` block is a ``models.toml``; it must load and its
-  aliases appear in ``cmw-vllm list``. A fenced block in another language fails until this
-  file learns how to check it.
+  aliases appear in ``cmw-vllm list``. ``ini``/``systemd`` blocks must parse as unit files,
+  ``json`` as JSON, ``dotenv`` as ``KEY=value`` lines; ``text``/``console`` blocks are
+  output and not run. A fenced block in another language fails until this file learns how
+  to check it.
 """
 
 from __future__ import annotations
@@ -99,8 +101,9 @@ def shell_lines(block: Block) -> list[tuple[int, str]]:
 
 
 BLOCKS = code_blocks(README.read_text(encoding="utf-8"))
-SHELL_BLOCKS = [b for b in BLOCKS if b.lang in (None, "", "sh", "bash", "console", "shell")]
-FILE_BLOCKS = [b for b in BLOCKS if b not in SHELL_BLOCKS]
+SHELL_BLOCKS = [b for b in BLOCKS if b.lang in (None, "", "sh", "bash", "shell")]
+OUTPUT_LANGS = ("text", "console", "output")  # what a command prints: nothing to run
+FILE_BLOCKS = [b for b in BLOCKS if b not in SHELL_BLOCKS and b.lang not in OUTPUT_LANGS]
 
 
 @dataclass
@@ -292,8 +295,46 @@ def test_readme_other_command(line: int, words: list[str]) -> None:
 
 @pytest.mark.parametrize("block", FILE_BLOCKS, ids=lambda b: f"L{b.line}: {b.lang}")
 def test_readme_file_example(block: Block, isolated_home: Path) -> None:
+    check_file_example(block, isolated_home)
+
+
+def test_file_example_checks_catch_broken_files(isolated_home: Path) -> None:
+    import configparser
+
+    check_file_example(Block(1, "ini", "[Service]\nExecStart=x\nEnvironment=A=1\n"
+                                       "Environment=B=2"), isolated_home)
+    with pytest.raises(configparser.Error):
+        check_file_example(Block(1, "ini", "ExecStart=x"), isolated_home)
+    with pytest.raises(json.JSONDecodeError):
+        check_file_example(Block(1, "json", "{'a': 1}"), isolated_home)
+    with pytest.raises(AssertionError):
+        check_file_example(Block(1, "dotenv", "HF_HOME = /x"), isolated_home)
+    with pytest.raises(AssertionError):  # an alias that does not load
+        check_file_example(Block(1, "toml", "[models.x]\nport = 'no'"), isolated_home)
+    with pytest.raises(pytest.fail.Exception):
+        check_file_example(Block(1, "yaml", "a: 1"), isolated_home)
+
+
+def check_file_example(block: Block, isolated_home: Path) -> None:
+    """Parse one file example by its language (see the module docstring)."""
+    if block.lang in ("ini", "systemd"):  # a unit file: sections of key=value lines
+        import configparser
+
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        parser.read_string(block.text)
+        assert parser.sections(), f"README line {block.line}: no [section]"
+        return
+    if block.lang == "json":
+        json.loads(block.text)
+        return
+    if block.lang in ("dotenv", "env"):
+        for line in block.text.splitlines():
+            assert not line.strip() or line.lstrip().startswith("#") or re.fullmatch(
+                r"\s*(export\s+)?[A-Za-z_][A-Za-z0-9_]*=.*", line), line
+        return
     if block.lang != "toml":
-        pytest.fail(f"README line {block.line}: no check for ```{block.lang} blocks yet")
+        pytest.fail(f"README line {block.line}: no check for ```{block.lang} blocks yet; "
+                    "add one to tests/test_readme.py (test_readme_file_example)")
     import tomllib
 
     aliases = set(tomllib.loads(block.text).get("models", {}))
