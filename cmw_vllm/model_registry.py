@@ -284,6 +284,8 @@ class ModelEntry(BaseModel):
         hf_overrides: JSON object passed as ``--hf-overrides``.
         trust_remote_code: Run the repository's own Python code (``--trust-remote-code``).
         extra_args: Further ``vllm serve`` flags, checked against vLLM 0.32.0's list.
+        idle_timeout: Seconds the gateway lets a server it started sit idle before stopping
+            it (0 never); None uses the gateway's ``--idle-timeout``.
         source: ``built-in`` or the models file the entry (or its override) came from.
     """
 
@@ -308,6 +310,7 @@ class ModelEntry(BaseModel):
     hf_overrides: dict[str, Any] | None = None
     trust_remote_code: bool = False
     extra_args: list[str] = Field(default_factory=list)
+    idle_timeout: float | None = Field(None, ge=0)
     source: str = BUILTIN_SOURCE
 
     @field_validator("alias")

@@ -39,7 +39,7 @@ def test_unknown_command_is_a_usage_error() -> None:
 
 
 HEAVY = ["huggingface_hub", "rich", "pynvml", "requests", "pydantic", "vllm", "torch",
-         "httpx", "httpx2", "filelock", "dotenv", "psutil"]
+         "httpx", "httpx2", "filelock", "dotenv", "psutil", "aiohttp"]
 
 
 def _imported_by(args: list[str], env_extra: dict[str, str], tmp_path) -> set[str]:
