@@ -9,7 +9,7 @@ without touching this file. What each kind of example gets:
     that needs no real model (``status``, ``stop``, ``restart``, ``logs``, ``list``,
     ``gpus``, ``disk``, ``setup``, ``start ./DIR``, ``--help``). Servers an example names
     are started first on the stand-in, ports are swapped for free ones (the machine is
-    shared), ``--watch`` and ``-f`` get Ctrl-C after a second (exit 130).
+    shared; defaults too), ``--watch`` and ``-f`` get Ctrl-C after a second (exit 130).
   - **dry-checked** where a real model is needed: ``start`` of a registry alias or Hub id
     (the built-in models need a GPU and a Hub download). The alias must exist and the
     ``vllm serve`` command line it resolves to must use only flags vLLM 0.32 knows.
@@ -179,11 +179,15 @@ def _server_names(args: list[str]) -> list[str]:
 
 
 def _swap_ports(args: list[str]) -> list[str]:
-    out = list(args)
+    """Free ports for the README's (the machine is shared), also where a default applies."""
+    split = args.index("--") if "--" in args else len(args)
+    out = list(args[:split])
     for i, word in enumerate(out[:-1]):
-        if word == "--port" and "--" not in out[:i]:
+        if word == "--port":
             out[i + 1] = str(free_port())
-    return out
+    if out[0] in ("start", "gateway") and "--port" not in out and "--help" not in out:
+        out += ["--port", str(free_port())]
+    return out + list(args[split:])
 
 
 @pytest.fixture
@@ -202,8 +206,11 @@ def _ensure_running(name: str, model: Path) -> None:
 
     if name in record_names() and ServerManager().get_status(name).running:
         return
-    result = CliRunner().invoke(cli, ["start", str(model), "--name", name, "--port",
-                                      str(free_port())])
+    if name == "gateway":  # the gateway's default name: `stop gateway` stops a gateway
+        args = ["gateway", "-d", "--port", str(free_port())]
+    else:
+        args = ["start", str(model), "--name", name, "--port", str(free_port())]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
 
 
