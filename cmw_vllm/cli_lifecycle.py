@@ -39,6 +39,9 @@ _STATE_EXIT = {
     "exited": EXIT_FAILURE,
     "stale": EXIT_FAILURE,
     "invalid": EXIT_FAILURE,
+    "draining": EXIT_FAILURE,
+    "restarting": EXIT_STARTING,
+    "failed": EXIT_FAILURE,
 }
 _EXIT_RANK = {EXIT_OK: 0, EXIT_STARTING: 1, EXIT_FAILURE: 2}
 
@@ -219,6 +222,16 @@ def _run_start(start: Any, name: str, quiet: bool) -> tuple[StartResult, float]:
               help="Extra environment variable for vLLM (repeatable; kept for restart).")
 @click.option("--task", type=click.Choice(["generate", "embed", "score", "classify"]),
               help="What the model does (default: from the registry, else generate).")
+@click.option("--drain", type=click.IntRange(min=0), metavar="SECONDS",
+              help="How long stop/restart let requests in flight finish (default 30, env "
+              "CMW_VLLM_DRAIN_TIMEOUT; 0 aborts them).")
+@click.option("--restart", "restart_policy", type=click.Choice(["no", "on-failure", "always"]),
+              help="Restart after a crash (default no, env CMW_VLLM_RESTART).")
+@click.option("-f", "--foreground", is_flag=True,
+              help="Run under this process: vLLM's output here and in the log; SIGTERM or "
+              "Ctrl-C drains and stops; exits with vLLM's exit code.")
+@click.option("--saved", is_flag=True,
+              help="Use the settings `cmw-vllm enable NAME` saved (what its unit runs).")
 @click.option("--no-wait", is_flag=True, help="Return right after launching.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for readiness (default 1800, env CMW_VLLM_START_TIMEOUT).")
@@ -242,6 +255,10 @@ def start(
     served_model_name: str | None,
     env_pairs: tuple[str, ...],
     task: str | None,
+    drain: int | None,
+    restart_policy: str | None,
+    foreground: bool,
+    saved: bool,
     no_wait: bool,
     timeout: float | None,
     force: bool,
@@ -260,28 +277,39 @@ def start(
       cmw-vllm start Qwen/Qwen3-0.6B --name small --port 8010 --max-model-len 8192
       cmw-vllm start ./tiny-model --dtype float32 -- --enforce-eager
       cmw-vllm start qwen --gpus 1 --no-wait
+      cmw-vllm start qwen --restart on-failure --drain 120
+      cmw-vllm start qwen --foreground
     """
     from cmw_vllm.server_manager import ServerManager
 
-    config = _build_config(
-        target,
-        {
-            "name": name,
-            "host": host,
-            "port": _parse_port(port),
-            "tensor_parallel_size": tensor_parallel_size,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "max_model_len": max_model_len,
-            "dtype": dtype,
-            "gpus": gpus,
-            "served_model_name": served_model_name,
-            "task": task,
-            "env": _parse_env(env_pairs),
-        },
-        vllm_args,
-    )
+    options = {
+        "name": name,
+        "host": host,
+        "port": _parse_port(port),
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_model_len": max_model_len,
+        "dtype": dtype,
+        "gpus": gpus,
+        "served_model_name": served_model_name,
+        "task": task,
+        "env": _parse_env(env_pairs),
+        "drain": drain,
+        "restart": restart_policy,
+    }
+    if saved:
+        from cmw_vllm.systemd_unit import load_definition
+
+        config = load_definition(target, options, vllm_args)
+    else:
+        config = _build_config(target, options, vllm_args)
     _warn_exposed(config.host)
     manager = ServerManager()
+    if foreground:
+        if no_wait or run_test or as_json:
+            raise UsageError("--foreground does not go with --no-wait, --test or --json")
+        _run_foreground(manager, config, auto_port, force)
+        return
 
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
@@ -318,19 +346,28 @@ def start(
 @click.command()
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @click.option("--all", "stop_all", is_flag=True, help="Stop every managed server.")
+@click.option("--drain", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Let requests in flight finish for at most this long (default: the "
+              "server's --drain, which is also the most it can be).")
+@click.option("--now", is_flag=True, help="Abort requests in flight: SIGKILL at once.")
 @click.option("--timeout", type=click.FloatRange(min=0),
-              help="Seconds between SIGTERM and SIGKILL (default 30, env "
-              "CMW_VLLM_STOP_TIMEOUT).")
+              help="Seconds vLLM gets to exit after the drain before SIGKILL (default 30, "
+              "env CMW_VLLM_STOP_TIMEOUT).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json: bool) -> None:
-    """Stop servers: SIGTERM, then SIGKILL of everything left of them after --timeout.
+def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
+         timeout: float | None, as_json: bool) -> None:
+    """Stop servers: requests in flight finish (the drain), then nothing of them is left.
 
-    Stopping a server that is not running says so and exits 0.
+    SIGTERM goes to the API server, which stops taking requests and lets those in flight
+    finish for up to the drain; whatever is left after the drain plus --timeout gets
+    SIGKILL. `status` says `draining` meanwhile. Stopping a server that is not running
+    says so and exits 0.
 
     \b
     Examples:
       cmw-vllm stop qwen
-      cmw-vllm stop --all --timeout 10
+      cmw-vllm stop qwen --drain 5
+      cmw-vllm stop --all --now
     """
     from cmw_vllm.server_manager import ServerManager, record_names
 
@@ -340,7 +377,9 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
         raise UsageError("name a server to stop, or pass --all")
     manager = ServerManager()
     targets = record_names() if stop_all else list(names)
-    results = [manager.stop(n, timeout=timeout) for n in targets]
+    if now and drain is not None:
+        raise UsageError("--now and --drain don't go together")
+    results = [manager.stop(n, timeout=timeout, drain=drain, now=now) for n in targets]
     if as_json:
         echo_json(
             [
@@ -373,28 +412,47 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
 
 @click.command()
 @click.argument("name")
+@click.option("--drain", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Let requests in flight finish for at most this long (default: the "
+              "server's --drain).")
 @click.option("--no-wait", is_flag=True, help="Return right after launching.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for readiness.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> None:
-    """Restart a server with the settings it was started with.
+def restart(name: str, drain: float | None, no_wait: bool, timeout: float | None,
+            as_json: bool) -> None:
+    """Restart a server with the settings it was started with, draining it first.
 
     The previous log is kept as NAME.log.1 beside the new one.
 
     \b
     Examples:
       cmw-vllm restart qwen
+      cmw-vllm restart qwen --drain 10
     """
     from cmw_vllm.server_manager import ServerManager
 
     manager = ServerManager()
 
     def do_restart(on_progress: Any) -> StartResult:
-        return manager.restart(name, wait=not no_wait, timeout=timeout, on_progress=on_progress)
+        return manager.restart(name, wait=not no_wait, timeout=timeout, on_progress=on_progress,
+                               drain=drain)
 
     result, elapsed = _run_start(do_restart, name, quiet=as_json or no_wait)
     _report_start(result, as_json, elapsed)
+
+
+def _run_foreground(manager: Any, config: Any, auto_port: bool, force: bool) -> None:
+    """Launch under this process and supervise until stopped; exit with its status."""
+    from cmw_vllm.server_manager import launch_env
+    from cmw_vllm.supervisor import run_foreground
+
+    result = manager.start(config, auto_port=auto_port, check_resources=not force,
+                           foreground=True)
+    record = result.record
+    echo_err(f"Serving {result.name!r} in the foreground (vLLM pid {record.pid}, "
+             f"{record.base_url}); SIGTERM or Ctrl-C drains and stops it.")
+    raise SystemExit(run_foreground(result.name, result.process, launch_env(config)))
 
 
 def _status_exit_code(statuses: list[ServerStatus]) -> int:
@@ -444,6 +502,21 @@ def _collect_status(
     return statuses, code, loads
 
 
+def _state_cell(st: ServerStatus) -> str:
+    """The STATE column: the state, with the exit code, drain left or next restart."""
+    rec = st.record
+    if st.state in ("exited", "failed") and st.returncode is not None:
+        return f"{st.state} ({st.returncode})"
+    if st.state == "draining":
+        left = st.to_json()["drain_left_s"]
+        return f"draining ({left:.0f}s left)" if left is not None else "draining"
+    if st.state == "restarting" and rec is not None and rec.next_restart_at is not None:
+        return f"restarting (in {max(0.0, rec.next_restart_at - time.time()):.0f}s)"
+    if rec is not None and rec.restart_count and st.running:
+        return f"{st.state} ({rec.restart_count}x restarted)"
+    return st.state
+
+
 def _status_rows(
     statuses: list[ServerStatus], loads: dict[str, dict[str, Any]]
 ) -> tuple[list[str], list[list[str]]]:
@@ -453,9 +526,7 @@ def _status_rows(
     rows = []
     for st in statuses:
         rec = st.record
-        state = st.state
-        if st.state == "exited" and st.returncode is not None:
-            state = f"exited ({st.returncode})"
+        state = _state_cell(st)
         rows.append(
             [
                 st.name,
@@ -515,10 +586,12 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     tokens per second since the previous `status` (from vLLM's /metrics).
 
     \b
-    States: starting, healthy, unhealthy (alive, /health failing), exited, stale (the pid
-    now belongs to another process), invalid (unreadable record).
-    Exit codes: 0 all healthy; 1 some unhealthy, exited, stale or invalid; 3 no such
-    server / none managed; 4 some still starting (worst wins).
+    States: starting, healthy, unhealthy (alive, /health failing), draining (stopping:
+    requests in flight finish), restarting (crashed; relaunched after a backoff), failed
+    (crashed too often; gave up), exited, stale (the pid now belongs to another process),
+    invalid (unreadable record).
+    Exit codes: 0 all healthy; 1 some unhealthy, draining, failed, exited, stale or
+    invalid; 3 no such server / none managed; 4 some starting or restarting (worst wins).
 
     \b
     Examples:
@@ -549,7 +622,7 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         columns, rows = _status_rows(statuses, loads)
         print_table(columns, rows)
         for st in statuses:
-            if st.error and st.state in ("exited", "stale", "invalid"):
+            if st.error and st.state in ("exited", "failed", "stale", "invalid"):
                 echo_err(f"{st.name}: {st.error}")
             if st.orphans:
                 echo_err(f"{st.name}: processes left behind: "

@@ -21,6 +21,9 @@ DEFAULT_PORT = 8000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 Dtype = Literal["auto", "float16", "bfloat16", "float32", "half", "float"]
 Task = Literal["generate", "embed", "score", "classify"]
+RestartPolicy = Literal["no", "on-failure", "always"]
+# Seconds in-flight requests get to finish on stop (vLLM's --shutdown-timeout); see README.
+DEFAULT_DRAIN = 30
 
 # Flags that cmw-vllm sets itself from ServerConfig fields; extra args must not repeat them.
 MANAGED_FLAGS = {
@@ -34,6 +37,7 @@ MANAGED_FLAGS = {
     "--dtype",
     "--api-key",
     "--served-model-name",
+    "--shutdown-timeout",
 }
 
 # Option names shown in errors, per field.
@@ -51,6 +55,8 @@ OPTION_NAMES = {
     "vllm_args": "extra vLLM flags",
     "env": "env",
     "served_model_name": "--served-model-name",
+    "drain": "--drain",
+    "restart": "--restart",
 }
 
 
@@ -94,6 +100,8 @@ class ServerConfig(BaseModel):
     task: Task = "generate"
     vllm_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    drain: int = Field(DEFAULT_DRAIN, ge=0, le=86400)
+    restart: RestartPolicy = "no"
 
     @field_validator("name")
     @classmethod
@@ -131,6 +139,8 @@ class ServerConfig(BaseModel):
             if flag in MANAGED_FLAGS:
                 if flag == "--api-key":
                     raise ValueError("pass the API key in VLLM_API_KEY, not on the command line")
+                if flag == "--shutdown-timeout":
+                    raise ValueError("--shutdown-timeout is set by cmw-vllm; use --drain")
                 raise ValueError(f"{flag} is set by cmw-vllm; use its own option instead")
         return value
 
@@ -160,6 +170,8 @@ class ServerConfig(BaseModel):
             args += ["--max-model-len", str(self.max_model_len)]
         if self.dtype != "auto":
             args += ["--dtype", self.dtype]
+        if self.drain:
+            args += ["--shutdown-timeout", str(self.drain)]
         return args + self._task_args() + list(self.vllm_args)
 
     def _task_args(self) -> list[str]:
@@ -250,7 +262,7 @@ def resolve_server_config(
     values["vllm_args"] = vllm_args
     if not values.get("name"):
         values["name"] = name_from_model(model)
-    for key in ("port", "tensor_parallel_size", "max_model_len"):
+    for key in ("port", "tensor_parallel_size", "max_model_len", "drain"):
         if isinstance(values.get(key), str):
             try:
                 values[key] = int(values[key])

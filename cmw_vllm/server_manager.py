@@ -6,7 +6,11 @@ State lives in the state dir (see :mod:`cmw_vllm.paths`):
   atomically under a per-name lock;
 - ``servers/NAME.pid``: the vLLM API server's pid alone (``kill $(cat ...)``, ``PIDFile=``);
 - ``servers/NAME.exit``: how the server ended, written by :mod:`cmw_vllm.supervisor`;
-- ``logs/NAME.log``: vLLM's output (the previous run's log is kept as ``NAME.log.1``).
+- ``logs/NAME.log``: vLLM's output of the current run (earlier runs are kept as
+  ``NAME.log.1`` (the latest) to ``NAME.log.5``).
+
+vLLM runs in a session of its own (its process group id is its pid), under a supervisor
+(:mod:`cmw_vllm.supervisor`) that records each exit and applies the restart policy.
 
 A process is ours only when its pid, create time and command line match the record; the
 engine's children (EngineCore, workers) are found by the process group the server was
@@ -56,6 +60,12 @@ UNHEALTHY = "unhealthy"
 EXITED = "exited"
 STALE = "stale"
 INVALID = "invalid"
+DRAINING = "draining"  # stop asked; in-flight requests finish (/health still says 200)
+RESTARTING = "restarting"  # crashed; the supervisor relaunches it after a backoff
+FAILED = "failed"  # crashed too often; the supervisor gave up
+# States in which the server's supervisor or vLLM process is alive.
+LIVE_STATES = (RUNNING, STARTING, HEALTHY, UNHEALTHY, DRAINING, RESTARTING)
+LOG_KEEP = 5  # rotated logs of earlier runs: NAME.log.1 .. NAME.log.5
 
 
 @dataclass
@@ -80,6 +90,33 @@ class ServerRecord:
     config: dict[str, Any]
     ready_at: float | None = None
     format: int = RECORD_FORMAT
+    foreground: bool = False
+    restart_count: int = 0
+    last_exit_code: int | None = None
+    last_exit_at: float | None = None
+    next_restart_at: float | None = None
+    failed_at: float | None = None
+    stop_requested_at: float | None = None
+    drain_until: float | None = None
+    kill_at: float | None = None
+    # Timestamps of the last automatic restart: exit, exit seen, leftovers gone, relaunched.
+    restart_timing: dict[str, float] | None = None
+
+    @property
+    def drain(self) -> int:
+        """Seconds vLLM was launched to drain for (its ``--shutdown-timeout``)."""
+        value = self.config.get("drain", 0)
+        return int(value) if isinstance(value, (int, float)) else 0
+
+    @property
+    def restart_policy(self) -> str:
+        """``no``, ``on-failure`` or ``always``."""
+        return str(self.config.get("restart") or "no")
+
+    @property
+    def group_time(self) -> float:
+        """Create time of the process that leads the server's process group."""
+        return self.create_time if self.pgid == self.pid else self.supervisor_create_time
 
     @classmethod
     def from_json(cls, data: Any) -> ServerRecord:
@@ -93,10 +130,12 @@ class ServerRecord:
         fmt = data.get("format")
         if fmt != RECORD_FORMAT:
             raise ValueError(f"record format {fmt!r} is not {RECORD_FORMAT} (older cmw-vllm?)")
+        from dataclasses import MISSING
+
         kwargs: dict[str, Any] = {}
         for f in cls.__dataclass_fields__.values():
             if f.name not in data:
-                if f.name in ("ready_at", "format"):
+                if f.default is not MISSING or f.default_factory is not MISSING:
                     continue
                 raise ValueError(f"missing field {f.name!r}")
             kwargs[f.name] = data[f.name]
@@ -124,8 +163,8 @@ class ServerStatus:
 
     @property
     def running(self) -> bool:
-        """True when the server's process is alive (starting, healthy or unhealthy)."""
-        return self.state in (RUNNING, STARTING, HEALTHY, UNHEALTHY)
+        """True when the server is alive or being kept alive (restarting, draining)."""
+        return self.state in LIVE_STATES
 
     def to_json(self) -> dict[str, Any]:
         """Stable JSON shape for ``status --json``."""
@@ -146,9 +185,29 @@ class ServerStatus:
             "orphan_pids": self.orphans,
             "log": rec.log_path if rec else None,
             "error": self.error,
+            "restart_policy": rec.restart_policy if rec else None,
+            "restarts": rec.restart_count if rec else None,
+            "last_exit_code": rec.last_exit_code if rec else None,
+            "last_exit_at": rec.last_exit_at if rec else None,
+            "next_restart_at": rec.next_restart_at if self.state == RESTARTING and rec else None,
+            "drain_left_s": self._drain_left(),
+            "enabled": _enabled_scope(self.name),
+            "log_tail": self.log_tail if self.state in (EXITED, FAILED) else None,
         }
         out.update(self.extra)
         return out
+
+    def _drain_left(self) -> float | None:
+        rec = self.record
+        if self.state != DRAINING or rec is None or rec.drain_until is None:
+            return None
+        return round(max(0.0, rec.drain_until - time.time()), 1)
+
+
+def _enabled_scope(name: str) -> str | None:
+    from cmw_vllm.systemd_unit import enabled_scope
+
+    return enabled_scope(name)
 
 
 @dataclass
@@ -161,6 +220,7 @@ class StartResult:
     ready: bool
     port_changed_from: int | None = None
     ready_after_s: float | None = None
+    process: Any = None  # foreground: the vLLM subprocess.Popen this process must supervise
 
 
 @dataclass
@@ -266,7 +326,88 @@ def _read_exit(name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+@contextlib.contextmanager
+def _record_lock(name: str) -> Iterator[None]:
+    """Serialise read-modify-write of one record (the CLI and the supervisor both update it).
+
+    Unlike :func:`_name_lock` it is held only for a moment, never across a stop or a start.
+    """
+    from filelock import FileLock
+
+    paths.ensure_dir(paths.locks_dir())
+    lock_file = paths.locks_dir() / f"{name}.record.lock"
+    if lock_file.is_symlink():
+        raise EnvironmentProblem(f"{lock_file} is a symlink; refusing to use it")
+    with FileLock(str(lock_file), timeout=30, mode=0o600):
+        yield
+
+
+def save_record(record: ServerRecord) -> None:
+    """Write the record and the PID file (atomically, 0600)."""
+    paths.write_private(_record_path(record.name),
+                        json.dumps(asdict(record), indent=2) + "\n", fsync=True)
+    paths.write_private(_pid_path(record.name), f"{record.pid}\n", fsync=True)
+
+
+def update_record(name: str, supervisor_pid: int, **changes: Any) -> ServerRecord | None:
+    """Change fields of the record of ``name`` if it still belongs to ``supervisor_pid``.
+
+    Returns:
+        The updated record, or None when the record is gone or belongs to another run.
+    """
+    with _record_lock(name):
+        try:
+            record = read_record(name)
+        except ValueError:
+            return None
+        if record is None or record.supervisor_pid != supervisor_pid:
+            return None
+        for key, value in changes.items():
+            setattr(record, key, value)
+        save_record(record)
+        return record
+
+
+def rotate_log(log_file: Path, keep: int = LOG_KEEP) -> None:
+    """Shift ``NAME.log`` to ``NAME.log.1`` (``.1`` to ``.2``, ...), keeping ``keep`` of them.
+
+    Raises:
+        EnvironmentProblem: The log is a symlink (never written through).
+    """
+    if log_file.is_symlink():
+        raise EnvironmentProblem(f"{log_file} is a symlink; refusing to write through it")
+    for i in range(keep - 1, 0, -1):
+        older = log_file.with_name(f"{log_file.name}.{i}")
+        if older.exists() and not older.is_symlink():
+            os.replace(older, log_file.with_name(f"{log_file.name}.{i + 1}"))
+    if log_file.exists():
+        os.replace(log_file, log_file.with_name(log_file.name + ".1"))
+
+
+def open_log(log_file: Path) -> int:
+    """Open a fresh log file for writing (0600, never through a symlink); returns the fd.
+
+    Raises:
+        EnvironmentProblem: The file cannot be created.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(log_file, flags, 0o600)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot write {log_file}: {exc.strerror or exc}") from exc
+
+
 # --------------------------------------------------------------------------- processes
+
+
+def supervisor_process(record: ServerRecord) -> psutil.Process | None:
+    """The server's supervisor (pid and create time match), or None when it is gone.
+
+    None as well when the supervisor is this very process (a foreground server).
+    """
+    if record.supervisor_pid == os.getpid():
+        return None
+    return _process(record.supervisor_pid, record.supervisor_create_time)
 
 
 def _process(pid: int, create_time: float) -> psutil.Process | None:
@@ -306,9 +447,9 @@ def group_members(record: ServerRecord) -> list[psutil.Process]:
     EngineCore and workers stay in the group (and the session) the server was started in,
     even when the API server was killed and they were re-parented: that is how orphans are
     found. The group counts as ours only when the record postdates the last boot, the group
-    leader is either gone or is our supervisor (same create time), and each member was
-    created after the supervisor, is in the supervisor's session, and is not this process or
-    one of its ancestors. Anything else is a reused id and is left alone.
+    leader is either gone or is the process that began the group (the API server; same
+    create time), and each member was created after it, is in its session, and is not this
+    process or one of its ancestors. Anything else is a reused id and is left alone.
     """
     import psutil
 
@@ -320,11 +461,11 @@ def group_members(record: ServerRecord) -> list[psutil.Process]:
             return [proc, *proc.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
-    if record.supervisor_create_time < psutil.boot_time():
+    if record.group_time < psutil.boot_time():
         return []
     try:
         leader = psutil.Process(record.pgid)
-        if abs(leader.create_time() - record.supervisor_create_time) > 0.05:
+        if abs(leader.create_time() - record.group_time) > 0.05:
             return []  # the group id now belongs to a process started later
     except psutil.NoSuchProcess:
         pass
@@ -342,7 +483,7 @@ def group_members(record: ServerRecord) -> list[psutil.Process]:
         if info.get("status") == psutil.STATUS_ZOMBIE:
             continue
         created = info.get("create_time") or 0.0
-        if created + 0.05 < record.supervisor_create_time:
+        if created + 0.05 < record.group_time:
             continue
         members.append(proc)
     return members
@@ -422,6 +563,16 @@ def port_is_free(host: str, port: int) -> bool:
             return False
     # vLLM binds with SO_REUSEADDR long before it listens: look for bound sockets too.
     return describe_port_holder(host, port) is None
+
+
+def launch_env(config: ServerConfig) -> dict[str, str]:
+    """The environment vLLM runs with: ours, plus the server's ``env`` and GPUs."""
+    env = dict(os.environ)
+    env.update(config.env)
+    if config.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = config.gpus
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
 
 
 # --------------------------------------------------------------------------- manager
@@ -518,23 +669,33 @@ class ServerManager:
         if proc is not None:
             return ServerStatus(
                 name=name,
-                state=RUNNING,
+                state=DRAINING if record.stop_requested_at is not None else RUNNING,
                 record=record,
                 pid=record.pid,
                 uptime=time.time() - record.started_at,
             )
         status = ServerStatus(name=name, state=EXITED, record=record, pid=record.pid)
-        orphans = [p.pid for p in group_members(record)]
-        status.orphans = orphans
         exit_info = _read_exit(name)
         if exit_info is not None and exit_info.get("pid") == record.pid:
             status.returncode = exit_info.get("returncode")
-        elif self._pid_alive(record.pid):
+        supervised = record.failed_at is None and supervisor_process(record) is not None
+        if supervised and record.stop_requested_at is not None:
+            status.state = DRAINING  # vLLM is gone; its supervisor is finishing the stop
+            return status
+        if supervised and record.next_restart_at is not None:
+            status.state = RESTARTING
+            status.returncode = record.last_exit_code
+            return status
+        status.orphans = [p.pid for p in group_members(record)]
+        if record.failed_at is not None:
+            status.state = FAILED
+            status.returncode = record.last_exit_code
+        elif status.returncode is None and self._pid_alive(record.pid):
             status.state = STALE
             status.error = f"pid {record.pid} now belongs to another process"
         from cmw_vllm.vllm_engine import diagnose, tail_lines
 
-        if status.state == EXITED:
+        if status.state in (EXITED, FAILED):
             status.log_tail = tail_lines(Path(record.log_path), 10)
             status.error = diagnose("\n".join(tail_lines(Path(record.log_path), 200)))
         return status
@@ -556,6 +717,7 @@ class ServerManager:
         auto_port: bool = False,
         on_progress: ProgressCallback | None = None,
         check_resources: bool = True,
+        foreground: bool = False,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -567,6 +729,9 @@ class ServerManager:
             on_progress: Called with (phase, elapsed seconds) while waiting.
             check_resources: Refuse before launching when the model cannot fit the GPU (or,
                 on the CPU build, RAM); see :func:`cmw_vllm.memory_estimate.preflight`.
+            foreground: Launch vLLM as a child of this process, output to a pipe, and return
+                at once with ``result.process`` set; the caller supervises it
+                (:func:`cmw_vllm.supervisor.run_foreground`). A running server is a conflict.
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
@@ -581,16 +746,14 @@ class ServerManager:
         for d in (paths.state_dir(), paths.servers_dir(), paths.logs_dir()):
             paths.ensure_dir(d)
         port_changed_from = None
+        process = None
         with _name_lock(config.name):
             existing = self._observe(config.name)
             if existing.running and existing.record is not None:
-                if existing.record.model != config.model:
-                    raise ConflictError(
-                        f"server {config.name!r} already runs {existing.record.model}",
-                        hint=f"stop it first (cmw-vllm stop {config.name}) or use --name",
-                    )
+                self._check_joinable(config, existing, foreground)
                 record = existing.record
                 already = True
+                wait = wait and existing.state != RESTARTING
             else:
                 if existing.record is not None or existing.state == INVALID:
                     self._cleanup_dead(config.name, existing)
@@ -601,7 +764,7 @@ class ServerManager:
                     check = preflight(config)
                     logger.info("preflight for %s: %s %s", config.name, check.status,
                                 check.reason or "")
-                record = self._launch(config)
+                record, process = self._launch(config, foreground)
                 already = False
         result = StartResult(
             name=config.name,
@@ -609,16 +772,35 @@ class ServerManager:
             already_running=already,
             ready=False,
             port_changed_from=port_changed_from,
+            process=process,
         )
-        if wait:
+        if wait and not foreground:
             result.ready_after_s = self.wait_ready(record, timeout, on_progress)
             result.ready = True
         return result
 
+    @staticmethod
+    def _check_joinable(config: ServerConfig, existing: ServerStatus, foreground: bool) -> None:
+        """Refuse to join a running server that is another model, stopping, or wanted here."""
+        assert existing.record is not None
+        name = config.name
+        if existing.record.model != config.model:
+            raise ConflictError(
+                f"server {name!r} already runs {existing.record.model}",
+                hint=f"stop it first (cmw-vllm stop {name}) or use --name",
+            )
+        if existing.state == DRAINING:
+            raise ConflictError(f"server {name!r} is stopping; try again when it has stopped")
+        if foreground:
+            raise ConflictError(
+                f"server {name!r} already runs (pid {existing.record.pid})",
+                hint=f"stop it first (cmw-vllm stop {name}) to run it in the foreground",
+            )
+
     def _cleanup_dead(self, name: str, status: ServerStatus) -> None:
         """Remove what a dead server left: orphans of its group, its record files."""
-        if status.record is not None and status.orphans:
-            self._terminate(status.record, None, kill_timeout=5.0)
+        if status.record is not None:
+            self._kill_server(status.record, kill_timeout=5.0)
         _remove(_record_path(name), _pid_path(name), _exit_path(name))
 
     def _choose_port(
@@ -652,69 +834,37 @@ class ServerManager:
                 break
         raise ConflictError(f"no free port found from {config.port}")
 
-    def _launch(self, config: ServerConfig) -> ServerRecord:
-        import subprocess
+    def _launch(self, config: ServerConfig, foreground: bool = False) -> tuple[ServerRecord, Any]:
+        """Launch vLLM (under a supervisor process, or as our child) and write its record.
 
+        Returns:
+            The record, and in the foreground the vLLM ``Popen`` (else None).
+        """
         import psutil
 
+        from cmw_vllm.supervisor import spawn_vllm
         from cmw_vllm.vllm_engine import build_command, find_engine_python, tail_lines
 
         python = find_engine_python()
         command = build_command(python, config.model, config.vllm_cli_args())
-        env = dict(os.environ)
-        env.update(config.env)
-        if config.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = config.gpus
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = launch_env(config)
         log_file = log_path(config.name)
-        if log_file.is_symlink():
-            raise EnvironmentProblem(f"{log_file} is a symlink; refusing to write through it")
-        if log_file.exists():
-            os.replace(log_file, log_file.with_name(log_file.name + ".1"))
-        exit_file = _exit_path(config.name)
-        _remove(exit_file)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            log_fd = os.open(log_file, flags, 0o600)
-        except OSError as exc:
-            raise EnvironmentProblem(f"cannot write {log_file}: {exc.strerror or exc}") from exc
-        supervisor_cmd = [sys.executable, "-m", "cmw_vllm.supervisor", str(exit_file), "--",
-                          *command]
-        popen_kwargs: dict[str, Any] = {}
-        if IS_WINDOWS:
-            popen_kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-        else:
-            popen_kwargs["start_new_session"] = True
+        rotate_log(log_file)
+        _remove(_exit_path(config.name))
+        log_fd = open_log(log_file)
         logger.info("launching %s", " ".join(command))
+        child_proc = None
         try:
-            sup = subprocess.Popen(
-                supervisor_cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=str(paths.state_dir()),
-                close_fds=True,
-                **popen_kwargs,
-            )
+            if foreground:
+                child_proc = spawn_vllm(command, None, env)
+                child: psutil.Process | None = psutil.Process(child_proc.pid)
+                sup_pid, sup_created = os.getpid(), psutil.Process().create_time()
+            else:
+                child, sup_pid, sup_created = self._spawn_supervisor(config.name, command,
+                                                                     env, log_fd)
         finally:
             os.close(log_fd)
-        sup_proc = psutil.Process(sup.pid)
-        child = None
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            try:
-                children = sup_proc.children()
-            except psutil.NoSuchProcess:
-                children = []
-            if children:
-                child = children[0]
-                break
-            if sup.poll() is not None:
-                break
-            time.sleep(0.01)
         if child is None:
-            sup.poll()
             raise ServerStartError(
                 f"could not launch vLLM for {config.name!r}",
                 log_tail="\n".join(tail_lines(log_file, 20)),
@@ -723,9 +873,9 @@ class ServerManager:
             name=config.name,
             pid=child.pid,
             create_time=child.create_time(),
-            supervisor_pid=sup.pid,
-            supervisor_create_time=sup_proc.create_time(),
-            pgid=sup.pid,
+            supervisor_pid=sup_pid,
+            supervisor_create_time=sup_created,
+            pgid=child.pid,
             host=config.host,
             port=config.port,
             model=config.model,
@@ -736,18 +886,58 @@ class ServerManager:
             log_path=str(log_file),
             started_at=time.time(),
             config=config.model_dump(mode="json"),
+            foreground=foreground,
         )
         try:
             self._save(record)
         except CmwVllmError:
-            self._terminate(record, None, kill_timeout=5.0)
+            self._kill_server(record, kill_timeout=5.0)
             raise
-        return record
+        return record, child_proc
+
+    @staticmethod
+    def _spawn_supervisor(
+        name: str, command: list[str], env: dict[str, str], log_fd: int
+    ) -> tuple[psutil.Process | None, int, float]:
+        """Start the supervisor in a new session; return (its vLLM child, its pid, created)."""
+        import subprocess
+
+        import psutil
+
+        supervisor_cmd = [sys.executable, "-m", "cmw_vllm.supervisor", "--name", name, "--",
+                          *command]
+        popen_kwargs: dict[str, Any] = {}
+        if IS_WINDOWS:
+            popen_kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+        else:
+            popen_kwargs["start_new_session"] = True
+        sup = subprocess.Popen(
+            supervisor_cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(paths.state_dir()),
+            close_fds=True,
+            **popen_kwargs,
+        )
+        sup_proc = psutil.Process(sup.pid)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            try:
+                children = sup_proc.children()
+            except psutil.NoSuchProcess:
+                children = []
+            if children:
+                return children[0], sup.pid, sup_proc.create_time()
+            if sup.poll() is not None:
+                break
+            time.sleep(0.01)
+        sup.poll()
+        return None, sup.pid, sup_proc.create_time()
 
     def _save(self, record: ServerRecord) -> None:
-        paths.write_private(_record_path(record.name),
-                            json.dumps(asdict(record), indent=2) + "\n", fsync=True)
-        paths.write_private(_pid_path(record.name), f"{record.pid}\n", fsync=True)
+        save_record(record)
 
     def wait_ready(
         self,
@@ -827,8 +1017,9 @@ class ServerManager:
             current = None
             with contextlib.suppress(ValueError):
                 current = read_record(record.name)
-            if current is not None and current.pid == record.pid:
-                self._terminate(record, None, kill_timeout=5.0)
+            if current is not None and current.supervisor_pid == record.supervisor_pid:
+                # Also ends a supervisor that is about to relaunch it (restart policy).
+                self._kill_server(record, kill_timeout=5.0)
                 _remove(_record_path(record.name), _pid_path(record.name))
         rc_text = f" (exit code {rc})" if rc is not None else ""
         raise ServerStartError(
@@ -840,17 +1031,32 @@ class ServerManager:
     # ----------------------------------------------------------------- stop
 
     def stop(
-        self, name: str, timeout: float | None = None, kill_timeout: float = 10.0
+        self,
+        name: str,
+        timeout: float | None = None,
+        kill_timeout: float = 10.0,
+        *,
+        drain: float | None = None,
+        now: bool = False,
     ) -> StopResult:
-        """Stop server ``name``: SIGTERM, wait, SIGKILL its whole group, confirm it is gone.
+        """Stop server ``name``, letting requests in flight finish, and confirm it is gone.
 
+        The API server alone gets SIGTERM (a group-wide one would kill tensor-parallel
+        workers at once), and vLLM drains for as long as it was launched to (its
+        ``--shutdown-timeout``, the server's ``drain``) while refusing new requests; the
+        record says ``draining`` meanwhile, since ``/health`` stays 200. Whatever is left of
+        the server's group and its supervisor after the drain plus ``timeout`` gets SIGKILL.
         A process whose create time or command line does not match the record is never
         signalled; such a record is stale and is removed.
 
         Args:
             name: Server name.
-            timeout: Seconds between SIGTERM and SIGKILL (default ``CMW_VLLM_STOP_TIMEOUT``).
+            timeout: Seconds vLLM gets to exit after the drain before SIGKILL (default
+                ``CMW_VLLM_STOP_TIMEOUT``).
             kill_timeout: Seconds to wait for the processes to vanish after SIGKILL.
+            drain: Seconds requests in flight may still take (at most the server's own
+                drain); None: the server's drain.
+            now: Abort requests in flight: SIGKILL everything at once.
 
         Raises:
             CmwVllmError: Processes of the server survived SIGKILL.
@@ -859,7 +1065,7 @@ class ServerManager:
         from cmw_vllm.settings import stop_timeout
 
         validate_name(name)
-        timeout = stop_timeout() if timeout is None else timeout
+        margin = stop_timeout() if timeout is None else timeout
         begin = time.monotonic()
         with _name_lock(name):
             status = self._observe(name)
@@ -871,8 +1077,8 @@ class ServerManager:
             record = status.record
             result = StopResult(name=name, was_running=status.running,
                                 stale=status.state == STALE)
-            main = _is_ours(record)
-            forced, killed, remaining = self._terminate(record, main, timeout, kill_timeout)
+            forced, killed, remaining = self._stop_processes(record, margin, kill_timeout,
+                                                             drain, now)
             result.forced, result.killed_pids, result.remaining_pids = forced, killed, remaining
             if remaining:
                 raise CmwVllmError(
@@ -883,41 +1089,89 @@ class ServerManager:
         result.duration_s = time.monotonic() - begin
         return result
 
-    def _terminate(
+    def _stop_processes(
         self,
         record: ServerRecord,
-        main: psutil.Process | None,
-        timeout: float | None = None,
-        kill_timeout: float = 10.0,
+        margin: float,
+        kill_timeout: float,
+        drain: float | None,
+        now: bool,
     ) -> tuple[bool, list[int], list[int]]:
-        """SIGTERM the API server, then SIGKILL whatever of its group is left.
+        """Ask the supervisor and the API server to stop; SIGKILL what is left at the deadline.
 
         Returns:
             (forced, pids that got SIGKILL, pids still alive afterwards).
         """
-        members = group_members(record)
-        if main is not None and all(m.pid != main.pid for m in members):
-            members.append(main)
-        if not members:
-            return False, [], []
-        if main is not None and timeout:
-            _signal(main, signal.SIGTERM)
-            alive = _wait_gone(members, timeout)
+        main = _is_ours(record)
+        sup = supervisor_process(record)
+        if main is None or now:
+            drain_s = 0.0
         else:
-            alive = members
+            drain_s = float(record.drain if drain is None else min(drain, record.drain))
+        # Without a live API server there is nothing to drain: leftovers get SIGKILL at once,
+        # a supervisor waiting to restart gets the margin to end its loop.
+        grace = 0.0 if now or (main is None and sup is None) else drain_s + margin
+        if main is not None or sup is not None:
+            t = time.time()
+            update_record(record.name, record.supervisor_pid, stop_requested_at=t,
+                          drain_until=t + drain_s, kill_at=t + grace)
+        if not now:
+            # The supervisor forwards SIGTERM too (vLLM ignores the second one); telling it
+            # first keeps it from taking the exit for a crash, and ends a backoff wait.
+            for proc in (sup, main):
+                if proc is not None:
+                    _signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        alive = self._server_processes(record)
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = self._server_processes(record)
         if not alive:
             return False, [], []
-        killed = [p.pid for p in alive]
-        for proc in alive:
-            _signal(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
-        remaining = _wait_gone(alive, kill_timeout)
-        # Children forked between the listing and the kill: one more sweep of the group.
-        late = [p for p in group_members(record) if p.pid not in killed]
-        for proc in late:
-            _signal(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
-            killed.append(proc.pid)
-        remaining += _wait_gone(late, kill_timeout)
-        return True, killed, [p.pid for p in remaining]
+        killed, remaining = self._kill_server(record, kill_timeout)
+        return True, killed, remaining
+
+    @staticmethod
+    def _server_processes(record: ServerRecord) -> list[psutil.Process]:
+        """The live supervisor and process-group members of the server (any of its runs)."""
+        procs: dict[int, psutil.Process] = {}
+        sup = supervisor_process(record)
+        if sup is not None:
+            procs[sup.pid] = sup
+        records = [record]
+        with contextlib.suppress(ValueError):
+            current = read_record(record.name)
+            if current is not None and current.supervisor_pid == record.supervisor_pid \
+                    and current.pgid != record.pgid:
+                records.append(current)  # the supervisor relaunched it meanwhile
+        for rec in records:
+            main = _is_ours(rec)
+            for proc in group_members(rec) + ([main] if main is not None else []):
+                procs.setdefault(proc.pid, proc)
+        return list(procs.values())
+
+    def _kill_server(self, record: ServerRecord, kill_timeout: float) -> tuple[list[int], list[int]]:
+        """SIGKILL the supervisor first (so nothing is relaunched), then the server's groups.
+
+        Returns:
+            (pids that got SIGKILL, pids still alive afterwards).
+        """
+        sigkill = getattr(signal, "SIGKILL", signal.SIGTERM)
+        killed: list[int] = []
+        remaining: list[psutil.Process] = []
+        sup = supervisor_process(record)
+        if sup is not None:
+            _signal(sup, sigkill)
+            killed.append(sup.pid)
+            remaining += _wait_gone([sup], kill_timeout)
+        # Two sweeps: children forked between the listing and the kill are caught by the second.
+        for _sweep in range(2):
+            alive = [p for p in self._server_processes(record) if p.pid not in killed]
+            for proc in alive:
+                _signal(proc, sigkill)
+                killed.append(proc.pid)
+            remaining += _wait_gone(alive, kill_timeout)
+        return killed, [p.pid for p in remaining]
 
     def stop_all(self, timeout: float | None = None) -> list[StopResult]:
         """Stop every managed server."""
@@ -932,8 +1186,9 @@ class ServerManager:
         wait: bool = True,
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
+        drain: float | None = None,
     ) -> StartResult:
-        """Stop ``name`` and start it again with the settings it was started with.
+        """Stop ``name`` (draining, see :meth:`stop`) and start it again with its settings.
 
         Raises:
             NotFoundError: No record for ``name``.
@@ -953,7 +1208,7 @@ class ServerManager:
         except Exception as exc:
             raise UsageError(f"cannot restart {name!r}: stored settings are invalid ({exc})") \
                 from None
-        self.stop(name)
+        self.stop(name, drain=drain)
         # It ran with these settings before: don't let a stale estimate block the restart.
         return self.start(config, wait=wait, timeout=timeout, on_progress=on_progress,
                           check_resources=False)

@@ -22,6 +22,8 @@ SERVER_ENV_VARS = {
     "dtype": "CMW_VLLM_DTYPE",
     "tensor_parallel_size": "CMW_VLLM_TENSOR_PARALLEL_SIZE",
     "gpus": "CMW_VLLM_GPUS",
+    "drain": "CMW_VLLM_DRAIN_TIMEOUT",
+    "restart": "CMW_VLLM_RESTART",
 }
 
 _loaded = False
