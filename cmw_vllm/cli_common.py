@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from cmw_vllm.vocab import format_bytes
+
+__all__ = ["format_bytes"]  # the CLI modules import it from here with the other helpers
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -47,18 +51,6 @@ def echo_json(data: Any) -> None:
 def echo_err(message: str) -> None:
     """Print one line on stderr."""
     click.echo(message, err=True)
-
-
-def format_bytes(n: float | int | None) -> str:
-    """Human-readable size in binary units (``1.5 GiB``); ``-`` for None."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def format_duration(seconds: float | None) -> str:

@@ -24,26 +24,27 @@ from cmw_vllm.errors import (
     EXIT_STARTING,
     UsageError,
 )
+from cmw_vllm.vocab import (
+    CLI_DTYPES,
+    RESTART_POLICIES,
+    STATE_EXIT_CODES,
+    TASKS,
+    State,
+    Task,
+    parse_port,
+)
 
 if TYPE_CHECKING:
-    from cmw_vllm.server_manager import ServerRecord, ServerStatus, StartResult
+    from cmw_vllm.server_manager import ServerStatus, StartResult
+    from cmw_vllm.server_record import ServerRecord
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
-# status exit codes, worst wins (documented in the README).
-_STATE_EXIT = {
-    "healthy": EXIT_OK,
-    "starting": EXIT_STARTING,
-    "running": EXIT_OK,
-    "unhealthy": EXIT_FAILURE,
-    "exited": EXIT_FAILURE,
-    "stale": EXIT_FAILURE,
-    "invalid": EXIT_FAILURE,
-    "draining": EXIT_FAILURE,
-    "restarting": EXIT_STARTING,
-    "failed": EXIT_FAILURE,
-}
+# status: the worst server's exit code wins (documented in the README).
 _EXIT_RANK = {EXIT_OK: 0, EXIT_STARTING: 1, EXIT_FAILURE: 2}
+
+# Columns status adds per server (see :func:`load_cells`).
+LOAD_COLUMNS = ["RUN", "WAIT", "KV", "TOK/S"]
 
 
 class _Progress:
@@ -80,12 +81,12 @@ def _example_request(record: ServerRecord) -> str:
 
     auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if os.environ.get("VLLM_API_KEY") else ""
     model = record.served_model_name
-    if record.task == "embed":
+    if record.task == Task.EMBED:
         path, body = "/v1/embeddings", {"model": model, "input": "Hello"}
-    elif record.task == "score":
+    elif record.task == Task.SCORE:
         path = "/rerank"
         body = {"model": model, "query": "What is vLLM?", "documents": ["An LLM server."]}
-    elif record.task == "classify":
+    elif record.task == Task.CLASSIFY:
         path, body = "/classify", {"model": model, "input": "Hello"}
     else:
         path = "/v1/chat/completions"
@@ -107,7 +108,7 @@ def _start_json(result: StartResult) -> dict[str, Any]:
     record = result.record
     return {
         "name": result.name,
-        "state": "healthy" if result.ready else "starting",
+        "state": State.HEALTHY if result.ready else State.STARTING,
         "already_running": result.already_running,
         "model": record.model,
         "pid": record.pid,
@@ -142,15 +143,6 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
     click.echo(f"  Endpoint: {record.base_url}/v1")
     if result.ready:
         click.echo(f"  Try:      {_example_request(record)}")
-
-
-def _parse_port(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"invalid --port: must be an integer (got {value!r})") from None
 
 
 SECRET_VARS = {"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
@@ -215,17 +207,17 @@ def _run_start(start: Any, name: str, quiet: bool) -> tuple[StartResult, float]:
 @click.option("--gpu-memory-utilization", type=float,
               help="Fraction (0, 1] of each GPU's memory this server may use.")
 @click.option("--max-model-len", type=int, help="Maximum context length in tokens.")
-@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]))
+@click.option("--dtype", type=click.Choice(CLI_DTYPES))
 @click.option("--gpus", help="GPUs this server sees, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES).")
 @click.option("--served-model-name", help="Model name clients use in requests.")
 @click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
               help="Extra environment variable for vLLM (repeatable; kept for restart).")
-@click.option("--task", type=click.Choice(["generate", "embed", "score", "classify"]),
+@click.option("--task", type=click.Choice(TASKS),
               help="What the model does (default: from the registry, else generate).")
 @click.option("--drain", type=click.IntRange(min=0), metavar="SECONDS",
               help="How long stop/restart let requests in flight finish (default 30, env "
               "CMW_VLLM_DRAIN_TIMEOUT; 0 aborts them).")
-@click.option("--restart", "restart_policy", type=click.Choice(["no", "on-failure", "always"]),
+@click.option("--restart", "restart_policy", type=click.Choice(RESTART_POLICIES),
               help="Restart after a crash (default no, env CMW_VLLM_RESTART).")
 @click.option("-f", "--foreground", is_flag=True,
               help="Run under this process: vLLM's output here and in the log; SIGTERM or "
@@ -285,7 +277,7 @@ def start(
     options = {
         "name": name,
         "host": host,
-        "port": _parse_port(port),
+        "port": None if port is None else parse_port(port),
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "max_model_len": max_model_len,
@@ -309,7 +301,6 @@ def start(
         if no_wait or run_test or as_json:
             raise UsageError("--foreground does not go with --no-wait, --test or --json")
         _run_foreground(manager, config, auto_port, force)
-        return
 
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
@@ -358,7 +349,7 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
          timeout: float | None, as_json: bool) -> None:
     """Stop servers: requests in flight finish (the drain), then nothing of them is left.
 
-    SIGTERM goes to the API server, which stops taking requests and lets those in flight
+    SIGTERM goes to the API server, which takes no new requests and lets those in flight
     finish for up to the drain; whatever is left after the drain plus --timeout gets
     SIGKILL. `status` says `draining` meanwhile. Stopping a server that is not running
     says so and exits 0.
@@ -369,17 +360,19 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
       cmw-vllm stop qwen --drain 5
       cmw-vllm stop --all --now
     """
-    from cmw_vllm.server_manager import ServerManager, record_names
+    from cmw_vllm.server_manager import ServerManager
 
     if stop_all and names:
         raise UsageError("give server names or --all, not both")
     if not stop_all and not names:
         raise UsageError("name a server to stop, or pass --all")
-    manager = ServerManager()
-    targets = record_names() if stop_all else list(names)
     if now and drain is not None:
         raise UsageError("--now and --drain don't go together")
-    results = [manager.stop(n, timeout=timeout, drain=drain, now=now) for n in targets]
+    manager = ServerManager()
+    if stop_all:
+        results = manager.stop_all(timeout=timeout, drain=drain, now=now)
+    else:
+        results = [manager.stop(n, timeout=timeout, drain=drain, now=now) for n in names]
     if as_json:
         echo_json(
             [
@@ -412,23 +405,22 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
 
 @click.command()
 @click.argument("name")
-@click.option("--drain", type=click.FloatRange(min=0), metavar="SECONDS",
-              help="Let requests in flight finish for at most this long (default: the "
-              "server's --drain).")
 @click.option("--no-wait", is_flag=True, help="Return right after launching.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for readiness.")
+@click.option("--drain", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Let requests in flight finish for at most this long (default: the "
+              "server's --drain).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def restart(name: str, drain: float | None, no_wait: bool, timeout: float | None,
+def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None,
             as_json: bool) -> None:
-    """Restart a server with the settings it was started with, draining it first.
+    """Restart a server with the settings it was started with.
 
     The previous log is kept as NAME.log.1 beside the new one.
 
     \b
     Examples:
       cmw-vllm restart qwen
-      cmw-vllm restart qwen --drain 10
     """
     from cmw_vllm.server_manager import ServerManager
 
@@ -455,43 +447,61 @@ def _run_foreground(manager: Any, config: Any, auto_port: bool, force: bool) -> 
     raise SystemExit(run_foreground(result.name, result.process, launch_env(config)))
 
 
+def _state_cell(st: ServerStatus) -> str:
+    """The STATE column: the state, with the exit code, drain left or next restart."""
+    rec = st.record
+    if st.state in (State.EXITED, State.FAILED) and st.returncode is not None:
+        return f"{st.state} ({st.returncode})"
+    left = st.drain_left()
+    if left is not None:
+        return f"draining ({left:.0f}s left)"
+    if st.state == State.RESTARTING and rec is not None and rec.next_restart_at is not None:
+        return f"restarting (in {max(0.0, rec.next_restart_at - time.time()):.0f}s)"
+    if rec is not None and rec.restart_count and st.running:
+        return f"{st.state} ({rec.restart_count} restarts)"
+    return str(st.state)
+
+
 def _status_exit_code(statuses: list[ServerStatus]) -> int:
     if not statuses:
         return EXIT_NOT_RUNNING
     worst = EXIT_OK
     for st in statuses:
-        code = _STATE_EXIT.get(st.state, EXIT_FAILURE)
+        code = STATE_EXIT_CODES.get(st.state, EXIT_FAILURE)
         if _EXIT_RANK[code] > _EXIT_RANK[worst]:
             worst = code
     return worst
 
 
 def _collect_status(
-    names: tuple[str, ...], as_json: bool
+    names: tuple[str, ...], quiet: bool
 ) -> tuple[list[ServerStatus], int, dict[str, dict[str, Any]]]:
-    """Statuses, the exit code, and the load (and GPU memory) of the running ones."""
-    from cmw_vllm.server_manager import ServerManager, record_names
+    """Statuses, the exit code, and the load (and GPU memory) of the running ones.
+
+    Args:
+        names: The servers to show (none: every managed server).
+        quiet: Don't say on stderr which names are unknown (JSON, ``--watch``).
+    """
+    from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.server_record import record_names
+    from cmw_vllm.vocab import validate_name
 
     manager = ServerManager()
     if names:
-        from cmw_vllm.server_config import validate_name
-
         for n in names:
             validate_name(n)
         known = set(record_names())
         missing = [n for n in names if n not in known]
         statuses = manager.list_status([n for n in names if n in known])
         for n in missing:
-            if not as_json:
+            if not quiet:
                 echo_err(f"No managed server named {n!r}.")
         code = EXIT_NOT_RUNNING if missing else _status_exit_code(statuses)
     else:
         statuses = manager.list_status()
         code = _status_exit_code(statuses)
     loads: dict[str, dict[str, Any]] = {}
-    if any(st.state == "healthy" for st in statuses):
-        from cmw_vllm.cli_inference import status_load_columns
-
+    if any(st.state == State.HEALTHY for st in statuses):
         loads = status_load_columns(statuses)
     running = [st.record for st in statuses if st.running and st.record is not None]
     if running:
@@ -502,26 +512,63 @@ def _collect_status(
     return statuses, code, loads
 
 
-def _state_cell(st: ServerStatus) -> str:
-    """The STATE column: the state, with the exit code, drain left or next restart."""
-    rec = st.record
-    if st.state in ("exited", "failed") and st.returncode is not None:
-        return f"{st.state} ({st.returncode})"
-    if st.state == "draining":
-        left = st.to_json()["drain_left_s"]
-        return f"draining ({left:.0f}s left)" if left is not None else "draining"
-    if st.state == "restarting" and rec is not None and rec.next_restart_at is not None:
-        return f"restarting (in {max(0.0, rec.next_restart_at - time.time()):.0f}s)"
-    if rec is not None and rec.restart_count and st.running:
-        return f"{st.state} ({rec.restart_count}x restarted)"
-    return st.state
+# --------------------------------------------------------------------------- status load
+
+
+def status_load_columns(
+    statuses: list[ServerStatus], timeout: float | None = None, *, store: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Load of every healthy server in ``statuses``, scraped concurrently.
+
+    One call costs at most about ``timeout`` seconds however many servers hang. Rates
+    (tokens/s) come from the scrape stored by the previous call, so the first call after a
+    while shows none.
+
+    Args:
+        statuses: From ``ServerManager().list_status()``.
+        timeout: Seconds per scrape (default ``CMW_VLLM_HEALTH_TIMEOUT``).
+        store: Keep the scrapes for the next call's rates.
+
+    Returns:
+        Server name -> ``LoadInfo.to_json()`` (keys ``ok``, ``error``, ``requests_running``,
+        ``requests_waiting``, ``kv_cache_usage`` (0..1), ``prompt_tokens_total``,
+        ``generation_tokens_total``, ``prompt_tokens_per_s``, ``generation_tokens_per_s``,
+        ``rate_interval_s``), for healthy servers only.
+    """
+    from cmw_vllm.health_check import collect_load
+    from cmw_vllm.settings import health_timeout
+
+    records = [s.record for s in statuses if s.state == State.HEALTHY and s.record is not None]
+    if not records:
+        return {}
+    loads = collect_load(records, health_timeout() if timeout is None else timeout, store=store)
+    return {name: info.to_json() for name, info in loads.items()}
+
+
+def load_cells(load: dict[str, Any] | None) -> list[str]:
+    """Table cells for :data:`LOAD_COLUMNS` from one :func:`status_load_columns` value.
+
+    ``-`` where a figure is unknown (no load, scrape failed, no earlier scrape for a rate).
+    """
+    if not load or not load.get("ok"):
+        return ["-"] * len(LOAD_COLUMNS)
+
+    def num(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    kv = load.get("kv_cache_usage")
+    rate = load.get("generation_tokens_per_s")
+    return [
+        num(load.get("requests_running")),
+        num(load.get("requests_waiting")),
+        "-" if kv is None else f"{kv * 100:.1f}%",
+        "-" if rate is None else f"{rate:.1f}",
+    ]
 
 
 def _status_rows(
     statuses: list[ServerStatus], loads: dict[str, dict[str, Any]]
 ) -> tuple[list[str], list[list[str]]]:
-    from cmw_vllm.cli_inference import LOAD_COLUMNS, load_cells
-
     columns = ["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME", "GPU MEM", *LOAD_COLUMNS]
     rows = []
     for st in statuses:
@@ -553,7 +600,7 @@ def _watch(names: tuple[str, ...], interval: float) -> None:
 
             with Live(console=out, auto_refresh=False, screen=False) as live:
                 while True:
-                    statuses, _, loads = _collect_status(names, as_json=True)
+                    statuses, _, loads = _collect_status(names, quiet=True)
                     columns, rows = _status_rows(statuses, loads)
                     stamp = time.strftime("%H:%M:%S")
                     live.update(make_table(columns, rows, title=f"cmw-vllm status {stamp}"),
@@ -561,7 +608,7 @@ def _watch(names: tuple[str, ...], interval: float) -> None:
                     time.sleep(interval)
         else:
             while True:
-                statuses, _, loads = _collect_status(names, as_json=True)
+                statuses, _, loads = _collect_status(names, quiet=True)
                 columns, rows = _status_rows(statuses, loads)
                 click.echo(time.strftime("%Y-%m-%d %H:%M:%S"))
                 print_table(columns, rows)
@@ -605,7 +652,7 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
             raise UsageError("--watch and --json don't go together")
         _watch(names, interval)
         return
-    statuses, code, loads = _collect_status(names, as_json)
+    statuses, code, loads = _collect_status(names, quiet=as_json)
     if as_json:
         servers = []
         for st in statuses:
@@ -622,7 +669,12 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         columns, rows = _status_rows(statuses, loads)
         print_table(columns, rows)
         for st in statuses:
-            if st.error and st.state in ("exited", "failed", "stale", "invalid"):
+            if st.state == State.FAILED and st.log_tail:
+                echo_err(f"{st.name}: gave up after repeated crashes; the end of its log:")
+                for line in st.log_tail:
+                    echo_err(f"  {line}")
+            if st.error and st.state in (State.EXITED, State.FAILED, State.STALE,
+                                         State.INVALID):
                 echo_err(f"{st.name}: {st.error}")
             if st.orphans:
                 echo_err(f"{st.name}: processes left behind: "
@@ -645,9 +697,9 @@ def logs(name: str, lines: int, follow: bool, previous: bool) -> None:
       cmw-vllm logs qwen -f
     """
     from cmw_vllm.errors import NotFoundError
-    from cmw_vllm.server_config import validate_name
-    from cmw_vllm.server_manager import log_path
+    from cmw_vllm.server_record import log_path
     from cmw_vllm.vllm_engine import tail_lines
+    from cmw_vllm.vocab import validate_name
 
     validate_name(name)
     path = log_path(name)

@@ -214,6 +214,7 @@ def _check_gpus(engine: EngineInfo, report: GpuReport) -> list[Check]:
 def _check_memory(engine: EngineInfo, gpu_report: GpuReport) -> list[Check]:
     import psutil
 
+    from cmw_vllm import memory_check as mc
     from cmw_vllm import memory_estimate as me
     from cmw_vllm.errors import ConfigError
 
@@ -223,9 +224,9 @@ def _check_memory(engine: EngineInfo, gpu_report: GpuReport) -> list[Check]:
     if gpu_report.available or engine.build != "cpu":
         return checks
     # The CPU build sizes itself from the NUMA node vLLM runs on, not the whole machine.
-    total, available = me.cpu_memory()
+    total, available = mc.cpu_memory()
     try:
-        kv_space = me.cpu_kv_space(os.environ)
+        kv_space = mc.cpu_kv_space(os.environ)
     except ConfigError as exc:
         checks.append(Check("RAM", "fail", exc.message,
                             f"export {me.CPU_KV_SPACE_ENV}=<whole GiB>, e.g. 4"))
@@ -273,13 +274,11 @@ def _check_disk(report: DiskReport) -> list[Check]:
 
 
 def _check_token() -> Check:
-    from cmw_vllm.disk_space import hf_home
+    from cmw_vllm.hf_cache import token_source
 
-    if os.environ.get("HF_TOKEN"):
-        return Check("HF token", "ok", "set (HF_TOKEN)")
-    token_file = os.environ.get("HF_TOKEN_PATH") or str(hf_home() / "token")
-    if os.path.isfile(token_file) and os.path.getsize(token_file) > 0:
-        return Check("HF token", "ok", f"set ({token_file})")
+    source = token_source()
+    if source is not None:
+        return Check("HF token", "ok", f"set ({source})")
     return Check("HF token", "warn", "not set; gated models (Llama, Gemma, ...) will fail",
                  "export HF_TOKEN=hf_... (or `hf auth login`)")
 
@@ -470,7 +469,9 @@ def estimate(
       cmw-vllm estimate qwen --max-model-len 32768 -tp 2
       cmw-vllm estimate ./my-model --kv-cache-dtype fp8 --concurrency-context 4096 --json
     """
+    from cmw_vllm import memory_check as mc
     from cmw_vllm import memory_estimate as me
+    from cmw_vllm import model_spec as ms
     from cmw_vllm.model_registry import resolve_target
 
     resolved = resolve_target(model)
@@ -483,23 +484,23 @@ def estimate(
         concurrency_context=concurrency_context,
     )
     entry_args = [str(a) for a in entry.get("vllm_args") or []]
-    settings.kv_cache_dtype = kv_cache_dtype or me.flag_value(
+    settings.kv_cache_dtype = kv_cache_dtype or mc.flag_value(
         entry_args, "--kv-cache-dtype") or "auto"
-    spec = me.load_model_spec(resolved.model, revision=revision)
+    spec = ms.load_model_spec(resolved.model, revision=revision)
     if entry.get("task") not in (None, "generate"):
         spec.pooling = True
     if gpu_memory_gb is not None:
-        target = me.given_gpu_target(gpu_memory_gb, settings.tensor_parallel_size)
+        target = mc.given_gpu_target(gpu_memory_gb, settings.tensor_parallel_size)
     else:
         from cmw_vllm.gpu_info import query_gpus
 
         found = query_gpus(match_servers=False).gpus
         if found:
-            target = me.gpu_target(me.select_gpus(
+            target = mc.gpu_target(mc.select_gpus(
                 found, os.environ.get("CUDA_VISIBLE_DEVICES") or None,
                 settings.tensor_parallel_size))
         else:
-            target = me.ram_target()
+            target = mc.ram_target()
     est = me.estimate(spec, settings, target)
     if as_json:
         echo_json(est.to_json())

@@ -1,8 +1,6 @@
 """Free space where models, state and logs land, and the size of each cached model.
 
-The Hugging Face cache location is computed from the environment the same way
-``huggingface_hub`` does (``HF_HUB_CACHE`` > ``HF_HOME/hub`` > ``XDG_CACHE_HOME`` >
-``~/.cache``), so this module never imports ``huggingface_hub``.
+Where the Hugging Face cache is and how it is laid out is :mod:`cmw_vllm.hf_cache`'s.
 """
 
 from __future__ import annotations
@@ -14,26 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmw_vllm import paths
+from cmw_vllm import hf_cache, paths
 
 logger = logging.getLogger(__name__)
-
-
-def hf_home() -> Path:
-    """The Hugging Face home directory (``HF_HOME`` or ``$XDG_CACHE_HOME/huggingface``)."""
-    explicit = os.environ.get("HF_HOME")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "huggingface"
-
-
-def hf_cache_dir() -> Path:
-    """Where ``huggingface_hub`` stores downloaded repos (``HF_HUB_CACHE`` wins)."""
-    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    return hf_home() / "hub"
 
 
 @dataclass
@@ -151,20 +132,8 @@ def _dir_size(path: Path) -> tuple[int, float | None]:
 
 def cached_models(cache_dir: Path | None = None) -> list[CachedModel]:
     """Every model repo in the Hugging Face cache with its size, largest first."""
-    cache = cache_dir or hf_cache_dir()
-    try:
-        entries = sorted(os.listdir(cache))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except OSError as exc:
-        logger.warning("cannot list %s: %s", cache, exc)
-        return []
     out = []
-    for entry in entries:
-        if not entry.startswith("models--"):
-            continue
-        repo_dir = cache / entry
-        repo_id = entry[len("models--"):].replace("--", "/")
+    for repo_id, repo_dir in hf_cache.cached_repo_dirs(cache_dir):
         size, newest = _dir_size(repo_dir / "blobs")
         try:
             revisions = len(os.listdir(repo_dir / "snapshots"))
@@ -173,14 +142,6 @@ def cached_models(cache_dir: Path | None = None) -> list[CachedModel]:
         out.append(CachedModel(repo_id, str(repo_dir), size, revisions, newest))
     out.sort(key=lambda m: (-m.size, m.repo_id))
     return out
-
-
-def cached_model_size(repo_id: str, cache_dir: Path | None = None) -> int | None:
-    """Bytes that ``repo_id`` takes in the cache; None when it is not cached."""
-    repo_dir = (cache_dir or hf_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
-    if not repo_dir.is_dir():
-        return None
-    return _dir_size(repo_dir / "blobs")[0]
 
 
 def disk_report(local_dir: str | os.PathLike[str] | None = None) -> DiskReport:
@@ -192,7 +153,7 @@ def disk_report(local_dir: str | os.PathLike[str] | None = None) -> DiskReport:
     Returns:
         The locations measured and the cached models with their sizes.
     """
-    cache = hf_cache_dir()
+    cache = hf_cache.hub_cache_dir()
     locations = []
     if local_dir is not None:
         locations.append(measure("models (--local-dir)", local_dir))

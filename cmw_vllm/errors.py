@@ -10,7 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILURE = 1  # generic failure: vLLM died during start, verification failed, ...
 EXIT_USAGE = 2  # bad input (also click's own usage errors)
-EXIT_NOT_RUNNING = 3  # status: the server is not running (LSB "program is not running")
+EXIT_NOT_RUNNING = 3  # no managed server of that name (LSB "program is not running")
 EXIT_STARTING = 4  # status: the server is still starting
 EXIT_TIMEOUT = 5  # start: not ready before --timeout
 EXIT_CONFLICT = 6  # a port or resource held by something else
@@ -90,3 +90,61 @@ class ServerStartError(CmwVllmError):
     def __init__(self, message: str, hint: str | None = None, log_tail: str = "") -> None:
         super().__init__(message, hint)
         self.log_tail = log_tail
+
+
+class ServerRequestError(CmwVllmError):
+    """A request to a server failed: nothing answered, it timed out, or it answered an error.
+
+    Args:
+        message: One line saying what failed.
+        hint: What to do about it.
+        status: The HTTP status code, when the server answered.
+        body: The whole body of an error answer (shown with ``-v``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        status: int | None = None,
+        body: str | None = None,
+    ) -> None:
+        super().__init__(message, hint)
+        self.status = status
+        self.body = body
+
+
+class InferenceCheckError(ServerRequestError):
+    """The server failed the inference check of ``test`` (the message says why)."""
+
+
+class ServerNotRunningError(CmwVllmError):
+    """The named server is not managed, or its process is not alive (LSB "not running")."""
+
+    exit_code = EXIT_NOT_RUNNING
+
+
+class ServerNotHealthyError(CmwVllmError):
+    """The server is not in a state to answer; the exit code is its state's ``status`` code.
+
+    Args:
+        message: One line naming the server and its state.
+        exit_code: The code ``status`` gives for that state.
+        hint: What to look at.
+    """
+
+    def __init__(self, message: str, exit_code: int, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code
+
+
+class StopError(CmwVllmError):
+    """Processes of a server survived SIGKILL."""
+
+
+class DownloadError(CmwVllmError):
+    """The Hub refused a request, or a file arrived incomplete."""
+
+
+class DownloadCancelled(Exception):  # noqa: N818 - a signal between threads, not an error
+    """Raised inside download threads after Ctrl-C so they stop at their next chunk."""

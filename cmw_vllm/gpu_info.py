@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from cmw_vllm.server_manager import ServerRecord
+    from cmw_vllm.server_record import ServerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _cuda_version(raw: int | None) -> str | None:
 
 
 def _load_records() -> list[ServerRecord]:
-    from cmw_vllm.server_manager import read_record, record_names
+    from cmw_vllm.server_record import read_record, record_names
 
     records = []
     for name in record_names():

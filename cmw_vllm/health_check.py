@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cmw_vllm.errors import CmwVllmError
+from cmw_vllm.errors import CmwVllmError, ServerRequestError
 
 if TYPE_CHECKING:
-    from cmw_vllm.server_manager import ServerRecord
+    from cmw_vllm.server_record import ServerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -42,20 +42,6 @@ HISTORY_SIZE = 8
 HISTORY_MAX_AGE_S = 600.0
 MIN_RATE_INTERVAL_S = 1.0
 _MAX_BODY = 16 * 1024 * 1024
-
-
-class ServerRequestError(CmwVllmError):
-    """A request to a server failed: nothing answered, it timed out, or it answered an error.
-
-    Args:
-        message: One line saying what failed.
-        hint: What to do about it.
-        status: The HTTP status code, when the server answered.
-    """
-
-    def __init__(self, message: str, hint: str | None = None, status: int | None = None) -> None:
-        super().__init__(message, hint)
-        self.status = status
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -529,28 +515,17 @@ def throughput(earlier: MetricsSnapshot, later: MetricsSnapshot) -> Throughput |
         server restarted in between, so the difference means nothing).
     """
     interval = later.at - earlier.at
-    if interval <= 0:
+    if interval <= 0 or _went_down(earlier, later):
         return None
 
     def rate(a: float | None, b: float | None) -> float | None:
-        if a is None or b is None:
-            return None
-        if b < a:
-            raise _CounterReset
-        return (b - a) / interval
+        return None if a is None or b is None else (b - a) / interval
 
-    try:
-        return Throughput(
-            prompt_tokens_per_s=rate(earlier.prompt_tokens, later.prompt_tokens),
-            generation_tokens_per_s=rate(earlier.generation_tokens, later.generation_tokens),
-            interval_s=interval,
-        )
-    except _CounterReset:
-        return None
-
-
-class _CounterReset(Exception):
-    pass
+    return Throughput(
+        prompt_tokens_per_s=rate(earlier.prompt_tokens, later.prompt_tokens),
+        generation_tokens_per_s=rate(earlier.generation_tokens, later.generation_tokens),
+        interval_s=interval,
+    )
 
 
 # --------------------------------------------------------------------------- stored scrapes

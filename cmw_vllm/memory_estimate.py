@@ -1,8 +1,9 @@
-"""How much memory a model needs under vLLM, and whether it fits before we launch it.
+"""How much memory a model needs under vLLM: the arithmetic, pure and separately testable.
 
-The inputs are the model's ``config.json`` and the sizes (or safetensors headers) of its
-weights, found in a local directory, the Hugging Face cache, or fetched from the Hub (only
-those small files). The KV-cache figures follow vLLM 0.32.0's own rules:
+Every function here takes a :class:`ModelSpec` (what ``cmw_vllm.model_spec`` read from the
+model's files), the serving settings and a :class:`MemoryTarget` (what
+``cmw_vllm.memory_check`` measured on this machine), and does no I/O. The KV-cache figures
+follow vLLM 0.32.0's own rules:
 
 - bytes per token = sum over attention layers of ``2 x kv_heads/TP x head_dim x
   bytes(kv dtype)``; MLA layers hold one latent of ``kv_lora_rank + qk_rope_head_dim``
@@ -19,31 +20,14 @@ figures are exact for standard attention layers.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
-import struct
-from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from cmw_vllm.errors import (
-    ConfigError,
-    EnvironmentProblem,
-    InsufficientResourcesError,
-    NotFoundError,
-    UsageError,
-)
+from cmw_vllm.errors import UsageError
+from cmw_vllm.hf_cache import SAFETENSORS_DTYPE_BITS
+from cmw_vllm.vocab import GiB, format_gib
 
-if TYPE_CHECKING:
-    from cmw_vllm.gpu_info import GpuInfo
-    from cmw_vllm.server_config import ServerConfig
-
-logger = logging.getLogger(__name__)
-
-GiB = 1024**3
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vLLM's --gpu-memory-utilization default
 GPU_BLOCK_SIZE = 16
 CPU_BLOCK_SIZE = 128  # vllm/platforms/cpu.py sets 128 unless --block-size is given
@@ -60,12 +44,6 @@ CPU_RUNTIME_BYTES = 3 * GiB
 # RAM is available.
 CPU_FRONTEND_BYTES = int(1.25 * GiB)
 
-# Bytes per element of safetensors dtypes.
-SAFETENSORS_BYTES: dict[str, float] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
-    "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "F8_E4M3FN": 1, "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
-}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _DTYPE_ALIASES = {
@@ -77,14 +55,6 @@ _DTYPE_ALIASES = {
 KV_CACHE_DTYPE_BYTES = {
     "bfloat16": 2, "float16": 2,
     "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1,
-}
-_MAX_LEN_KEYS = (
-    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-    "model_max_length", "max_target_positions", "max_sequence_length", "max_seq_length",
-    "seq_len",
-)
-_ROPE_TYPES_ALREADY_SCALED = {
-    "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling",
 }
 
 Device = Literal["gpu", "cpu"]
@@ -155,405 +125,12 @@ class ModelSpec:
         return sum(self.params_by_dtype.values()) if self.params_by_dtype else None
 
 
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def _first(cfg: Mapping[str, Any], *keys: str) -> Any:
-    for key in keys:
-        value = cfg.get(key)
-        if value is not None:
-            return value
-    return None
-
-
-def _text_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The language model's config (``text_config`` of multimodal models over the root)."""
-    merged = dict(config)
-    for key in ("text_config", "llm_config", "language_config"):
-        sub = config.get(key)
-        if isinstance(sub, dict):
-            merged.update({k: v for k, v in sub.items() if v is not None})
-            break
-    return merged
-
-
-def _normalise_dtype(value: Any) -> str | None:
+def normalise_dtype(value: Any) -> str | None:
+    """The dtype name (``bfloat16``, ...) of a config value or safetensors code; None if unknown."""
     if value is None:
         return None
     text = str(value).removeprefix("torch.")
     return _DTYPE_ALIASES.get(text)
-
-
-def _layer_kinds(cfg: Mapping[str, Any], num_layers: int) -> tuple[list[str], int | None]:
-    """Per-layer attention kind and the sliding window, following the config's conventions."""
-    window = _int(cfg.get("sliding_window"))
-    layer_types = cfg.get("layer_types")
-    if isinstance(layer_types, list) and len(layer_types) == num_layers:
-        kinds = []
-        for kind in layer_types:
-            text = str(kind).lower()
-            if text in ("full_attention", "attention", "global", "full", "global_attention"):
-                kinds.append("full")
-            elif "sliding" in text or text in ("local", "local_attention"):
-                kinds.append("sliding" if window else "full")
-            else:
-                kinds.append("none")
-        return kinds, window
-    if not window or cfg.get("use_sliding_window") is False:
-        return ["full"] * num_layers, None
-    model_type = str(cfg.get("model_type") or "")
-    if model_type.startswith("qwen") and "max_window_layers" in cfg:
-        first = _int(cfg.get("max_window_layers")) or 0
-        return ["sliding" if i >= first else "full" for i in range(num_layers)], window
-    pattern = _int(cfg.get("sliding_window_pattern"))
-    if pattern and pattern > 1:
-        return [
-            "full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers)
-        ], window
-    if model_type == "gemma2":
-        return ["sliding" if i % 2 == 0 else "full" for i in range(num_layers)], window
-    return ["sliding"] * num_layers, window
-
-
-def derive_max_model_len(
-    config: Mapping[str, Any], tokenizer_config: Mapping[str, Any] | None = None
-) -> int:
-    """The context length vLLM derives when ``--max-model-len`` is not given."""
-    cfg = _text_config(config)
-    derived = math.inf
-    for key in _MAX_LEN_KEYS:
-        value = cfg.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            derived = min(derived, value)
-    if isinstance(cfg.get("model_max_length"), (int, float)) and cfg["model_max_length"]:
-        derived = cfg["model_max_length"]
-    if tokenizer_config:
-        tok_len = tokenizer_config.get("model_max_length")
-        if isinstance(tok_len, (int, float)) and not isinstance(tok_len, bool):
-            derived = min(derived, tok_len)
-    if derived == math.inf:
-        derived = 2048
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    if isinstance(rope, dict) and "gemma3" not in str(cfg.get("model_type", "")):
-        rope_type = rope.get("rope_type") or rope.get("type") or "default"
-        factor = rope.get("factor")
-        if rope_type not in _ROPE_TYPES_ALREADY_SCALED and isinstance(factor, (int, float)):
-            derived *= factor
-    return int(derived)
-
-
-def spec_from_config(
-    config: Mapping[str, Any],
-    *,
-    model: str,
-    source: str,
-    path: str | None = None,
-    params_by_dtype: Mapping[str, int] | None = None,
-    weight_file_bytes: int | None = None,
-    tokenizer_config: Mapping[str, Any] | None = None,
-) -> ModelSpec:
-    """Build a :class:`ModelSpec` from a parsed ``config.json``.
-
-    Raises:
-        UsageError: The config lacks what the estimate needs (layers, heads, width).
-    """
-    cfg = _text_config(config)
-    num_layers = _int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers"))
-    heads = _int(_first(cfg, "num_attention_heads", "n_head", "n_heads", "num_heads"))
-    hidden = _int(_first(cfg, "hidden_size", "n_embd", "d_model", "dim"))
-    if not num_layers or not heads or not hidden:
-        raise UsageError(
-            f"cannot estimate {model}: its config.json has no layer count, head count or "
-            "hidden size this estimate understands"
-        )
-    kv_heads = _int(_first(cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv",
-                           "multi_query_group_num", "kv_n_heads"))
-    if kv_heads is None:
-        kv_heads = 1 if cfg.get("multi_query") else heads
-    head_dim = _int(cfg.get("head_dim")) or hidden // heads
-    intermediate = _int(_first(cfg, "intermediate_size", "ffn_hidden_size", "n_inner")) or (
-        4 * hidden
-    )
-    moe_width = _int(cfg.get("moe_intermediate_size"))
-    experts_per_tok = _int(_first(cfg, "num_experts_per_tok", "moe_topk", "top_k"))
-    if moe_width and experts_per_tok:
-        intermediate = max(intermediate, moe_width * experts_per_tok)
-    kinds, window = _layer_kinds(cfg, num_layers)
-    kv_lora_rank = _int(cfg.get("kv_lora_rank"))
-    rope_dim = _int(cfg.get("qk_rope_head_dim")) if kv_lora_rank else None
-    config_dtype = _normalise_dtype(_first(cfg, "dtype", "torch_dtype"))
-    params = dict(params_by_dtype or {})
-    if config_dtype is None and params:
-        floats = {d for d in params if d in FLOAT_DTYPES}
-        if len(floats) == 1:
-            config_dtype = _normalise_dtype(floats.pop())
-    architectures = [str(a) for a in (config.get("architectures") or [])]
-    pooling = any(
-        a.endswith(("Model", "ForSequenceClassification", "ForRewardModeling", "EmbeddingModel"))
-        for a in architectures
-    ) and not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures)
-    return ModelSpec(
-        model=model,
-        source=source,
-        path=path,
-        model_type=cfg.get("model_type"),
-        architectures=architectures,
-        num_layers=num_layers,
-        num_attention_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        vocab_size=_int(cfg.get("vocab_size")) or 32000,
-        layer_kinds=kinds,
-        sliding_window=window,
-        kv_lora_rank=kv_lora_rank,
-        qk_rope_head_dim=rope_dim,
-        config_dtype=config_dtype,
-        params_by_dtype=params,
-        weight_file_bytes=weight_file_bytes,
-        derived_max_model_len=derive_max_model_len(config, tokenizer_config),
-        pooling=pooling,
-    )
-
-
-def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes).
-
-    Raises:
-        ValueError: The file is not a safetensors file.
-    """
-    with open(path, "rb") as fh:
-        raw_len = fh.read(8)
-        if len(raw_len) != 8:
-            raise ValueError("file too short")
-        (length,) = struct.unpack("<Q", raw_len)
-        if length > 100 * 1024 * 1024:
-            raise ValueError("header too large")
-        header = json.loads(fh.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return header
-
-
-def _params_from_headers(files: Sequence[Path]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for path in files:
-        header = read_safetensors_header(path)
-        for name, info in header.items():
-            if name == "__metadata__" or not isinstance(info, dict):
-                continue
-            numel = math.prod(int(d) for d in info.get("shape", []))
-            dtype = str(info.get("dtype", "?"))
-            counts[dtype] = counts.get(dtype, 0) + numel
-    return counts
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    """The checkpoint files vLLM would load (the index's shards, else every top-level file)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-            names = sorted(set(weight_map.values()))
-            files = [directory / n for n in names]
-            if files and all(f.exists() for f in files):
-                return files
-        except (OSError, ValueError):
-            pass
-    safetensors = sorted(directory.glob("*.safetensors"))
-    if safetensors:
-        model_files = [f for f in safetensors if f.name.startswith("model")]
-        return model_files or safetensors
-    return sorted(directory.glob("pytorch_model*.bin")) or sorted(directory.glob("*.bin"))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def spec_from_dir(directory: str | os.PathLike[str], *, model: str | None = None,
-                  source: str = "local") -> ModelSpec:
-    """Read a model directory (``config.json`` plus safetensors headers).
-
-    Raises:
-        NotFoundError: There is no ``config.json``.
-        UsageError: The config cannot be understood.
-    """
-    path = Path(directory)
-    config = _read_json(path / "config.json")
-    if config is None:
-        raise NotFoundError(f"{path} has no readable config.json")
-    files = _weight_files(path)
-    params: dict[str, int] = {}
-    sizes = 0
-    for f in files:
-        try:
-            sizes += f.stat().st_size
-        except OSError:
-            continue
-    st_files = [f for f in files if f.suffix == ".safetensors"]
-    if st_files:
-        try:
-            params = _params_from_headers(st_files)
-        except (OSError, ValueError) as exc:
-            logger.warning("cannot read safetensors headers in %s: %s", path, exc)
-    return spec_from_config(
-        config,
-        model=model or str(path),
-        source=source,
-        path=str(path),
-        params_by_dtype=params,
-        weight_file_bytes=sizes or None,
-        tokenizer_config=_read_json(path / "tokenizer_config.json"),
-    )
-
-
-def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
-    """The snapshot directory of ``repo_id`` in the HF cache that has a ``config.json``."""
-    from cmw_vllm.disk_space import hf_cache_dir
-
-    repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-    snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = repo_dir / "refs" / (revision or "main")
-    commit = None
-    if ref.is_file():
-        try:
-            commit = ref.read_text(encoding="utf-8").strip()
-        except OSError:
-            commit = None
-    elif revision and (snapshots / revision).is_dir():
-        commit = revision
-    if commit and (snapshots / commit / "config.json").exists():
-        return snapshots / commit
-    if revision:
-        return None
-    candidates = [d for d in snapshots.iterdir() if (d / "config.json").exists()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda d: d.stat().st_mtime)
-
-
-def spec_from_hub(repo_id: str, revision: str | None = None, *,
-                  timeout: float = 10.0) -> ModelSpec:
-    """Fetch only ``config.json`` and the weight files' metadata from the Hub.
-
-    Raises:
-        NotFoundError: The repo, revision or its config.json does not exist.
-        EnvironmentProblem: The Hub is unreachable, offline mode is on, or the repo is gated.
-    """
-    from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from cmw_vllm.disk_space import hf_cache_dir
-
-    # huggingface_hub reads HF_ENDPOINT and the cache location once, at import; read them
-    # now so that the environment of this call is the one used.
-    endpoint = os.environ.get("HF_ENDPOINT") or None
-    cache_dir = str(hf_cache_dir())
-
-    def fetch(filename: str) -> str:
-        return str(hf_hub_download(repo_id, filename, revision=revision, etag_timeout=timeout,
-                                   endpoint=endpoint, cache_dir=cache_dir))
-
-    try:
-        # model_info first: it fails at once when the Hub is unreachable, where
-        # hf_hub_download retries with backoff for about 20 s.
-        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision,
-                                                   files_metadata=True, timeout=timeout)
-        config_path = fetch("config.json")
-        tok_config = None
-        siblings = [s.rfilename for s in (info.siblings or [])]
-        if "tokenizer_config.json" in siblings:
-            try:
-                tok_config = _read_json(Path(fetch("tokenizer_config.json")))
-            except Exception as exc:  # the tokenizer only caps max_model_len; go on
-                logger.debug("no tokenizer_config.json for %s: %s", repo_id, exc)
-    except GatedRepoError as exc:
-        raise EnvironmentProblem(
-            f"{repo_id} is gated", hint="accept its licence on the Hub and set HF_TOKEN"
-        ) from exc
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise NotFoundError(f"{repo_id} (revision {revision or 'main'}) not found on the Hub") \
-            from exc
-    except EntryNotFoundError as exc:
-        raise NotFoundError(f"{repo_id} has no config.json") from exc
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise EnvironmentProblem(f"{repo_id} is not cached and the Hub cannot be reached") \
-            from exc
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot reach the Hub for {repo_id}: {exc}") from exc
-    except Exception as exc:  # httpx/requests errors differ between hub versions
-        raise EnvironmentProblem(
-            f"cannot reach the Hub for {repo_id}: {type(exc).__name__}: {exc}"
-        ) from exc
-    config = _read_json(Path(config_path))
-    if config is None:
-        raise NotFoundError(f"{repo_id}'s config.json is not valid JSON")
-    params: dict[str, int] = {}
-    st_info = getattr(info, "safetensors", None)
-    if st_info is not None and getattr(st_info, "parameters", None):
-        params = {str(k): int(v) for k, v in st_info.parameters.items()}
-    sizes = [(s.rfilename, s.size or 0) for s in (info.siblings or [])]
-    st_sizes = [size for name, size in sizes if name.endswith(".safetensors") and "/" not in name]
-    bin_sizes = [size for name, size in sizes if name.endswith(".bin") and "/" not in name]
-    weight_bytes = sum(st_sizes) or sum(bin_sizes) or None
-    return spec_from_config(
-        config, model=repo_id, source="hub", params_by_dtype=params,
-        weight_file_bytes=weight_bytes, tokenizer_config=tok_config,
-    )
-
-
-def load_model_spec(model: str, *, revision: str | None = None,
-                    allow_network: bool = True) -> ModelSpec:
-    """Find a model's config and weight sizes: local dir, then HF cache, then the Hub.
-
-    Args:
-        model: A local directory or a Hugging Face id.
-        revision: Hub revision (branch, tag or commit).
-        allow_network: Ask the Hub when the model is not on disk.
-
-    Raises:
-        NotFoundError: Not found locally and the Hub does not have it (or may not be asked).
-        EnvironmentProblem: Not on disk and the Hub is unreachable.
-        UsageError: The config cannot be understood.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return spec_from_dir(path, model=model, source="local")
-    if path.exists() or model.startswith(("/", "./", "../", "~")):
-        raise NotFoundError(f"{model} is not a model directory")
-    snapshot = cached_snapshot(model, revision)
-    if snapshot is not None:
-        return spec_from_dir(snapshot, model=model, source="hf-cache")
-    from cmw_vllm.settings import env_bool
-
-    if not allow_network or env_bool("HF_HUB_OFFLINE"):
-        raise EnvironmentProblem(
-            f"{model} is not in the local cache and the Hub may not be asked",
-            hint=f"download it first (cmw-vllm download {model})",
-        )
-    return spec_from_hub(model, revision)
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -588,7 +165,7 @@ def weight_bytes(spec: ModelSpec, dtype: str = "auto") -> int:
             if code in FLOAT_DTYPES:
                 total += count * run_bytes
             else:
-                total += count * SAFETENSORS_BYTES.get(code, 1)
+                total += count * SAFETENSORS_DTYPE_BITS.get(code, 8) / 8
         return int(total)
     if spec.weight_file_bytes:
         stored = DTYPE_BYTES.get(spec.config_dtype or "bfloat16", 2)
@@ -914,9 +491,9 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
         if target.memory_free is not None and target.memory_free < budget:
             free_ok = False
             problems.append(
-                f"{target.description or 'the GPU'} has {_gib(target.memory_free)} free but "
-                f"--gpu-memory-utilization {util:g} asks for {_gib(budget)} "
-                f"of {_gib(target.memory_total)}"
+                f"{target.description or 'the GPU'} has {format_gib(target.memory_free)} free but "
+                f"--gpu-memory-utilization {util:g} asks for {format_gib(budget)} "
+                f"of {format_gib(target.memory_total)}"
             )
     else:
         runtime = CPU_RUNTIME_BYTES
@@ -938,18 +515,18 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
                     and target.memory_free - CPU_FRONTEND_BYTES < budget):
                 free_ok = False
                 problems.append(
-                    f"RAM has {_gib(target.memory_free)} available, about "
-                    f"{_gib(max(0, target.memory_free - CPU_FRONTEND_BYTES))} once vLLM's API "
-                    f"server and engine run, but its CPU worker asks for {util:g} x "
-                    f"{_gib(target.memory_total)} = {_gib(budget)} when {CPU_KV_SPACE_ENV} "
-                    "is unset"
+                    f"RAM has {format_gib(target.memory_free)} available, about "
+                    f"{format_gib(max(0, target.memory_free - CPU_FRONTEND_BYTES))} once "
+                    "vLLM's API server and engine run, but its CPU worker asks for "
+                    f"{util:g} x {format_gib(target.memory_total)} = {format_gib(budget)} "
+                    f"when {CPU_KV_SPACE_ENV} is unset"
                 )
         if free_ok and target.memory_free is not None and budget > target.memory_free:
             free_ok = False
             problems.append(
-                f"RAM has {_gib(target.memory_free)} available but the server needs about "
-                f"{_gib(budget)} (weights {_gib(weights)}, KV cache {_gib(kv_space)}, "
-                f"runtime {_gib(runtime + acts)})"
+                f"RAM has {format_gib(target.memory_free)} available but the server needs about "
+                f"{format_gib(budget)} (weights {format_gib(weights)}, KV cache "
+                f"{format_gib(kv_space)}, runtime {format_gib(runtime + acts)})"
             )
     tokens = kv_cache_tokens(kv_space, kv, max_len, block) if kv_space > 0 else 0
     fit_len = largest_max_model_len(kv_space, kv, block, spec.derived_max_model_len)
@@ -962,13 +539,13 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
     )
     if kv_space <= 0:
         problems.append(
-            f"no memory left for the KV cache: weights {_gib(weights)} + activations and "
-            f"runtime {_gib(acts + runtime)} exceed the {_gib(budget)} budget"
+            f"no memory left for the KV cache: weights {format_gib(weights)} + activations and "
+            f"runtime {format_gib(acts + runtime)} exceed the {format_gib(budget)} budget"
         )
     elif not kv_fits:
         problems.append(
-            f"one request of {max_len} tokens needs {_gib(kv.request_bytes(max_len))} of KV "
-            f"cache but only {_gib(kv_space)} is left"
+            f"one request of {max_len} tokens needs {format_gib(kv.request_bytes(max_len))} of KV "
+            f"cache but only {format_gib(kv_space)} is left"
         )
     fits = kv_fits and free_ok and not settings_refused
     return MemoryEstimate(
@@ -1006,334 +583,3 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
         problems=problems,
         notes=notes,
     )
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-def _size(n: float) -> str:
-    return _gib(n) if abs(n) >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
-
-
-# --------------------------------------------------------------------------- targets
-
-
-def cpu_kv_space(environ: Mapping[str, str]) -> int | None:
-    """Bytes of ``VLLM_CPU_KVCACHE_SPACE`` (GiB, an integer as vLLM reads it); None if unset.
-
-    Raises:
-        ConfigError: The value is not an integer (vLLM would crash on it).
-    """
-    raw = environ.get(CPU_KV_SPACE_ENV, "")
-    if raw == "":
-        return None
-    try:
-        return int(raw) * GiB
-    except ValueError:
-        raise ConfigError(
-            f"{CPU_KV_SPACE_ENV}={raw!r} is not a whole number of GiB (vLLM reads it with int())"
-        ) from None
-
-
-def cpu_memory() -> tuple[int, int]:
-    """(total, available) bytes of RAM as vLLM's CPU worker counts them.
-
-    vLLM reads the NUMA node of the first CPU it may run on
-    (``/sys/devices/system/node/nodeN/meminfo``; available = MemFree + Active(file) +
-    Inactive(file) + SReclaimable) and clamps both to a cgroup memory limit
-    (``vllm/utils/cpu_resource_utils.py``). The node can be much smaller than the machine.
-    """
-    node = 0
-    try:
-        cpu = min(os.sched_getaffinity(0))
-        links = list(Path(f"/sys/devices/system/cpu/cpu{cpu}").glob("node[0-9]*"))
-        if links:
-            node = int(links[0].name[4:])
-    except (AttributeError, OSError, ValueError):
-        pass
-    info: dict[str, int] = {}
-    try:
-        for line in Path(f"/sys/devices/system/node/node{node}/meminfo").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 4 and parts[3].isdigit():
-                info[parts[2].rstrip(":")] = int(parts[3]) * 1024
-    except OSError:
-        info = {}
-    if "MemTotal" in info and "MemFree" in info:
-        total = info["MemTotal"]
-        available = info["MemFree"] + sum(
-            info.get(k, 0) for k in ("Active(file)", "Inactive(file)", "SReclaimable"))
-    else:
-        import psutil
-
-        vm = psutil.virtual_memory()
-        total, available = vm.total, vm.available
-    limit = _cgroup_limit()
-    if limit is not None and limit < total:
-        total = limit
-        available = max(0, min(available, limit - (_cgroup_usage() or 0)))
-    return total, available
-
-
-def ram_target(environ: Mapping[str, str] | None = None) -> MemoryTarget:
-    """RAM as the target of the CPU build, measured the way vLLM measures it."""
-    total, available = cpu_memory()
-    return MemoryTarget(
-        device="cpu",
-        memory_total=total,
-        memory_free=available,
-        devices=1,
-        description="RAM",
-        cpu_kv_space=cpu_kv_space(environ if environ is not None else os.environ),
-    )
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _cgroup_limit() -> int | None:
-    v2 = _read_int("/sys/fs/cgroup/memory.max")
-    if v2 is not None:
-        return v2
-    v1 = _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
-    return v1 if v1 is not None and v1 < (1 << 62) else None
-
-
-def _cgroup_usage() -> int | None:
-    return _read_int("/sys/fs/cgroup/memory.current") or _read_int(
-        "/sys/fs/cgroup/memory/memory.usage_in_bytes"
-    )
-
-
-def select_gpus(gpus: Sequence[GpuInfo], wanted: str | None, count: int) -> list[GpuInfo]:
-    """The GPUs a server would use: ``wanted`` (indices or UUIDs) or the first ones.
-
-    Raises:
-        InsufficientResourcesError: Fewer GPUs than tensor-parallel ranks.
-        ConfigError: ``wanted`` names a GPU that does not exist.
-    """
-    chosen = list(gpus)
-    if wanted:
-        chosen = []
-        for part in wanted.split(","):
-            part = part.strip()
-            match = [g for g in gpus if str(g.index) == part or g.uuid == part]
-            if not match:
-                raise ConfigError(f"GPU {part!r} does not exist (cmw-vllm gpus lists them)")
-            chosen.append(match[0])
-    if len(chosen) < count:
-        raise InsufficientResourcesError(
-            f"--tensor-parallel-size {count} needs {count} GPUs but {len(chosen)} "
-            f"{'is' if len(chosen) == 1 else 'are'} visible",
-            hint=f"use --tensor-parallel-size {max(1, len(chosen))} or make more GPUs visible",
-        )
-    return chosen[:count]
-
-
-def gpu_target(gpus: Sequence[GpuInfo]) -> MemoryTarget:
-    """The smallest and least-free of ``gpus`` as the target (every rank must fit)."""
-    smallest = min(gpus, key=lambda g: g.memory_total or 0)
-    least_free = min(gpus, key=lambda g: g.memory_free if g.memory_free is not None else 0)
-    names = ", ".join(f"GPU {g.index}" for g in gpus)
-    return MemoryTarget(
-        device="gpu",
-        memory_total=int(smallest.memory_total or 0),
-        memory_free=None if least_free.memory_free is None else int(least_free.memory_free),
-        devices=len(gpus),
-        description=f"{names} ({smallest.name})",
-    )
-
-
-def given_gpu_target(memory_gb: float, devices: int = 1) -> MemoryTarget:
-    """A GPU of ``memory_gb`` GiB given on the command line (assumed empty)."""
-    total = int(memory_gb * GiB)
-    return MemoryTarget(device="gpu", memory_total=total, memory_free=total, devices=devices,
-                        description=f"{memory_gb:g} GiB GPU")
-
-
-# --------------------------------------------------------------------------- preflight
-
-
-@dataclass
-class PreflightResult:
-    """What the check before ``start`` found (a refusal raises instead).
-
-    Attributes:
-        status: ``ok`` (it fits) or ``unknown`` (the model's files could not be read).
-        device: ``gpu`` or ``cpu``; None when unknown.
-        estimate: The estimate behind an ``ok``.
-        reason: Why the result is ``unknown``.
-    """
-
-    status: Literal["ok", "unknown"]
-    device: Device | None = None
-    estimate: MemoryEstimate | None = None
-    reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the model was checked and fits."""
-        return self.status == "ok"
-
-
-def flag_value(args: Sequence[str], flag: str) -> str | None:
-    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``args``; None if absent."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def _human_int(text: str) -> int:
-    """Parse vLLM's human-readable ints (``4G``, ``512M``, ``1024``)."""
-    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-    binary = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-    t = text.strip().lower()
-    for suffix, mult in binary.items():
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * mult)
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
-def settings_from_config(config: ServerConfig) -> tuple[EstimateSettings, str | None]:
-    """Estimate settings (and the revision) from a server config and its extra vLLM flags.
-
-    Raises:
-        ConfigError: An extra flag's value cannot be read.
-    """
-    args = list(config.vllm_args)
-    settings = EstimateSettings(
-        max_model_len=config.max_model_len,
-        tensor_parallel_size=config.tensor_parallel_size,
-        dtype=config.dtype,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-    )
-    try:
-        if (value := flag_value(args, "--kv-cache-dtype")) is not None:
-            settings.kv_cache_dtype = value
-        if (value := flag_value(args, "--block-size")) is not None:
-            settings.block_size = int(value)
-        if (value := flag_value(args, "--max-num-batched-tokens")) is not None:
-            settings.max_num_batched_tokens = _human_int(value)
-        if (value := flag_value(args, "--kv-cache-memory-bytes")) is not None:
-            settings.kv_cache_memory_bytes = _human_int(value)
-    except ValueError as exc:
-        raise ConfigError(f"cannot read an extra vLLM flag: {exc}") from None
-    return settings, flag_value(args, "--revision")
-
-
-def _refusal(est: MemoryEstimate, config: ServerConfig) -> InsufficientResourcesError:
-    where = "RAM" if est.device == "cpu" else (est.target or "the GPU")
-    per = " per GPU" if est.tensor_parallel_size > 1 else ""
-    summary = (
-        f"{config.model} will not fit in {where}: " + "; ".join(est.problems)
-        + f" (weights {_size(est.weight_bytes)}{per}, KV cache for max_model_len "
-        f"{est.max_model_len} {_size(est.kv_bytes_per_token * est.max_model_len)}, "
-        f"KV space {_size(max(est.kv_space, 0))})"
-    )
-    fixes: list[str] = []
-    if not est.free_memory_ok and est.device == "gpu" and est.memory_free:
-        frac = math.floor(est.memory_free / est.memory_total * 100) / 100
-        if est.gpu_memory_utilization_needed and est.gpu_memory_utilization_needed <= frac:
-            fixes.append(f"--gpu-memory-utilization {frac:g}")
-        else:
-            fixes.append("free the GPU (cmw-vllm gpus shows what holds it)")
-    if not est.free_memory_ok and est.device == "cpu":
-        spare = (est.memory_free or 0) - est.weight_bytes - est.activation_bytes - (
-            est.runtime_bytes)
-        if spare >= GiB:
-            fixes.append(f"{CPU_KV_SPACE_ENV}={spare // GiB} (GiB of KV cache that fit)")
-        else:
-            fixes.append("free RAM (stop other servers)")
-        if est.kv_space_source not in (CPU_KV_SPACE_ENV, "--kv-cache-memory-bytes") and (
-            est.memory_free and est.memory_total
-        ):
-            frac = math.floor(
-                (est.memory_free - CPU_FRONTEND_BYTES) / est.memory_total * 100) / 100
-            if frac > 0:
-                fixes.append(f"--gpu-memory-utilization {frac:g} (on the CPU build: the "
-                             "share of RAM)")
-    if est.max_model_len_that_fits and est.max_model_len_that_fits < est.max_model_len:
-        fixes.append(f"--max-model-len {est.max_model_len_that_fits}")
-    elif est.device == "gpu" and (
-        est.gpu_memory_utilization_needed and est.gpu_memory_utilization_needed <= 1
-        and est.free_memory_ok
-    ):
-        fixes.append(f"--gpu-memory-utilization {est.gpu_memory_utilization_needed:g}")
-    if est.device == "gpu" and est.free_memory_ok:
-        fixes.append(f"--tensor-parallel-size {est.tensor_parallel_size * 2}")
-    fixes.append("--force to start anyway")
-    return InsufficientResourcesError(summary, hint="try " + ", or ".join(fixes))
-
-
-def preflight(
-    config: ServerConfig,
-    *,
-    gpus: Sequence[GpuInfo] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> PreflightResult:
-    """Check that ``config`` fits this machine before vLLM spends minutes loading it.
-
-    GPUs present: the GPUs the server will use must have the free memory that
-    ``gpu_memory_utilization`` asks for, and weights + activations + the KV cache of one
-    ``max_model_len`` request must fit in that budget. No GPU (the CPU build): RAM must hold
-    the weights, the runtime and the KV space (``VLLM_CPU_KVCACHE_SPACE`` or vLLM's
-    default of ``gpu_memory_utilization`` x RAM), and the KV space must hold one request.
-
-    Args:
-        config: The server about to be started.
-        gpus: The machine's GPUs (default: asked from NVML).
-        environ: The environment vLLM will get (default ``os.environ`` with
-            ``config.env`` on top).
-
-    Returns:
-        ``ok`` with the estimate, or ``unknown`` when the model's files cannot be found
-        locally and the Hub cannot be asked.
-
-    Raises:
-        InsufficientResourcesError: It does not fit; the message has the numbers and the
-            hint the setting that would fit.
-        ConfigError: A setting that vLLM would reject (``VLLM_CPU_KVCACHE_SPACE`` not an
-            integer, a GPU that does not exist).
-    """
-    env: dict[str, str] = dict(os.environ if environ is None else environ)
-    if environ is None:
-        env.update(config.env)
-    settings, revision = settings_from_config(config)
-    try:
-        spec = load_model_spec(config.model, revision=revision)
-    except (NotFoundError, EnvironmentProblem, UsageError) as exc:
-        logger.info("preflight skipped for %s: %s", config.model, exc.message)
-        return PreflightResult(status="unknown", reason=exc.message)
-    if config.task != "generate":
-        spec.pooling = True
-    if gpus is None:
-        from cmw_vllm.gpu_info import query_gpus
-
-        gpus = query_gpus(match_servers=False).gpus
-    if gpus:
-        wanted = config.gpus
-        if wanted is None and env.get("CUDA_VISIBLE_DEVICES"):
-            wanted = env["CUDA_VISIBLE_DEVICES"]
-        chosen = select_gpus(gpus, wanted, config.tensor_parallel_size)
-        target = gpu_target(chosen)
-    else:
-        target = ram_target(env)
-    try:
-        est = estimate(spec, settings, target)
-    except UsageError as exc:
-        return PreflightResult(status="unknown", device=target.device, reason=exc.message)
-    if not est.fits:
-        raise _refusal(est, config)
-    return PreflightResult(status="ok", device=target.device, estimate=est)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -21,54 +20,43 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, ClassVar
 
 from cmw_vllm.errors import (
     CmwVllmError,
+    DownloadCancelled,
+    DownloadError,
     EnvironmentProblem,
     InsufficientResourcesError,
     NotFoundError,
     UsageError,
 )
+from cmw_vllm.hf_cache import (
+    endpoint,
+    filter_names,
+    hub_cache_dir,
+    offline,
+    repo_dir,
+    select_files,
+    token,
+    write_ref,
+)
 from cmw_vllm.model_verifier import (
-    SHA1_RE,
     ModelLocation,
     VerifyReport,
-    hub_cache_dir,
     local_manifest_path,
     locate_cached,
     locate_local,
     manifest_path,
-    repo_cache_dir,
     verify_location,
     write_manifest,
 )
+from cmw_vllm.vocab import format_bytes
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 TOKEN_HELP = "https://huggingface.co/settings/tokens"
-
-# What vLLM reads: weights, configs, tokenizer files, chat templates, remote code.
-DEFAULT_ALLOW_PATTERNS = [
-    "*.safetensors",
-    "*.json",
-    "*.txt",
-    "*.model",
-    "*.tiktoken",
-    "*.jinja",
-    "*.py",
-]
-# PyTorch pickles are fetched only when a repo has no safetensors at all.
-TORCH_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth"]
-# Safetensors in sub-folders (original/, metal/, onnx/, ...) duplicate the root weights.
-SUBFOLDER_WEIGHT_PATTERNS = ["*/*.safetensors"]
-
-
-class DownloadCancelled(Exception):
-    """Raised inside download threads after Ctrl-C so they stop at their next chunk."""
 
 
 @dataclass(frozen=True)
@@ -267,31 +255,7 @@ class ProgressBar:
 
 
 # --------------------------------------------------------------------------------------------
-# Environment, read at call time.
-
-
-def endpoint() -> str:
-    """The Hub's URL (``HF_ENDPOINT`` or huggingface.co)."""
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-
-
-def offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set to a true value."""
-    return (os.environ.get("HF_HUB_OFFLINE") or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def token() -> str | None:
-    """The Hugging Face token (``HF_TOKEN``, else the one saved by ``hf auth login``)."""
-    explicit = os.environ.get("HF_TOKEN")
-    if explicit:
-        return explicit
-    from cmw_vllm.disk_space import hf_home
-
-    saved = Path(os.environ.get("HF_TOKEN_PATH") or hf_home() / "token")
-    try:
-        return saved.read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
+# Environment and file selection
 
 
 def free_space(path: Path) -> int:
@@ -302,54 +266,6 @@ def free_space(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-# --------------------------------------------------------------------------------------------
-# File selection
-
-
-def select_files(names: Sequence[str], include: Sequence[str] = (),
-                 exclude: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """The allow and ignore patterns for a repo with these files.
-
-    Args:
-        names: Every file of the repo.
-        include: The user's ``--include`` patterns: they replace the default selection.
-        exclude: The user's ``--exclude`` patterns, always applied.
-
-    Returns:
-        (allow patterns, ignore patterns), as ``snapshot_download`` takes them.
-    """
-    ignore = list(exclude)
-    if include:
-        return list(include), ignore
-    allow = list(DEFAULT_ALLOW_PATTERNS)
-    safetensors = [n for n in names if n.endswith(".safetensors")]
-    if not safetensors:
-        allow += TORCH_WEIGHT_PATTERNS
-    elif any("/" not in n for n in safetensors) and any("/" in n for n in safetensors):
-        ignore += SUBFOLDER_WEIGHT_PATTERNS
-    return allow, ignore
-
-
-def filter_names(names: Sequence[str], allow: Sequence[str] | None,
-                 ignore: Sequence[str] | None) -> list[str]:
-    """The names matching ``allow`` and no ``ignore`` pattern (as huggingface_hub filters)."""
-    out = []
-    for name in names:
-        if allow is not None and not any(fnmatch(name, p) for p in allow):
-            continue
-        if ignore and any(fnmatch(name, p) for p in ignore):
-            continue
-        out.append(name)
-    return out
-
-
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _escape(name: str) -> str:
@@ -421,7 +337,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
             return EnvironmentProblem(
                 f"the Hugging Face Hub at {endpoint()} answered HTTP {status}; try again later")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return CmwVllmError(f"the Hub refused the request for {repo_id}: {first}")
+        return DownloadError(f"the Hub refused the request for {repo_id}: {first}")
     if isinstance(exc, hf_errors.LocalEntryNotFoundError) or _is_network_error(exc) or \
             isinstance(exc, ConnectionError):
         return EnvironmentProblem(
@@ -430,7 +346,7 @@ def translate_hub_error(exc: BaseException, repo_id: str, revision: str,
                  "the cache",
         )
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
-        return CmwVllmError(f"a file of {repo_id} arrived incomplete; run the download again")
+        return DownloadError(f"a file of {repo_id} arrived incomplete; run the download again")
     return None
 
 
@@ -516,11 +432,12 @@ def plan_download(
         allow, ignore = select_files(names, include, exclude)
         selected = filter_names(names, allow, ignore)
     if repair and not selected:
-        raise CmwVllmError(f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
+        raise DownloadError(
+            f"cannot repair {', '.join(repair)}: not in {repo_id}@{rev} on the Hub")
     if not selected:
         raise UsageError(f"no file of {repo_id}@{rev} matches the selection",
                          hint="check --include/--exclude")
-    target = Path(local_dir).expanduser().absolute() if local_dir else repo_cache_dir(repo_id)
+    target = Path(local_dir).expanduser().absolute() if local_dir else repo_dir(repo_id)
     files: list[PlannedFile] = []
     for name in selected:
         size, etag = metadata[name]
@@ -557,8 +474,8 @@ def check_disk_space(plan: DownloadPlan) -> None:
     """
     if plan.bytes_to_fetch > plan.free_bytes:
         raise InsufficientResourcesError(
-            f"{plan.repo_id} needs {_fmt_bytes(plan.bytes_to_fetch)} "
-            f"({plan.bytes_to_fetch} bytes) more but only {_fmt_bytes(plan.free_bytes)} "
+            f"{plan.repo_id} needs {format_bytes(plan.bytes_to_fetch)} "
+            f"({plan.bytes_to_fetch} bytes) more but only {format_bytes(plan.free_bytes)} "
             f"({plan.free_bytes} bytes) is free in {plan.target}",
             hint="free some space, choose another place with --local-dir or HF_HOME, "
                  "or pass --force to try anyway",
@@ -585,21 +502,6 @@ def _cancel_on_sigint(event: threading.Event) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _write_ref(repo_dir: Path, revision: str, commit: str) -> None:
-    if revision == commit or SHA1_RE.match(revision):
-        return
-    ref = repo_dir / "refs" / revision
-    try:
-        if ref.is_file() and ref.read_text(encoding="utf-8").strip() == commit:
-            return
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-        tmp.write_text(commit, encoding="utf-8")
-        os.replace(tmp, ref)
-    except OSError as exc:
-        logger.warning("cannot record %s -> %s in %s: %s", revision, commit, repo_dir, exc)
 
 
 def fetch(plan: DownloadPlan, *, progress_class: Callable[..., ProgressBar] | None = None,
@@ -642,7 +544,7 @@ def fetch(plan: DownloadPlan, *, progress_class: Callable[..., ProgressBar] | No
     finally:
         ProgressBar.cancel_event = None
     if plan.local_dir is None:
-        _write_ref(plan.target, plan.revision, plan.commit)
+        write_ref(plan.target, plan.revision, plan.commit)
     return Path(folder)
 
 

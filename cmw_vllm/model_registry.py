@@ -6,42 +6,49 @@ A name on the command line (``start``, ``download``, ``verify``) is one of:
 - a Hugging Face id (``org/name``), with the entry whose ``model`` it is, if any;
 - a local directory (``./my-model``, ``/data/llama``), served as it is.
 
-Built-in entries are tuned for vLLM 0.32.0 on one GPU. ``gpu_memory_utilization`` is this
-server's share of the GPU's *total* memory; the values assume a 48 GB card with room left for
-a small embedding or reranker server beside it, except where the description says a model
-needs an 80 GB card. ``size_gb`` is the approximate download size of the safetensors weights
-(parameter count x bytes per parameter, rounded); it is a guide for disk checks, not exact.
-
-Users add or override entries in ``<state dir>/models.toml`` (see :func:`load_user_entries`).
+The built-in entries, tuned for vLLM 0.32.0 on one GPU, are data: ``cmw_vllm/data/registry.toml``,
+in the same schema as the user's ``<state dir>/models.toml``, which adds or overrides entries
+(see :func:`load_user_entries`). Both go through one loader and one validation.
 Precedence for the settings of a server is documented in :mod:`cmw_vllm.server_config`.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cmw_vllm import paths
 from cmw_vllm.errors import ConfigError, NotFoundError, UsageError
-from cmw_vllm.server_config import MANAGED_FLAGS, NAME_RE, Dtype, Task
+from cmw_vllm.server_config import MANAGED_FLAGS
+from cmw_vllm.vocab import (
+    NAME_RULE,
+    Convert,
+    Dtype,
+    Runner,
+    Task,
+    is_hf_id,
+    is_valid_name,
+    looks_like_path,
+)
 
 VLLM_VERSION = "0.32.0"
 BUILTIN_SOURCE = "built-in"
+BUILTIN_FILE = Path(__file__).parent / "data" / "registry.toml"
 
 
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-# Parser names registered in vLLM 0.32.0 (``../shared/vllm/parsers-0.32.0.txt``); a test keeps
-# these in step with that file.
+# Parser names registered in vLLM 0.32.0; a test keeps these in step with vLLM's own list
+# (tests/data/parsers-0.32.0.txt).
 TOOL_CALL_PARSERS = _words(
     """
 apertus cohere_command3 cohere_command4 deepseek_v3 deepseek_v31 deepseek_v32 deepseek_v4
@@ -62,7 +69,7 @@ step3p5
 """
 )
 
-# Every option ``vllm serve`` 0.32.0 accepts (``../shared/vllm/serve-flags-0.32.0.tsv``), so a
+# Every option ``vllm serve`` 0.32.0 accepts (tests/data/serve-flags-0.32.0.tsv), so a
 # typo or a removed flag (``--task``) in a models file fails here, not minutes into a start.
 SERVE_FLAGS = _words(
     """
@@ -187,8 +194,6 @@ SERVE_FLAGS = _words(
 """
 )
 
-Runner = Literal["auto", "draft", "generate", "pooling"]
-Convert = Literal["auto", "classify", "embed", "none"]
 
 # Flags an entry sets through its own keys; repeating them in extra_args would be ambiguous.
 _FIELD_FLAGS = {
@@ -212,25 +217,6 @@ _CONFIG_FLAGS = {
     "--port": "port",
     "--model": "model",
 }
-
-_HF_PART_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
-_HF_ID_MAX = 96
-
-
-def is_hf_id(text: str) -> bool:
-    """True when ``text`` is a syntactically valid Hugging Face repository id ``org/name``.
-
-    Follows the Hub's rules: letters, digits, ``-``, ``_`` and ``.``; no ``--`` or ``..``;
-    parts neither start nor end with ``-`` or ``.``; at most 96 characters.
-    """
-    if len(text) > _HF_ID_MAX or text.count("/") != 1 or "--" in text or ".." in text:
-        return False
-    return all(_HF_PART_RE.match(part) for part in text.split("/"))
-
-
-def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or os.path.isabs(text)
-
 
 def _flag_of(token: str) -> str | None:
     """The option a command-line token names (``--x=1`` -> ``--x``), or None for a value."""
@@ -305,19 +291,20 @@ class ModelEntry(BaseModel):
 
     alias: str
     model: str = Field(min_length=1)
-    task: Task = "generate"
+    # Vocabulary words arrive as strings from TOML: only they are read leniently.
+    task: Task = Field(Task.GENERATE, strict=False)
     port: int = Field(ge=1, le=65535)
     description: str = ""
     size_gb: float | None = Field(None, gt=0)
     max_model_len: int | None = Field(None, ge=1)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    dtype: Dtype | None = None
+    dtype: Dtype | None = Field(None, strict=False)
     tensor_parallel_size: int | None = Field(None, ge=1, le=64)
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     enable_auto_tool_choice: bool = False
-    runner: Runner | None = None
-    convert: Convert | None = None
+    runner: Runner | None = Field(None, strict=False)
+    convert: Convert | None = Field(None, strict=False)
     hf_overrides: dict[str, Any] | None = None
     trust_remote_code: bool = False
     extra_args: list[str] = Field(default_factory=list)
@@ -326,17 +313,14 @@ class ModelEntry(BaseModel):
     @field_validator("alias")
     @classmethod
     def _check_alias(cls, value: str) -> str:
-        if not NAME_RE.match(value) or ".." in value:
-            raise ValueError(
-                "use letters, digits, '.', '_' and '-' (at most 64, starting with a letter "
-                "or digit)"
-            )
+        if not is_valid_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
-        if not (_looks_like_path(value) or is_hf_id(value)):
+        if not (looks_like_path(value) or is_hf_id(value)):
             raise ValueError("must be a Hugging Face id (org/name) or an absolute/./~ path")
         return value
 
@@ -364,13 +348,13 @@ class ModelEntry(BaseModel):
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             # vLLM refuses to start with --enable-auto-tool-choice alone.
             raise ValueError("enable_auto_tool_choice needs tool_call_parser")
-        if self.task == "generate":
-            if self.runner == "pooling" or self.convert in ("embed", "classify"):
+        if self.task == Task.GENERATE:
+            if self.runner == Runner.POOLING or self.convert in (Convert.EMBED, Convert.CLASSIFY):
                 raise ValueError(
                     f"task 'generate' cannot use runner {self.runner!r} / convert "
                     f"{self.convert!r}; set task to embed, score or classify"
                 )
-        elif self.runner not in (None, "pooling"):
+        elif self.runner not in (None, Runner.POOLING):
             raise ValueError(f"task {self.task!r} needs runner 'pooling' (got {self.runner!r})")
         return self
 
@@ -381,7 +365,7 @@ class ModelEntry(BaseModel):
         are not included: they travel as ServerConfig fields (see :meth:`server_settings`).
         """
         args: list[str] = []
-        runner = self.runner or ("pooling" if self.task != "generate" else None)
+        runner = self.runner or (Runner.POOLING if self.task != Task.GENERATE else None)
         if runner:
             args += ["--runner", runner]
         if self.convert:
@@ -425,199 +409,8 @@ def _unknown_name(kind: str, value: str, known: frozenset[str]) -> str:
     return f"unknown vLLM {VLLM_VERSION} {kind} {value!r}{hint}"
 
 
-_QWEN3_RERANKER_OVERRIDES = {
-    # The original checkpoint is a causal LM that scores with the "yes"/"no" logits; vLLM
-    # turns it into a sequence classifier this way (vLLM's Qwen3 reranker example).
-    "architectures": ["Qwen3ForSequenceClassification"],
-    "classifier_from_token": ["no", "yes"],
-    "is_original_qwen3_reranker": True,
-}
-_MISTRAL_FORMAT = [
-    "--tokenizer-mode",
-    "mistral",
-    "--config-format",
-    "mistral",
-    "--load-format",
-    "mistral",
-]
-
-# Ports: chat models from 8000; the guard and the pooling models from 8100 (8100-8102 and 8105
-# are the ports the original tool used for them).
-_BUILTIN: tuple[dict[str, Any], ...] = (
-    {
-        "alias": "qwen",
-        "model": "Qwen/Qwen3-30B-A3B-Instruct-2507",
-        "task": "generate",
-        "port": 8000,
-        "description": "Qwen3 30B-A3B MoE instruct, hermes tool calls; "
-        "bf16 ~61 GB: needs an 80 GB GPU (or tensor_parallel_size 2)",
-        "size_gb": 61.1,  # 30.5B params x 2 bytes
-        "max_model_len": 32768,
-        "gpu_memory_utilization": 0.9,
-        "tool_call_parser": "hermes",
-        "enable_auto_tool_choice": True,
-    },
-    {
-        "alias": "gpt-oss-20b",
-        "model": "openai/gpt-oss-20b",
-        "task": "generate",
-        "port": 8001,
-        "description": "OpenAI gpt-oss 20B (MoE, MXFP4 ~14 GB), harmony tool calls and reasoning",
-        "size_gb": 13.8,  # the three model-*.safetensors; original/ and metal/ are not needed
-        "max_model_len": 65536,
-        "gpu_memory_utilization": 0.7,
-        "tool_call_parser": "openai",
-        "reasoning_parser": "openai_gptoss",
-        "enable_auto_tool_choice": True,
-    },
-    {
-        "alias": "ministral-14b",
-        "model": "mistralai/Ministral-3-14B-Instruct-2512",
-        "task": "generate",
-        "port": 8002,
-        "description": "Mistral Ministral 3 14B instruct (FP8, vision), mistral tokenizer and "
-        "tool calls",
-        "size_gb": 16.0,  # ~14B params in FP8 plus bf16 embeddings and vision encoder, approx.
-        "max_model_len": 32768,
-        "gpu_memory_utilization": 0.6,
-        "tool_call_parser": "mistral",
-        "enable_auto_tool_choice": True,
-        "extra_args": _MISTRAL_FORMAT,
-    },
-    {
-        "alias": "gigachat3-10b",
-        "model": "ai-sage/GigaChat3-10B-A1.8B-bf16",
-        "task": "generate",
-        "port": 8003,
-        "description": "Sber GigaChat3 10B-A1.8B MoE (bf16, MLA), Russian/English, gigachat3 "
-        "tool calls, MTP speculative decoding",
-        "size_gb": 21.0,  # ~10B params x 2 bytes plus the MTP layer, approx.
-        "max_model_len": 65536,
-        "gpu_memory_utilization": 0.6,
-        "tool_call_parser": "gigachat3",
-        "enable_auto_tool_choice": True,
-        # The model card's recommendation: one multi-token-prediction draft token.
-        "extra_args": ["--speculative-config", '{"method":"mtp","num_speculative_tokens":1}'],
-    },
-    {
-        "alias": "qwen3-coder-reap-25b",
-        "model": "cerebras/Qwen3-Coder-REAP-25B-A3B",
-        "task": "generate",
-        "port": 8004,
-        "description": "Cerebras REAP-pruned Qwen3-Coder 25B-A3B MoE, XML tool calls; "
-        "bf16 ~50 GB: needs an 80 GB GPU",
-        "size_gb": 49.9,  # 24.9B params x 2 bytes
-        "max_model_len": 65536,
-        "gpu_memory_utilization": 0.9,
-        "tool_call_parser": "qwen3_xml",
-        "enable_auto_tool_choice": True,
-    },
-    {
-        "alias": "qwen3-0.6b",
-        "model": "Qwen/Qwen3-0.6B",
-        "task": "generate",
-        "port": 8005,
-        "description": "Small Qwen3 0.6B with thinking mode and hermes tool calls; runs on a CPU",
-        "size_gb": 1.5,
-        # 8192 keeps the KV cache (~112 KiB/token) within 1 GiB on CPU (VLLM_CPU_KVCACHE_SPACE).
-        "max_model_len": 8192,
-        "gpu_memory_utilization": 0.15,
-        "tool_call_parser": "hermes",
-        "reasoning_parser": "qwen3",
-        "enable_auto_tool_choice": True,
-    },
-    {
-        "alias": "qwen3guard-0.6b",
-        "model": "Qwen/Qwen3Guard-Gen-0.6B",
-        "task": "generate",
-        "port": 8105,
-        "description": "Qwen3Guard-Gen 0.6B safety moderation: answers 'Safety: ... "
-        "Categories: ...' via chat",
-        "size_gb": 1.5,
-        "max_model_len": 32768,
-        "gpu_memory_utilization": 0.2,
-    },
-    {
-        "alias": "qwen3-embedding-0.6b",
-        "model": "Qwen/Qwen3-Embedding-0.6B",
-        "task": "embed",
-        "port": 8100,
-        "description": "Qwen3 text embeddings 0.6B (1024-dim, multilingual), /v1/embeddings",
-        "size_gb": 1.2,
-        "max_model_len": 32768,
-        "gpu_memory_utilization": 0.2,
-        "runner": "pooling",
-        "convert": "embed",
-    },
-    {
-        "alias": "qwen3-embedding-4b",
-        "model": "Qwen/Qwen3-Embedding-4B",
-        "task": "embed",
-        "port": 8106,
-        "description": "Qwen3 text embeddings 4B (2560-dim, multilingual), /v1/embeddings",
-        "size_gb": 8.0,
-        "max_model_len": 32768,
-        "gpu_memory_utilization": 0.35,
-        "runner": "pooling",
-        "convert": "embed",
-    },
-    {
-        "alias": "qwen3-embedding-8b",
-        "model": "Qwen/Qwen3-Embedding-8B",
-        "task": "embed",
-        "port": 8107,
-        "description": "Qwen3 text embeddings 8B (4096-dim, multilingual), /v1/embeddings",
-        "size_gb": 15.1,
-        "max_model_len": 32768,
-        "gpu_memory_utilization": 0.5,
-        "runner": "pooling",
-        "convert": "embed",
-    },
-    {
-        "alias": "qwen3-reranker-0.6b",
-        "model": "Qwen/Qwen3-Reranker-0.6B",
-        "task": "score",
-        "port": 8101,
-        "description": "Qwen3 reranker 0.6B, served as a classifier for /score and /rerank",
-        "size_gb": 1.2,
-        "max_model_len": 32768,
-        "gpu_memory_utilization": 0.2,
-        "runner": "pooling",
-        "hf_overrides": _QWEN3_RERANKER_OVERRIDES,
-    },
-    {
-        "alias": "bge-reranker-v2-m3",
-        "model": "BAAI/bge-reranker-v2-m3",
-        "task": "score",
-        "port": 8102,
-        "description": "BAAI bge-reranker-v2-m3 cross-encoder (XLM-RoBERTa, multilingual), "
-        "/score and /rerank",
-        "size_gb": 2.3,  # 568M params stored in fp32
-        "max_model_len": 8192,
-        "gpu_memory_utilization": 0.1,
-        "runner": "pooling",
-    },
-    {
-        "alias": "cross-encoder-russian",
-        "model": "DiTy/cross-encoder-russian-msmarco",
-        "task": "score",
-        "port": 8103,
-        "description": "Russian MS MARCO cross-encoder (ruBERT base), /score and /rerank",
-        "size_gb": 0.7,  # ~178M params stored in fp32
-        "max_model_len": 512,
-        "gpu_memory_utilization": 0.1,
-        "runner": "pooling",
-    },
-)
-
-
-def builtin_entries() -> list[ModelEntry]:
-    """The entries shipped with cmw-vllm, in display order."""
-    return [ModelEntry(**entry) for entry in _BUILTIN]
-
-
 # ---------------------------------------------------------------------------------------------
-# The user's models file
+# Models files: the built-in one shipped in the package, and the user's
 
 
 def _table_lines(text: str, alias: str) -> tuple[int | None, dict[str, int]]:
@@ -683,12 +476,13 @@ def _file_error(file: Path, line: int | None, message: str) -> ConfigError:
 def load_user_entries(path: Path | None = None) -> list[ModelEntry]:
     """Read the user's models file: new entries and overrides of built-in ones.
 
-    The file is TOML with one table per alias::
+    The file is TOML with one table per alias, like the built-in registry
+    (``cmw_vllm/data/registry.toml``)::
 
         [models.my-llama]
         model = "meta-llama/Llama-3.1-8B-Instruct"
         task = "generate"
-        port = 8100
+        port = 8200
         max_model_len = 16384
         tool_call_parser = "llama3_json"
 
@@ -706,8 +500,6 @@ def load_user_entries(path: Path | None = None) -> list[ModelEntry]:
         ConfigError: The file cannot be read, is not valid TOML (the message has the line),
             or an entry is invalid (the message names the file, line and key).
     """
-    import tomllib
-
     file = Path(path) if path is not None else paths.user_models_file()
     try:
         raw = file.read_bytes()
@@ -715,6 +507,25 @@ def load_user_entries(path: Path | None = None) -> list[ModelEntry]:
         return []  # no file (or no state dir yet: creating it is start's business)
     except OSError as exc:
         raise ConfigError(f"cannot read models file {file}: {exc.strerror or exc}") from exc
+    builtins = {entry.alias.lower(): entry for entry in builtin_entries()}
+    return _parse_models_file(file, raw, str(file), builtins)
+
+
+@functools.cache
+def _builtin_entries() -> tuple[ModelEntry, ...]:
+    return tuple(_parse_models_file(BUILTIN_FILE, BUILTIN_FILE.read_bytes(), BUILTIN_SOURCE, {}))
+
+
+def builtin_entries() -> list[ModelEntry]:
+    """The entries shipped with cmw-vllm, in display order (read once, on first use)."""
+    return list(_builtin_entries())
+
+
+def _parse_models_file(file: Path, raw: bytes, source: str,
+                       bases: dict[str, ModelEntry]) -> list[ModelEntry]:
+    """Parse and validate a models file; ``bases`` are the entries its tables override."""
+    import tomllib
+
     try:
         text = raw.decode("utf-8")
         data = tomllib.loads(text)
@@ -731,57 +542,55 @@ def load_user_entries(path: Path | None = None) -> list[ModelEntry]:
     models = data.get("models", {})
     if not isinstance(models, dict):
         raise ConfigError(f"{file}: 'models' must be a table of [models.ALIAS] tables")
-
-    builtins = {entry.alias.lower(): entry for entry in builtin_entries()}
     entries: list[ModelEntry] = []
     seen: dict[str, str] = {}
     for alias, table in models.items():
-        start, key_lines = _table_lines(text, alias)
-        if not isinstance(table, dict):
-            raise _file_error(file, start, f"models.{alias} must be a table ([models.{alias}])")
         if alias.lower() in seen:
+            start, _lines = _table_lines(text, alias)
             raise _file_error(
                 file, start, f"alias '{alias}' is defined twice (also as '{seen[alias.lower()]}')"
             )
         seen[alias.lower()] = alias
-        for key in _NOT_IN_FILE:
-            if key in table:
-                hint = "the alias is the table name" if key == "alias" else "set by cmw-vllm"
-                line = key_lines.get(key, start)
-                raise _file_error(file, line, f"models.{alias}.{key}: cannot be set here ({hint})")
-        base = builtins.get(alias.lower())
-        values: dict[str, Any] = base.model_dump() if base else {}
-        values.update(table)
-        values["alias"] = base.alias if base else alias
-        values["source"] = str(file)
-        try:
-            entries.append(ModelEntry(**values))
-        except ValidationError as exc:
-            key, message = _describe_error(exc.errors()[0], alias, base is None)
-            line = key_lines.get(key, start) if key else start
-            raise _file_error(file, line, message) from None
+        entries.append(_entry_from_table(file, text, alias, table, source,
+                                         bases.get(alias.lower())))
     return entries
+
+
+def _entry_from_table(file: Path, text: str, alias: str, table: object, source: str,
+                      base: ModelEntry | None) -> ModelEntry:
+    """One validated entry from a ``[models.ALIAS]`` table, merged over ``base``."""
+    start, key_lines = _table_lines(text, alias)
+    if not isinstance(table, dict):
+        raise _file_error(file, start, f"models.{alias} must be a table ([models.{alias}])")
+    for key in _NOT_IN_FILE:
+        if key in table:
+            hint = "the alias is the table name" if key == "alias" else "set by cmw-vllm"
+            line = key_lines.get(key, start)
+            raise _file_error(file, line, f"models.{alias}.{key}: cannot be set here ({hint})")
+    values: dict[str, Any] = base.model_dump() if base else {}
+    values.update(table)
+    values["alias"] = base.alias if base else alias
+    values["source"] = source
+    try:
+        return ModelEntry(**values)
+    except ValidationError as exc:
+        key, message = _describe_error(exc.errors()[0], alias, base is None)
+        line = key_lines.get(key, start) if key else start
+        raise _file_error(file, line, message) from None
 
 
 def all_entries() -> dict[str, ModelEntry]:
     """Every entry by alias: the built-ins, overridden and extended by the user's file.
 
+    Entries may share a default port (a user's entry often stands in for a built-in one);
+    ``start`` refuses a port that a running server holds.
+
     Raises:
-        ConfigError: The models file is invalid, or two entries share a default port.
+        ConfigError: The models file is invalid.
     """
     entries = {entry.alias: entry for entry in builtin_entries()}
     for entry in load_user_entries():
         entries[entry.alias] = entry
-    by_port: dict[int, ModelEntry] = {}
-    for entry in entries.values():
-        other = by_port.get(entry.port)
-        if other is not None:
-            user = entry if entry.source != BUILTIN_SOURCE else other
-            raise ConfigError(
-                f"{user.source}: port {entry.port} of '{entry.alias}' is already the port of "
-                f"'{other.alias}'; every entry needs its own default port"
-            )
-        by_port[entry.port] = entry
     return entries
 
 
@@ -858,14 +667,14 @@ def resolve_target(target: str) -> ResolvedTarget:
     if not text:
         raise UsageError("empty model name")
     entries = all_entries()
-    if not _looks_like_path(text):
+    if not looks_like_path(text):
         entry = find_entry(text, entries)
         if entry is not None and entry.alias.lower() == text.lower():
             return _from_entry(entry)
     path = Path(text).expanduser()
     if path.is_dir():
         return ResolvedTarget(alias=None, model=str(path.resolve()), is_local=True, entry=None)
-    if _looks_like_path(text):
+    if looks_like_path(text):
         if path.exists():
             raise UsageError(f"{text} is not a directory; give the model's directory")
         raise NotFoundError(f"no such directory: {text}")
@@ -889,7 +698,7 @@ def resolve_target(target: str) -> ResolvedTarget:
 
 
 def _from_entry(entry: ModelEntry) -> ResolvedTarget:
-    is_local = _looks_like_path(entry.model)
+    is_local = looks_like_path(entry.model)
     # vLLM neither expands ~ nor shares our working directory: hand it an absolute path.
     model = str(Path(entry.model).expanduser().resolve()) if is_local else entry.model
     return ResolvedTarget(
@@ -901,32 +710,13 @@ def _from_entry(entry: ModelEntry) -> ResolvedTarget:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The Hugging Face cache, read without importing huggingface_hub (keeps ``list`` fast)
-
-
-def hf_hub_cache() -> Path:
-    """The Hub cache directory, resolved from the environment as huggingface_hub does."""
-    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
-
-
 def is_downloaded(model: str) -> bool:
-    """True when the cache holds a non-empty snapshot of ``model`` (or it is a local dir).
+    """True when ``model`` is a local directory, or the HF cache holds a snapshot of it.
 
     This is a quick presence check; ``verify`` checks that the files are complete.
     """
-    if _looks_like_path(model):
+    if looks_like_path(model):
         return Path(model).expanduser().is_dir()
-    snapshots = hf_hub_cache() / f"models--{model.replace('/', '--')}" / "snapshots"
-    try:
-        return any(
-            snapshot.is_dir() and any(snapshot.iterdir()) for snapshot in snapshots.iterdir()
-        )
-    except OSError:
-        return False
+    from cmw_vllm.hf_cache import is_cached
+
+    return is_cached(model)

@@ -1,7 +1,7 @@
 """Offline integrity checks of a downloaded model (HF cache snapshot or local directory).
 
 Nothing here touches the network. What a file should be comes from what the download left
-on disk (see ``../shared/hf/FACTS.md``):
+on disk (the cache's layout is described in :mod:`cmw_vllm.hf_cache`):
 
 - ``<repo cache>/trees/<commit>.json`` (or ``<local dir>/.cache/huggingface/trees/``): size,
   git blob id and LFS sha256 of every file of the commit;
@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,22 +29,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from cmw_vllm import hf_cache
 from cmw_vllm.errors import NotFoundError, UsageError
+from cmw_vllm.vocab import looks_like_path
 
 logger = logging.getLogger(__name__)
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 HASH_CHUNK = 4 << 20
-MAX_SAFETENSORS_HEADER = 100 << 20
-
-# Bytes per element of the dtypes safetensors knows; fp4/fp6 packings are skipped.
-DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}  # fmt: skip
 
 # Any one of these makes a tokenizer vLLM can load.
 TOKENIZER_FILES = (
@@ -185,23 +178,11 @@ HashProgress = Callable[[int], None]
 # Finding the files, offline
 
 
-def hub_cache_dir() -> Path:
-    """The HF hub cache, from the environment at call time (``HF_HUB_CACHE``, ``HF_HOME``)."""
-    from cmw_vllm.disk_space import hf_cache_dir
-
-    return hf_cache_dir()
-
-
-def repo_cache_dir(repo_id: str, cache_dir: Path | None = None) -> Path:
-    """``models--ORG--NAME`` under the hub cache."""
-    return (cache_dir or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
-
-
 def manifest_path(repo_id: str, commit: str) -> Path:
     """Where cmw-vllm records which files a cache download asked for."""
     from cmw_vllm.paths import state_dir
 
-    return state_dir() / "downloads" / ("models--" + repo_id.replace("/", "--")) / f"{commit}.json"
+    return state_dir() / "downloads" / hf_cache.repo_folder_name(repo_id) / f"{commit}.json"
 
 
 def local_manifest_path(local_dir: Path) -> Path:
@@ -267,26 +248,20 @@ def locate_cached(repo_id: str, revision: str | None = None,
         NotFoundError: The repo, revision or snapshot is not in the cache.
     """
     rev = revision or "main"
-    repo_dir = repo_cache_dir(repo_id, cache_dir)
+    repo_dir = hf_cache.repo_dir(repo_id, cache_dir)
     if not repo_dir.is_dir():
         raise NotFoundError(
             f"{repo_id} is not in the Hugging Face cache ({repo_dir.parent})",
             hint=f"download it first: cmw-vllm download {repo_id}",
         )
-    if SHA1_RE.match(rev) and (repo_dir / "snapshots" / rev).is_dir():
-        commit = rev
-    else:
-        ref = repo_dir / "refs" / rev
-        try:
-            commit = ref.read_text(encoding="utf-8").strip()
-        except OSError:
-            known = sorted(p.name for p in (repo_dir / "refs").glob("*")) if (
-                repo_dir / "refs").is_dir() else []
-            raise NotFoundError(
-                f"revision {rev!r} of {repo_id} is not in the cache"
-                + (f" (cached: {', '.join(known)})" if known else ""),
-                hint=f"download it: cmw-vllm download {repo_id} --revision {rev}",
-            ) from None
+    commit = hf_cache.resolve_commit(repo_dir, rev)
+    if commit is None:
+        known = hf_cache.refs(repo_dir)
+        raise NotFoundError(
+            f"revision {rev!r} of {repo_id} is not in the cache"
+            + (f" (cached: {', '.join(known)})" if known else ""),
+            hint=f"download it: cmw-vllm download {repo_id} --revision {rev}",
+        )
     snapshot = repo_dir / "snapshots" / commit
     if not snapshot.is_dir():
         raise NotFoundError(
@@ -294,7 +269,7 @@ def locate_cached(repo_id: str, revision: str | None = None,
             hint=f"download it again: cmw-vllm download {repo_id} --revision {rev}",
         )
     loc = ModelLocation(snapshot, repo_id, rev, commit, source="cache")
-    tree = read_tree(repo_dir / "trees" / f"{commit}.json")
+    tree = read_tree(hf_cache.tree_file(repo_dir, commit))
     if tree is not None:
         loc.expected = tree
         loc.metadata = "tree"
@@ -371,18 +346,6 @@ def locate_local(path: Path) -> ModelLocation:
     return loc
 
 
-def _cache_snapshot_of(path: Path) -> tuple[str, str, Path] | None:
-    """(repo id, commit, hub cache) when ``path`` is a snapshot folder in an HF cache."""
-    resolved = path.resolve()
-    snapshots, repo_dir = resolved.parent, resolved.parent.parent
-    if snapshots.name != "snapshots" or not repo_dir.name.startswith("models--"):
-        return None
-    parts = repo_dir.name[len("models--"):].split("--")
-    if len(parts) != 2 or not SHA1_RE.match(resolved.name):
-        return None
-    return "/".join(parts), resolved.name, repo_dir.parent
-
-
 def _walk(root: Path) -> list[str]:
     """Repo-relative paths of the files (and links) under ``root``, skipping ``.cache``."""
     out: list[str] = []
@@ -407,19 +370,9 @@ def safetensors_problem(path: Path, size: int) -> tuple[str | None, set[str]]:
         (problem text or None, tensor names in the header).
     """
     try:
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return f"too short for a safetensors file ({size} bytes)", set()
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
-                return (f"header length {header_len} does not fit in the file ({size} bytes)",
-                        set())
-            header = json.loads(fh.read(header_len))
-    except (ValueError, UnicodeDecodeError):
-        return "header is not valid JSON", set()
-    if not isinstance(header, dict):
-        return "header is not a JSON object", set()
+        header_len, header = hf_cache.read_safetensors_header(path, size)
+    except ValueError as exc:
+        return str(exc), set()
     spans: list[tuple[int, int]] = []
     names: set[str] = set()
     for name, info in header.items():
@@ -433,14 +386,12 @@ def safetensors_problem(path: Path, size: int) -> tuple[str | None, set[str]]:
             return f"tensor {name!r} has a malformed header entry", names
         if end < begin:
             return f"tensor {name!r} has offsets {begin}..{end}", names
-        itemsize = DTYPE_SIZES.get(dtype)
-        if itemsize is not None:
-            count = 1
-            for dim in shape:
-                count *= dim
-            if count * itemsize != end - begin:
-                return (f"tensor {name!r} ({dtype} {shape}) needs {count * itemsize} bytes, "
-                        f"header gives {end - begin}"), names
+        bits = hf_cache.SAFETENSORS_DTYPE_BITS.get(dtype)
+        need = math.prod(shape) * bits if bits is not None else (end - begin) * 8
+        if need != (end - begin) * 8:
+            need_text = f"{need // 8} bytes" if need % 8 == 0 else f"{need} bits"
+            return (f"tensor {name!r} ({dtype} {shape}) needs {need_text}, "
+                    f"header gives {end - begin}"), names
         spans.append((begin, end))
         names.add(name)
     spans.sort()
@@ -592,10 +543,8 @@ def verify_location(
     if loc.selected is not None:
         expected_names = list(loc.selected)
     elif loc.expected:
-        from cmw_vllm.model_downloader import filter_names, select_files
-
-        allow, ignore = select_files(list(loc.expected))
-        expected_names = filter_names(list(loc.expected), allow, ignore)
+        allow, ignore = hf_cache.select_files(list(loc.expected))
+        expected_names = hf_cache.filter_names(list(loc.expected), allow, ignore)
     else:
         expected_names = []
     to_check = sorted(set(expected_names) | present_set)
@@ -745,11 +694,11 @@ def verify_model(
     if path.is_dir():
         if revision:
             raise UsageError("--revision applies to a Hugging Face repo, not a directory")
-        cached = _cache_snapshot_of(path)
+        cached = hf_cache.snapshot_of_path(path)
         loc = locate_cached(*cached) if cached else locate_local(path)
     else:
         text = str(target)
-        if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        if text.count("/") != 1 or looks_like_path(text):
             raise NotFoundError(f"{text} is neither a directory nor a Hugging Face repo id")
         loc = locate_cached(text, revision)
     return verify_location(loc, full=full, workers=workers, progress=progress,

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
+from cmw_vllm.vocab import NAME_RULE, Dtype, RestartPolicy, Task, is_valid_name, parse_int
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-Dtype = Literal["auto", "float16", "bfloat16", "float32", "half", "float"]
-Task = Literal["generate", "embed", "score", "classify"]
-RestartPolicy = Literal["no", "on-failure", "always"]
 # Seconds in-flight requests get to finish on stop (vLLM's --shutdown-timeout); see README.
 DEFAULT_DRAIN = 30
 
@@ -60,20 +57,6 @@ OPTION_NAMES = {
 }
 
 
-def validate_name(name: str) -> str:
-    """Check that a server name is safe to use as a file name.
-
-    Raises:
-        ConfigError: The name has path separators, ``..``, shell characters or is too long.
-    """
-    if not NAME_RE.match(name) or ".." in name:
-        raise ConfigError(
-            f"invalid server name {name!r}: use letters, digits, '.', '_' and '-' "
-            "(at most 64, starting with a letter or digit)"
-        )
-    return name
-
-
 def name_from_model(model: str) -> str:
     """Derive a server name from a model id or path (``Qwen/Qwen3-0.6B`` -> ``qwen3-0.6b``)."""
     base = model.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1].lower()
@@ -95,22 +78,19 @@ class ServerConfig(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
-    dtype: Dtype = "auto"
+    dtype: Dtype = Dtype.AUTO
     gpus: str | None = None
-    task: Task = "generate"
+    task: Task = Task.GENERATE
     vllm_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     drain: int = Field(DEFAULT_DRAIN, ge=0, le=86400)
-    restart: RestartPolicy = "no"
+    restart: RestartPolicy = RestartPolicy.NO
 
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not NAME_RE.match(value) or ".." in value:
-            raise ValueError(
-                "use letters, digits, '.', '_' and '-' (at most 64, starting with a letter "
-                "or digit)"
-            )
+        if not is_valid_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
     @field_validator("host")
@@ -168,7 +148,7 @@ class ServerConfig(BaseModel):
             args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
         if self.max_model_len is not None:
             args += ["--max-model-len", str(self.max_model_len)]
-        if self.dtype != "auto":
+        if self.dtype != Dtype.AUTO:
             args += ["--dtype", self.dtype]
         if self.drain:
             args += ["--shutdown-timeout", str(self.drain)]
@@ -176,11 +156,11 @@ class ServerConfig(BaseModel):
 
     def _task_args(self) -> list[str]:
         """Pooling flags implied by ``task`` when the entry or user did not give them."""
-        if self.task == "generate" or any(
+        if self.task == Task.GENERATE or any(
             a.split("=", 1)[0] == "--runner" for a in self.vllm_args
         ):
             return []
-        if self.task == "embed":
+        if self.task == Task.EMBED:
             return ["--runner", "pooling", "--convert", "embed"]
         return ["--runner", "pooling"]
 
@@ -264,10 +244,5 @@ def resolve_server_config(
         values["name"] = name_from_model(model)
     for key in ("port", "tensor_parallel_size", "max_model_len", "drain"):
         if isinstance(values.get(key), str):
-            try:
-                values[key] = int(values[key])
-            except ValueError:
-                raise ConfigError(
-                    f"invalid {OPTION_NAMES[key]}: must be an integer (got {values[key]!r})"
-                ) from None
+            values[key] = parse_int(values[key], OPTION_NAMES[key])
     return build_config(values)

@@ -1,33 +1,21 @@
 """Start, stop and inspect vLLM servers, each under its own name.
 
-State lives in the state dir (see :mod:`cmw_vllm.paths`):
-
-- ``servers/NAME.json``: the record (pid, create time, port, command, log, config), written
-  atomically under a per-name lock;
-- ``servers/NAME.pid``: the vLLM API server's pid alone (``kill $(cat ...)``, ``PIDFile=``);
-- ``servers/NAME.exit``: how the server ended, written by :mod:`cmw_vllm.supervisor`;
-- ``logs/NAME.log``: vLLM's output of the current run (earlier runs are kept as
-  ``NAME.log.1`` (the latest) to ``NAME.log.5``).
-
-vLLM runs in a session of its own (its process group id is its pid), under a supervisor
-(:mod:`cmw_vllm.supervisor`) that records each exit and applies the restart policy.
-
-A process is ours only when its pid, create time and command line match the record; the
-engine's children (EngineCore, workers) are found by the process group the server was
-started in, which survives the API server's death.
+The files a server leaves in the state dir, and how a record is read and updated, are in
+:mod:`cmw_vllm.server_record`; the processes they name are looked at by
+:mod:`cmw_vllm.process_group`. vLLM runs under a supervisor (:mod:`cmw_vllm.supervisor`)
+that records each exit, restarts crashed servers by their policy and drains on stop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +24,43 @@ from cmw_vllm.errors import (
     CmwVllmError,
     ConflictError,
     EnvironmentProblem,
-    NotFoundError,
+    ServerNotRunningError,
     ServerStartError,
     StartTimeoutError,
+    StopError,
     UsageError,
 )
+from cmw_vllm.process_group import (
+    IS_WINDOWS,
+    describe_port_holder,
+    group_members,
+    is_ours,
+    port_is_free,
+    send_signal,
+    supervisor_process,
+    wait_gone,
+)
+from cmw_vllm.server_record import (
+    ServerRecord,
+    exit_path,
+    log_path,
+    open_log,
+    pid_path,
+    read_exit,
+    read_record,
+    record_names,
+    record_path,
+    rotate_log,
+    save_record,
+    update_record,
+)
+from cmw_vllm.vocab import ALIVE_STATES, State, validate_name
+
+__all__ = [  # re-exported: callers find the server's processes and ports here too
+    "ServerManager", "ServerStatus", "ServerRecord", "StartResult", "StopResult",
+    "describe_port_holder", "group_members", "launch_env", "log_path", "port_is_free",
+    "read_record", "record_names", "running_models",
+]
 
 if TYPE_CHECKING:
     import psutil
@@ -49,108 +69,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RECORD_FORMAT = 1
-IS_WINDOWS = os.name == "nt"
-
-# Server states, as shown by ``status``.
-RUNNING = "running"  # process alive, health not checked
-STARTING = "starting"
-HEALTHY = "healthy"
-UNHEALTHY = "unhealthy"
-EXITED = "exited"
-STALE = "stale"
-INVALID = "invalid"
-DRAINING = "draining"  # stop asked; in-flight requests finish (/health still says 200)
-RESTARTING = "restarting"  # crashed; the supervisor relaunches it after a backoff
-FAILED = "failed"  # crashed too often; the supervisor gave up
-# States in which the server's supervisor or vLLM process is alive.
-LIVE_STATES = (RUNNING, STARTING, HEALTHY, UNHEALTHY, DRAINING, RESTARTING)
-LOG_KEEP = 5  # rotated logs of earlier runs: NAME.log.1 .. NAME.log.5
-
-
-@dataclass
-class ServerRecord:
-    """What ``start`` wrote about one server."""
-
-    name: str
-    pid: int
-    create_time: float
-    supervisor_pid: int
-    supervisor_create_time: float
-    pgid: int
-    host: str
-    port: int
-    model: str
-    served_model_name: str
-    task: str
-    base_url: str
-    command: list[str]
-    log_path: str
-    started_at: float
-    config: dict[str, Any]
-    ready_at: float | None = None
-    format: int = RECORD_FORMAT
-    foreground: bool = False
-    restart_count: int = 0
-    last_exit_code: int | None = None
-    last_exit_at: float | None = None
-    next_restart_at: float | None = None
-    failed_at: float | None = None
-    stop_requested_at: float | None = None
-    drain_until: float | None = None
-    kill_at: float | None = None
-    # Timestamps of the last automatic restart: exit, exit seen, leftovers gone, relaunched.
-    restart_timing: dict[str, float] | None = None
-
-    @property
-    def drain(self) -> int:
-        """Seconds vLLM was launched to drain for (its ``--shutdown-timeout``)."""
-        value = self.config.get("drain", 0)
-        return int(value) if isinstance(value, (int, float)) else 0
-
-    @property
-    def restart_policy(self) -> str:
-        """``no``, ``on-failure`` or ``always``."""
-        return str(self.config.get("restart") or "no")
-
-    @property
-    def group_time(self) -> float:
-        """Create time of the process that leads the server's process group."""
-        return self.create_time if self.pgid == self.pid else self.supervisor_create_time
-
-    @classmethod
-    def from_json(cls, data: Any) -> ServerRecord:
-        """Build a record from parsed JSON.
-
-        Raises:
-            ValueError: Missing or mistyped fields, or another record format.
-        """
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        fmt = data.get("format")
-        if fmt != RECORD_FORMAT:
-            raise ValueError(f"record format {fmt!r} is not {RECORD_FORMAT} (older cmw-vllm?)")
-        from dataclasses import MISSING
-
-        kwargs: dict[str, Any] = {}
-        for f in cls.__dataclass_fields__.values():
-            if f.name not in data:
-                if f.default is not MISSING or f.default_factory is not MISSING:
-                    continue
-                raise ValueError(f"missing field {f.name!r}")
-            kwargs[f.name] = data[f.name]
-        for key in ("pid", "supervisor_pid", "pgid", "port"):
-            if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool):
-                raise ValueError(f"field {key!r} is not an integer")
-        return cls(**kwargs)
-
 
 @dataclass
 class ServerStatus:
     """The observed state of one managed server (or of a record that could not be read)."""
 
     name: str
-    state: str
+    state: State
     record: ServerRecord | None = None
     pid: int | None = None
     uptime: float | None = None
@@ -159,12 +84,11 @@ class ServerStatus:
     orphans: list[int] = field(default_factory=list)
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
         """True when the server is alive or being kept alive (restarting, draining)."""
-        return self.state in LIVE_STATES
+        return self.state in ALIVE_STATES
 
     def to_json(self) -> dict[str, Any]:
         """Stable JSON shape for ``status --json``."""
@@ -189,17 +113,18 @@ class ServerStatus:
             "restarts": rec.restart_count if rec else None,
             "last_exit_code": rec.last_exit_code if rec else None,
             "last_exit_at": rec.last_exit_at if rec else None,
-            "next_restart_at": rec.next_restart_at if self.state == RESTARTING and rec else None,
-            "drain_left_s": self._drain_left(),
+            "next_restart_at": rec.next_restart_at
+            if rec and self.state == State.RESTARTING else None,
+            "drain_left_s": self.drain_left(),
             "enabled": _enabled_scope(self.name),
-            "log_tail": self.log_tail if self.state in (EXITED, FAILED) else None,
+            "log_tail": self.log_tail if self.state in (State.EXITED, State.FAILED) else None,
         }
-        out.update(self.extra)
         return out
 
-    def _drain_left(self) -> float | None:
+    def drain_left(self) -> float | None:
+        """Seconds the drain may still take while ``draining``, else None."""
         rec = self.record
-        if self.state != DRAINING or rec is None or rec.drain_until is None:
+        if self.state != State.DRAINING or rec is None or rec.drain_until is None:
             return None
         return round(max(0.0, rec.drain_until - time.time()), 1)
 
@@ -242,21 +167,9 @@ ProgressCallback = Callable[[str, float], None]
 # --------------------------------------------------------------------------- files
 
 
-def _record_path(name: str) -> Path:
-    return paths.servers_dir() / f"{name}.json"
-
-
-def _pid_path(name: str) -> Path:
-    return paths.servers_dir() / f"{name}.pid"
-
-
-def _exit_path(name: str) -> Path:
-    return paths.servers_dir() / f"{name}.exit"
-
-
-def log_path(name: str) -> Path:
-    """The log file of server ``name``."""
-    return paths.logs_dir() / f"{name}.log"
+def _no_such_server(name: str) -> ServerNotRunningError:
+    return ServerNotRunningError(f"no managed server named {name!r}",
+                                 hint="see `cmw-vllm status` for the managed servers")
 
 
 def _remove(*files: Path) -> None:
@@ -282,287 +195,6 @@ def _name_lock(name: str, timeout: float = 60.0) -> Iterator[None]:
         raise ConflictError(
             f"another cmw-vllm command is working on server {name!r}; try again"
         ) from None
-
-
-def read_record(name: str) -> ServerRecord | None:
-    """Read the record of ``name``; None when there is none.
-
-    Raises:
-        ValueError: The file exists but is not a valid record.
-    """
-    path = _record_path(name)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"unreadable: {exc}") from exc
-    if not raw.strip():
-        raise ValueError("empty file")
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    record = ServerRecord.from_json(data)
-    if record.name != name:
-        raise ValueError(f"record names server {record.name!r}, file is {path.name}")
-    return record
-
-
-def record_names() -> list[str]:
-    """Names of every server with a record file, sorted."""
-    try:
-        entries = os.listdir(paths.servers_dir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(e[:-5] for e in entries if e.endswith(".json") and not e.startswith("."))
-
-
-def _read_exit(name: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(_exit_path(name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-@contextlib.contextmanager
-def _record_lock(name: str) -> Iterator[None]:
-    """Serialise read-modify-write of one record (the CLI and the supervisor both update it).
-
-    Unlike :func:`_name_lock` it is held only for a moment, never across a stop or a start.
-    """
-    from filelock import FileLock
-
-    paths.ensure_dir(paths.locks_dir())
-    lock_file = paths.locks_dir() / f"{name}.record.lock"
-    if lock_file.is_symlink():
-        raise EnvironmentProblem(f"{lock_file} is a symlink; refusing to use it")
-    with FileLock(str(lock_file), timeout=30, mode=0o600):
-        yield
-
-
-def save_record(record: ServerRecord) -> None:
-    """Write the record and the PID file (atomically, 0600)."""
-    paths.write_private(_record_path(record.name),
-                        json.dumps(asdict(record), indent=2) + "\n", fsync=True)
-    paths.write_private(_pid_path(record.name), f"{record.pid}\n", fsync=True)
-
-
-def update_record(name: str, supervisor_pid: int, **changes: Any) -> ServerRecord | None:
-    """Change fields of the record of ``name`` if it still belongs to ``supervisor_pid``.
-
-    Returns:
-        The updated record, or None when the record is gone or belongs to another run.
-    """
-    with _record_lock(name):
-        try:
-            record = read_record(name)
-        except ValueError:
-            return None
-        if record is None or record.supervisor_pid != supervisor_pid:
-            return None
-        for key, value in changes.items():
-            setattr(record, key, value)
-        save_record(record)
-        return record
-
-
-def rotate_log(log_file: Path, keep: int = LOG_KEEP) -> None:
-    """Shift ``NAME.log`` to ``NAME.log.1`` (``.1`` to ``.2``, ...), keeping ``keep`` of them.
-
-    Raises:
-        EnvironmentProblem: The log is a symlink (never written through).
-    """
-    if log_file.is_symlink():
-        raise EnvironmentProblem(f"{log_file} is a symlink; refusing to write through it")
-    for i in range(keep - 1, 0, -1):
-        older = log_file.with_name(f"{log_file.name}.{i}")
-        if older.exists() and not older.is_symlink():
-            os.replace(older, log_file.with_name(f"{log_file.name}.{i + 1}"))
-    if log_file.exists():
-        os.replace(log_file, log_file.with_name(log_file.name + ".1"))
-
-
-def open_log(log_file: Path) -> int:
-    """Open a fresh log file for writing (0600, never through a symlink); returns the fd.
-
-    Raises:
-        EnvironmentProblem: The file cannot be created.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        return os.open(log_file, flags, 0o600)
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot write {log_file}: {exc.strerror or exc}") from exc
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def supervisor_process(record: ServerRecord) -> psutil.Process | None:
-    """The server's supervisor (pid and create time match), or None when it is gone.
-
-    None as well when the supervisor is this very process (a foreground server).
-    """
-    if record.supervisor_pid == os.getpid():
-        return None
-    return _process(record.supervisor_pid, record.supervisor_create_time)
-
-
-def _process(pid: int, create_time: float) -> psutil.Process | None:
-    """The live process with this pid and create time, or None (gone or pid reused)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > 0.05:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
-
-
-def _is_ours(record: ServerRecord) -> psutil.Process | None:
-    """The API server process when pid, create time and command line match the record."""
-    import psutil
-
-    proc = _process(record.pid, record.create_time)
-    if proc is None:
-        return None
-    try:
-        cmdline = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-    if record.command and cmdline[:1] and not any("vllm" in part for part in cmdline):
-        return None
-    return proc
-
-
-def group_members(record: ServerRecord) -> list[psutil.Process]:
-    """Every live process of the server's process group, when that group is still ours.
-
-    EngineCore and workers stay in the group (and the session) the server was started in,
-    even when the API server was killed and they were re-parented: that is how orphans are
-    found. The group counts as ours only when the record postdates the last boot, the group
-    leader is either gone or is the process that began the group (the API server; same
-    create time), and each member was created after it, is in its session, and is not this
-    process or one of its ancestors. Anything else is a reused id and is left alone.
-    """
-    import psutil
-
-    if IS_WINDOWS:
-        proc = _is_ours(record)
-        if proc is None:
-            return []
-        try:
-            return [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-    if record.group_time < psutil.boot_time():
-        return []
-    try:
-        leader = psutil.Process(record.pgid)
-        if abs(leader.create_time() - record.group_time) > 0.05:
-            return []  # the group id now belongs to a process started later
-    except psutil.NoSuchProcess:
-        pass
-    protected = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    members = []
-    for proc in psutil.process_iter(["create_time", "status"]):
-        if proc.pid in protected:
-            continue
-        try:
-            if os.getpgid(proc.pid) != record.pgid or os.getsid(proc.pid) != record.pgid:
-                continue
-        except (ProcessLookupError, PermissionError, OSError):
-            continue
-        info = proc.info
-        if info.get("status") == psutil.STATUS_ZOMBIE:
-            continue
-        created = info.get("create_time") or 0.0
-        if created + 0.05 < record.group_time:
-            continue
-        members.append(proc)
-    return members
-
-
-def _signal(proc: psutil.Process, sig: int) -> bool:
-    import psutil
-
-    try:
-        if IS_WINDOWS:
-            proc.kill() if sig == getattr(signal, "SIGKILL", -1) else proc.terminate()
-        else:
-            proc.send_signal(sig)
-        return True
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        return False
-
-
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until every process has exited; return those still running after ``timeout``.
-
-    A zombie counts as gone: it holds no memory, and an orphan's zombie waits for init
-    to reap it, which can take a while (psutil.wait_procs would wait for that).
-    """
-    import psutil
-
-    def running(proc: psutil.Process) -> bool:
-        try:
-            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + max(timeout, 0)
-    alive = [p for p in procs if running(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [p for p in alive if running(p)]
-    return alive
-
-
-def describe_port_holder(host: str, port: int) -> str | None:
-    """Who listens on (or has bound) ``port``, as ``pid 123 (python3 -m http.server)``."""
-    import psutil
-
-    try:
-        conns = psutil.net_connections(kind="inet")
-    except (psutil.AccessDenied, OSError):
-        return None
-    for conn in conns:
-        if not conn.laddr or conn.laddr.port != port:
-            continue
-        if conn.status not in (psutil.CONN_LISTEN, psutil.CONN_NONE):
-            continue
-        if conn.pid is None:
-            return "another process"
-        try:
-            proc = psutil.Process(conn.pid)
-            cmd = " ".join(proc.cmdline())[:80] or proc.name()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            cmd = "?"
-        return f"pid {conn.pid} ({cmd})"
-    return None
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """True when nothing listens on or has bound ``host:port``."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        if not IS_WINDOWS:
-            # Ignore TIME_WAIT leftovers of our own previous server on this port.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    # vLLM binds with SO_REUSEADDR long before it listens: look for bound sockets too.
-    return describe_port_holder(host, port) is None
 
 
 def launch_env(config: ServerConfig) -> dict[str, str]:
@@ -600,14 +232,12 @@ class ServerManager:
         """Observe one server.
 
         Raises:
-            NotFoundError: No record for ``name``.
+            ServerNotRunningError: No record for ``name``.
         """
-        from cmw_vllm.server_config import validate_name
-
         validate_name(name)
         statuses = self._statuses([name], check_health)
-        if statuses[0].state == INVALID and statuses[0].error == "no record":
-            raise NotFoundError(f"no managed server named {name!r}")
+        if statuses[0].state == State.INVALID and statuses[0].error == "no record":
+            raise _no_such_server(name)
         return statuses[0]
 
     def list_status(
@@ -622,17 +252,17 @@ class ServerManager:
 
     def _statuses(self, names: list[str], check_health: bool) -> list[ServerStatus]:
         statuses = [self._observe(name) for name in names]
-        to_probe = [s for s in statuses if s.state == RUNNING and s.record is not None]
+        to_probe = [s for s in statuses if s.state == State.RUNNING and s.record is not None]
         if check_health and to_probe:
             codes = self._probe_many([s.record.base_url for s in to_probe])  # type: ignore[union-attr]
             for status, code in zip(to_probe, codes, strict=True):
                 status.health_code = code
                 if code == 200:
-                    status.state = HEALTHY
+                    status.state = State.HEALTHY
                 elif code is not None or self._was_ready(status.record):  # type: ignore[arg-type]
-                    status.state = UNHEALTHY
+                    status.state = State.UNHEALTHY
                 else:
-                    status.state = STARTING
+                    status.state = State.STARTING
         return statuses
 
     def _probe_many(self, urls: list[str]) -> list[int | None]:
@@ -662,40 +292,40 @@ class ServerManager:
         try:
             record = read_record(name)
         except ValueError as exc:
-            return ServerStatus(name=name, state=INVALID, error=f"bad record: {exc}")
+            return ServerStatus(name=name, state=State.INVALID, error=f"bad record: {exc}")
         if record is None:
-            return ServerStatus(name=name, state=INVALID, error="no record")
-        proc = _is_ours(record)
+            return ServerStatus(name=name, state=State.INVALID, error="no record")
+        proc = is_ours(record)
         if proc is not None:
             return ServerStatus(
                 name=name,
-                state=DRAINING if record.stop_requested_at is not None else RUNNING,
+                state=State.DRAINING if record.stop_requested_at is not None else State.RUNNING,
                 record=record,
                 pid=record.pid,
                 uptime=time.time() - record.started_at,
             )
-        status = ServerStatus(name=name, state=EXITED, record=record, pid=record.pid)
-        exit_info = _read_exit(name)
+        status = ServerStatus(name=name, state=State.EXITED, record=record, pid=record.pid)
+        exit_info = read_exit(name)
         if exit_info is not None and exit_info.get("pid") == record.pid:
             status.returncode = exit_info.get("returncode")
         supervised = record.failed_at is None and supervisor_process(record) is not None
         if supervised and record.stop_requested_at is not None:
-            status.state = DRAINING  # vLLM is gone; its supervisor is finishing the stop
+            status.state = State.DRAINING  # vLLM is gone; its supervisor finishes the stop
             return status
         if supervised and record.next_restart_at is not None:
-            status.state = RESTARTING
+            status.state = State.RESTARTING
             status.returncode = record.last_exit_code
             return status
         status.orphans = [p.pid for p in group_members(record)]
         if record.failed_at is not None:
-            status.state = FAILED
+            status.state = State.FAILED
             status.returncode = record.last_exit_code
         elif status.returncode is None and self._pid_alive(record.pid):
-            status.state = STALE
+            status.state = State.STALE
             status.error = f"pid {record.pid} now belongs to another process"
         from cmw_vllm.vllm_engine import diagnose, tail_lines
 
-        if status.state in (EXITED, FAILED):
+        if status.state in (State.EXITED, State.FAILED):
             status.log_tail = tail_lines(Path(record.log_path), 10)
             status.error = diagnose("\n".join(tail_lines(Path(record.log_path), 200)))
         return status
@@ -728,7 +358,7 @@ class ServerManager:
             auto_port: When the port is taken, use the next free one.
             on_progress: Called with (phase, elapsed seconds) while waiting.
             check_resources: Refuse before launching when the model cannot fit the GPU (or,
-                on the CPU build, RAM); see :func:`cmw_vllm.memory_estimate.preflight`.
+                on the CPU build, RAM); see :func:`cmw_vllm.memory_check.preflight`.
             foreground: Launch vLLM as a child of this process, output to a pipe, and return
                 at once with ``result.process`` set; the caller supervises it
                 (:func:`cmw_vllm.supervisor.run_foreground`). A running server is a conflict.
@@ -753,13 +383,13 @@ class ServerManager:
                 self._check_joinable(config, existing, foreground)
                 record = existing.record
                 already = True
-                wait = wait and existing.state != RESTARTING
+                wait = wait and existing.state != State.RESTARTING
             else:
-                if existing.record is not None or existing.state == INVALID:
+                if existing.record is not None or existing.state == State.INVALID:
                     self._cleanup_dead(config.name, existing)
                 config, port_changed_from = self._choose_port(config, auto_port)
                 if check_resources:
-                    from cmw_vllm.memory_estimate import preflight
+                    from cmw_vllm.memory_check import preflight
 
                     check = preflight(config)
                     logger.info("preflight for %s: %s %s", config.name, check.status,
@@ -789,7 +419,7 @@ class ServerManager:
                 f"server {name!r} already runs {existing.record.model}",
                 hint=f"stop it first (cmw-vllm stop {name}) or use --name",
             )
-        if existing.state == DRAINING:
+        if existing.state == State.DRAINING:
             raise ConflictError(f"server {name!r} is stopping; try again when it has stopped")
         if foreground:
             raise ConflictError(
@@ -798,10 +428,10 @@ class ServerManager:
             )
 
     def _cleanup_dead(self, name: str, status: ServerStatus) -> None:
-        """Remove what a dead server left: orphans of its group, its record files."""
+        """Remove what a dead server left: its supervisor, orphans of its group, its files."""
         if status.record is not None:
             self._kill_server(status.record, kill_timeout=5.0)
-        _remove(_record_path(name), _pid_path(name), _exit_path(name))
+        _remove(record_path(name), pid_path(name), exit_path(name))
 
     def _choose_port(
         self, config: ServerConfig, auto_port: bool
@@ -850,7 +480,7 @@ class ServerManager:
         env = launch_env(config)
         log_file = log_path(config.name)
         rotate_log(log_file)
-        _remove(_exit_path(config.name))
+        _remove(exit_path(config.name))
         log_fd = open_log(log_file)
         logger.info("launching %s", " ".join(command))
         child_proc = None
@@ -936,7 +566,8 @@ class ServerManager:
         sup.poll()
         return None, sup.pid, sup_proc.create_time()
 
-    def _save(self, record: ServerRecord) -> None:
+    @staticmethod
+    def _save(record: ServerRecord) -> None:
         save_record(record)
 
     def wait_ready(
@@ -962,8 +593,8 @@ class ServerManager:
         phase = "starting vLLM"
         log_offset = 0
         log_file = Path(record.log_path)
-        exit_file = _exit_path(record.name)
-        proc = _is_ours(record)
+        exit_file = exit_path(record.name)
+        proc = is_ours(record)
         while True:
             if proc is None or not proc.is_running() or exit_file.exists():
                 self._fail_start(record)
@@ -996,10 +627,9 @@ class ServerManager:
         if record.ready_at is not None:
             return
         record.ready_at = time.time()
-        with contextlib.suppress(CmwVllmError, ValueError):
-            current = read_record(record.name)
-            if current is not None and current.pid == record.pid:
-                self._save(record)
+        with contextlib.suppress(CmwVllmError):
+            update_record(record.name, record.supervisor_pid, ready_at=record.ready_at,
+                          only_pid=record.pid)
 
     def _fail_start(self, record: ServerRecord) -> None:
         from cmw_vllm.vllm_engine import diagnose, tail_lines
@@ -1007,10 +637,10 @@ class ServerManager:
         log_file = Path(record.log_path)
         # The supervisor writes the exit file right after vLLM exits; give it a moment.
         for _ in range(20):
-            if _exit_path(record.name).exists():
+            if exit_path(record.name).exists():
                 break
             time.sleep(0.02)
-        exit_info = _read_exit(record.name) or {}
+        exit_info = read_exit(record.name) or {}
         rc = exit_info.get("returncode")
         text = "\n".join(tail_lines(log_file, 400))
         with contextlib.suppress(CmwVllmError), _name_lock(record.name, timeout=10):
@@ -1020,7 +650,7 @@ class ServerManager:
             if current is not None and current.supervisor_pid == record.supervisor_pid:
                 # Also ends a supervisor that is about to relaunch it (restart policy).
                 self._kill_server(record, kill_timeout=5.0)
-                _remove(_record_path(record.name), _pid_path(record.name))
+                _remove(record_path(record.name), pid_path(record.name))
         rc_text = f" (exit code {rc})" if rc is not None else ""
         raise ServerStartError(
             f"vLLM exited during start-up{rc_text}; log: {log_file}",
@@ -1059,9 +689,8 @@ class ServerManager:
             now: Abort requests in flight: SIGKILL everything at once.
 
         Raises:
-            CmwVllmError: Processes of the server survived SIGKILL.
+            StopError: Processes of the server survived SIGKILL.
         """
-        from cmw_vllm.server_config import validate_name
         from cmw_vllm.settings import stop_timeout
 
         validate_name(name)
@@ -1070,22 +699,22 @@ class ServerManager:
         with _name_lock(name):
             status = self._observe(name)
             if status.record is None:
-                if status.state == INVALID and status.error != "no record":
-                    _remove(_record_path(name), _pid_path(name), _exit_path(name))
+                if status.state == State.INVALID and status.error != "no record":
+                    _remove(record_path(name), pid_path(name), exit_path(name))
                     return StopResult(name=name, was_running=False, stale=True)
                 return StopResult(name=name, was_running=False)
             record = status.record
             result = StopResult(name=name, was_running=status.running,
-                                stale=status.state == STALE)
+                                stale=status.state == State.STALE)
             forced, killed, remaining = self._stop_processes(record, margin, kill_timeout,
                                                              drain, now)
             result.forced, result.killed_pids, result.remaining_pids = forced, killed, remaining
             if remaining:
-                raise CmwVllmError(
+                raise StopError(
                     f"processes of {name!r} survived SIGKILL: "
                     + ", ".join(str(p) for p in remaining)
                 )
-            _remove(_record_path(name), _pid_path(name), _exit_path(name))
+            _remove(record_path(name), pid_path(name), exit_path(name))
         result.duration_s = time.monotonic() - begin
         return result
 
@@ -1102,7 +731,7 @@ class ServerManager:
         Returns:
             (forced, pids that got SIGKILL, pids still alive afterwards).
         """
-        main = _is_ours(record)
+        main = is_ours(record)
         sup = supervisor_process(record)
         if main is None or now:
             drain_s = 0.0
@@ -1120,7 +749,7 @@ class ServerManager:
             # first keeps it from taking the exit for a crash, and ends a backoff wait.
             for proc in (sup, main):
                 if proc is not None:
-                    _signal(proc, signal.SIGTERM)
+                    send_signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
         alive = self._server_processes(record)
         while alive and time.monotonic() < deadline:
@@ -1145,12 +774,13 @@ class ServerManager:
                     and current.pgid != record.pgid:
                 records.append(current)  # the supervisor relaunched it meanwhile
         for rec in records:
-            main = _is_ours(rec)
+            main = is_ours(rec)
             for proc in group_members(rec) + ([main] if main is not None else []):
                 procs.setdefault(proc.pid, proc)
         return list(procs.values())
 
-    def _kill_server(self, record: ServerRecord, kill_timeout: float) -> tuple[list[int], list[int]]:
+    def _kill_server(self, record: ServerRecord, kill_timeout: float
+                     ) -> tuple[list[int], list[int]]:
         """SIGKILL the supervisor first (so nothing is relaunched), then the server's groups.
 
         Returns:
@@ -1161,21 +791,22 @@ class ServerManager:
         remaining: list[psutil.Process] = []
         sup = supervisor_process(record)
         if sup is not None:
-            _signal(sup, sigkill)
+            send_signal(sup, sigkill)
             killed.append(sup.pid)
-            remaining += _wait_gone([sup], kill_timeout)
+            remaining += wait_gone([sup], kill_timeout)
         # Two sweeps: children forked between the listing and the kill are caught by the second.
         for _sweep in range(2):
             alive = [p for p in self._server_processes(record) if p.pid not in killed]
             for proc in alive:
-                _signal(proc, sigkill)
+                send_signal(proc, sigkill)
                 killed.append(proc.pid)
-            remaining += _wait_gone(alive, kill_timeout)
+            remaining += wait_gone(alive, kill_timeout)
         return killed, [p.pid for p in remaining]
 
-    def stop_all(self, timeout: float | None = None) -> list[StopResult]:
-        """Stop every managed server."""
-        return [self.stop(name, timeout) for name in record_names()]
+    def stop_all(self, timeout: float | None = None, *, drain: float | None = None,
+                 now: bool = False) -> list[StopResult]:
+        """Stop every managed server (see :meth:`stop`)."""
+        return [self.stop(name, timeout, drain=drain, now=now) for name in record_names()]
 
     # ----------------------------------------------------------------- restart
 
@@ -1191,10 +822,10 @@ class ServerManager:
         """Stop ``name`` (draining, see :meth:`stop`) and start it again with its settings.
 
         Raises:
-            NotFoundError: No record for ``name``.
+            ServerNotRunningError: No record for ``name``.
             UsageError: The record's settings no longer validate.
         """
-        from cmw_vllm.server_config import ServerConfig, validate_name
+        from cmw_vllm.server_config import ServerConfig
 
         validate_name(name)
         try:
@@ -1202,7 +833,7 @@ class ServerManager:
         except ValueError as exc:
             raise UsageError(f"cannot restart {name!r}: bad record ({exc})") from None
         if record is None:
-            raise NotFoundError(f"no managed server named {name!r}")
+            raise _no_such_server(name)
         try:
             config = ServerConfig(**record.config)
         except Exception as exc:

@@ -26,9 +26,6 @@ SERVER_ENV_VARS = {
     "restart": "CMW_VLLM_RESTART",
 }
 
-_loaded = False
-
-
 def load_env_file(path: str | os.PathLike[str] | None = None) -> Path | None:
     """Load ``.env`` into ``os.environ`` without overriding variables already set.
 
@@ -41,7 +38,6 @@ def load_env_file(path: str | os.PathLike[str] | None = None) -> Path | None:
     Raises:
         ConfigError: The file exists but cannot be read or parsed.
     """
-    global _loaded
     explicit = path or os.environ.get(ENV_FILE_VAR)
     env_path = Path(explicit) if explicit else Path.cwd() / ".env"
     if not env_path.exists():
@@ -60,7 +56,6 @@ def load_env_file(path: str | os.PathLike[str] | None = None) -> Path | None:
     for key, value in dotenv_values(stream=io.StringIO(text)).items():
         if value is not None and key not in os.environ:
             os.environ[key] = value
-    _loaded = True
     return env_path
 
 

@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from cmw_vllm import paths
-from cmw_vllm import server_manager as sm
+from cmw_vllm import process_group as pg
+from cmw_vllm import server_record as sr
 
 if TYPE_CHECKING:
-    from cmw_vllm.server_manager import ServerRecord
+    from cmw_vllm.server_record import ServerRecord
 
 PREFIX = "cmw-vllm supervisor:"
 HEALTH_POLL_S = 0.5  # readiness probes while loading
@@ -171,7 +172,7 @@ class Supervisor:
     def record(self) -> ServerRecord | None:
         """Our record, or None when it is gone or another supervisor owns it now."""
         try:
-            record = sm.read_record(self.name)
+            record = sr.read_record(self.name)
         except ValueError:
             return None
         if record is None or record.supervisor_pid != os.getpid():
@@ -183,7 +184,7 @@ class Supervisor:
         from cmw_vllm.errors import CmwVllmError
 
         try:
-            return sm.update_record(self.name, os.getpid(), **changes)
+            return sr.update_record(self.name, os.getpid(), **changes)
         except CmwVllmError as exc:
             self.say(f"cannot update the record: {exc.message}")
             return None
@@ -376,8 +377,8 @@ class Supervisor:
         import psutil
 
         log_file = Path(record.log_path)
-        sm.rotate_log(log_file)
-        fd = sm.open_log(log_file)
+        sr.rotate_log(log_file)
+        fd = sr.open_log(log_file)
         try:
             if self.tee:
                 self._close_log()
@@ -405,17 +406,17 @@ class Supervisor:
 
     def _kill_leftovers(self, record: ServerRecord) -> None:
         """SIGKILL what is left of a run's process group (an orphaned EngineCore holds the GPU)."""
-        members = sm.group_members(record)
+        members = pg.group_members(record)
         for proc in members:
-            sm._signal(proc, signal.SIGKILL)
-        alive = sm._wait_gone(members, 10.0)
+            pg.send_signal(proc, signal.SIGKILL)
+        alive = pg.wait_gone(members, 10.0)
         if alive:
             self.say(f"processes survived SIGKILL: {', '.join(str(p.pid) for p in alive)}")
         self._reap()
 
     def _wait_port(self, record: ServerRecord) -> bool:
         deadline = time.monotonic() + PORT_WAIT_S
-        while not sm.port_is_free(record.host, record.port):
+        while not pg.port_is_free(record.host, record.port):
             if time.monotonic() >= deadline or self.stop_signal is not None:
                 return False
             time.sleep(0.1)
@@ -426,14 +427,14 @@ class Supervisor:
 
         data = json.dumps({"pid": self.proc.pid, "returncode": rc, "ended_at": ended_at})
         with contextlib.suppress(OSError, Exception):
-            paths.write_private(sm._exit_path(self.name), data)
+            paths.write_private(sr.exit_path(self.name), data)
 
     # ------------------------------------------------------------------ foreground output
 
     def _start_tee(self) -> None:
         if self.log_fh is None:
             record = self.record()
-            log_file = Path(record.log_path) if record else sm.log_path(self.name)
+            log_file = Path(record.log_path) if record else sr.log_path(self.name)
             self.log_fh = open(log_file, "ab", buffering=0)  # noqa: SIM115
         out = self.proc.stdout
         log_fh = self.log_fh

@@ -18,14 +18,18 @@ if TYPE_CHECKING:
 from tests.tiny_model import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIR = REPO_ROOT.parent / "shared"
 # Only one real vLLM server at a time on this machine (2 cores), across test processes too.
 REAL_VLLM_LOCK = Path(os.environ.get("CMW_VLLM_TEST_LOCK", "/tmp/cmw-vllm-real-vllm.lock"))
 
 _ISOLATED_VARS = (
     "VLLM_API_KEY",
     "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
     "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
     "HF_ENDPOINT",
     "CMW_VLLM_ENV_FILE",
     "CMW_VLLM_HOST",
@@ -59,7 +63,8 @@ def _stop_everything(home: Path) -> None:
     """Finalizer: stop every server recorded under this test's state dir, even on failure."""
     if not (home / "servers").is_dir():
         return
-    from cmw_vllm.server_manager import ServerManager, record_names
+    from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.server_record import record_names
 
     manager = ServerManager()
     for name in record_names():

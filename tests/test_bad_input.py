@@ -57,7 +57,7 @@ CASES: list[tuple[str, list[str], dict[str, str], str | None, int, str]] = [
     ("logs-unknown", ["logs", "nosuch"], {}, None, 9, "no log for server 'nosuch'"),
     ("logs-traversal", ["logs", "../x"], {}, None, 2, "invalid server name"),
     ("logs-negative", ["logs", "x", "-n", "-1"], {}, None, 2, "-n"),
-    ("restart-unknown", ["restart", "nosuch"], {}, None, 9, "no managed server named"),
+    ("restart-unknown", ["restart", "nosuch"], {}, None, 3, "no managed server named"),
     ("models-syntax", ["list"], {}, "[models.x\nmodel = 1\n", 2, "models.toml"),
     ("models-bad-key", ["list"], {}, '[models.x]\nmodel = "a/b"\nport = 9000\nwat = 1\n', 2,
      "wat"),

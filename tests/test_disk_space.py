@@ -1,4 +1,4 @@
-"""Disk space: where the HF cache is, sizes of cached models, space on each location."""
+"""Disk space: sizes of cached models, space on each location."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-
 from cmw_vllm import disk_space, paths
+from cmw_vllm.hf_cache import hub_cache_dir
 
 
 def make_cached_repo(cache: Path, repo_id: str, blobs: dict[str, bytes],
@@ -28,35 +27,8 @@ def make_cached_repo(cache: Path, repo_id: str, blobs: dict[str, bytes],
     return repo
 
 
-def test_cache_location_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    assert disk_space.hf_cache_dir() == tmp_path / "home" / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    assert disk_space.hf_cache_dir() == tmp_path / "cache"
-    monkeypatch.delenv("HF_HUB_CACHE")
-    monkeypatch.delenv("HF_HOME")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert disk_space.hf_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
-
-
-def test_cache_location_matches_huggingface_hub(monkeypatch: pytest.MonkeyPatch,
-                                                tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
-    code = "from huggingface_hub import constants; print(constants.HF_HUB_CACHE)"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True, text=True, check=True, env=dict(os.environ),
-    )
-    assert Path(out.stdout.strip()) == disk_space.hf_cache_dir()
-
-
 def test_cached_models_sizes_count_blobs_once() -> None:
-    cache = disk_space.hf_cache_dir()
+    cache = hub_cache_dir()
     blobs_a = {"b1": b"x" * 1000, "b2": b"y" * 250}
     make_cached_repo(cache, "org/alpha", blobs_a,
                      {"c1": {"model.safetensors": "b1", "config.json": "b2"},
@@ -72,12 +44,10 @@ def test_cached_models_sizes_count_blobs_once() -> None:
     assert sizes["org/alpha"] == sum(len(v) for v in blobs_a.values())
     assert sizes["org/beta"] == sum(len(v) for v in blobs_b.values())
     assert {m.repo_id: m.revisions for m in models} == {"org/alpha": 2, "org/beta": 1}
-    assert disk_space.cached_model_size("org/alpha") == sizes["org/alpha"]
-    assert disk_space.cached_model_size("org/missing") is None
 
 
 def test_empty_or_missing_cache() -> None:
-    assert not disk_space.hf_cache_dir().exists()
+    assert not hub_cache_dir().exists()
     report = disk_space.disk_report()
     assert report.cached_models == [] and report.cached_total == 0
 
@@ -98,7 +68,7 @@ def test_report_lists_local_dir_state_and_logs(tmp_path: Path) -> None:
     report = disk_space.disk_report(local)
     by_label = {loc.label: loc for loc in report.locations}
     assert by_label["models (--local-dir)"].path == str(local)
-    assert by_label["models (HF cache)"].path == str(disk_space.hf_cache_dir())
+    assert by_label["models (HF cache)"].path == str(hub_cache_dir())
     assert by_label["state"].path == str(paths.state_dir())
     assert by_label["logs"].path == str(paths.logs_dir())
     data = report.to_json()

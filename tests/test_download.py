@@ -31,8 +31,8 @@ from cmw_vllm.errors import (
     EXIT_NOT_FOUND,
     EXIT_OK,
 )
-from cmw_vllm.model_downloader import filter_names, select_files
-from cmw_vllm.model_verifier import hub_cache_dir, repo_cache_dir
+from cmw_vllm.hf_cache import filter_names, select_files
+from cmw_vllm.hf_cache import repo_dir as repo_cache_dir
 from tests.fake_hub import FakeHub, FakeRepo
 from tests.tiny_model import make_tiny_model
 
@@ -426,14 +426,6 @@ def test_ctrl_c_leaves_cache_consistent_and_next_run_completes(hub: FakeHub) -> 
     result = CliRunner().invoke(cli, ["download", REPO])
     assert result.exit_code == EXIT_OK, result.output
     assert CliRunner().invoke(cli, ["verify", REPO, "--full"]).exit_code == EXIT_OK
-
-
-def test_hub_cache_dir_follows_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    assert hub_cache_dir() == tmp_path / "elsewhere" / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    assert hub_cache_dir() == tmp_path / "cache"
 
 
 # --------------------------------------------------------------------------------------------

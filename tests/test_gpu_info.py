@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from cmw_vllm import gpu_info, paths
 from cmw_vllm.cli import cli
-from cmw_vllm.server_manager import ServerRecord
+from cmw_vllm.server_record import ServerRecord
 
 GiB = 1024**3
 
@@ -328,7 +328,7 @@ def test_real_nvml_here_never_raises() -> None:
 
 
 def test_import_does_not_load_nvml() -> None:
-    code = ("import sys, cmw_vllm.gpu_info, cmw_vllm.memory_estimate, cmw_vllm.disk_space, "
+    code = ("import sys, cmw_vllm.gpu_info, cmw_vllm.memory_check, cmw_vllm.disk_space, "
             "cmw_vllm.engine_probe; "
             "print([m for m in ('pynvml', 'huggingface_hub', 'vllm', 'torch') "
             "if m in sys.modules])")

@@ -19,15 +19,12 @@ from typing import Any
 import pytest
 
 from cmw_vllm import health_check as hc
-from cmw_vllm.cli_inference import (
-    LOAD_COLUMNS,
-    describe_load,
-    load_cells,
-    run_and_render_test,
-    status_load_columns,
-)
-from cmw_vllm.inference_test import InferenceTestError, run_test
-from cmw_vllm.server_manager import ServerRecord, ServerStatus
+from cmw_vllm.cli_inference import run_and_render_test
+from cmw_vllm.cli_lifecycle import LOAD_COLUMNS, load_cells, status_load_columns
+from cmw_vllm.errors import InferenceCheckError, ServerRequestError
+from cmw_vllm.inference_check import run_check
+from cmw_vllm.server_manager import ServerStatus
+from cmw_vllm.server_record import ServerRecord
 
 MODEL = "/models/tiny"
 
@@ -260,7 +257,7 @@ def test_refused_connection_is_reported_not_raised() -> None:
     check = hc.check_server(url, timeout=1.0)
     assert not check.live and check.health_code is None
     assert "refused" in (check.error or "")
-    with pytest.raises(hc.ServerRequestError, match="refused"):
+    with pytest.raises(ServerRequestError, match="refused"):
         hc.http_get(url, "/health", 1.0)
 
 
@@ -287,7 +284,7 @@ def test_deadline_covers_a_body_that_trickles(standin: StandIn) -> None:
 
     standin.routes[("GET", "/metrics")] = trickle
     begin = time.monotonic()
-    with pytest.raises(hc.ServerRequestError, match="did not answer within 0.6s"):
+    with pytest.raises(ServerRequestError, match="did not answer within 0.6s"):
         hc.http_get(standin.url, "/metrics", 0.6)
     assert time.monotonic() - begin < 2.0
 
@@ -314,7 +311,7 @@ def test_api_key_is_sent_as_bearer_where_set(
 
 def test_wrong_api_key_gives_a_hint(standin: StandIn) -> None:
     standin.routes[("GET", "/v1/models")] = lambda h, b: send(h, 401, {"error": "Unauthorized"})
-    with pytest.raises(hc.ServerRequestError) as info:
+    with pytest.raises(ServerRequestError) as info:
         hc.list_models(standin.url, api_key="wrong", timeout=2.0)
     assert info.value.status == 401
     assert "VLLM_API_KEY" in (info.value.hint or "")
@@ -372,7 +369,7 @@ def test_scrape_falls_back_when_the_model_label_differs(standin: StandIn) -> Non
 
 def test_scrape_without_vllm_metrics_is_an_error(standin: StandIn) -> None:
     standin.routes[("GET", "/metrics")] = lambda h, b: send(h, 200, "up 1\n", "text/plain")
-    with pytest.raises(hc.ServerRequestError, match="no vLLM metrics"):
+    with pytest.raises(ServerRequestError, match="no vLLM metrics"):
         hc.scrape_metrics(standin.url, timeout=2.0)
 
 
@@ -474,8 +471,6 @@ def test_status_load_columns_only_for_healthy_servers(
     assert load_cells(columns["good"]) == ["3", "4", "50.0%", "-"]
     assert load_cells(columns["stuck"]) == ["-"] * len(LOAD_COLUMNS)
     assert load_cells(None) == ["-"] * len(LOAD_COLUMNS)
-    assert "unavailable" in describe_load(columns["stuck"])
-    assert describe_load(columns["good"]).startswith("load: 3 running, 4 waiting")
 
 
 # --------------------------------------------------------------------------- inference test
@@ -511,7 +506,7 @@ def test_generate_test_measures_the_stream(standin: StandIn) -> None:
     events += [{"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5,
                                          "total_tokens": 14}}, "[DONE]"]
     standin.routes[("POST", "/v1/chat/completions")] = lambda h, b: sse(h, events)
-    result = run_test(standin.url, MODEL, "generate", prompt="Hi", max_tokens=5,
+    result = run_check(standin.url, MODEL, "generate", prompt="Hi", max_tokens=5,
                       api_key="k", timeout=5.0)
     sent = json.loads(standin.requests[-1]["body"])
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
@@ -540,23 +535,23 @@ def test_generate_test_fails_on_a_bad_stream(
     standin: StandIn, events: list[Any], message: str
 ) -> None:
     standin.routes[("POST", "/v1/chat/completions")] = lambda h, b: sse(h, events)
-    with pytest.raises(InferenceTestError, match=message):
-        run_test(standin.url, MODEL, "generate", api_key="", timeout=5.0)
+    with pytest.raises(InferenceCheckError, match=message):
+        run_check(standin.url, MODEL, "generate", api_key="", timeout=5.0)
 
 
 def test_wrong_endpoint_for_the_task_says_so(standin: StandIn) -> None:
-    with pytest.raises(InferenceTestError, match="HTTP 404") as info:
-        run_test(standin.url, MODEL, "generate", api_key="", timeout=5.0)
+    with pytest.raises(InferenceCheckError, match="HTTP 404") as info:
+        run_check(standin.url, MODEL, "generate", api_key="", timeout=5.0)
     assert "--task" in (info.value.hint or "")
     standin.routes[("POST", "/v1/embeddings")] = lambda h, b: send(h, 404, {"error": {
         "message": "The model `nope` does not exist.", "type": "NotFoundError", "code": 404}})
-    with pytest.raises(InferenceTestError, match="model `nope` does not exist"):
-        run_test(standin.url, "nope", "embed", api_key="", timeout=5.0)
+    with pytest.raises(InferenceCheckError, match="model `nope` does not exist"):
+        run_check(standin.url, "nope", "embed", api_key="", timeout=5.0)
 
 
 def test_unreachable_server_fails_the_test() -> None:
-    with pytest.raises(InferenceTestError, match="connection refused"):
-        run_test(free_port_url(), MODEL, "embed", api_key="", timeout=2.0)
+    with pytest.raises(InferenceCheckError, match="connection refused"):
+        run_check(free_port_url(), MODEL, "embed", api_key="", timeout=2.0)
 
 
 def test_embed_test_checks_every_vector(standin: StandIn) -> None:
@@ -569,24 +564,24 @@ def test_embed_test_checks_every_vector(standin: StandIn) -> None:
         return route
 
     standin.routes[("POST", "/v1/embeddings")] = answer([128])
-    result = run_test(standin.url, MODEL, "embed", prompt="mine", api_key="", timeout=5.0)
+    result = run_check(standin.url, MODEL, "embed", prompt="mine", api_key="", timeout=5.0)
     assert result.dimension == 128 and result.prompt_tokens == 21
     assert result.inputs[0] == "mine" and len(result.inputs) == 3
     standin.routes[("POST", "/v1/embeddings")] = answer([128, 64])
-    with pytest.raises(InferenceTestError, match="different sizes"):
-        run_test(standin.url, MODEL, "embed", api_key="", timeout=5.0)
+    with pytest.raises(InferenceCheckError, match="different sizes"):
+        run_check(standin.url, MODEL, "embed", api_key="", timeout=5.0)
 
 
 def test_score_test_ranks_and_falls_back_to_score(standin: StandIn) -> None:
     scores = [0.2, 0.9, -0.3]
     standin.routes[("POST", "/score")] = lambda h, b: send(h, 200, {
         "data": [{"index": i, "score": s} for i, s in enumerate(scores)]})
-    result = run_test(standin.url, MODEL, "score", api_key="", timeout=5.0)
+    result = run_check(standin.url, MODEL, "score", api_key="", timeout=5.0)
     assert result.endpoint == "/score"
     assert [d.index for d in result.ranking] == [1, 0, 2]
     standin.routes[("POST", "/rerank")] = lambda h, b: send(h, 200, {"results": [
         {"index": i, "relevance_score": s} for i, s in enumerate(reversed(scores))]})
-    result = run_test(standin.url, MODEL, "score", prompt="q", api_key="", timeout=5.0)
+    result = run_check(standin.url, MODEL, "score", prompt="q", api_key="", timeout=5.0)
     assert result.endpoint == "/rerank" and result.query == "q"
     assert [d.index for d in result.ranking] == [1, 2, 0]
 
@@ -594,7 +589,7 @@ def test_score_test_ranks_and_falls_back_to_score(standin: StandIn) -> None:
 def test_classify_test_reads_the_label(standin: StandIn) -> None:
     standin.routes[("POST", "/classify")] = lambda h, b: send(h, 200, {"data": [
         {"index": 0, "label": "positive", "probs": [0.1, 0.9], "num_classes": 2}]})
-    result = run_test(standin.url, MODEL, "classify", api_key="", timeout=5.0)
+    result = run_check(standin.url, MODEL, "classify", api_key="", timeout=5.0)
     assert result.label == "positive" and result.num_classes == 2
     assert json.loads(standin.requests[-1]["body"])["input"] == [result.inputs[0]]
 
@@ -610,7 +605,7 @@ def test_run_and_render_test_prints_json_and_raises_on_failure(
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True and out["name"] == "tiny" and out["label"] == "LABEL_1"
     assert out["num_classes"] == 2
-    with pytest.raises(InferenceTestError):
+    with pytest.raises(InferenceCheckError):
         run_and_render_test(record, task="embed", as_json=True)
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["task"] == "embed" and "404" in out["error"]

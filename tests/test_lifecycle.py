@@ -15,7 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cmw_vllm.server_manager import ServerManager, group_members, read_record
+from cmw_vllm.server_manager import ServerManager, group_members
+from cmw_vllm.server_record import read_record
 from tests.conftest import alive_pids, free_port, wait_for_state
 from tests.conftest import run_cli as run
 
@@ -178,6 +179,10 @@ def test_exited_after_ready_then_start_again(fake_engine: Path, model_dir: Path,
     assert code == 1
     server = json.loads(out)["servers"][0]
     assert (server["state"], server["returncode"]) == ("exited", 3)
+    # One exit code per situation: `test` of an exited server answers as `status` does.
+    code, _, err = run("test", "dies")
+    assert code == 1
+    assert "is exited with code 3, not healthy" in err
     monkeypatch.setenv("FAKE_VLLM_MODE", "ok")
     code, out, err = run("start", str(model_dir), "--name", "dies", "--port", port)
     assert code == 0, err
@@ -263,7 +268,7 @@ def test_restart_keeps_settings_and_previous_log(fake_engine: Path, model_dir: P
     assert code == 0
     assert out.strip().splitlines()[-1] == Path(after.log_path).read_text().splitlines()[-1]
     code, _, err = run("restart", "nosuch")
-    assert code == 9
+    assert code == 3
     assert "no managed server named 'nosuch'" in err
 
 

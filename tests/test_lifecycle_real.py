@@ -11,7 +11,8 @@ import psutil
 import pytest
 import requests
 
-from cmw_vllm.server_manager import group_members, read_record
+from cmw_vllm.server_manager import group_members
+from cmw_vllm.server_record import read_record
 from tests.conftest import alive_pids, free_port, wait_for_state
 from tests.conftest import run_cli as run
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from cmw_vllm import engine_probe, paths
 from cmw_vllm.cli import cli
 from cmw_vllm.errors import UsageError
-from cmw_vllm.server_manager import ServerRecord
+from cmw_vllm.server_record import ServerRecord
 from tests.test_memory_estimate import LLAMA8B, write_big_model
 
 GiB = 1024**3
@@ -52,9 +52,9 @@ def run(*args: str) -> tuple[int, str]:
 
 
 def test_disk_lists_locations_and_cached_models(tmp_path: Path) -> None:
-    from cmw_vllm.disk_space import hf_cache_dir
+    from cmw_vllm.hf_cache import repo_dir
 
-    blobs = hf_cache_dir() / "models--org--tiny" / "blobs"
+    blobs = repo_dir("org/tiny") / "blobs"
     blobs.mkdir(parents=True)
     (blobs / "abc").write_bytes(b"w" * 3000)
     code, out = run("disk")

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from cmw_vllm import memory_check as mc
 from cmw_vllm import memory_estimate as me
+from cmw_vllm import model_spec as ms
 from cmw_vllm.errors import (
     ConfigError,
     EnvironmentProblem,
@@ -92,7 +94,7 @@ def test_kv_bytes_per_token_follows_vllm_rule(tmp_path: Path, layers: int, kv_he
                                               head_dim: int, dtype: str) -> None:
     model = make_tiny_model(tmp_path / "m", layers=layers, heads=4, kv_heads=kv_heads,
                             head_dim=head_dim, dtype=dtype)
-    spec = me.load_model_spec(str(model))
+    spec = ms.load_model_spec(str(model))
     kv = me.kv_cache_layout(spec)
     assert spec.source == "local"
     assert kv.bytes_per_token == 2 * kv_heads * head_dim * 2 * layers
@@ -101,7 +103,7 @@ def test_kv_bytes_per_token_follows_vllm_rule(tmp_path: Path, layers: int, kv_he
 
 def test_float32_checkpoint_runs_in_16_bits_unless_asked(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "m", dtype="float32")
-    spec = me.load_model_spec(str(model))
+    spec = ms.load_model_spec(str(model))
     auto = me.kv_cache_layout(spec)
     fp32 = me.kv_cache_layout(spec, dtype="float32")
     assert auto.kv_cache_dtype == "bfloat16"
@@ -111,7 +113,7 @@ def test_float32_checkpoint_runs_in_16_bits_unless_asked(tmp_path: Path) -> None
 
 
 def test_kv_cache_dtype_fp8_halves_and_unknown_is_refused(tiny_model: Path) -> None:
-    spec = me.load_model_spec(str(tiny_model))
+    spec = ms.load_model_spec(str(tiny_model))
     base = me.kv_cache_layout(spec)
     assert me.kv_cache_layout(spec, kv_cache_dtype="fp8").bytes_per_token * 2 == (
         base.bytes_per_token)
@@ -120,7 +122,7 @@ def test_kv_cache_dtype_fp8_halves_and_unknown_is_refused(tiny_model: Path) -> N
 
 
 def test_tensor_parallel_splits_kv_heads_and_replicates_when_fewer() -> None:
-    spec = me.spec_from_config(LLAMA8B, model="x", source="test")
+    spec = ms.spec_from_config(LLAMA8B, model="x", source="test")
     one = me.kv_cache_layout(spec).bytes_per_token
     assert me.kv_cache_layout(spec, tensor_parallel_size=2).bytes_per_token * 2 == one
     assert me.kv_cache_layout(spec, tensor_parallel_size=8).bytes_per_token * 8 == one
@@ -134,7 +136,7 @@ def test_mla_caches_one_latent_not_split_by_tp() -> None:
     cfg = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61,
            "num_attention_heads": 128, "num_key_value_heads": 128, "kv_lora_rank": 512,
            "qk_rope_head_dim": 64, "v_head_dim": 128, "torch_dtype": "bfloat16"}
-    spec = me.spec_from_config(cfg, model="ds", source="test")
+    spec = ms.spec_from_config(cfg, model="ds", source="test")
     kv1 = me.kv_cache_layout(spec)
     kv8 = me.kv_cache_layout(spec, tensor_parallel_size=8)
     assert spec.is_mla
@@ -147,7 +149,7 @@ def test_sliding_window_layers_hold_only_the_window() -> None:
     layers = 6
     cfg = {**LLAMA8B, "num_hidden_layers": layers, "sliding_window": 1024,
            "layer_types": ["sliding_attention", "full_attention"] * (layers // 2)}
-    spec = me.spec_from_config(cfg, model="swa", source="test")
+    spec = ms.spec_from_config(cfg, model="swa", source="test")
     in_flight = 2048
     kv = me.kv_cache_layout(spec, max_num_batched_tokens=in_flight)
     per_layer = 2 * 8 * 128 * 2
@@ -160,7 +162,7 @@ def test_sliding_window_layers_hold_only_the_window() -> None:
     assert kv.request_bytes(100) == (kv.bytes_per_token + kv.sliding_bytes_per_token) * 100
     # Long contexts cost the sliding layers nothing more: capacity grows past the
     # all-full-attention figure.
-    full = me.kv_cache_layout(me.spec_from_config({**cfg, "layer_types": None,
+    full = me.kv_cache_layout(ms.spec_from_config({**cfg, "layer_types": None,
                                                    "sliding_window": None},
                                                   model="f", source="t"))
     space, block = 8 * GiB, 16
@@ -170,20 +172,20 @@ def test_sliding_window_layers_hold_only_the_window() -> None:
 
 def test_sliding_window_configs_by_convention() -> None:
     base = {**LLAMA8B, "num_hidden_layers": 4, "sliding_window": 512}
-    qwen_off = me.spec_from_config({**base, "model_type": "qwen2", "use_sliding_window": False},
+    qwen_off = ms.spec_from_config({**base, "model_type": "qwen2", "use_sliding_window": False},
                                    model="q", source="test")
     assert qwen_off.layer_kinds == ["full"] * 4
-    qwen_on = me.spec_from_config({**base, "model_type": "qwen2", "use_sliding_window": True,
+    qwen_on = ms.spec_from_config({**base, "model_type": "qwen2", "use_sliding_window": True,
                                    "max_window_layers": 2}, model="q", source="test")
     assert qwen_on.layer_kinds == ["full", "full", "sliding", "sliding"]
-    gemma2 = me.spec_from_config({**base, "model_type": "gemma2"}, model="g", source="test")
+    gemma2 = ms.spec_from_config({**base, "model_type": "gemma2"}, model="g", source="test")
     assert gemma2.layer_kinds == ["sliding", "full", "sliding", "full"]
-    mistral = me.spec_from_config({**base, "model_type": "mistral"}, model="m", source="test")
+    mistral = ms.spec_from_config({**base, "model_type": "mistral"}, model="m", source="test")
     assert mistral.layer_kinds == ["sliding"] * 4
 
 
 def test_kv_cache_tokens_counts_whole_blocks_like_vllm() -> None:
-    spec = me.spec_from_config({**LLAMA8B, "num_hidden_layers": 3}, model="x", source="t")
+    spec = ms.spec_from_config({**LLAMA8B, "num_hidden_layers": 3}, model="x", source="t")
     kv = me.kv_cache_layout(spec)
     space, block = GiB, 128
     blocks = space // (kv.bytes_per_token * block)
@@ -200,7 +202,7 @@ def test_kv_cache_tokens_counts_whole_blocks_like_vllm() -> None:
 
 
 def test_weight_bytes_from_safetensors_headers(tiny_model: Path) -> None:
-    spec = me.load_model_spec(str(tiny_model))
+    spec = ms.load_model_spec(str(tiny_model))
     st = tiny_model / "model.safetensors"
     header_len = struct.unpack("<Q", st.read_bytes()[:8])[0]
     data_bytes = st.stat().st_size - 8 - header_len
@@ -213,28 +215,28 @@ def test_sharded_checkpoint_counts_each_shard_once(tmp_path: Path, tiny_model: P
     sharded = make_tiny_model(tmp_path / "sharded", shards=3)
     # A stray consolidated file next to the index is not what vLLM loads.
     shutil.copy(tiny_model / "model.safetensors", sharded / "consolidated.safetensors")
-    one = me.weight_bytes(me.load_model_spec(str(tiny_model)))
-    assert me.weight_bytes(me.load_model_spec(str(sharded))) == one
+    one = me.weight_bytes(ms.load_model_spec(str(tiny_model)))
+    assert me.weight_bytes(ms.load_model_spec(str(sharded))) == one
 
 
 def test_derived_max_model_len_rules() -> None:
     cfg = {"max_position_embeddings": 8192}
-    assert me.derive_max_model_len(cfg) == 8192
-    assert me.derive_max_model_len(cfg, {"model_max_length": 4096}) == 4096
+    assert ms.derive_max_model_len(cfg) == 8192
+    assert ms.derive_max_model_len(cfg, {"model_max_length": 4096}) == 4096
     linear = {**cfg, "rope_scaling": {"type": "linear", "factor": 4.0}}
-    assert me.derive_max_model_len(linear) == 4 * 8192
+    assert ms.derive_max_model_len(linear) == 4 * 8192
     yarn = {**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
-    assert me.derive_max_model_len(yarn) == 8192
-    assert me.derive_max_model_len({}) == 2048
+    assert ms.derive_max_model_len(yarn) == 8192
+    assert ms.derive_max_model_len({}) == 2048
 
 
 # --------------------------------------------------------------------------- sources
 
 
 def _cache_repo(tiny_model: Path, repo_id: str) -> Path:
-    from cmw_vllm.disk_space import hf_cache_dir
+    from cmw_vllm.hf_cache import repo_dir
 
-    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    repo = repo_dir(repo_id)
     snap = repo / "snapshots" / "0123abcd"
     shutil.copytree(tiny_model, snap)
     (repo / "refs").mkdir(parents=True)
@@ -244,10 +246,10 @@ def _cache_repo(tiny_model: Path, repo_id: str) -> Path:
 
 def test_model_from_hf_cache_snapshot(tiny_model: Path) -> None:
     snap = _cache_repo(tiny_model, "org/tiny")
-    spec = me.load_model_spec("org/tiny")
+    spec = ms.load_model_spec("org/tiny")
     assert spec.source == "hf-cache"
     assert spec.path == str(snap)
-    assert me.weight_bytes(spec) == me.weight_bytes(me.load_model_spec(str(tiny_model)))
+    assert me.weight_bytes(spec) == me.weight_bytes(ms.load_model_spec(str(tiny_model)))
 
 
 def test_model_from_hub_metadata_only(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
@@ -268,7 +270,7 @@ def test_model_from_hub_metadata_only(monkeypatch: pytest.MonkeyPatch, tiny_mode
     )
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **kw: info)
-    spec = me.load_model_spec("org/remote")
+    spec = ms.load_model_spec("org/remote")
     assert spec.source == "hub"
     assert set(fetched) == {"config.json", "tokenizer_config.json"}
     assert me.weight_bytes(spec) == (params["BF16"] + params["F32"]) * 2
@@ -286,37 +288,37 @@ def hub(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
 
 
 def test_hub_fetch_reads_only_small_files(hub: FakeHub, tiny_model: Path) -> None:
-    spec = me.load_model_spec("org/public")
+    spec = ms.load_model_spec("org/public")
     assert spec.source == "hub"
     fetched = {r.split("/resolve/main/")[-1] for r in hub.requests if "/resolve/" in r}
     assert fetched <= {"config.json", "tokenizer_config.json"}
     assert "config.json" in fetched
-    local = me.load_model_spec(str(tiny_model))
+    local = ms.load_model_spec(str(tiny_model))
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (
         local.num_layers, local.num_kv_heads, local.head_dim)
     # Without headers the file size stands in: within the header's few KiB.
     assert 0 <= me.weight_bytes(spec) - me.weight_bytes(local) < 64 * 1024
-    result = me.preflight(config_for("org/public"), gpus=[fake_gpu()])
+    result = mc.preflight(config_for("org/public"), gpus=[fake_gpu()])
     assert result.ok
 
 
 def test_hub_missing_gated_or_down(hub: FakeHub) -> None:
     with pytest.raises(NotFoundError):
-        me.load_model_spec("org/absent")
+        ms.load_model_spec("org/absent")
     with pytest.raises(EnvironmentProblem, match="gated"):
-        me.load_model_spec("org/gated")
-    assert me.preflight(config_for("org/gated"), gpus=[fake_gpu()]).status == "unknown"
+        ms.load_model_spec("org/gated")
+    assert mc.preflight(config_for("org/gated"), gpus=[fake_gpu()]).status == "unknown"
     hub.fail_status = 503
     with pytest.raises(EnvironmentProblem):
-        me.load_model_spec("org/public")
-    result = me.preflight(config_for("org/public"), gpus=[fake_gpu()])
+        ms.load_model_spec("org/public")
+    result = mc.preflight(config_for("org/public"), gpus=[fake_gpu()])
     assert result.status == "unknown" and not result.ok
     assert "org/public" in (result.reason or "")
 
 
 def test_offline_and_not_cached_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = me.preflight(config_for("org/elsewhere"), gpus=[])
+    result = mc.preflight(config_for("org/elsewhere"), gpus=[])
     assert result.status == "unknown"
 
 
@@ -324,7 +326,7 @@ def test_offline_and_not_cached_is_unknown(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_preflight_ok_on_an_empty_gpu(tiny_model: Path) -> None:
-    result = me.preflight(config_for(tiny_model), gpus=[fake_gpu()])
+    result = mc.preflight(config_for(tiny_model), gpus=[fake_gpu()])
     assert result.ok
     assert result.device == "gpu"
     assert result.estimate is not None and result.estimate.fits
@@ -333,11 +335,11 @@ def test_preflight_ok_on_an_empty_gpu(tiny_model: Path) -> None:
 def test_preflight_refuses_a_busy_gpu_and_the_hint_fits(tiny_model: Path) -> None:
     busy = [fake_gpu(total_gib=80, free_gib=10)]
     with pytest.raises(InsufficientResourcesError) as err:
-        me.preflight(config_for(tiny_model), gpus=busy)
+        mc.preflight(config_for(tiny_model), gpus=busy)
     assert "free" in err.value.message
     match = __import__("re").search(r"--gpu-memory-utilization ([\d.]+)", err.value.hint or "")
     assert match, err.value.hint
-    fixed = me.preflight(config_for(tiny_model, gpu_memory_utilization=float(match.group(1))),
+    fixed = mc.preflight(config_for(tiny_model, gpu_memory_utilization=float(match.group(1))),
                          gpus=busy)
     assert fixed.ok
 
@@ -346,21 +348,21 @@ def test_preflight_refuses_too_long_context_and_suggests_the_longest(tmp_path: P
     model = write_big_model(tmp_path / "llama8b", LLAMA8B)
     gpus = [fake_gpu(total_gib=24)]
     with pytest.raises(InsufficientResourcesError) as err:
-        me.preflight(config_for(model), gpus=gpus)
+        mc.preflight(config_for(model), gpus=gpus)
     assert "max_model_len 131072" in err.value.message
     match = __import__("re").search(r"--max-model-len (\d+)", err.value.hint or "")
     assert match, err.value.hint
     longest = int(match.group(1))
-    assert me.preflight(config_for(model, max_model_len=longest), gpus=gpus).ok
+    assert mc.preflight(config_for(model, max_model_len=longest), gpus=gpus).ok
     with pytest.raises(InsufficientResourcesError):
-        me.preflight(config_for(model, max_model_len=longest + 1), gpus=gpus)
+        mc.preflight(config_for(model, max_model_len=longest + 1), gpus=gpus)
 
 
 def test_preflight_kv_cache_dtype_flag_is_honoured(tmp_path: Path) -> None:
     model = write_big_model(tmp_path / "llama8b", LLAMA8B)
     gpus = [fake_gpu(total_gib=48)]
-    auto = me.preflight(config_for(model, max_model_len=8192), gpus=gpus).estimate
-    fp8 = me.preflight(config_for(model, max_model_len=8192,
+    auto = mc.preflight(config_for(model, max_model_len=8192), gpus=gpus).estimate
+    fp8 = mc.preflight(config_for(model, max_model_len=8192,
                                   vllm_args=["--kv-cache-dtype", "fp8"]), gpus=gpus).estimate
     assert auto is not None and fp8 is not None
     assert fp8.kv_bytes_per_token * 2 == auto.kv_bytes_per_token
@@ -370,9 +372,9 @@ def test_preflight_kv_cache_dtype_flag_is_honoured(tmp_path: Path) -> None:
 def test_preflight_tensor_parallel_needs_enough_gpus(tmp_path: Path) -> None:
     model = write_big_model(tmp_path / "llama8b", LLAMA8B)
     with pytest.raises(InsufficientResourcesError, match="needs 2 GPUs"):
-        me.preflight(config_for(model, tensor_parallel_size=2, max_model_len=4096),
+        mc.preflight(config_for(model, tensor_parallel_size=2, max_model_len=4096),
                      gpus=[fake_gpu()])
-    two = me.preflight(config_for(model, tensor_parallel_size=2, max_model_len=4096),
+    two = mc.preflight(config_for(model, tensor_parallel_size=2, max_model_len=4096),
                        gpus=[fake_gpu(0), fake_gpu(1)])
     assert two.estimate is not None
     assert two.estimate.weight_bytes * 2 >= two.estimate.weight_bytes_total
@@ -380,33 +382,33 @@ def test_preflight_tensor_parallel_needs_enough_gpus(tmp_path: Path) -> None:
 
 def test_preflight_uses_the_selected_gpu(tiny_model: Path) -> None:
     gpus = [fake_gpu(0), fake_gpu(1, free_gib=1)]
-    assert me.preflight(config_for(tiny_model, gpus="0"), gpus=gpus).ok
+    assert mc.preflight(config_for(tiny_model, gpus="0"), gpus=gpus).ok
     with pytest.raises(InsufficientResourcesError, match="GPU 1"):
-        me.preflight(config_for(tiny_model, gpus="1"), gpus=gpus)
+        mc.preflight(config_for(tiny_model, gpus="1"), gpus=gpus)
     with pytest.raises(InsufficientResourcesError, match="GPU 1"):
-        me.preflight(config_for(tiny_model), gpus=gpus,
+        mc.preflight(config_for(tiny_model), gpus=gpus,
                      environ={"CUDA_VISIBLE_DEVICES": "1"})
     with pytest.raises(ConfigError, match="does not exist"):
-        me.preflight(config_for(tiny_model, gpus="5"), gpus=gpus)
+        mc.preflight(config_for(tiny_model, gpus="5"), gpus=gpus)
 
 
 def test_preflight_cpu_checks_kv_space_against_ram(tiny_model: Path) -> None:
-    ok = me.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": "1"}), gpus=[])
+    ok = mc.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": "1"}), gpus=[])
     assert ok.ok and ok.device == "cpu"
     assert ok.estimate is not None and ok.estimate.kv_space == GiB
     import psutil
 
     too_much = psutil.virtual_memory().total // GiB + 1
     with pytest.raises(InsufficientResourcesError, match="RAM") as err:
-        me.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": str(too_much)}),
+        mc.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": str(too_much)}),
                      gpus=[])
     assert "VLLM_CPU_KVCACHE_SPACE" in (err.value.hint or "")
     with pytest.raises(ConfigError, match="whole number"):
-        me.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": "1.5"}), gpus=[])
+        mc.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": "1.5"}), gpus=[])
 
 
 def test_cpu_default_follows_vllm_memory_fraction(tiny_model: Path) -> None:
-    spec = me.load_model_spec(str(tiny_model))
+    spec = ms.load_model_spec(str(tiny_model))
     total = 64 * GiB
     roomy = me.MemoryTarget(device="cpu", memory_total=total, memory_free=total)
     est = me.estimate(spec, me.EstimateSettings(), roomy)
@@ -424,29 +426,29 @@ def test_unreadable_config_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "mystery"}))
     with pytest.raises(UsageError, match="cannot estimate"):
-        me.load_model_spec(str(tmp_path / "odd"))
-    result = me.preflight(config_for(tmp_path / "odd"), gpus=[fake_gpu()])
+        ms.load_model_spec(str(tmp_path / "odd"))
+    result = mc.preflight(config_for(tmp_path / "odd"), gpus=[fake_gpu()])
     assert result.status == "unknown"
 
 
 def test_preflight_cpu_default_asks_for_a_share_of_node_ram(tiny_model: Path) -> None:
-    total, available = me.cpu_memory()
+    total, available = mc.cpu_memory()
     assert 0 < available < total
     # Asking for all of RAM always exceeds what is available, as vLLM's CPU worker finds.
     with pytest.raises(InsufficientResourcesError, match="RAM") as err:
-        me.preflight(config_for(tiny_model, gpu_memory_utilization=1.0), gpus=[], environ={})
+        mc.preflight(config_for(tiny_model, gpu_memory_utilization=1.0), gpus=[], environ={})
     assert "--gpu-memory-utilization" in (err.value.hint or "")
     if available < 6 * GiB:
         pytest.skip("too little free RAM here to check the passing side")
     half = round(available / total / 2, 2)
-    ok = me.preflight(config_for(tiny_model, gpu_memory_utilization=half), gpus=[], environ={})
+    ok = mc.preflight(config_for(tiny_model, gpu_memory_utilization=half), gpus=[], environ={})
     assert ok.ok and ok.estimate is not None
     assert ok.estimate.kv_space_source.startswith(f"{half:g} x RAM")
 
 
 def test_settings_vllm_refuses_do_not_fit(tmp_path: Path) -> None:
-    spec = me.spec_from_config(LLAMA8B, model="x", source="t")
-    target = me.given_gpu_target(80)
+    spec = ms.spec_from_config(LLAMA8B, model="x", source="t")
+    target = mc.given_gpu_target(80)
     assert me.estimate(spec, me.EstimateSettings(max_model_len=8192), target).fits
     past_end = int(str(LLAMA8B["max_position_embeddings"])) + 1
     too_long = me.estimate(spec, me.EstimateSettings(max_model_len=past_end), target)

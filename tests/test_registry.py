@@ -4,6 +4,7 @@ and ``list``."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -24,11 +25,13 @@ from cmw_vllm.model_registry import (
     resolve_target,
 )
 from cmw_vllm.paths import user_models_file
-from cmw_vllm.server_config import resolve_server_config, validate_name
-from tests.conftest import SHARED_DIR
+from cmw_vllm.server_config import resolve_server_config
+from cmw_vllm.vocab import validate_name
 
-FLAGS_TSV = SHARED_DIR / "vllm" / "serve-flags-0.32.0.tsv"
-PARSERS_TXT = SHARED_DIR / "vllm" / "parsers-0.32.0.txt"
+# vLLM 0.32.0's own lists, as `vllm serve --help` and its parser registries give them.
+DATA = Path(__file__).parent / "data"
+FLAGS_TSV = DATA / "serve-flags-0.32.0.tsv"
+PARSERS_TXT = DATA / "parsers-0.32.0.txt"
 BUILTINS = builtin_entries()
 
 
@@ -151,7 +154,7 @@ def test_every_entry_has_description_and_size() -> None:
         assert entry.size_gb is not None and entry.size_gb > 0, entry.alias
 
 
-def test_known_names_match_the_shared_vllm_lists() -> None:
+def test_known_names_match_the_vllm_lists() -> None:
     assert _tsv_flags() == model_registry.SERVE_FLAGS
     assert _parsers("TOOL_CALL_PARSERS") == model_registry.TOOL_CALL_PARSERS
     assert _parsers("REASONING_PARSERS") == model_registry.REASONING_PARSERS
@@ -285,11 +288,52 @@ def test_models_file_new_alias_needs_model_and_port() -> None:
         load_user_entries()
 
 
-def test_models_file_port_clash_is_reported() -> None:
-    path = _write_models('[models.mine]\nmodel = "org/mine"\nport = 8000\n')
-    with pytest.raises(ConfigError, match="port 8000 of 'mine' is already the port of 'qwen'"):
-        all_entries()
-    assert load_user_entries(path)[0].port == 8000
+def test_models_file_may_reuse_a_builtin_port(running: dict[str, list[str]]) -> None:
+    from cmw_vllm.cli import cli
+
+    _write_models('[models.mine]\nmodel = "org/mine"\nport = 8000\n'
+                  '[models.other]\nmodel = "org/other"\nport = 8000\n')
+    entries = all_entries()
+    assert entries["mine"].port == entries["qwen"].port == entries["other"].port == 8000
+    result = CliRunner().invoke(cli, ["list", "--json"])
+    assert result.exit_code == 0, result.output
+    ports = {r["alias"]: r["port"] for r in json.loads(result.output)["models"]}
+    assert ports["mine"] == ports["qwen"] == 8000
+
+
+def test_two_servers_on_one_port_are_refused_at_start(fake_engine: Path,
+                                                      model_dir: Path) -> None:
+    from tests.conftest import free_port
+    from tests.conftest import run_cli as run
+
+    port = free_port()
+    _write_models(f'[models.one]\nmodel = "{model_dir}"\nport = {port}\n'
+                  f'[models.two]\nmodel = "{model_dir}"\nport = {port}\n')
+    code, _out, err = run("start", "one")
+    assert code == 0, err
+    code, _out, err = run("start", "two")
+    assert code == 6
+    assert f"port {port} is in use by cmw-vllm server 'one'" in err
+
+
+def _readme_toml_examples() -> list[str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"^```toml\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def test_readme_models_file_examples_load(running: dict[str, list[str]]) -> None:
+    from cmw_vllm.cli import cli
+
+    examples = _readme_toml_examples()
+    assert examples, "the README shows no models.toml example"
+    for example in examples:
+        path = _write_models(example)
+        entries = load_user_entries(path)
+        assert entries and all(e.source == str(path) for e in entries)
+        result = CliRunner().invoke(cli, ["list", "--json"])
+        assert result.exit_code == 0, result.output
+        listed = {r["alias"] for r in json.loads(result.output)["models"]}
+        assert {e.alias for e in entries} <= listed
 
 
 def test_models_file_unknown_top_level_key() -> None:
@@ -524,3 +568,16 @@ def test_models_file_entry_with_a_local_path(tmp_path: Path) -> None:
     assert target.is_local and target.alias == "local"
     assert target.model == str(model_dir.resolve())
     assert is_downloaded("./weights") and not is_downloaded("./missing")
+
+
+def test_builtin_registry_is_read_on_first_use_only() -> None:
+    code = (
+        "import sys, cmw_vllm.model_registry as m; before = 'tomllib' in sys.modules; "
+        "n = len(m.builtin_entries()); print(before, 'tomllib' in sys.modules, n)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "True", str(len(BUILTINS))]
+    assert model_registry.BUILTIN_FILE.name == "registry.toml"
+    assert all(e.source == "built-in" for e in BUILTINS)

@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from cmw_vllm import server_manager
-from cmw_vllm.server_manager import group_members, read_record
+from cmw_vllm.server_manager import group_members
+from cmw_vllm.server_record import read_record
 from tests.conftest import free_port
 from tests.conftest import run_cli as run
 

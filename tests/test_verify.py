@@ -19,9 +19,9 @@ from click.testing import CliRunner
 
 from cmw_vllm.cli import cli, main
 from cmw_vllm.errors import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK
+from cmw_vllm.hf_cache import repo_dir as repo_cache_dir
 from cmw_vllm.model_verifier import (
     git_blob_sha1_of,
-    repo_cache_dir,
     safetensors_problem,
     verify_model,
 )

@@ -6,7 +6,7 @@
 - ``score``: a query against a few documents (``/rerank``, else ``/score``); the ranking.
 - ``classify``: a classification of a sample input (``/classify``); the label.
 
-:func:`run_test` returns a :class:`TestResult` and raises :class:`InferenceTestError` (with
+:func:`run_check` returns a :class:`CheckResult` and raises :class:`InferenceCheckError` (with
 why) when the server fails the test. requests is imported inside the functions.
 """
 
@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cmw_vllm.health_check import ServerRequestError, auth_headers
+from cmw_vllm.errors import InferenceCheckError
+from cmw_vllm.health_check import auth_headers
+from cmw_vllm.vocab import TASKS, Task
 
 if TYPE_CHECKING:
     import requests
 
-TASKS = ("generate", "embed", "score", "classify")
 DEFAULT_PROMPT = "Say hello in one short sentence."
 DEFAULT_MAX_TOKENS = 32
 DEFAULT_TIMEOUT = 60.0
@@ -40,15 +41,11 @@ SCORE_DOCUMENTS = (
 )
 CLASSIFY_INPUT = "I love how fast this server answers!"
 _TASK_NOUNS = {
-    "generate": "a chat model",
-    "embed": "an embedding model",
-    "score": "a scoring (rerank) model",
-    "classify": "a classification model",
+    Task.GENERATE: "a chat model",
+    Task.EMBED: "an embedding model",
+    Task.SCORE: "a scoring (rerank) model",
+    Task.CLASSIFY: "a classification model",
 }
-
-
-class InferenceTestError(ServerRequestError):
-    """The server failed the inference test (the message says why)."""
 
 
 @dataclass
@@ -61,7 +58,7 @@ class RankedDocument:
 
 
 @dataclass
-class TestResult:
+class CheckResult:
     """What one inference test measured.
 
     Common attributes: ``task``, ``model``, ``base_url``, ``endpoint`` and ``total_s``
@@ -85,8 +82,6 @@ class TestResult:
         num_classes: classify: number of classes.
         probs: classify: class probabilities of the first input.
     """
-
-    __test__ = False  # not a pytest test class
 
     task: str
     model: str
@@ -123,7 +118,7 @@ class TestResult:
             "endpoint": self.endpoint,
             "total_s": r(self.total_s),
         }
-        if self.task == "generate":
+        if self.task == Task.GENERATE:
             out.update(
                 ttft_s=r(self.ttft_s),
                 tokens_per_s=r(self.tokens_per_s, 2),
@@ -133,10 +128,10 @@ class TestResult:
                 finish_reason=self.finish_reason,
                 reply=self.reply,
             )
-        elif self.task == "embed":
+        elif self.task == Task.EMBED:
             out.update(inputs=len(self.inputs), dimension=self.dimension,
                        prompt_tokens=self.prompt_tokens)
-        elif self.task == "score":
+        elif self.task == Task.SCORE:
             out.update(
                 query=self.query,
                 ranking=[
@@ -145,7 +140,7 @@ class TestResult:
                 ],
                 prompt_tokens=self.prompt_tokens,
             )
-        elif self.task == "classify":
+        elif self.task == Task.CLASSIFY:
             out.update(input=self.inputs[0] if self.inputs else None, label=self.label,
                        num_classes=self.num_classes, probs=[r(p, 6) for p in self.probs],
                        prompt_tokens=self.prompt_tokens)
@@ -184,7 +179,7 @@ def _check_status(resp: requests.Response, url: str, task: str) -> None:
         path = url.split("//", 1)[-1].split("/", 1)[-1]
         hint = (f"the server does not serve /{path}: is it {_TASK_NOUNS[task]}? "
                 "(pick another test with --task)")
-    raise InferenceTestError(f"{url} answered HTTP {resp.status_code}: {text}", hint=hint,
+    raise InferenceCheckError(f"{url} answered HTTP {resp.status_code}: {text}", hint=hint,
                              status=resp.status_code)
 
 
@@ -203,10 +198,10 @@ def _post(
     try:
         resp = session.post(url, json=body, timeout=(min(timeout, 10.0), timeout), stream=stream)
     except requests.Timeout:
-        raise InferenceTestError(f"{url} did not answer within {timeout:g}s",
+        raise InferenceCheckError(f"{url} did not answer within {timeout:g}s",
                                  hint="raise --timeout, or see the server's log") from None
     except requests.ConnectionError as exc:
-        raise InferenceTestError(f"cannot reach {url}: {_reason(exc)}",
+        raise InferenceCheckError(f"cannot reach {url}: {_reason(exc)}",
                                  hint="is the server running? (cmw-vllm status)") from None
     if allow_404 and resp.status_code == 404:
         return resp
@@ -225,9 +220,9 @@ def _json(resp: requests.Response, url: str) -> dict[str, Any]:
     try:
         data = resp.json()
     except ValueError:
-        raise InferenceTestError(f"{url} answered with a body that is not JSON") from None
+        raise InferenceCheckError(f"{url} answered with a body that is not JSON") from None
     if not isinstance(data, dict):
-        raise InferenceTestError(f"{url} answered with JSON that is not an object")
+        raise InferenceCheckError(f"{url} answered with JSON that is not an object")
     return data
 
 
@@ -239,10 +234,10 @@ def _usage_int(usage: Any, key: str) -> int | None:
 # --------------------------------------------------------------------------- tests
 
 
-def _test_generate(
+def _check_generate(
     session: requests.Session, base_url: str, model: str, prompt: str, max_tokens: int,
     timeout: float,
-) -> TestResult:
+) -> CheckResult:
     import requests
 
     url = f"{base_url}/v1/chat/completions"
@@ -255,7 +250,7 @@ def _test_generate(
     }
     begin = time.monotonic()
     deadline = begin + timeout
-    resp = _post(session, url, body, timeout, "generate", stream=True)
+    resp = _post(session, url, body, timeout, Task.GENERATE, stream=True)
     first: float | None = None
     last: float | None = None
     pieces: list[str] = []
@@ -266,7 +261,7 @@ def _test_generate(
     try:
         for raw in resp.iter_lines(decode_unicode=False):
             if time.monotonic() > deadline:
-                raise InferenceTestError(f"{url}: the answer took longer than {timeout:g}s",
+                raise InferenceCheckError(f"{url}: the answer took longer than {timeout:g}s",
                                          hint="raise --timeout or lower --max-tokens")
             line = raw.decode("utf-8", errors="replace").strip()
             if not line.startswith("data:"):
@@ -278,14 +273,14 @@ def _test_generate(
             try:
                 chunk = json.loads(payload)
             except ValueError:
-                raise InferenceTestError(f"{url} streamed a chunk that is not JSON: "
+                raise InferenceCheckError(f"{url} streamed a chunk that is not JSON: "
                                          f"{payload[:120]}") from None
             if not isinstance(chunk, dict):
                 continue
             if chunk.get("error"):
                 err = chunk["error"]
                 msg = err.get("message") if isinstance(err, dict) else err
-                raise InferenceTestError(f"{url} failed while streaming: {msg}")
+                raise InferenceCheckError(f"{url} failed while streaming: {msg}")
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
             for choice in chunk.get("choices") or []:
@@ -306,25 +301,25 @@ def _test_generate(
                         first = now
                     pieces.append(text)
     except requests.RequestException as exc:
-        raise InferenceTestError(f"{url}: the stream broke off: {_reason(exc)}") from None
+        raise InferenceCheckError(f"{url}: the stream broke off: {_reason(exc)}") from None
     finally:
         resp.close()
     end = time.monotonic()
     if not done:
-        raise InferenceTestError(f"{url}: the stream ended without [DONE]")
+        raise InferenceCheckError(f"{url}: the stream ended without [DONE]")
     if usage is None:
-        raise InferenceTestError(f"{url}: the stream carried no usage figures",
+        raise InferenceCheckError(f"{url}: the stream carried no usage figures",
                                  hint="the server ignored stream_options.include_usage")
     completion = _usage_int(usage, "completion_tokens")
     prompt_tokens = _usage_int(usage, "prompt_tokens")
     if not completion:
-        raise InferenceTestError(f"{url}: the server generated no tokens")
+        raise InferenceCheckError(f"{url}: the server generated no tokens")
     total = end - begin
     decode = None
     if first is not None and last is not None and completion > 1 and last > first:
         decode = (completion - 1) / (last - first)
-    return TestResult(
-        task="generate",
+    return CheckResult(
+        task=Task.GENERATE,
         model=model,
         base_url=base_url,
         endpoint="/v1/chat/completions",
@@ -340,94 +335,94 @@ def _test_generate(
     )
 
 
-def _test_embed(
+def _check_embed(
     session: requests.Session, base_url: str, model: str, inputs: list[str], timeout: float
-) -> TestResult:
+) -> CheckResult:
     url = f"{base_url}/v1/embeddings"
     begin = time.monotonic()
-    resp = _post(session, url, {"model": model, "input": inputs}, timeout, "embed")
+    resp = _post(session, url, {"model": model, "input": inputs}, timeout, Task.EMBED)
     data = _json(resp, url)
     total = time.monotonic() - begin
     items = data.get("data")
     if not isinstance(items, list) or len(items) != len(inputs):
         got = len(items) if isinstance(items, list) else 0
-        raise InferenceTestError(f"{url} returned {got} embeddings for {len(inputs)} inputs")
+        raise InferenceCheckError(f"{url} returned {got} embeddings for {len(inputs)} inputs")
     dims = set()
     for item in items:
         vector = item.get("embedding") if isinstance(item, dict) else None
         if not isinstance(vector, list) or not vector:
-            raise InferenceTestError(f"{url} returned an empty or missing embedding")
+            raise InferenceCheckError(f"{url} returned an empty or missing embedding")
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vector):
-            raise InferenceTestError(f"{url} returned an embedding with non-finite values")
+            raise InferenceCheckError(f"{url} returned an embedding with non-finite values")
         dims.add(len(vector))
     if len(dims) != 1:
-        raise InferenceTestError(f"{url} returned embeddings of different sizes: {sorted(dims)}")
-    return TestResult(
-        task="embed", model=model, base_url=base_url, endpoint="/v1/embeddings", total_s=total,
+        raise InferenceCheckError(f"{url} returned embeddings of different sizes: {sorted(dims)}")
+    return CheckResult(
+        task=Task.EMBED, model=model, base_url=base_url, endpoint="/v1/embeddings", total_s=total,
         inputs=list(inputs), dimension=dims.pop(),
         prompt_tokens=_usage_int(data.get("usage"), "prompt_tokens"),
     )
 
 
-def _test_score(
+def _check_score(
     session: requests.Session, base_url: str, model: str, query: str, documents: list[str],
     timeout: float,
-) -> TestResult:
+) -> CheckResult:
     begin = time.monotonic()
     url = f"{base_url}/rerank"
     resp = _post(session, url, {"model": model, "query": query, "documents": documents},
-                 timeout, "score", allow_404=True)
+                 timeout, Task.SCORE, allow_404=True)
     ranked: list[RankedDocument] = []
     if resp.status_code == 404 and "model" not in _error_text(resp).lower():
         url = f"{base_url}/score"  # older servers, or models that only score pairs
         resp = _post(session, url, {"model": model, "text_1": query, "text_2": documents},
-                     timeout, "score")
+                     timeout, Task.SCORE)
         data = _json(resp, url)
         items = data.get("data")
         key = "score"
     else:
-        _check_status(resp, url, "score")
+        _check_status(resp, url, Task.SCORE)
         data = _json(resp, url)
         items = data.get("results")
         key = "relevance_score"
     total = time.monotonic() - begin
     if not isinstance(items, list) or len(items) != len(documents):
-        raise InferenceTestError(f"{url} did not score all {len(documents)} documents")
+        raise InferenceCheckError(f"{url} did not score all {len(documents)} documents")
     for item in items:
         idx = item.get("index") if isinstance(item, dict) else None
         score = item.get(key) if isinstance(item, dict) else None
         if not isinstance(idx, int) or not 0 <= idx < len(documents) or \
                 not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise InferenceTestError(f"{url} returned a malformed result: {str(item)[:120]}")
+            raise InferenceCheckError(f"{url} returned a malformed result: {str(item)[:120]}")
         ranked.append(RankedDocument(index=idx, score=float(score), document=documents[idx]))
     ranked.sort(key=lambda d: d.score, reverse=True)
-    return TestResult(
-        task="score", model=model, base_url=base_url, endpoint=url[len(base_url):],
+    return CheckResult(
+        task=Task.SCORE, model=model, base_url=base_url, endpoint=url[len(base_url):],
         total_s=total, query=query, ranking=ranked,
         prompt_tokens=_usage_int(data.get("usage"), "prompt_tokens"),
     )
 
 
-def _test_classify(
+def _check_classify(
     session: requests.Session, base_url: str, model: str, text: str, timeout: float
-) -> TestResult:
+) -> CheckResult:
     url = f"{base_url}/classify"
     begin = time.monotonic()
-    resp = _post(session, url, {"model": model, "input": [text]}, timeout, "classify")
+    resp = _post(session, url, {"model": model, "input": [text]}, timeout, Task.CLASSIFY)
     data = _json(resp, url)
     total = time.monotonic() - begin
     items = data.get("data")
     if not isinstance(items, list) or not items or not isinstance(items[0], dict):
-        raise InferenceTestError(f"{url} returned no classification")
+        raise InferenceCheckError(f"{url} returned no classification")
     item = items[0]
     probs = item.get("probs")
     if not isinstance(probs, list) or not probs or \
             not all(isinstance(p, (int, float)) and math.isfinite(p) for p in probs):
-        raise InferenceTestError(f"{url} returned no class probabilities")
+        raise InferenceCheckError(f"{url} returned no class probabilities")
     label = item.get("label")
     num_classes = item.get("num_classes")
-    return TestResult(
-        task="classify", model=model, base_url=base_url, endpoint="/classify", total_s=total,
+    return CheckResult(
+        task=Task.CLASSIFY, model=model, base_url=base_url, endpoint="/classify", total_s=total,
         inputs=[text], label=str(label) if label is not None else None,
         num_classes=num_classes if isinstance(num_classes, int) else len(probs),
         probs=[float(p) for p in probs],
@@ -435,7 +430,7 @@ def _test_classify(
     )
 
 
-def run_test(
+def run_check(
     base_url: str,
     model: str,
     task: str,
@@ -444,7 +439,7 @@ def run_test(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     api_key: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-) -> TestResult:
+) -> CheckResult:
     """Send one request for ``task`` to the server and measure the answer.
 
     Args:
@@ -463,7 +458,7 @@ def run_test(
 
     Raises:
         UsageError: Unknown task or a bad ``max_tokens``/``timeout``.
-        InferenceTestError: The server is unreachable, answered an error, timed out, or gave
+        InferenceCheckError: The server is unreachable, answered an error, timed out, or gave
             an answer that does not hold up (no tokens, no usage, malformed vectors, ...).
     """
     import requests
@@ -482,13 +477,13 @@ def run_test(
     with requests.Session() as session:
         session.headers.update(auth_headers(key))
         session.trust_env = False  # a proxy from the environment must not see local traffic
-        if task == "generate":
-            return _test_generate(session, base_url, model, prompt or DEFAULT_PROMPT,
+        if task == Task.GENERATE:
+            return _check_generate(session, base_url, model, prompt or DEFAULT_PROMPT,
                                   max_tokens, timeout)
-        if task == "embed":
+        if task == Task.EMBED:
             inputs = [prompt, *EMBED_INPUTS[1:]] if prompt else list(EMBED_INPUTS)
-            return _test_embed(session, base_url, model, inputs, timeout)
-        if task == "score":
-            return _test_score(session, base_url, model, prompt or SCORE_QUERY,
+            return _check_embed(session, base_url, model, inputs, timeout)
+        if task == Task.SCORE:
+            return _check_score(session, base_url, model, prompt or SCORE_QUERY,
                                list(SCORE_DOCUMENTS), timeout)
-        return _test_classify(session, base_url, model, prompt or CLASSIFY_INPUT, timeout)
+        return _check_classify(session, base_url, model, prompt or CLASSIFY_INPUT, timeout)
