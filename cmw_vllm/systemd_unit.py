@@ -122,7 +122,7 @@ def definition_for(name: str) -> ServerConfig:
         NotFoundError: No record and no entry of that name.
     """
     from cmw_vllm.server_config import build_config, resolve_server_config
-    from cmw_vllm.server_manager import read_record
+    from cmw_vllm.server_record import read_record
 
     try:
         record = read_record(name)
