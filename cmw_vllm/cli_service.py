@@ -25,8 +25,8 @@ def enable(name: str, system: bool, as_json: bool) -> None:
       cmw-vllm enable qwen
       sudo -E cmw-vllm enable qwen --system
     """
-    from cmw_vllm.server_config import validate_name
     from cmw_vllm.systemd_unit import enable as enable_unit
+    from cmw_vllm.vocab import validate_name
 
     validate_name(name)
     files = enable_unit(name, system=system)

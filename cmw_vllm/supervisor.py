@@ -245,11 +245,11 @@ class Supervisor:
         killed = False
         try:
             while True:
+                if self.stop_signal is not None and kill_at is None:
+                    kill_at = self._begin_stop()  # before the reap: vLLM may be gone already
                 rc = self._reap()
                 if rc is not None:
                     break
-                if self.stop_signal is not None and kill_at is None:
-                    kill_at = self._begin_stop()
                 if (self.hung and not killed) or (
                         kill_at is not None and not killed and time.monotonic() >= kill_at):
                     record = self.record()
@@ -343,9 +343,9 @@ class Supervisor:
         self.crashes.append(exit_at)
         if policy == "on-failure" and len(self.crashes) >= self.backoff.limit:
             self.say(f"{len(self.crashes)} crashes within {self.backoff.window:g}s: giving up")
+            self._kill_leftovers(record)
             self.update(last_exit_code=self.returncode, last_exit_at=exit_at,
                         failed_at=time.time(), next_restart_at=None)
-            self._kill_leftovers(record)
             return None
         return self.backoff.delay(self.streak)
 
@@ -361,7 +361,7 @@ class Supervisor:
         self._kill_leftovers(record)
         port_free = self._wait_port(record)
         cleaned_at = time.time()
-        self.say(f"restarting in {max(0.0, next_at - cleaned_at):.1f}s"
+        self.say(f"backoff {delay:g}s: restarting in {max(0.0, next_at - cleaned_at):.1f}s"
                  + ("" if port_free else f" (port {record.port} is still taken)"))
         while time.time() < next_at and self.stop_signal is None:
             time.sleep(min(0.1, max(0.0, next_at - time.time())))
@@ -467,7 +467,14 @@ def run_foreground(name: str, proc: subprocess.Popen[bytes], env: dict[str, str]
     """
     sup = Supervisor(name, proc, env=env, tee=True)
     try:
-        return sup.run()
+        status = sup.run()
+        if sup.stop_signal is not None:
+            # Stopped like `cmw-vllm stop` would: nothing of the server stays on record.
+            # (A crash keeps its record, for `status` to show how it ended.)
+            for path in (sr.record_path(name), sr.pid_path(name), sr.exit_path(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return status
     finally:
         sup._close_log()
         with contextlib.suppress(OSError, ValueError):

@@ -96,7 +96,8 @@ def load_definition(name: str, overrides: dict[str, Any] | None = None,
     import json
 
     from cmw_vllm.errors import ConfigError
-    from cmw_vllm.server_config import build_config, validate_name
+    from cmw_vllm.server_config import build_config
+    from cmw_vllm.vocab import validate_name
 
     validate_name(name)
     path = definition_path(name)
@@ -285,7 +286,7 @@ def disable(name: str) -> list[Path]:
         NotFoundError: Nothing is enabled under that name.
         EnvironmentProblem: A unit file cannot be removed (a system unit needs root).
     """
-    from cmw_vllm.server_config import validate_name
+    from cmw_vllm.vocab import validate_name
 
     validate_name(name)
     candidates = [unit_dir(False) / unit_name(name), unit_dir(True) / unit_name(name),
