@@ -158,6 +158,25 @@ def test_drain_settings_are_kept_and_checked(fake_engine: Path, model_dir: Path,
     assert code == 2 and "--drain" in err
 
 
+def test_models_file_sets_restart_and_drain(isolated_home: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmw_vllm.model_registry import resolve_target
+    from cmw_vllm.server_config import resolve_server_config
+
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "models.toml").write_text(
+        '[models.kept]\nmodel = "org/kept-model"\nport = 8123\nrestart = "always"\n'
+        "drain = 90\n")
+    target = resolve_target("kept")
+    config = resolve_server_config(target.model, entry_settings=target.settings, environ={})
+    assert (config.restart, config.drain) == ("always", 90)
+    args = config.vllm_cli_args()
+    assert args[args.index("--shutdown-timeout") + 1] == "90"
+    env = {"CMW_VLLM_DRAIN_TIMEOUT": "5", "CMW_VLLM_RESTART": "no"}
+    config = resolve_server_config(target.model, entry_settings=target.settings, environ=env)
+    assert (config.restart, config.drain) == ("no", 5)  # env beats the models file
+
+
 # --------------------------------------------------------------------------- restarts
 
 
