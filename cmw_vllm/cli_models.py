@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,11 +45,11 @@ def _short(commit: str | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Progress drawing
+# Progress drawing: one rich bar of bytes on a terminal, else a plain line now and then
 
 
-def _rich_download_progress(plan: DownloadPlan) -> tuple[type[ProgressBar], Any]:
-    """A ProgressBar subclass drawing one rich bar (bytes, speed, ETA, files) on stderr."""
+def _rich_bytes_progress(label: str, *extra: Any) -> Any:
+    """A rich Progress on stderr: label, bar, bytes, speed, time left, then ``extra``."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -59,18 +60,39 @@ def _rich_download_progress(plan: DownloadPlan) -> tuple[type[ProgressBar], Any]
     )
 
     from cmw_vllm.cli_common import console
+
+    return Progress(TextColumn(label), BarColumn(), DownloadColumn(binary_units=True),
+                    TransferSpeedColumn(), TimeRemainingColumn(), *extra,
+                    console=console(stderr=True), transient=False)
+
+
+class _PlainTicker:
+    """Writes a progress line to stderr at most every PLAIN_PROGRESS_INTERVAL seconds.
+
+    Worker threads call it; a lock keeps their counts and lines apart.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        """True when the interval has passed (call with :attr:`lock` held)."""
+        return time.monotonic() - self.last >= PLAIN_PROGRESS_INTERVAL
+
+    def write(self, text: str) -> None:
+        """Write one line now (call with :attr:`lock` held)."""
+        echo_err(text)
+        self.last = time.monotonic()
+
+
+def _rich_download_progress(plan: DownloadPlan) -> tuple[type[ProgressBar], Any]:
+    """A ProgressBar subclass drawing one rich bar (bytes, speed, ETA, files) on stderr."""
+    from rich.progress import TextColumn
+
     from cmw_vllm.model_downloader import ProgressBar
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[files]}"),
-        console=console(stderr=True),
-        transient=False,
-    )
+    progress = _rich_bytes_progress("[bold]{task.description}", TextColumn("{task.fields[files]}"))
     task = progress.add_task(plan.repo_id, total=plan.bytes_to_fetch or None,
                              files=f"0/{len(plan.files)} files")
 
@@ -88,27 +110,59 @@ def _plain_download_progress(plan: DownloadPlan) -> type[ProgressBar]:
     """A ProgressBar subclass writing a line per finished file and every few seconds."""
     from cmw_vllm.model_downloader import ProgressBar
 
-    state = {"bytes": 0.0, "files": 0, "last": time.monotonic()}
-    lock = threading.Lock()
+    state = {"bytes": 0.0, "files": 0}
+    ticker = _PlainTicker()
     total_files = len(plan.files)
 
     def line() -> None:
-        echo_err(f"  {state['files']}/{total_files} files, "
-                 f"{format_bytes(state['bytes'])} of {format_bytes(plan.bytes_to_fetch)}")
-        state["last"] = time.monotonic()
+        ticker.write(f"  {state['files']}/{total_files} files, "
+                     f"{format_bytes(state['bytes'])} of {format_bytes(plan.bytes_to_fetch)}")
 
     class PlainBar(ProgressBar):
         def on_update(self) -> None:
-            with lock:
+            with ticker.lock:
                 if self.kind == "bytes":
                     state["bytes"] = self.n
-                    if time.monotonic() - state["last"] >= PLAIN_PROGRESS_INTERVAL:
+                    if ticker.due():
                         line()
                 elif self.kind == "files" and int(self.n) != state["files"]:
                     state["files"] = int(self.n)
                     line()
 
     return PlainBar
+
+
+def _hash_progress(full: bool, as_json: bool) -> tuple[dict[str, Any], Any]:
+    """Callbacks for :func:`verify_model` that draw hashing progress, and the rich
+    Progress to stop afterwards (None when nothing is drawn or lines are plain)."""
+    if not full:
+        return {}, None
+    if stderr_is_tty():
+        progress = _rich_bytes_progress("[bold]hashing")
+        task = progress.add_task("hash", total=None)
+
+        def start(files: int, total: int) -> None:
+            progress.update(task, total=total)
+            progress.start()
+
+        return {"on_hash_start": start,
+                "progress": lambda n: progress.advance(task, n)}, progress
+    if as_json:
+        return {}, None
+    state = {"done": 0, "total": 0}
+    ticker = _PlainTicker()
+
+    def start_plain(files: int, total: int) -> None:
+        state["total"] = total
+        echo_err(f"Hashing {files} files, {format_bytes(total)}")
+
+    def advance_plain(n: int) -> None:
+        with ticker.lock:
+            state["done"] += n
+            if ticker.due():
+                ticker.write(f"  {format_bytes(state['done'])} of {format_bytes(state['total'])}")
+
+    return {"on_hash_start": start_plain, "progress": advance_plain}, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,18 +173,26 @@ def _print_verify(report: VerifyReport, repair_target: str | None) -> None:
     for problem in report.problems:
         click.echo(f"  {problem.kind:<11} {problem}")
     what = f"{report.files_checked} files, {format_bytes(report.bytes_checked)}"
+    nothing_hashed = report.mode == "full" and not report.files_hashed and report.files_checked
     if report.mode == "full":
         what += f", {report.files_hashed} hashed"
         if report.files_without_hash:
             what += f", {report.files_without_hash} without a recorded hash"
     took = f"{report.seconds:.2f}s" if report.seconds < 60 else format_duration(report.seconds)
     if report.ok:
-        click.echo(f"Verify ({report.mode}): OK, {what} in {took}")
-        return
-    count = len(report.problems)
-    click.echo(f"Verify ({report.mode}): FAILED, {count} problem{'s' if count != 1 else ''} "
-               f"({what})")
-    if repair_target and report.files_to_repair:
+        verdict = "OK (fast checks only)" if nothing_hashed else "OK"
+        click.echo(f"Verify ({report.mode}): {verdict}, {what} in {took}")
+    else:
+        count = len(report.problems)
+        click.echo(f"Verify ({report.mode}): FAILED, {count} problem{'s' if count != 1 else ''} "
+                   f"({what})")
+    if nothing_hashed:
+        why = ("a local folder has no Hub records" if report.source == "local"
+               else "the cache holds no Hub records of these files")
+        click.echo(f"Nothing could be hashed: {why}.")
+    if report.partial:
+        click.echo("Checked only the files --include/--exclude chose when downloading.")
+    if not report.ok and repair_target and report.files_to_repair:
         click.echo(f"Repair with: cmw-vllm download {repair_target} --repair")
 
 
@@ -189,43 +251,59 @@ def download(ctx: click.Context, name: str, revision: str | None, include: tuple
         raise UsageError(f"{name} is a local directory; there is nothing to download",
                          hint=f"check it with: cmw-vllm verify {name}")
 
-    drawn: dict[str, Any] = {}
-
-    def on_plan(plan: DownloadPlan) -> None:
-        if plan.repair:
-            echo_err(f"Repairing {plan.repo_id}@{_short(plan.commit)}: fetching "
-                     f"{len(plan.repair)} file(s) again, {format_bytes(plan.bytes_to_fetch)}")
-        elif plan.bytes_to_fetch == 0:
-            echo_err(f"{plan.repo_id}@{plan.revision}: all {len(plan.files)} files are on disk")
-        else:
-            echo_err(f"Downloading {plan.repo_id}@{plan.revision} (commit {_short(plan.commit)}): "
-                     f"{plan.files_to_fetch} of {len(plan.files)} files, "
-                     f"{format_bytes(plan.bytes_to_fetch)} to fetch, "
-                     f"{format_bytes(plan.free_bytes)} free in {plan.target}")
-        if plan.bytes_to_fetch and stderr_is_tty():
-            bar_class, progress = _rich_download_progress(plan)
-            drawn["class"], drawn["progress"] = bar_class, progress
-            progress.start()
-        elif plan.bytes_to_fetch and not as_json:
-            drawn["class"] = _plain_download_progress(plan)
-
-    def progress_factory(*args: Any, **kwargs: Any) -> ProgressBar:
-        from cmw_vllm.model_downloader import ProgressBar
-
-        return drawn.get("class", ProgressBar)(*args, **kwargs)
-
+    drawing = _DownloadDrawing(as_json)
     try:
         result = download_model(
             repo_id, revision=revision, include=include, exclude=exclude, local_dir=local_dir,
-            force=force, repair=repair, progress_class=progress_factory,
-            on_plan=on_plan,
+            force=force, repair=repair, progress_class=drawing.bar, on_plan=drawing.on_plan,
         )
     finally:
-        if "progress" in drawn:
-            drawn["progress"].stop()
+        drawing.stop()
     _report_download(result, name, as_json)
     if not result.ok:
         ctx.exit(EXIT_FAILURE)
+
+
+def _announce_plan(plan: DownloadPlan) -> None:
+    """One line on stderr: what the download will fetch, before any byte is fetched."""
+    if plan.repair:
+        echo_err(f"Repairing {plan.repo_id}@{_short(plan.commit)}: fetching "
+                 f"{len(plan.repair)} file(s) again, {format_bytes(plan.bytes_to_fetch)}")
+    elif plan.bytes_to_fetch == 0:
+        echo_err(f"{plan.repo_id}@{plan.revision}: all {len(plan.files)} files are on disk")
+    else:
+        echo_err(f"Downloading {plan.repo_id}@{plan.revision} (commit {_short(plan.commit)}): "
+                 f"{plan.files_to_fetch} of {len(plan.files)} files, "
+                 f"{format_bytes(plan.bytes_to_fetch)} to fetch, "
+                 f"{format_bytes(plan.free_bytes)} free in {plan.target}")
+
+
+class _DownloadDrawing:
+    """Announces the plan, then draws the download's progress: a rich bar on a terminal,
+    plain lines otherwise, nothing for ``--json``."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.bar_class: Callable[..., ProgressBar] | None = None
+        self.progress: Any = None
+
+    def on_plan(self, plan: DownloadPlan) -> None:
+        _announce_plan(plan)
+        if plan.bytes_to_fetch and stderr_is_tty():
+            self.bar_class, self.progress = _rich_download_progress(plan)
+            self.progress.start()
+        elif plan.bytes_to_fetch and not self.as_json:
+            self.bar_class = _plain_download_progress(plan)
+
+    def bar(self, *args: Any, **kwargs: Any) -> ProgressBar:
+        """The progress class huggingface_hub instantiates (the plain one before a plan)."""
+        from cmw_vllm.model_downloader import ProgressBar
+
+        return (self.bar_class or ProgressBar)(*args, **kwargs)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def _report_download(result: DownloadResult, name: str, as_json: bool) -> None:
@@ -283,6 +361,10 @@ def verify(ctx: click.Context, name: str, revision: str | None, full: bool,
     the index file's shards exist. --full also hashes every file (sha256 for LFS files, git
     blob sha1 for small ones), in parallel.
 
+    A folder with no Hub records of its files (one not downloaded from the Hub) cannot be
+    hashed: --full then says so and runs the fast checks only. After a download with
+    --include/--exclude, only the files it chose are checked.
+
     Prints one line per problem and a summary; exits 0 only when all is well (1 otherwise,
     9 when the model is not on disk).
 
@@ -303,55 +385,12 @@ def verify(ctx: click.Context, name: str, revision: str | None, full: bool,
         from cmw_vllm.errors import NotFoundError
 
         raise NotFoundError(f"{target} is not a directory")
-    progress_cm: Any = None
-    callbacks: dict[str, Any] = {}
-    if full and stderr_is_tty():
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        from cmw_vllm.cli_common import console
-
-        progress_cm = Progress(TextColumn("[bold]hashing"), BarColumn(),
-                               DownloadColumn(binary_units=True), TransferSpeedColumn(),
-                               TimeRemainingColumn(), console=console(stderr=True))
-        task = progress_cm.add_task("hash", total=None)
-
-        def start(files: int, total: int) -> None:
-            progress_cm.update(task, total=total)
-            progress_cm.start()
-
-        def advance(n: int) -> None:
-            progress_cm.advance(task, n)
-
-        callbacks = {"on_hash_start": start, "progress": advance}
-    elif full and not as_json:
-        state = {"done": 0, "total": 0, "last": time.monotonic()}
-        lock = threading.Lock()
-
-        def start_plain(files: int, total: int) -> None:
-            state["total"] = total
-            echo_err(f"Hashing {files} files, {format_bytes(total)}")
-
-        def advance_plain(n: int) -> None:
-            with lock:
-                state["done"] += n
-                if time.monotonic() - state["last"] >= PLAIN_PROGRESS_INTERVAL:
-                    state["last"] = time.monotonic()
-                    echo_err(f"  {format_bytes(state['done'])} of {format_bytes(state['total'])}")
-
-        callbacks = {"on_hash_start": start_plain, "progress": advance_plain}
+    callbacks, drawn = _hash_progress(full, as_json)
     try:
-        report = verify_model(target, revision=revision, full=full,
-                              **callbacks)
+        report = verify_model(target, revision=revision, full=full, **callbacks)
     finally:
-        if progress_cm is not None:
-            progress_cm.stop()
+        if drawn is not None:
+            drawn.stop()
     if as_json:
         echo_json(report.to_dict())
     else:

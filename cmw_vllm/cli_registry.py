@@ -69,6 +69,10 @@ def list_cmd(as_json: bool) -> None:
             ]
             for row in rows
         ],
+        # Columns showing nothing go first; the model id is cut only when little else is left.
+        drop=("DOWNLOADED", "SIZE", "RUNNING", "TASK", "PORT"),
+        shrink=("MODEL",),
+        floor=32,
     )
     if any(row["source"] != BUILTIN_SOURCE for row in rows):
         click.echo("* from your models file")

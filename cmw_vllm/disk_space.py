@@ -134,9 +134,9 @@ def cached_models(cache_dir: Path | None = None) -> list[CachedModel]:
     """Every model repo in the Hugging Face cache with its size, largest first."""
     out = []
     for repo_id, repo_dir in hf_cache.cached_repo_dirs(cache_dir):
-        size, newest = _dir_size(repo_dir / "blobs")
+        size, newest = _dir_size(hf_cache.blobs_dir(repo_dir))
         try:
-            revisions = len(os.listdir(repo_dir / "snapshots"))
+            revisions = len(os.listdir(hf_cache.snapshots_dir(repo_dir)))
         except OSError:
             revisions = 0
         out.append(CachedModel(repo_id, str(repo_dir), size, revisions, newest))

@@ -17,6 +17,7 @@ from cmw_vllm.errors import EnvironmentProblem
 
 logger = logging.getLogger(__name__)
 
+# Short by default: only `setup` needs torch's answer, and it asks with a longer limit.
 TORCH_PROBE_TIMEOUT = 3.0
 
 _METADATA_SCRIPT = r"""
@@ -34,15 +35,22 @@ print(json.dumps(out))
 """
 
 _TORCH_SCRIPT = r"""
-import json
-import torch
-out = {"torch": torch.__version__, "cuda": getattr(torch.version, "cuda", None)}
-try:
-    out["cuda_available"] = bool(torch.cuda.is_available())
-    out["device_count"] = int(torch.cuda.device_count()) if out["cuda_available"] else 0
-except Exception as exc:
-    out["cuda_available"] = False
-    out["error"] = str(exc)
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    out = {"torch": torch.__version__, "cuda": getattr(torch.version, "cuda", None)}
+    try:
+        out["cuda_available"] = bool(torch.cuda.is_available())
+        out["device_count"] = int(torch.cuda.device_count()) if out["cuda_available"] else 0
+    except Exception as exc:
+        out["cuda_available"] = False
+        out["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+# Why CUDA is unavailable (driver too old, no device) comes as a warning.
+found = [str(w.message).strip().splitlines()[0] for w in caught
+         if "CUDA" in str(w.message) or "driver" in str(w.message).lower()]
+if found and not out.get("error"):
+    out["error"] = found[0]
 print(json.dumps(out))
 """
 
@@ -63,6 +71,7 @@ class EngineInfo:
             was not imported).
         cuda_available: ``torch.cuda.is_available()``; None when not checked in time.
         cuda_device_count: GPUs torch sees.
+        torch_error: Why torch could not tell, or why it sees no GPU (its warning).
         error: Why the probe failed.
     """
 
@@ -76,6 +85,7 @@ class EngineInfo:
     torch_cuda: str | None = None
     cuda_available: bool | None = None
     cuda_device_count: int | None = None
+    torch_error: str | None = None
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -162,10 +172,12 @@ def probe_engine(
             info.torch_cuda = t.get("cuda")
             info.cuda_available = t.get("cuda_available")
             info.cuda_device_count = t.get("device_count")
+            info.torch_error = t.get("error")
         except subprocess.TimeoutExpired:
-            logger.info("import torch took over %.1fs; CUDA availability not checked",
-                        torch_timeout)
+            info.torch_error = f"import torch took over {torch_timeout:g}s"
+            logger.info("torch probe: %s", info.torch_error)
         except (OSError, RuntimeError, ValueError) as exc:
-            logger.info("torch probe failed: %s", exc)
+            info.torch_error = f"import torch failed: {exc}"
+            logger.info("torch probe: %s", info.torch_error)
     info.build = _build(dist, info.version, info.torch_version)
     return info

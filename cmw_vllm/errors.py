@@ -70,6 +70,10 @@ class EnvironmentProblem(CmwVllmError):
     exit_code = EXIT_ENVIRONMENT
 
 
+class ModelUnavailableError(EnvironmentProblem):
+    """A model neither on disk nor in the cache, while the Hub cannot be asked."""
+
+
 class StartTimeoutError(CmwVllmError):
     """The server did not become ready before the deadline."""
 

@@ -146,11 +146,11 @@ def owner_of(pid: int, records: Iterable[ServerRecord]) -> str | None:
     except (ProcessLookupError, PermissionError, OSError):
         pgid = None
     created: float | None = None
-    try:
-        import psutil
+    import psutil
 
+    try:
         created = psutil.Process(pid).create_time()
-    except Exception:  # gone, or in another pid namespace
+    except psutil.Error:  # gone, or in another pid namespace
         created = None
     if pgid is not None:
         for record in records:
@@ -162,23 +162,22 @@ def owner_of(pid: int, records: Iterable[ServerRecord]) -> str | None:
                 return record.name
     by_pid = {r.pid: r for r in records}
     try:
-        import psutil
-
         proc = psutil.Process(pid)
         for candidate in (proc, *proc.parents()):
             match = by_pid.get(candidate.pid)
             # Identity is pid + create time: a reused pid is not the server.
             if match is not None and abs(candidate.create_time() - match.create_time) < 0.05:
                 return match.name
-    except Exception as exc:  # psutil.Error and friends: the process is gone or hidden
+    except psutil.Error as exc:  # the process is gone or hidden
         logger.debug("cannot walk the parents of pid %s: %s", pid, exc)
     return None
 
 
-def _process_name(pid: int) -> str | None:
-    try:
-        import psutil
+def process_title(pid: int) -> str | None:
+    """A process's ``VLLM::`` title, else its command line (None when gone or hidden)."""
+    import psutil
 
+    try:
         proc = psutil.Process(pid)
         title = _vllm_title(proc)
         if title is not None:
@@ -186,7 +185,7 @@ def _process_name(pid: int) -> str | None:
         name = proc.name()
         cmd = proc.cmdline()
         return " ".join(cmd)[:80] if cmd else name
-    except Exception:  # gone, hidden in another pid namespace, or access denied
+    except psutil.Error:  # gone, hidden in another pid namespace, or access denied
         return None
 
 
@@ -290,7 +289,7 @@ def _collect(pynvml: Any, nvml_error: type[BaseException],
                     pid=pid,
                     used_memory=int(used) if used is not None else None,
                     kind=kind,
-                    name=_process_name(pid),
+                    name=process_title(pid),
                     server=owner_of(pid, record_list),
                 ))
         report.gpus.append(gpu)
@@ -329,12 +328,15 @@ class OrphanProcess:
         name: Its title (``VLLM::EngineCore``).
         gpu_memory: Bytes it holds on GPUs (None without GPUs or when NVML cannot tell).
         gpus: Indices of the GPUs it holds memory on.
+        server: The managed server it is left over from (that server has exited); None
+            when no managed server owns it.
     """
 
     pid: int
     name: str
     gpu_memory: int | None = None
     gpus: list[int] = field(default_factory=list)
+    server: str | None = None
 
 
 VLLM_TITLE_PREFIX = "VLLM::"
@@ -342,13 +344,15 @@ VLLM_TITLE_PREFIX = "VLLM::"
 
 def _vllm_title(proc: Any) -> str | None:
     """The ``VLLM::...`` title of a psutil process, or None."""
+    import psutil
+
     # The command line holds the whole title; the kernel's name is cut at 15 characters.
     try:
         cmd = proc.cmdline()
         if cmd and cmd[0].startswith(VLLM_TITLE_PREFIX):
             return cmd[0].split()[0]
         name = proc.name()
-    except Exception:  # gone or not ours to read
+    except psutil.Error:  # gone or not ours to read
         return None
     return name if name.startswith(VLLM_TITLE_PREFIX) else None
 
@@ -380,7 +384,7 @@ def orphan_vllm_processes(
                 continue
             try:
                 title = _vllm_title(psutil.Process(gp.pid))
-            except Exception:  # the pid lives in another pid namespace or is gone
+            except psutil.Error:  # the pid lives in another pid namespace or is gone
                 title = gp.name if gp.name and gp.name.startswith(VLLM_TITLE_PREFIX) else None
             if title is None:
                 continue

@@ -1,4 +1,4 @@
-"""Talking to a running vLLM server over HTTP: liveness, readiness, models, load.
+"""Talking to a running vLLM server over HTTP: health and load.
 
 Everything here uses the standard library's ``http.client``: these calls run in ``start``'s
 readiness loop and in ``status`` (and ``status --watch``), which must stay fast and must not
@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,33 +55,10 @@ class HttpResponse:
     body: bytes
     elapsed_s: float
 
-    def json(self) -> Any:
-        """The body parsed as JSON.
-
-        Raises:
-            ServerRequestError: The body is not JSON.
-        """
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            raise ServerRequestError(
-                f"server answered HTTP {self.status} with a body that is not JSON",
-                status=self.status,
-            ) from None
-
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
     """``Authorization: Bearer KEY`` when ``api_key`` is set, else nothing."""
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def _resolve_key(api_key: str | None) -> str | None:
-    """``api_key``, or ``VLLM_API_KEY`` when None (pass ``""`` to send no key)."""
-    if api_key is None:
-        from cmw_vllm.settings import api_key as env_api_key
-
-        return env_api_key()
-    return api_key or None
 
 
 def http_get(
@@ -135,9 +112,12 @@ def http_get(
         resp = conn.getresponse()
         chunks: list[bytes] = []
         size = 0
-        while True:
-            if sock is not None:
-                sock.settimeout(remaining())
+        # A response that ends the connection (HTTP/1.0, ``Connection: close``) closes the
+        # socket once its body is read: touch the socket only while it is open.
+        while not resp.isclosed():
+            left = remaining()
+            if sock is not None and sock.fileno() != -1:
+                sock.settimeout(left)
             chunk = resp.read1(65536)
             if not chunk:
                 break
@@ -160,182 +140,20 @@ def http_get(
 
 
 def probe_health(base_url: str, timeout: float = 2.0) -> int | None:
-    """GET ``/health`` once.
+    """GET ``/health`` once, within ``timeout`` seconds in all (see :func:`http_get`).
 
     Args:
         base_url: ``http://host:port`` of the server.
-        timeout: Seconds for connect and read together (bounded: a server that accepts
-            connections and never answers costs at most this).
+        timeout: Total seconds: a server that accepts connections and never answers, or
+            answers a byte at a time, costs at most this.
 
     Returns:
         The HTTP status code, or None when nothing answered (refused, reset, timeout).
     """
-    import http.client
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(base_url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
-                                      timeout=timeout)
     try:
-        conn.request("GET", "/health")
-        return conn.getresponse().status
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
-
-
-# --------------------------------------------------------------------------- readiness
-
-
-@dataclass
-class ServedModel:
-    """One entry of ``/v1/models``."""
-
-    id: str
-    max_model_len: int | None = None
-    root: str | None = None
-
-
-@dataclass
-class ServerCheck:
-    """Liveness and readiness of one server.
-
-    Attributes:
-        base_url: The server's address.
-        live: ``/health`` answered 200.
-        ready: Live, and ``/v1/models`` listed at least one model.
-        health_code: Status of ``/health`` (None: nothing answered).
-        models: Served models with their context lengths.
-        version: vLLM version from ``/version``.
-        latency_s: Time ``/health`` took.
-        error: Why the server is not ready (None when it is).
-    """
-
-    base_url: str
-    live: bool = False
-    ready: bool = False
-    health_code: int | None = None
-    models: list[ServedModel] = field(default_factory=list)
-    version: str | None = None
-    latency_s: float | None = None
-    error: str | None = None
-
-    @property
-    def model_names(self) -> list[str]:
-        """Served model names, as clients put them in requests."""
-        return [m.id for m in self.models]
-
-    def to_json(self) -> dict[str, Any]:
-        """Stable JSON shape."""
-        return {
-            "url": self.base_url,
-            "live": self.live,
-            "ready": self.ready,
-            "health_code": self.health_code,
-            "models": [asdict(m) for m in self.models],
-            "version": self.version,
-            "latency_s": round(self.latency_s, 4) if self.latency_s is not None else None,
-            "error": self.error,
-        }
-
-
-def parse_models(data: Any) -> list[ServedModel]:
-    """Read the served models out of a ``/v1/models`` response body.
-
-    Raises:
-        ServerRequestError: The body is not an OpenAI model list.
-    """
-    items = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(items, list):
-        raise ServerRequestError("/v1/models did not return a model list")
-    models = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            continue
-        mml = item.get("max_model_len")
-        models.append(
-            ServedModel(
-                id=item["id"],
-                max_model_len=mml if isinstance(mml, int) and not isinstance(mml, bool) else None,
-                root=item.get("root") if isinstance(item.get("root"), str) else None,
-            )
-        )
-    return models
-
-
-def list_models(
-    base_url: str, *, api_key: str | None = None, timeout: float = 2.0
-) -> list[ServedModel]:
-    """The models a server serves (``/v1/models``).
-
-    Args:
-        base_url: ``http://host:port`` of the server.
-        api_key: Key to send; None reads ``VLLM_API_KEY`` (pass ``""`` to send none).
-        timeout: Total seconds for the request.
-
-    Raises:
-        ServerRequestError: No answer, an error status (401: wrong or missing key), or a body
-            that is not a model list.
-    """
-    resp = http_get(base_url, "/v1/models", timeout, auth_headers(_resolve_key(api_key)))
-    if resp.status == 401:
-        raise ServerRequestError(
-            f"{base_url}/v1/models refused the API key (HTTP 401)",
-            hint="set VLLM_API_KEY to the key the server was started with",
-            status=401,
-        )
-    if resp.status != 200:
-        raise ServerRequestError(f"{base_url}/v1/models answered HTTP {resp.status}",
-                                 status=resp.status)
-    return parse_models(resp.json())
-
-
-def server_version(base_url: str, *, timeout: float = 2.0) -> str | None:
-    """vLLM's version from ``/version``, or None when it does not say."""
-    try:
-        resp = http_get(base_url, "/version", timeout)
-        data = resp.json() if resp.status == 200 else None
+        return http_get(base_url, "/health", timeout).status
     except ServerRequestError:
         return None
-    version = data.get("version") if isinstance(data, dict) else None
-    return version if isinstance(version, str) else None
-
-
-def check_server(
-    base_url: str, *, api_key: str | None = None, timeout: float = 2.0
-) -> ServerCheck:
-    """Check liveness (``/health``) and readiness (``/v1/models``, ``/version``).
-
-    Never raises for a server that is down: the result says what failed.
-
-    Args:
-        base_url: ``http://host:port`` of the server.
-        api_key: Key to send; None reads ``VLLM_API_KEY`` (pass ``""`` to send none).
-        timeout: Total seconds for each of the (at most three) requests.
-    """
-    result = ServerCheck(base_url=base_url)
-    try:
-        resp = http_get(base_url, "/health", timeout)
-    except ServerRequestError as exc:
-        result.error = exc.message
-        return result
-    result.health_code = resp.status
-    result.latency_s = resp.elapsed_s
-    if resp.status != 200:
-        result.error = f"/health answered HTTP {resp.status}"
-        return result
-    result.live = True
-    try:
-        result.models = list_models(base_url, api_key=api_key, timeout=timeout)
-    except ServerRequestError as exc:
-        result.error = exc.message
-        return result
-    result.version = server_version(base_url, timeout=timeout)
-    result.ready = bool(result.models)
-    if not result.ready:
-        result.error = "/v1/models lists no model"
-    return result
 
 
 # --------------------------------------------------------------------------- metrics

@@ -156,6 +156,27 @@ def repo_dir(repo_id: str, cache_dir: Path | None = None) -> Path:
     return (cache_dir or hub_cache_dir()) / repo_folder_name(repo_id)
 
 
+def snapshots_dir(folder: Path) -> Path:
+    """Where a repo folder keeps one folder of links per cached commit."""
+    return folder / "snapshots"
+
+
+def snapshot_path(folder: Path, commit: str) -> Path:
+    """Where a repo folder keeps the files of a commit (it may not exist)."""
+    return snapshots_dir(folder) / commit
+
+
+def blobs_dir(folder: Path) -> Path:
+    """Where a repo folder keeps file contents, each once, named after its ETag."""
+    return folder / "blobs"
+
+
+def local_metadata_dir(local_dir: Path) -> Path:
+    """Where ``snapshot_download(local_dir=...)`` keeps its metadata (``download/``,
+    ``trees/``) inside the folder it downloads into."""
+    return local_dir / ".cache" / "huggingface"
+
+
 def cached_repo_dirs(cache_dir: Path | None = None) -> list[tuple[str, Path]]:
     """(repo id, folder) of every model repo in the cache, sorted by folder name."""
     cache = cache_dir or hub_cache_dir()
@@ -179,7 +200,7 @@ def refs(folder: Path) -> list[str]:
 def resolve_commit(folder: Path, revision: str | None = None) -> str | None:
     """The commit a revision (branch, tag or commit hash; default ``main``) is cached as."""
     rev = revision or "main"
-    if COMMIT_RE.match(rev) and (folder / "snapshots" / rev).is_dir():
+    if COMMIT_RE.match(rev) and snapshot_path(folder, rev).is_dir():
         return rev
     try:
         return (folder / "refs" / rev).read_text(encoding="utf-8").strip() or None
@@ -206,9 +227,14 @@ def write_ref(folder: Path, revision: str, commit: str) -> None:
         logger.warning("cannot record %s -> %s in %s: %s", revision, commit, folder, exc)
 
 
+def has_blob(folder: Path, etag: str) -> bool:
+    """True when a repo folder holds the blob of this ETag (the content is on disk)."""
+    return (blobs_dir(folder) / etag).is_file()
+
+
 def tree_file(folder: Path, commit: str) -> Path:
     """The file listing ``snapshot_download`` leaves for a commit (size and hash per file)."""
-    return folder / "trees" / f"{commit}.json"
+    return folder / "trees" / f"{commit}.json"  # also under local_metadata_dir()
 
 
 def snapshot_dir(repo_id: str, revision: str | None = None, *, needs: str | None = None,
@@ -223,7 +249,7 @@ def snapshot_dir(repo_id: str, revision: str | None = None, *, needs: str | None
         cache_dir: The hub cache (default from the environment).
     """
     folder = repo_dir(repo_id, cache_dir)
-    snapshots = folder / "snapshots"
+    snapshots = snapshots_dir(folder)
     if not snapshots.is_dir():
         return None
 
@@ -247,7 +273,7 @@ def is_cached(repo_id: str, cache_dir: Path | None = None) -> bool:
 
     A quick presence check; ``verify`` tells whether the files are complete.
     """
-    snapshots = repo_dir(repo_id, cache_dir) / "snapshots"
+    snapshots = snapshots_dir(repo_dir(repo_id, cache_dir))
     try:
         return any(snap.is_dir() and any(snap.iterdir()) for snap in snapshots.iterdir())
     except OSError:

@@ -150,22 +150,45 @@ class CheckResult:
 # --------------------------------------------------------------------------- HTTP helpers
 
 
+_MAX_ERROR_LINE = 200
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _MAX_ERROR_LINE else line[: _MAX_ERROR_LINE - 3] + "..."
+
+
+def _first_text_line(body: str, content_type: str) -> str:
+    """The first line of a text body; of an HTML page, its title or first line of text."""
+    if "html" in content_type.lower() or body.lstrip().startswith("<"):
+        import re
+
+        title = re.search(r"<title[^>]*>(.*?)</title>", body, re.IGNORECASE | re.DOTALL)
+        if title and title.group(1).strip():
+            return title.group(1)
+        body = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", body,
+                      flags=re.IGNORECASE | re.DOTALL)
+        body = re.sub(r"<[^>]+>", "\n", body)
+    return next((line for line in body.splitlines() if line.strip()), "")
+
+
 def _error_text(resp: requests.Response) -> str:
-    """The server's own error message out of an error response, else the start of the body."""
+    """One line out of an error answer: the JSON ``message``, else the first line of text."""
     try:
         data = resp.json()
     except ValueError:
-        return resp.text.strip()[:300] or resp.reason or ""
+        text = _first_text_line(resp.text, resp.headers.get("Content-Type", ""))
+        return _one_line(text or resp.reason or "")
     if isinstance(data, dict):
         err = data.get("error")
         if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
+            return _one_line(str(err["message"]))
         if isinstance(err, str):
-            return err
+            return _one_line(err)
         for key in ("message", "detail"):
             if data.get(key):
-                return str(data[key])
-    return json.dumps(data)[:300]
+                return _one_line(str(data[key]))
+    return _one_line(json.dumps(data))
 
 
 def _check_status(resp: requests.Response, url: str, task: str) -> None:
@@ -180,7 +203,7 @@ def _check_status(resp: requests.Response, url: str, task: str) -> None:
         hint = (f"the server does not serve /{path}: is it {_TASK_NOUNS[task]}? "
                 "(pick another test with --task)")
     raise InferenceCheckError(f"{url} answered HTTP {resp.status_code}: {text}", hint=hint,
-                             status=resp.status_code)
+                              status=resp.status_code, body=resp.text)
 
 
 def _post(
@@ -234,12 +257,89 @@ def _usage_int(usage: Any, key: str) -> int | None:
 # --------------------------------------------------------------------------- tests
 
 
+@dataclass
+class _Stream:
+    """What a streamed chat completion carried, as it arrived."""
+
+    begin: float
+    first: float | None = None  # when the first token arrived
+    last: float | None = None  # when the last token arrived
+    pieces: list[str] = field(default_factory=list)
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    done: bool = False
+
+    def add(self, chunk: dict[str, Any], url: str) -> None:
+        """Take in one ``data:`` chunk of the stream.
+
+        Raises:
+            InferenceCheckError: The chunk reports an error.
+        """
+        if chunk.get("error"):
+            err = chunk["error"]
+            msg = err.get("message") if isinstance(err, dict) else err
+            raise InferenceCheckError(f"{url} failed while streaming: {msg}")
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            # The first chunk only announces the role; every later one carries a token.
+            if "role" in delta and not delta.get("content"):
+                continue
+            text = "".join(
+                str(delta.get(k) or "") for k in ("reasoning_content", "reasoning", "content")
+            )
+            if "content" in delta or text:
+                self.chunks += 1
+                self.last = time.monotonic()
+                if self.first is None:
+                    self.first = self.last
+                self.pieces.append(text)
+
+
+def _read_stream(resp: requests.Response, url: str, begin: float, timeout: float) -> _Stream:
+    """Read a chat completion stream to its end (``[DONE]``) within ``timeout``.
+
+    Raises:
+        InferenceCheckError: The stream took too long, broke off or carried garbage.
+    """
+    import requests
+
+    stream = _Stream(begin=begin)
+    deadline = begin + timeout
+    try:
+        for raw in resp.iter_lines(decode_unicode=False):
+            if time.monotonic() > deadline:
+                raise InferenceCheckError(f"{url}: the answer took longer than {timeout:g}s",
+                                          hint="raise --timeout or lower --max-tokens")
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                stream.done = True
+                break
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                raise InferenceCheckError(f"{url} streamed a chunk that is not JSON: "
+                                          f"{payload[:120]}") from None
+            if isinstance(chunk, dict):
+                stream.add(chunk, url)
+    except requests.RequestException as exc:
+        raise InferenceCheckError(f"{url}: the stream broke off: {_reason(exc)}") from None
+    finally:
+        resp.close()
+    return stream
+
+
 def _check_generate(
     session: requests.Session, base_url: str, model: str, prompt: str, max_tokens: int,
     timeout: float,
 ) -> CheckResult:
-    import requests
-
     url = f"{base_url}/v1/chat/completions"
     body = {
         "model": model,
@@ -249,72 +349,19 @@ def _check_generate(
         "stream_options": {"include_usage": True},
     }
     begin = time.monotonic()
-    deadline = begin + timeout
     resp = _post(session, url, body, timeout, Task.GENERATE, stream=True)
-    first: float | None = None
-    last: float | None = None
-    pieces: list[str] = []
-    chunks = 0
-    usage: dict[str, Any] | None = None
-    finish_reason = None
-    done = False
-    try:
-        for raw in resp.iter_lines(decode_unicode=False):
-            if time.monotonic() > deadline:
-                raise InferenceCheckError(f"{url}: the answer took longer than {timeout:g}s",
-                                         hint="raise --timeout or lower --max-tokens")
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                done = True
-                break
-            try:
-                chunk = json.loads(payload)
-            except ValueError:
-                raise InferenceCheckError(f"{url} streamed a chunk that is not JSON: "
-                                         f"{payload[:120]}") from None
-            if not isinstance(chunk, dict):
-                continue
-            if chunk.get("error"):
-                err = chunk["error"]
-                msg = err.get("message") if isinstance(err, dict) else err
-                raise InferenceCheckError(f"{url} failed while streaming: {msg}")
-            if isinstance(chunk.get("usage"), dict):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
-                # The first chunk only announces the role; every later one carries a token.
-                if "role" in delta and not delta.get("content"):
-                    continue
-                text = "".join(
-                    str(delta.get(k) or "") for k in ("reasoning_content", "reasoning", "content")
-                )
-                if "content" in delta or text:
-                    chunks += 1
-                    now = time.monotonic()
-                    last = now
-                    if first is None:
-                        first = now
-                    pieces.append(text)
-    except requests.RequestException as exc:
-        raise InferenceCheckError(f"{url}: the stream broke off: {_reason(exc)}") from None
-    finally:
-        resp.close()
+    stream = _read_stream(resp, url, begin, timeout)
     end = time.monotonic()
-    if not done:
+    if not stream.done:
         raise InferenceCheckError(f"{url}: the stream ended without [DONE]")
-    if usage is None:
+    if stream.usage is None:
         raise InferenceCheckError(f"{url}: the stream carried no usage figures",
-                                 hint="the server ignored stream_options.include_usage")
-    completion = _usage_int(usage, "completion_tokens")
-    prompt_tokens = _usage_int(usage, "prompt_tokens")
+                                  hint="the server ignored stream_options.include_usage")
+    completion = _usage_int(stream.usage, "completion_tokens")
     if not completion:
         raise InferenceCheckError(f"{url}: the server generated no tokens")
     total = end - begin
+    first, last = stream.first, stream.last
     decode = None
     if first is not None and last is not None and completion > 1 and last > first:
         decode = (completion - 1) / (last - first)
@@ -327,11 +374,11 @@ def _check_generate(
         ttft_s=(first - begin) if first is not None else None,
         tokens_per_s=completion / total if total > 0 else None,
         decode_tokens_per_s=decode,
-        reply="".join(pieces),
-        finish_reason=finish_reason,
-        prompt_tokens=prompt_tokens,
+        reply="".join(stream.pieces),
+        finish_reason=stream.finish_reason,
+        prompt_tokens=_usage_int(stream.usage, "prompt_tokens"),
         completion_tokens=completion,
-        streamed_chunks=chunks,
+        streamed_chunks=stream.chunks,
     )
 
 

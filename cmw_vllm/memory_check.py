@@ -9,7 +9,6 @@ fields and the extra vLLM flags that change memory), and hands both to the arith
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,13 +17,10 @@ from typing import TYPE_CHECKING, Literal
 
 from cmw_vllm.errors import (
     ConfigError,
-    EnvironmentProblem,
     InsufficientResourcesError,
-    NotFoundError,
     UsageError,
 )
 from cmw_vllm.memory_estimate import (
-    CPU_FRONTEND_BYTES,
     CPU_KV_SPACE_ENV,
     Device,
     EstimateSettings,
@@ -136,22 +132,32 @@ def _cgroup_usage() -> int | None:
     )
 
 
+def visible_gpus(gpus: Sequence[GpuInfo], wanted: str | None) -> list[GpuInfo]:
+    """The GPUs ``wanted`` names (indices or UUIDs, comma-separated), or all of them.
+
+    Raises:
+        ConfigError: ``wanted`` names a GPU that does not exist.
+    """
+    if not wanted:
+        return list(gpus)
+    chosen = []
+    for part in wanted.split(","):
+        part = part.strip()
+        match = [g for g in gpus if str(g.index) == part or g.uuid == part]
+        if not match:
+            raise ConfigError(f"GPU {part!r} does not exist (cmw-vllm gpus lists them)")
+        chosen.append(match[0])
+    return chosen
+
+
 def select_gpus(gpus: Sequence[GpuInfo], wanted: str | None, count: int) -> list[GpuInfo]:
-    """The GPUs a server would use: ``wanted`` (indices or UUIDs) or the first ones.
+    """The GPUs a server would use: the first ``count`` of :func:`visible_gpus`.
 
     Raises:
         InsufficientResourcesError: Fewer GPUs than tensor-parallel ranks.
         ConfigError: ``wanted`` names a GPU that does not exist.
     """
-    chosen = list(gpus)
-    if wanted:
-        chosen = []
-        for part in wanted.split(","):
-            part = part.strip()
-            match = [g for g in gpus if str(g.index) == part or g.uuid == part]
-            if not match:
-                raise ConfigError(f"GPU {part!r} does not exist (cmw-vllm gpus lists them)")
-            chosen.append(match[0])
+    chosen = visible_gpus(gpus, wanted)
     if len(chosen) < count:
         raise InsufficientResourcesError(
             f"--tensor-parallel-size {count} needs {count} GPUs but {len(chosen)} "
@@ -161,8 +167,13 @@ def select_gpus(gpus: Sequence[GpuInfo], wanted: str | None, count: int) -> list
     return chosen[:count]
 
 
-def gpu_target(gpus: Sequence[GpuInfo]) -> MemoryTarget:
-    """The smallest and least-free of ``gpus`` as the target (every rank must fit)."""
+def gpu_target(gpus: Sequence[GpuInfo], devices_available: int | None = None) -> MemoryTarget:
+    """The smallest and least-free of ``gpus`` as the target (every rank must fit).
+
+    Args:
+        gpus: The GPUs the server will use, one per tensor-parallel rank.
+        devices_available: GPUs it could use (default: ``len(gpus)``).
+    """
     smallest = min(gpus, key=lambda g: g.memory_total or 0)
     least_free = min(gpus, key=lambda g: g.memory_free if g.memory_free is not None else 0)
     names = ", ".join(f"GPU {g.index}" for g in gpus)
@@ -172,6 +183,7 @@ def gpu_target(gpus: Sequence[GpuInfo]) -> MemoryTarget:
         memory_free=None if least_free.memory_free is None else int(least_free.memory_free),
         devices=len(gpus),
         description=f"{names} ({smallest.name})",
+        devices_available=len(gpus) if devices_available is None else devices_available,
     )
 
 
@@ -182,7 +194,7 @@ def given_gpu_target(memory_gb: float, devices: int = 1) -> MemoryTarget:
                         description=f"{memory_gb:g} GiB GPU")
 
 
-# --------------------------------------------------------------------------- preflight
+# --------------------------------------------------------------------------- the check
 
 
 @dataclass
@@ -190,21 +202,15 @@ class PreflightResult:
     """What the check before ``start`` found (a refusal raises instead).
 
     Attributes:
-        status: ``ok`` (it fits) or ``unknown`` (the model's files could not be read).
-        device: ``gpu`` or ``cpu``; None when unknown.
-        estimate: The estimate behind an ``ok``.
-        reason: Why the result is ``unknown``.
+        status: ``ok`` (it fits) or ``skipped`` (the estimate cannot model this model or
+            these settings; vLLM is launched unchecked).
+        device: ``gpu`` or ``cpu``; None when skipped before the target was measured.
+        reason: Why the check was skipped, in words for the user.
     """
 
-    status: Literal["ok", "unknown"]
+    status: Literal["ok", "skipped"]
     device: Device | None = None
-    estimate: MemoryEstimate | None = None
     reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the model was checked and fits."""
-        return self.status == "ok"
 
 
 def flag_value(args: Sequence[str], flag: str) -> str | None:
@@ -258,6 +264,93 @@ def settings_from_config(config: ServerConfig) -> tuple[EstimateSettings, str | 
     return settings, flag_value(args, "--revision")
 
 
+def server_environ(config: ServerConfig, environ: Mapping[str, str] | None = None
+                   ) -> dict[str, str]:
+    """The environment vLLM gets: ``environ`` (default ``os.environ``) with ``config.env``."""
+    env = dict(os.environ if environ is None else environ)
+    env.update(config.env)
+    return env
+
+
+def machine_target(
+    config: ServerConfig,
+    environ: Mapping[str, str],
+    *,
+    gpus: Sequence[GpuInfo] | None = None,
+    gpu_memory_gb: float | None = None,
+) -> MemoryTarget:
+    """What ``config`` would run on: its GPUs (``--gpus``, else ``CUDA_VISIBLE_DEVICES``, else
+    the first ones), a GPU of ``gpu_memory_gb`` GiB, or, without GPUs, RAM.
+
+    Raises:
+        InsufficientResourcesError: Fewer GPUs than tensor-parallel ranks.
+        ConfigError: A GPU that does not exist, or ``VLLM_CPU_KVCACHE_SPACE`` not an integer.
+    """
+    tp = config.tensor_parallel_size
+    if gpu_memory_gb is not None:
+        return given_gpu_target(gpu_memory_gb, tp)
+    if gpus is None:
+        from cmw_vllm.gpu_info import query_gpus
+
+        gpus = query_gpus(match_servers=False).gpus
+    if not gpus:
+        return ram_target(environ)
+    wanted = config.gpus or environ.get("CUDA_VISIBLE_DEVICES") or None
+    visible = visible_gpus(gpus, wanted)
+    return gpu_target(select_gpus(visible, None, tp), devices_available=len(visible))
+
+
+def check_config(
+    config: ServerConfig,
+    *,
+    gpus: Sequence[GpuInfo] | None = None,
+    gpu_memory_gb: float | None = None,
+    environ: Mapping[str, str] | None = None,
+    concurrency_context: int | None = None,
+) -> MemoryEstimate:
+    """Estimate ``config`` on this machine: the one computation of `estimate` and `start`.
+
+    Args:
+        config: The server (its fields, extra vLLM flags and ``env`` all count).
+        gpus: The machine's GPUs (default: asked from NVML).
+        gpu_memory_gb: Check against an empty GPU of this size instead of the machine.
+        environ: The environment (default ``os.environ``); ``config.env`` goes on top.
+        concurrency_context: Tokens per request for the concurrency figure.
+
+    Raises:
+        NotFoundError: The model does not exist (not on disk, not on the Hub).
+        ModelUnavailableError: Not on disk nor cached, and the Hub cannot be asked.
+        UsageError: The config or settings are beyond what the estimate models.
+        InsufficientResourcesError: Fewer GPUs than tensor-parallel ranks.
+        ConfigError: A GPU that does not exist, an unreadable setting.
+    """
+    env = server_environ(config, environ)
+    settings, revision = settings_from_config(config)
+    settings.concurrency_context = concurrency_context
+    spec = load_model_spec(config.model, revision=revision)
+    if config.task != "generate":
+        spec.pooling = True
+    target = machine_target(config, env, gpus=gpus, gpu_memory_gb=gpu_memory_gb)
+    return estimate(spec, settings, target)
+
+
+def refusal_hint(est: MemoryEstimate, *, force: bool = True) -> str:
+    """What to do when ``est`` does not fit: the settings that would, then other remedies."""
+    parts = []
+    if est.suggestions:
+        parts.append("try " + " or ".join(f"`{s}`" for s in est.suggestions))
+    too_big = est.weight_bytes + est.activation_bytes + est.runtime_bytes >= est.memory_total
+    if not est.free_memory_ok and not too_big:
+        parts.append("stop what holds the GPU (cmw-vllm gpus shows it)" if est.device == "gpu"
+                     else "free RAM (stop other servers)")
+    elif not est.suggestions:
+        parts.append("use more or bigger GPUs" if est.device == "gpu"
+                     else "use a machine with more RAM")
+    if force:
+        parts.append("pass --force to start anyway")
+    return "; or ".join(parts)
+
+
 def _refusal(est: MemoryEstimate, config: ServerConfig) -> InsufficientResourcesError:
     where = "RAM" if est.device == "cpu" else (est.target or "the GPU")
     per = " per GPU" if est.tensor_parallel_size > 1 else ""
@@ -267,39 +360,7 @@ def _refusal(est: MemoryEstimate, config: ServerConfig) -> InsufficientResources
         f"{est.max_model_len} {format_size(est.kv_bytes_per_token * est.max_model_len)}, "
         f"KV space {format_size(max(est.kv_space, 0))})"
     )
-    fixes: list[str] = []
-    if not est.free_memory_ok and est.device == "gpu" and est.memory_free:
-        frac = math.floor(est.memory_free / est.memory_total * 100) / 100
-        if est.gpu_memory_utilization_needed and est.gpu_memory_utilization_needed <= frac:
-            fixes.append(f"--gpu-memory-utilization {frac:g}")
-        else:
-            fixes.append("free the GPU (cmw-vllm gpus shows what holds it)")
-    if not est.free_memory_ok and est.device == "cpu":
-        spare = (est.memory_free or 0) - est.weight_bytes - est.activation_bytes - (
-            est.runtime_bytes)
-        if spare >= GiB:
-            fixes.append(f"{CPU_KV_SPACE_ENV}={spare // GiB} (GiB of KV cache that fit)")
-        else:
-            fixes.append("free RAM (stop other servers)")
-        if est.kv_space_source not in (CPU_KV_SPACE_ENV, "--kv-cache-memory-bytes") and (
-            est.memory_free and est.memory_total
-        ):
-            frac = math.floor(
-                (est.memory_free - CPU_FRONTEND_BYTES) / est.memory_total * 100) / 100
-            if frac > 0:
-                fixes.append(f"--gpu-memory-utilization {frac:g} (on the CPU build: the "
-                             "share of RAM)")
-    if est.max_model_len_that_fits and est.max_model_len_that_fits < est.max_model_len:
-        fixes.append(f"--max-model-len {est.max_model_len_that_fits}")
-    elif est.device == "gpu" and (
-        est.gpu_memory_utilization_needed and est.gpu_memory_utilization_needed <= 1
-        and est.free_memory_ok
-    ):
-        fixes.append(f"--gpu-memory-utilization {est.gpu_memory_utilization_needed:g}")
-    if est.device == "gpu" and est.free_memory_ok:
-        fixes.append(f"--tensor-parallel-size {est.tensor_parallel_size * 2}")
-    fixes.append("--force to start anyway")
-    return InsufficientResourcesError(summary, hint="try " + ", or ".join(fixes))
+    return InsufficientResourcesError(summary, hint=refusal_hint(est))
 
 
 def preflight(
@@ -319,46 +380,28 @@ def preflight(
     Args:
         config: The server about to be started.
         gpus: The machine's GPUs (default: asked from NVML).
-        environ: The environment vLLM will get (default ``os.environ`` with
-            ``config.env`` on top).
+        environ: The environment (default ``os.environ``); ``config.env`` goes on top.
 
     Returns:
-        ``ok`` with the estimate, or ``unknown`` when the model's files cannot be found
-        locally and the Hub cannot be asked.
+        ``ok``, or ``skipped`` with the reason when the estimate cannot model the model's
+        config or the settings (vLLM is then the judge).
 
     Raises:
         InsufficientResourcesError: It does not fit; the message has the numbers and the
-            hint the setting that would fit.
+            hint the settings that would fit.
+        ModelUnavailableError: The model is neither on disk nor cached and the Hub cannot
+            be asked: vLLM could not load it either.
+        NotFoundError: The model does not exist.
         ConfigError: A setting that vLLM would reject (``VLLM_CPU_KVCACHE_SPACE`` not an
             integer, a GPU that does not exist).
     """
-    env: dict[str, str] = dict(os.environ if environ is None else environ)
-    if environ is None:
-        env.update(config.env)
-    settings, revision = settings_from_config(config)
     try:
-        spec = load_model_spec(config.model, revision=revision)
-    except (NotFoundError, EnvironmentProblem, UsageError) as exc:
-        logger.info("preflight skipped for %s: %s", config.model, exc.message)
-        return PreflightResult(status="unknown", reason=exc.message)
-    if config.task != "generate":
-        spec.pooling = True
-    if gpus is None:
-        from cmw_vllm.gpu_info import query_gpus
-
-        gpus = query_gpus(match_servers=False).gpus
-    if gpus:
-        wanted = config.gpus
-        if wanted is None and env.get("CUDA_VISIBLE_DEVICES"):
-            wanted = env["CUDA_VISIBLE_DEVICES"]
-        chosen = select_gpus(gpus, wanted, config.tensor_parallel_size)
-        target = gpu_target(chosen)
-    else:
-        target = ram_target(env)
-    try:
-        est = estimate(spec, settings, target)
+        est = check_config(config, gpus=gpus, environ=environ)
+    except ConfigError:
+        raise
     except UsageError as exc:
-        return PreflightResult(status="unknown", device=target.device, reason=exc.message)
+        logger.info("memory check skipped for %s: %s", config.model, exc.message)
+        return PreflightResult(status="skipped", reason=exc.message)
     if not est.fits:
         raise _refusal(est, config)
-    return PreflightResult(status="ok", device=target.device, estimate=est)
+    return PreflightResult(status="ok", device=est.device)

@@ -21,7 +21,7 @@ figures are exact for standard attention layers.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from cmw_vllm.errors import UsageError
@@ -369,10 +369,12 @@ class MemoryTarget:
         device: ``gpu`` or ``cpu``.
         memory_total: Bytes of one GPU (the smallest of those used), or of RAM.
         memory_free: Bytes free on that GPU (the least free of those used), or RAM
-            available; None when unknown (a size given on the command line).
+            available; None when unknown.
         devices: GPUs used (one per tensor-parallel rank); 1 for the CPU.
         description: Where the numbers come from (``GPU 0 (NVIDIA H100)``, ``RAM``).
         cpu_kv_space: Bytes of ``VLLM_CPU_KVCACHE_SPACE`` (CPU only; None when unset).
+        devices_available: GPUs a server could be split over (None when unknown): more
+            tensor-parallel ranks are suggested only up to this.
     """
 
     device: Device
@@ -381,6 +383,7 @@ class MemoryTarget:
     devices: int = 1
     description: str = ""
     cpu_kv_space: int | None = None
+    devices_available: int | None = None
 
 
 @dataclass
@@ -388,6 +391,8 @@ class MemoryEstimate:
     """Whether a model fits, and with which settings it would.
 
     Byte figures are per GPU (per rank on the CPU) unless named ``*_total``.
+    ``suggestions`` are settings that fit (each one checked by this same estimate), empty
+    when the model fits as asked or when no setting would make it fit.
     """
 
     model: str
@@ -423,48 +428,119 @@ class MemoryEstimate:
     concurrency: float
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """Stable JSON shape for ``estimate --json``."""
         return asdict(self)
 
 
-def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) -> MemoryEstimate:
-    """Estimate memory for ``spec`` served with ``settings`` on ``target``.
+@dataclass
+class _Budget:
+    """How the target's memory is shared out: runtime, the whole budget and the KV space."""
 
-    Raises:
-        UsageError: Settings the estimate cannot model (unknown dtype, bad TP size).
-    """
+    runtime: int
+    budget: int
+    kv_space: int
+    kv_source: str
+    problems: list[str] = field(default_factory=list)
+
+
+def gpu_utilization_cap(memory_total: int, memory_free: int | None) -> float:
+    """The largest ``--gpu-memory-utilization`` (two decimals) that what is free allows."""
+    if not memory_total:
+        return 0.0
+    free = memory_total if memory_free is None else memory_free
+    return max(0.0, min(1.0, math.floor(free / memory_total * 100 + 1e-9) / 100))
+
+
+def _gpu_budget(target: MemoryTarget, util: float, weights: int, acts: int,
+                kv_given: int | None) -> _Budget:
+    runtime = GPU_RUNTIME_BYTES
+    budget = int(target.memory_total * util)
+    if kv_given is not None:
+        out = _Budget(runtime, budget, kv_given, "--kv-cache-memory-bytes")
+    else:
+        out = _Budget(runtime, budget, budget - weights - acts - runtime,
+                      f"{util:g} x GPU memory - weights - activations - runtime")
+    if target.memory_free is not None and target.memory_free < budget:
+        out.problems.append(
+            f"{target.description or 'the GPU'} has {format_gib(target.memory_free)} free but "
+            f"--gpu-memory-utilization {util:g} asks for {format_gib(budget)} "
+            f"of {format_gib(target.memory_total)}"
+        )
+    return out
+
+
+def _cpu_budget(target: MemoryTarget, util: float, weights: int, acts: int,
+                kv_given: int | None) -> _Budget:
+    runtime = CPU_RUNTIME_BYTES
+    free = target.memory_free
+    if kv_given is not None or target.cpu_kv_space is not None:
+        kv_space = kv_given if kv_given is not None else int(target.cpu_kv_space or 0)
+        source = "--kv-cache-memory-bytes" if kv_given is not None else CPU_KV_SPACE_ENV
+        out = _Budget(runtime, weights + acts + runtime + kv_space, kv_space, source)
+    else:
+        # vLLM's CPU worker asks for util x RAM and leaves what its own process does not
+        # use for the KV cache (vllm/v1/worker/cpu_worker.py).
+        budget = int(target.memory_total * util)
+        out = _Budget(runtime, budget, budget - weights - acts - runtime // 2,
+                      f"{util:g} x RAM - weights - worker memory (vLLM's CPU default)")
+        if free is not None and free - CPU_FRONTEND_BYTES < budget:
+            out.problems.append(
+                f"RAM has {format_gib(free)} available, about "
+                f"{format_gib(max(0, free - CPU_FRONTEND_BYTES))} once vLLM's API server and "
+                f"engine run, but its CPU worker asks for {util:g} x "
+                f"{format_gib(target.memory_total)} = {format_gib(budget)} when "
+                f"{CPU_KV_SPACE_ENV} is unset"
+            )
+    if not out.problems and free is not None and out.budget > free:
+        out.problems.append(
+            f"RAM has {format_gib(free)} available but the server needs about "
+            f"{format_gib(out.budget)} (weights {format_gib(weights)}, KV cache "
+            f"{format_gib(out.kv_space)}, runtime {format_gib(runtime + acts)})"
+        )
+    return out
+
+
+def ram_problems(target: MemoryTarget, gpu_memory_utilization: float | None = None) -> list[str]:
+    """Why vLLM's CPU build would refuse to start on ``target`` whatever the model (empty
+    when it starts): the check ``setup`` makes, by the same rule as :func:`estimate`."""
+    util = gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+    return _cpu_budget(target, util, 0, 0, None).problems
+
+
+def cpu_kv_space_that_fits(target: MemoryTarget, model_bytes: int = 0) -> int:
+    """Whole GiB of ``VLLM_CPU_KVCACHE_SPACE`` that fit in RAM beside ``model_bytes`` of
+    weights and activations and the runtime (0 when none do)."""
+    free = target.memory_total if target.memory_free is None else target.memory_free
+    return max(0, (free - model_bytes - CPU_RUNTIME_BYTES) // GiB)
+
+
+def _settings_problems(spec: ModelSpec, settings: EstimateSettings) -> list[str]:
+    """Settings vLLM itself refuses, whatever the memory."""
     tp = settings.tensor_parallel_size
-    dtype = resolve_dtype(spec, settings.dtype)
-    kv = kv_cache_layout(spec, kv_cache_dtype=settings.kv_cache_dtype, dtype=settings.dtype,
-                         tensor_parallel_size=tp,
-                         max_num_batched_tokens=settings.max_num_batched_tokens)
-    block = settings.block_size or (
-        CPU_BLOCK_SIZE if target.device == "cpu" else GPU_BLOCK_SIZE
-    )
-    weights_total = weight_bytes(spec, settings.dtype)
-    weights = _cdiv(weights_total, tp)
-    acts = activation_bytes(spec, dtype=settings.dtype, tensor_parallel_size=tp,
-                            max_num_batched_tokens=settings.max_num_batched_tokens)
-    max_len = settings.max_model_len or spec.derived_max_model_len
-    context = settings.concurrency_context or max_len
-    util = settings.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
-    problems: list[str] = []
-    notes: list[str] = []
+    problems = []
     if settings.max_model_len and settings.max_model_len > spec.derived_max_model_len:
         problems.append(
             f"--max-model-len {settings.max_model_len} is longer than the model allows "
             f"({spec.derived_max_model_len}); vLLM refuses it"
         )
-    if spec.num_attention_heads % tp or (
-        not spec.is_mla and spec.num_kv_heads % tp and tp % spec.num_kv_heads
-    ):
+    if not _tp_splits(spec, tp):
         problems.append(
             f"{spec.num_attention_heads} attention heads ({spec.num_kv_heads} KV) cannot be "
             f"split over {tp} tensor-parallel ranks; vLLM refuses it"
         )
-    settings_refused = bool(problems)
+    return problems
+
+
+def _tp_splits(spec: ModelSpec, tp: int) -> bool:
+    return not (spec.num_attention_heads % tp or (
+        not spec.is_mla and spec.num_kv_heads % tp and tp % spec.num_kv_heads))
+
+
+def _notes(spec: ModelSpec, kv: KvCacheLayout) -> list[str]:
+    notes = []
     if kv.sliding_layers:
         notes.append(
             f"{kv.sliding_layers} sliding-window layers (window {kv.sliding_window}) hold at "
@@ -477,109 +553,193 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
         )
     if spec.is_mla:
         notes.append("MLA: one latent per token, replicated on every tensor-parallel rank")
+    return notes
 
-    free_ok = True
-    if target.device == "gpu":
-        runtime = GPU_RUNTIME_BYTES
-        budget = int(target.memory_total * util)
-        if settings.kv_cache_memory_bytes is not None:
-            kv_space = settings.kv_cache_memory_bytes
-            kv_source = "--kv-cache-memory-bytes"
-        else:
-            kv_space = budget - weights - acts - runtime
-            kv_source = f"{util:g} x GPU memory - weights - activations - runtime"
-        if target.memory_free is not None and target.memory_free < budget:
-            free_ok = False
-            problems.append(
-                f"{target.description or 'the GPU'} has {format_gib(target.memory_free)} free but "
-                f"--gpu-memory-utilization {util:g} asks for {format_gib(budget)} "
-                f"of {format_gib(target.memory_total)}"
-            )
-    else:
-        runtime = CPU_RUNTIME_BYTES
-        if settings.kv_cache_memory_bytes is not None:
-            kv_space = settings.kv_cache_memory_bytes
-            kv_source = "--kv-cache-memory-bytes"
-            budget = weights + acts + runtime + kv_space
-        elif target.cpu_kv_space is not None:
-            kv_space = target.cpu_kv_space
-            kv_source = CPU_KV_SPACE_ENV
-            budget = weights + acts + runtime + kv_space
-        else:
-            # vLLM's CPU worker asks for util x RAM and leaves what its own process does not
-            # use for the KV cache (vllm/v1/worker/cpu_worker.py).
-            budget = int(target.memory_total * util)
-            kv_space = budget - weights - acts - runtime // 2
-            kv_source = f"{util:g} x RAM - weights - worker memory (vLLM's CPU default)"
-            if (target.memory_free is not None
-                    and target.memory_free - CPU_FRONTEND_BYTES < budget):
-                free_ok = False
-                problems.append(
-                    f"RAM has {format_gib(target.memory_free)} available, about "
-                    f"{format_gib(max(0, target.memory_free - CPU_FRONTEND_BYTES))} once "
-                    "vLLM's API server and engine run, but its CPU worker asks for "
-                    f"{util:g} x {format_gib(target.memory_total)} = {format_gib(budget)} "
-                    f"when {CPU_KV_SPACE_ENV} is unset"
-                )
-        if free_ok and target.memory_free is not None and budget > target.memory_free:
-            free_ok = False
-            problems.append(
-                f"RAM has {format_gib(target.memory_free)} available but the server needs about "
-                f"{format_gib(budget)} (weights {format_gib(weights)}, KV cache "
-                f"{format_gib(kv_space)}, runtime {format_gib(runtime + acts)})"
-            )
-    tokens = kv_cache_tokens(kv_space, kv, max_len, block) if kv_space > 0 else 0
-    fit_len = largest_max_model_len(kv_space, kv, block, spec.derived_max_model_len)
-    needed = weights + acts + runtime + kv.request_bytes(max_len)
+
+def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) -> MemoryEstimate:
+    """Estimate memory for ``spec`` served with ``settings`` on ``target``.
+
+    When it does not fit, ``suggestions`` lists settings that do (see :func:`suggestions`).
+
+    Raises:
+        UsageError: Settings the estimate cannot model (unknown dtype, bad TP size).
+    """
+    est = _assess(spec, settings, target)
+    if not est.fits:
+        est.suggestions = suggestions(spec, settings, target, est)
+    return est
+
+
+def _assess(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) -> MemoryEstimate:
+    tp = settings.tensor_parallel_size
+    kv = kv_cache_layout(spec, kv_cache_dtype=settings.kv_cache_dtype, dtype=settings.dtype,
+                         tensor_parallel_size=tp,
+                         max_num_batched_tokens=settings.max_num_batched_tokens)
+    block = settings.block_size or (CPU_BLOCK_SIZE if target.device == "cpu" else GPU_BLOCK_SIZE)
+    weights_total = weight_bytes(spec, settings.dtype)
+    weights = _cdiv(weights_total, tp)
+    acts = activation_bytes(spec, dtype=settings.dtype, tensor_parallel_size=tp,
+                            max_num_batched_tokens=settings.max_num_batched_tokens)
+    max_len = settings.max_model_len or spec.derived_max_model_len
+    context = settings.concurrency_context or max_len
+    util = settings.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+    problems = _settings_problems(spec, settings)
+    shares = (_gpu_budget if target.device == "gpu" else _cpu_budget)(
+        target, util, weights, acts, settings.kv_cache_memory_bytes)
+    problems += shares.problems
+    kv_space = shares.kv_space
+    needed = weights + acts + shares.runtime + kv.request_bytes(max_len)
     util_needed = None
     if target.device == "gpu" and target.memory_total:
         util_needed = math.ceil(needed / target.memory_total * 100) / 100
     kv_fits = kv_space > 0 and _request_blocks(kv, max_len, block) <= kv_cache_blocks(
-        kv_space, kv, block
-    )
+        kv_space, kv, block)
     if kv_space <= 0:
         problems.append(
             f"no memory left for the KV cache: weights {format_gib(weights)} + activations and "
-            f"runtime {format_gib(acts + runtime)} exceed the {format_gib(budget)} budget"
+            f"runtime {format_gib(acts + shares.runtime)} exceed the {format_gib(shares.budget)} "
+            "budget"
         )
     elif not kv_fits:
         problems.append(
-            f"one request of {max_len} tokens needs {format_gib(kv.request_bytes(max_len))} of KV "
-            f"cache but only {format_gib(kv_space)} is left"
+            f"one request of {max_len} tokens needs {format_gib(kv.request_bytes(max_len))} of "
+            f"KV cache but only {format_gib(kv_space)} is left"
         )
-    fits = kv_fits and free_ok and not settings_refused
     return MemoryEstimate(
-        model=spec.model,
-        source=spec.source,
-        device=target.device,
-        target=target.description,
-        dtype=dtype,
-        kv_cache_dtype=kv.kv_cache_dtype,
-        tensor_parallel_size=tp,
-        block_size=block,
-        weight_bytes_total=weights_total,
-        weight_bytes=weights,
-        activation_bytes=acts,
-        runtime_bytes=runtime,
-        kv_bytes_per_token=kv.bytes_per_token,
+        model=spec.model, source=spec.source, device=target.device,
+        target=target.description, dtype=resolve_dtype(spec, settings.dtype),
+        kv_cache_dtype=kv.kv_cache_dtype, tensor_parallel_size=tp, block_size=block,
+        weight_bytes_total=weights_total, weight_bytes=weights, activation_bytes=acts,
+        runtime_bytes=shares.runtime, kv_bytes_per_token=kv.bytes_per_token,
         kv_bytes_per_token_total=kv.bytes_per_token * (1 if spec.is_mla else tp),
-        kv_sliding_bytes_per_token=kv.sliding_bytes_per_token,
-        max_model_len=max_len,
-        derived_max_model_len=spec.derived_max_model_len,
-        memory_total=target.memory_total,
-        memory_free=target.memory_free,
-        gpu_memory_utilization=util,
-        budget=budget,
-        kv_space=kv_space,
-        kv_space_source=kv_source,
-        kv_cache_tokens=tokens,
-        fits=fits,
-        max_model_len_that_fits=fit_len,
-        needed_bytes=needed,
-        gpu_memory_utilization_needed=util_needed,
-        free_memory_ok=free_ok,
-        concurrency_context=context,
+        kv_sliding_bytes_per_token=kv.sliding_bytes_per_token, max_model_len=max_len,
+        derived_max_model_len=spec.derived_max_model_len, memory_total=target.memory_total,
+        memory_free=target.memory_free, gpu_memory_utilization=util, budget=shares.budget,
+        kv_space=kv_space, kv_space_source=shares.kv_source,
+        kv_cache_tokens=kv_cache_tokens(kv_space, kv, max_len, block) if kv_space > 0 else 0,
+        fits=kv_fits and not problems,
+        max_model_len_that_fits=largest_max_model_len(kv_space, kv, block,
+                                                      spec.derived_max_model_len),
+        needed_bytes=needed, gpu_memory_utilization_needed=util_needed,
+        free_memory_ok=not shares.problems, concurrency_context=context,
         concurrency=max_concurrency(kv_space, kv, context, block) if kv_space > 0 else 0.0,
-        problems=problems,
-        notes=notes,
+        problems=problems, notes=_notes(spec, kv),
     )
+
+
+# --------------------------------------------------------------------------- suggestions
+
+# A context shorter than this is not worth suggesting (the model could hardly answer).
+MIN_SUGGESTED_MAX_MODEL_LEN = 256
+
+
+def suggestions(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget,
+                est: MemoryEstimate) -> list[str]:
+    """Settings under which ``spec`` fits ``target``, best first; each one is checked.
+
+    Never more than the target has: a ``--gpu-memory-utilization`` no larger than free /
+    total (with the longest ``--max-model-len`` that fits that budget when the whole context
+    does not), ``VLLM_CPU_KVCACHE_SPACE`` no larger than the RAM that is left, more
+    tensor-parallel ranks only on GPUs that exist.
+    """
+    if est.fits:
+        return []
+    if not _tp_splits(spec, settings.tensor_parallel_size):
+        return []
+    prefix: list[str] = []
+    if settings.max_model_len and settings.max_model_len > spec.derived_max_model_len:
+        settings = replace(settings, max_model_len=spec.derived_max_model_len)
+        prefix = [f"--max-model-len {spec.derived_max_model_len}"]
+        if _assess(spec, settings, target).fits:
+            return prefix
+    found = (_gpu_suggestions if target.device == "gpu" else _cpu_suggestions)(
+        spec, settings, target)
+    if prefix:
+        # Every suggestion must also shorten the context vLLM refuses.
+        found = [s if "--max-model-len" in s else f"{s} {prefix[0]}" for s in found]
+    return found
+
+
+def _fits(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget,
+          **changes: Any) -> MemoryEstimate:
+    return _assess(spec, replace(settings, **changes), target)
+
+
+def _longest_fit(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget,
+                 **changes: Any) -> int | None:
+    """The longest max_model_len that fits with ``changes`` (None when too short to offer)."""
+    est = _fits(spec, settings, target, **changes)
+    length = est.max_model_len_that_fits
+    if not est.free_memory_ok or length < min(MIN_SUGGESTED_MAX_MODEL_LEN,
+                                              spec.derived_max_model_len):
+        return None
+    if not _fits(spec, settings, target, max_model_len=length, **changes).fits:
+        return None
+    return length
+
+
+def _gpu_suggestions(spec: ModelSpec, settings: EstimateSettings,
+                     target: MemoryTarget) -> list[str]:
+    out: list[str] = []
+    util = settings.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+    cap = gpu_utilization_cap(target.memory_total, target.memory_free)
+    lowest = _lowest_utilization(spec, settings, target, cap)
+    if lowest is not None:
+        out.append(f"--gpu-memory-utilization {lowest:g}")
+    for candidate in ([util] if util <= cap else []) + ([cap] if lowest is None else []):
+        if candidate <= 0:
+            continue
+        length = _longest_fit(spec, settings, target, gpu_memory_utilization=candidate)
+        max_len = settings.max_model_len or spec.derived_max_model_len
+        if length is None or length >= max_len:
+            continue
+        flags = "" if candidate == util else f"--gpu-memory-utilization {candidate:g} "
+        text = f"{flags}--max-model-len {length}"
+        if text not in out:
+            out.append(text)
+    tp = settings.tensor_parallel_size
+    more = tp * 2
+    if (target.devices_available or 0) >= more and _tp_splits(spec, more) and _fits(
+            spec, settings, target, tensor_parallel_size=more).fits:
+        out.append(f"--tensor-parallel-size {more}")
+    return out
+
+
+def _lowest_utilization(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget,
+                        cap: float) -> float | None:
+    """The smallest utilization (at most ``cap``) that holds the whole context."""
+    est = _fits(spec, settings, target, gpu_memory_utilization=cap) if cap > 0 else None
+    if est is None or not est.fits:
+        return None
+    util = max(0.01, min(cap, est.gpu_memory_utilization_needed or cap))
+    while util < cap and not _fits(spec, settings, target, gpu_memory_utilization=util).fits:
+        util = round(util + 0.01, 2)
+    return min(util, cap)
+
+
+def _cpu_suggestions(spec: ModelSpec, settings: EstimateSettings,
+                     target: MemoryTarget) -> list[str]:
+    out: list[str] = []
+    if settings.kv_cache_memory_bytes is not None:
+        length = _longest_fit(spec, settings, target)
+        return [f"--max-model-len {length}"] if length else []
+    probe = _assess(spec, settings, target)
+    space = cpu_kv_space_that_fits(target, probe.weight_bytes + probe.activation_bytes)
+    if space >= 1:
+        sized = replace(target, cpu_kv_space=space * GiB)
+        if _assess(spec, settings, sized).fits:
+            out.append(f"{CPU_KV_SPACE_ENV}={space}")
+        elif (length := _longest_fit(spec, settings, sized)) is not None:
+            out.append(f"{CPU_KV_SPACE_ENV}={space} --max-model-len {length}")
+    if target.cpu_kv_space is None and target.memory_free and target.memory_total:
+        share = math.floor((target.memory_free - CPU_FRONTEND_BYTES) / target.memory_total
+                           * 100) / 100
+        if 0 < share < (settings.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION) \
+                and _fits(spec, settings, target, gpu_memory_utilization=share).fits:
+            out.append(f"--gpu-memory-utilization {share:g} (on the CPU build: the share of "
+                       "RAM)")
+    elif target.cpu_kv_space is not None and probe.free_memory_ok:
+        length = _longest_fit(spec, settings, target)
+        if length is not None:
+            out.append(f"--max-model-len {length}")
+    return out

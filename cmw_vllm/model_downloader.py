@@ -35,10 +35,12 @@ from cmw_vllm.errors import (
 from cmw_vllm.hf_cache import (
     endpoint,
     filter_names,
+    has_blob,
     hub_cache_dir,
     offline,
     repo_dir,
     select_files,
+    snapshot_path,
     token,
     write_ref,
 )
@@ -366,6 +368,19 @@ def gated_error(repo_id: str, have_token: bool) -> EnvironmentProblem:
     )
 
 
+def _hub_exceptions() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises: its errors, OS errors, and its HTTP client's errors.
+
+    The client's base class is found through the Hub's own HTTP error, so this works with
+    whichever client (httpx or httpx2) the installed huggingface_hub uses.
+    """
+    from huggingface_hub import errors
+
+    client = tuple(c for c in errors.HfHubHTTPError.__mro__[1:]
+                   if c.__name__ == "HTTPError" and issubclass(c, Exception))
+    return (OSError, errors.EntryNotFoundError, *client)
+
+
 @contextmanager
 def _hub_errors(repo_id: str, revision: str, target: Path | None = None) -> Iterator[None]:
     try:
@@ -374,7 +389,7 @@ def _hub_errors(repo_id: str, revision: str, target: Path | None = None) -> Iter
         raise
     except (KeyboardInterrupt, DownloadCancelled):
         raise
-    except Exception as exc:
+    except _hub_exceptions() as exc:
         mapped = translate_hub_error(exc, repo_id, revision, target)
         if mapped is None:
             raise
@@ -417,12 +432,7 @@ def plan_download(
     gated = bool(getattr(info, "gated", False))
     if gated and token() is None:
         raise gated_error(repo_id, have_token=False)  # the files would answer 401 anyway
-    metadata: dict[str, tuple[int, str | None]] = {}
-    for sibling in info.siblings or []:
-        lfs = getattr(sibling, "lfs", None)
-        size = (lfs.size if lfs is not None else sibling.size) or 0
-        etag = lfs.sha256 if lfs is not None else sibling.blob_id
-        metadata[sibling.rfilename] = (int(size), etag)
+    metadata = _file_metadata(info)
     names = list(metadata)
     if repair:
         allow: list[str] | None = [_escape(n) for n in repair]
@@ -438,17 +448,7 @@ def plan_download(
         raise UsageError(f"no file of {repo_id}@{rev} matches the selection",
                          hint="check --include/--exclude")
     target = Path(local_dir).expanduser().absolute() if local_dir else repo_dir(repo_id)
-    files: list[PlannedFile] = []
-    for name in selected:
-        size, etag = metadata[name]
-        if repair:
-            cached = False
-        elif local_dir:
-            on_disk = target / name
-            cached = on_disk.is_file() and on_disk.stat().st_size == size
-        else:
-            cached = bool(etag) and (target / "blobs" / str(etag)).is_file()
-        files.append(PlannedFile(name, size, cached))
+    files = _planned_files(selected, metadata, target, bool(local_dir), bool(repair))
     return DownloadPlan(
         repo_id=repo_id,
         revision=rev,
@@ -464,6 +464,34 @@ def plan_download(
         repair=list(repair),
         gated=gated,
     )
+
+
+def _file_metadata(info: Any) -> dict[str, tuple[int, str | None]]:
+    """Size and ETag (LFS sha256, else git blob id) of each file, from ``model_info``."""
+    metadata: dict[str, tuple[int, str | None]] = {}
+    for sibling in info.siblings or []:
+        lfs = getattr(sibling, "lfs", None)
+        size = (lfs.size if lfs is not None else sibling.size) or 0
+        etag = lfs.sha256 if lfs is not None else sibling.blob_id
+        metadata[sibling.rfilename] = (int(size), etag)
+    return metadata
+
+
+def _planned_files(selected: list[str], metadata: dict[str, tuple[int, str | None]],
+                   target: Path, local: bool, repair: bool) -> list[PlannedFile]:
+    """The selected files, each marked cached when its bytes are already on disk."""
+    files: list[PlannedFile] = []
+    for name in selected:
+        size, etag = metadata[name]
+        if repair:
+            cached = False
+        elif local:
+            on_disk = target / name
+            cached = on_disk.is_file() and on_disk.stat().st_size == size
+        else:
+            cached = bool(etag) and has_blob(target, str(etag))
+        files.append(PlannedFile(name, size, cached))
+    return files
 
 
 def check_disk_space(plan: DownloadPlan) -> None:
@@ -603,25 +631,32 @@ def download_model(
         on_plan(plan)
     if not force:
         check_disk_space(plan)
-    snapshot = plan.target / "snapshots" / plan.commit if local_dir is None else plan.target
+    snapshot = snapshot_path(plan.target, plan.commit) if local_dir is None else plan.target
     complete = plan.bytes_to_fetch == 0 and not plan.repair and all(
         (snapshot / f.path).exists() for f in plan.files)
     if complete:
         return _finish(repo_id, rev, plan, snapshot, started, 0, True)
     path = fetch(plan, progress_class=progress_class)
     if not plan.repair:
-        data: dict[str, object] = {
-            "repo_id": repo_id, "revision": plan.revision, "commit": plan.commit,
-            "allow_patterns": plan.allow_patterns, "ignore_patterns": plan.ignore_patterns,
-            "files": [f.path for f in plan.files],
-        }
-        target = local_manifest_path(plan.target) if local_dir else manifest_path(
-            repo_id, plan.commit)
-        try:
-            write_manifest(target, data)
-        except (OSError, EnvironmentProblem) as exc:
-            logger.warning("cannot write download manifest %s: %s", target, exc)
+        _record_selection(plan, include, exclude)
     return _finish(repo_id, rev, plan, path, started, plan.bytes_to_fetch, False)
+
+
+def _record_selection(plan: DownloadPlan, include: Sequence[str],
+                      exclude: Sequence[str]) -> None:
+    """Write the manifest that tells verify which files this download asked for."""
+    data: dict[str, object] = {
+        "repo_id": plan.repo_id, "revision": plan.revision, "commit": plan.commit,
+        "allow_patterns": plan.allow_patterns, "ignore_patterns": plan.ignore_patterns,
+        "include": list(include), "exclude": list(exclude),
+        "files": [f.path for f in plan.files],
+    }
+    target = (local_manifest_path(plan.target) if plan.local_dir
+              else manifest_path(plan.repo_id, plan.commit))
+    try:
+        write_manifest(target, data)
+    except (OSError, EnvironmentProblem) as exc:
+        logger.warning("cannot write download manifest %s: %s", target, exc)
 
 
 def _existing_location(repo_id: str, rev: str,

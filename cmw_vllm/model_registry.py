@@ -567,14 +567,17 @@ def _parse_models_file(file: Path, raw: bytes, source: str,
 def _entry_from_table(file: Path, text: str, alias: str, table: object, source: str,
                       base: ModelEntry | None) -> ModelEntry:
     """One validated entry from a ``[models.ALIAS]`` table, merged over ``base``."""
-    start, key_lines = _table_lines(text, alias)
+
+    def error_at(key: str | None, message: str) -> ConfigError:
+        start, key_lines = _table_lines(text, alias)  # only on error: it scans the file
+        return _file_error(file, key_lines.get(key, start) if key else start, message)
+
     if not isinstance(table, dict):
-        raise _file_error(file, start, f"models.{alias} must be a table ([models.{alias}])")
+        raise error_at(None, f"models.{alias} must be a table ([models.{alias}])")
     for key in _NOT_IN_FILE:
         if key in table:
             hint = "the alias is the table name" if key == "alias" else "set by cmw-vllm"
-            line = key_lines.get(key, start)
-            raise _file_error(file, line, f"models.{alias}.{key}: cannot be set here ({hint})")
+            raise error_at(key, f"models.{alias}.{key}: cannot be set here ({hint})")
     values: dict[str, Any] = base.model_dump() if base else {}
     values.update(table)
     values["alias"] = base.alias if base else alias
@@ -583,8 +586,7 @@ def _entry_from_table(file: Path, text: str, alias: str, table: object, source: 
         return ModelEntry(**values)
     except ValidationError as exc:
         key, message = _describe_error(exc.errors()[0], alias, base is None)
-        line = key_lines.get(key, start) if key else start
-        raise _file_error(file, line, message) from None
+        raise error_at(key, message) from None
 
 
 def all_entries() -> dict[str, ModelEntry]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cmw_vllm import hf_cache
-from cmw_vllm.errors import EnvironmentProblem, NotFoundError, UsageError
+from cmw_vllm.errors import EnvironmentProblem, ModelUnavailableError, NotFoundError, UsageError
 from cmw_vllm.memory_estimate import FLOAT_DTYPES, ModelSpec, normalise_dtype
 from cmw_vllm.vocab import looks_like_path
 
@@ -277,18 +277,23 @@ def spec_from_hub(repo_id: str, revision: str | None = None, *,
 
     Raises:
         NotFoundError: The repo, revision or its config.json does not exist.
-        EnvironmentProblem: The Hub is unreachable, offline mode is on, or the repo is gated.
+        ModelUnavailableError: The Hub is unreachable or offline mode is on.
+        EnvironmentProblem: The repo is gated.
     """
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
+    # HfHubHTTPError derives from the HTTP client's base error (httpx or requests, by hub
+    # version), which every connection and timeout error also derives from.
+    network_errors = (OSError, *HfHubHTTPError.__bases__)
     # huggingface_hub reads HF_ENDPOINT and the cache location once, at import; read them
     # now so that the environment of this call is the one used.
     endpoint = hf_cache.endpoint()
@@ -309,7 +314,7 @@ def spec_from_hub(repo_id: str, revision: str | None = None, *,
         if "tokenizer_config.json" in siblings:
             try:
                 tok_config = _read_json(Path(fetch("tokenizer_config.json")))
-            except Exception as exc:  # the tokenizer only caps max_model_len; go on
+            except (*network_errors, EntryNotFoundError) as exc:  # it only caps the length
                 logger.debug("no tokenizer_config.json for %s: %s", repo_id, exc)
     except GatedRepoError as exc:
         raise EnvironmentProblem(
@@ -319,16 +324,13 @@ def spec_from_hub(repo_id: str, revision: str | None = None, *,
         raise NotFoundError(f"{repo_id} (revision {revision or 'main'}) not found on the Hub") \
             from exc
     except EntryNotFoundError as exc:
+        if isinstance(exc, LocalEntryNotFoundError):
+            raise _unavailable(repo_id, "the Hub cannot be reached") from exc
         raise NotFoundError(f"{repo_id} has no config.json") from exc
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise EnvironmentProblem(f"{repo_id} is not cached and the Hub cannot be reached") \
-            from exc
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot reach the Hub for {repo_id}: {exc}") from exc
-    except Exception as exc:  # httpx/requests errors differ between hub versions
-        raise EnvironmentProblem(
-            f"cannot reach the Hub for {repo_id}: {type(exc).__name__}: {exc}"
-        ) from exc
+    except OfflineModeIsEnabled as exc:
+        raise _unavailable(repo_id, "the Hub may not be asked (HF_HUB_OFFLINE)") from exc
+    except network_errors as exc:
+        raise _unavailable(repo_id, f"the Hub cannot be reached ({_short(exc)})") from exc
     config = _read_json(Path(config_path))
     if config is None:
         raise NotFoundError(f"{repo_id}'s config.json is not valid JSON")
@@ -356,8 +358,10 @@ def load_model_spec(model: str, *, revision: str | None = None,
         allow_network: Ask the Hub when the model is not on disk.
 
     Raises:
-        NotFoundError: Not found locally and the Hub does not have it (or may not be asked).
-        EnvironmentProblem: Not on disk and the Hub is unreachable.
+        NotFoundError: Not found locally and the Hub does not have it.
+        ModelUnavailableError: Not on disk nor cached, and the Hub is unreachable or may
+            not be asked.
+        EnvironmentProblem: The repo is gated.
         UsageError: The config cannot be understood.
     """
     path = Path(model).expanduser()
@@ -369,8 +373,17 @@ def load_model_spec(model: str, *, revision: str | None = None,
     if snapshot is not None:
         return spec_from_dir(snapshot, model=model, source="hf-cache")
     if not allow_network or hf_cache.offline():
-        raise EnvironmentProblem(
-            f"{model} is not in the local cache and the Hub may not be asked",
-            hint=f"download it first (cmw-vllm download {model})",
-        )
+        raise _unavailable(model, "the Hub may not be asked (HF_HUB_OFFLINE)")
     return spec_from_hub(model, revision)
+
+
+def _unavailable(model: str, why: str) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"{model} is neither on disk nor in the Hugging Face cache, and {why}",
+        hint=f"run `cmw-vllm download {model}` first",
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__

@@ -112,6 +112,7 @@ class ModelLocation:
     commit: str | None = None
     expected: dict[str, ExpectedFile] = field(default_factory=dict)
     selected: list[str] | None = None  # files the download asked for, when known
+    custom_selection: bool = False  # the download was given --include/--exclude
     source: str = "local"  # "cache" (HF cache snapshot) or "local" (a directory)
     metadata: str = "none"  # where expectations came from: tree, manifest, blobs, none
 
@@ -134,6 +135,7 @@ class VerifyReport:
     files_without_hash: int = 0
     seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
+    partial: bool = False  # a download's --include/--exclude chose the files checked
 
     @property
     def ok(self) -> bool:
@@ -187,7 +189,7 @@ def manifest_path(repo_id: str, commit: str) -> Path:
 
 def local_manifest_path(local_dir: Path) -> Path:
     """Where cmw-vllm records which files a ``--local-dir`` download asked for."""
-    return local_dir / ".cache" / "huggingface" / "cmw-vllm-download.json"
+    return hf_cache.local_metadata_dir(local_dir) / "cmw-vllm-download.json"
 
 
 def write_manifest(path: Path, data: dict[str, object]) -> None:
@@ -225,11 +227,18 @@ def read_tree(tree_file: Path) -> dict[str, ExpectedFile] | None:
     return out
 
 
-def _read_manifest(path: Path) -> list[str] | None:
+def _read_manifest(path: Path) -> dict[str, object] | None:
+    """A download manifest with a usable file list, or None."""
     data = _read_json(path)
     if isinstance(data, dict) and isinstance(data.get("files"), list):
-        return [str(f) for f in data["files"]]
+        return data
     return None
+
+
+def _apply_manifest(loc: ModelLocation, manifest: dict[str, object]) -> None:
+    files = manifest["files"]
+    loc.selected = [str(f) for f in files] if isinstance(files, list) else None
+    loc.custom_selection = bool(manifest.get("include") or manifest.get("exclude"))
 
 
 def locate_cached(repo_id: str, revision: str | None = None,
@@ -262,7 +271,7 @@ def locate_cached(repo_id: str, revision: str | None = None,
             + (f" (cached: {', '.join(known)})" if known else ""),
             hint=f"download it: cmw-vllm download {repo_id} --revision {rev}",
         )
-    snapshot = repo_dir / "snapshots" / commit
+    snapshot = hf_cache.snapshot_path(repo_dir, commit)
     if not snapshot.is_dir():
         raise NotFoundError(
             f"snapshot {commit[:12]} of {repo_id} is missing from the cache",
@@ -276,9 +285,11 @@ def locate_cached(repo_id: str, revision: str | None = None,
     else:
         loc.expected = _expected_from_blob_names(snapshot)
         loc.metadata = "blobs" if loc.expected else "none"
-    loc.selected = _read_manifest(manifest_path(repo_id, commit))
-    if loc.selected is not None and loc.metadata == "tree":
-        loc.metadata = "tree+manifest"
+    manifest = _read_manifest(manifest_path(repo_id, commit))
+    if manifest is not None:
+        _apply_manifest(loc, manifest)
+        if loc.metadata == "tree":
+            loc.metadata = "tree+manifest"
     return loc
 
 
@@ -307,7 +318,7 @@ def locate_local(path: Path) -> ModelLocation:
     if not path.is_dir():
         raise NotFoundError(f"{path} is not a directory")
     loc = ModelLocation(path.resolve(), source="local")
-    hf_dir = path / ".cache" / "huggingface"
+    hf_dir = hf_cache.local_metadata_dir(path)
     commits: dict[str, None] = {}
     etags: dict[str, str] = {}
     download_dir = hf_dir / "download"
@@ -322,7 +333,7 @@ def locate_local(path: Path) -> ModelLocation:
                 commits.setdefault(lines[0].strip(), None)
                 etags[rel] = lines[1].strip()
     for commit in commits:
-        tree = read_tree(hf_dir / "trees" / f"{commit}.json")
+        tree = read_tree(hf_cache.tree_file(hf_dir, commit))
         if tree is not None:
             loc.commit, loc.expected, loc.metadata = commit, tree, "tree"
             break
@@ -334,15 +345,12 @@ def locate_local(path: Path) -> ModelLocation:
                 loc.expected[rel] = ExpectedFile(rel, blob_id=etag)
         loc.metadata = "etags"
         loc.commit = next(iter(commits), None)
-    manifest = _read_json(local_manifest_path(path))
-    if isinstance(manifest, dict):
-        files = manifest.get("files")
-        loc.selected = [str(f) for f in files] if isinstance(files, list) else None
-        repo = manifest.get("repo_id")
-        loc.repo_id = str(repo) if repo else None
+    manifest = _read_manifest(local_manifest_path(path))
+    if manifest is not None:
+        _apply_manifest(loc, manifest)
+        loc.repo_id = str(manifest.get("repo_id") or "") or None
         loc.revision = str(manifest.get("revision") or "") or None
-        if loc.selected is not None:
-            loc.metadata += "+manifest"
+        loc.metadata += "+manifest"
     return loc
 
 
@@ -523,6 +531,10 @@ def verify_location(
 ) -> VerifyReport:
     """Check a model folder; see the module docstring for what is checked.
 
+    After a download given ``--include``/``--exclude``, only what it selected is checked:
+    the whole-model checks (weights, tokenizer, config, index shards) skip what the
+    selection left out.
+
     Args:
         loc: From :func:`locate_cached` or :func:`locate_local`.
         full: Also hash every file that has a recorded hash.
@@ -535,27 +547,48 @@ def verify_location(
     """
     started = time.perf_counter()
     report = VerifyReport(str(loc.path), loc.repo_id, loc.revision, loc.commit, loc.source,
-                          "full" if full else "fast", loc.metadata)
-    problems = report.problems
-    present = _walk(loc.path)
-    present_set = set(present)
+                          "full" if full else "fast", loc.metadata,
+                          partial=loc.custom_selection)
+    expected_names = _expected_names(loc)
+    to_check = sorted(set(expected_names) | set(_walk(loc.path)))
+    sizes, hash_jobs = _check_files(loc, to_check, set(expected_names), full, report)
+    reported_missing = {p.file for p in report.problems if p.kind == "missing"}
+    selection = set(expected_names) if loc.custom_selection else None
+    _structure_checks(loc.path, sorted(sizes), sizes, report.problems, reported_missing,
+                      selection)
+    if full and hash_jobs:
+        _hash_files(report, hash_jobs, workers or default_workers(), progress, on_hash_start)
+    _order_problems(report.problems, loc, expected_names, to_check)
+    report.seconds = time.perf_counter() - started
+    logger.debug("verified %s: %d files, %d problems", loc.path, report.files_checked,
+                 len(report.problems))
+    return report
 
+
+def _expected_names(loc: ModelLocation) -> list[str]:
+    """The files the folder should hold: what the download asked for, else the default pick."""
     if loc.selected is not None:
-        expected_names = list(loc.selected)
-    elif loc.expected:
+        return list(loc.selected)
+    if loc.expected:
         allow, ignore = hf_cache.select_files(list(loc.expected))
-        expected_names = hf_cache.filter_names(list(loc.expected), allow, ignore)
-    else:
-        expected_names = []
-    to_check = sorted(set(expected_names) | present_set)
+        return hf_cache.filter_names(list(loc.expected), allow, ignore)
+    return []
 
+
+_HashJob = tuple[str, Path, ExpectedFile, int]  # repo path, file, what the Hub recorded, size
+
+
+def _check_files(loc: ModelLocation, to_check: list[str], expected_names: set[str],
+                 full: bool, report: VerifyReport) -> tuple[dict[str, int], list[_HashJob]]:
+    """Presence, size and blob link of each file; returns the sizes and what to hash."""
+    problems = report.problems
     sizes: dict[str, int] = {}
-    hash_jobs: list[tuple[str, Path, ExpectedFile, int]] = []
+    hash_jobs: list[_HashJob] = []
     for rel in to_check:
         full_path = loc.path / rel
         exp = loc.expected.get(rel)
         try:
-            st = full_path.stat()
+            size = full_path.stat().st_size
         except FileNotFoundError:
             if full_path.is_symlink():
                 problems.append(Problem("missing", rel, "link points to a missing blob", True))
@@ -565,7 +598,6 @@ def verify_location(
         except OSError as exc:
             problems.append(Problem("unreadable", rel, f"cannot stat: {exc.strerror}", True))
             continue
-        size = st.st_size
         sizes[rel] = size
         report.files_checked += 1
         report.bytes_checked += size
@@ -575,43 +607,79 @@ def verify_location(
         if exp.size is not None and exp.size != size:
             problems.append(Problem("size", rel, f"size {size} bytes, expected {exp.size}", True))
         if loc.source == "cache" and full_path.is_symlink():
-            blob = Path(os.readlink(full_path)).name
-            want = exp.sha256 or exp.blob_id
-            if want and blob != want and (SHA256_RE.match(blob) or SHA1_RE.match(blob)):
-                problems.append(Problem("blob", rel, f"links to blob {blob[:12]}, expected "
-                                        f"{want[:12]}", True))
+            problems.extend(_blob_link_problems(rel, full_path, exp))
         if full:
             if exp.sha256 or exp.blob_id:
                 hash_jobs.append((rel, full_path, exp, size))
             else:
                 report.files_without_hash += 1
+    return sizes, hash_jobs
 
-    reported_missing = {p.file for p in problems if p.kind == "missing"}
-    _structure_checks(loc.path, sorted(sizes), sizes, problems, reported_missing)
 
-    if full and hash_jobs:
-        report.files_hashed = len({p.resolve() for _r, p, _e, _s in hash_jobs})
-        report.bytes_hashed = sum(s for _r, _p, _e, s in hash_jobs)
-        if on_hash_start is not None:
-            on_hash_start(report.files_hashed, report.bytes_hashed)
-        already = {p.file for p in problems if p.kind in ("size", "missing")}
-        hash_problems = _hash_jobs(hash_jobs, workers or default_workers(), progress)
-        problems.extend(p for p in hash_problems if p.file not in already)
+def _blob_link_problems(rel: str, link: Path, exp: ExpectedFile) -> list[Problem]:
+    """A snapshot entry that links to a blob named after other content than recorded."""
+    blob = Path(os.readlink(link)).name
+    want = exp.sha256 or exp.blob_id
+    if want and blob != want and (SHA256_RE.match(blob) or SHA1_RE.match(blob)):
+        return [Problem("blob", rel, f"links to blob {blob[:12]}, expected {want[:12]}", True)]
+    return []
 
-    # Only files the Hub knows can be fetched again.
+
+def _hash_files(report: VerifyReport, hash_jobs: list[_HashJob], workers: int,
+                progress: HashProgress | None,
+                on_hash_start: Callable[[int, int], None] | None) -> None:
+    """Hash what has a recorded hash; a file already reported missing or of the wrong size
+    gets no second problem."""
+    report.files_hashed = len({p.resolve() for _r, p, _e, _s in hash_jobs})
+    report.bytes_hashed = sum(s for _r, _p, _e, s in hash_jobs)
+    if on_hash_start is not None:
+        on_hash_start(report.files_hashed, report.bytes_hashed)
+    already = {p.file for p in report.problems if p.kind in ("size", "missing")}
+    hash_problems = _hash_jobs(hash_jobs, workers, progress)
+    report.problems.extend(p for p in hash_problems if p.file not in already)
+
+
+def _order_problems(problems: list[Problem], loc: ModelLocation, expected_names: list[str],
+                    to_check: list[str]) -> None:
+    """Sort problems in file order; only files the Hub knows can be fetched again."""
     known = set(loc.expected) | set(expected_names)
     problems[:] = [p if not p.repairable or p.file in known else replace(p, repairable=False)
                    for p in problems]
     order = {name: i for i, name in enumerate(to_check)}
     problems.sort(key=lambda p: (order.get(p.file or "", len(order)), p.kind))
-    report.seconds = time.perf_counter() - started
-    logger.debug("verified %s: %d files, %d problems", loc.path, report.files_checked,
-                 len(problems))
-    return report
 
 
 def _structure_checks(root: Path, names: list[str], sizes: dict[str, int],
-                      problems: list[Problem], reported_missing: set[str | None]) -> None:
+                      problems: list[Problem], reported_missing: set[str | None],
+                      selection: set[str] | None = None) -> None:
+    """What vLLM needs of the folder as a whole: headers, JSON, config, tokenizer, weights.
+
+    Args:
+        selection: The files a custom download selection asked for; the checks of what
+            it left out (weights, a tokenizer, config.json, index shards) are skipped.
+    """
+    tensors_by_file = _file_content_checks(root, names, sizes, problems)
+    wanted = (lambda name: True) if selection is None else selection.__contains__
+    if "config.json" in sizes:
+        text = _config_problem(root / "config.json")
+        if text:
+            problems.append(Problem("config", "config.json", text, True))
+    elif "config.json" not in reported_missing and wanted("config.json"):
+        problems.append(Problem("config", "config.json", "missing (vLLM needs it)", False))
+    if not _has_tokenizer(names) and (selection is None or _has_tokenizer(selection)):
+        problems.append(Problem("tokenizer", None, "no tokenizer file (tokenizer.json, "
+                                "tokenizer.model, vocab.json, *.tiktoken, ...)"))
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names) and (
+            selection is None or any(n.endswith(WEIGHT_SUFFIXES) for n in selection)):
+        problems.append(Problem("weights", None, "no weight files (*.safetensors, *.bin)"))
+    for rel in names:
+        if rel.endswith(".index.json"):
+            _index_checks(root, rel, sizes, tensors_by_file, problems, reported_missing, wanted)
+
+
+def _file_content_checks(root: Path, names: list[str], sizes: dict[str, int],
+                         problems: list[Problem]) -> dict[str, set[str]]:
+    """Safetensors headers and JSON syntax, file by file; returns each file's tensor names."""
     tensors_by_file: dict[str, set[str]] = {}
     for rel in names:
         full = root / rel
@@ -627,44 +695,34 @@ def _structure_checks(root: Path, names: list[str], sizes: dict[str, int],
         elif (rel.endswith(".json") and rel.rsplit("/", 1)[-1] != "config.json"
               and _read_json(full) is None):
             problems.append(Problem("json", rel, "does not parse as JSON", True))
+    return tensors_by_file
 
-    if "config.json" in sizes:
-        text = _config_problem(root / "config.json")
-        if text:
-            problems.append(Problem("config", "config.json", text, True))
-    elif "config.json" not in reported_missing:
-        problems.append(Problem("config", "config.json", "missing (vLLM needs it)", False))
-    if not _has_tokenizer(names):
-        problems.append(Problem("tokenizer", None, "no tokenizer file (tokenizer.json, "
-                                "tokenizer.model, vocab.json, *.tiktoken, ...)"))
-    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
-        problems.append(Problem("weights", None, "no weight files (*.safetensors, *.bin)"))
 
-    for rel in names:
-        if not rel.endswith(".index.json"):
-            continue
-        index = _read_json(root / rel)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            problems.append(Problem("index", rel, "has no weight_map", True))
-            continue
-        base = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
-        shards: dict[str, list[str]] = {}
-        for tensor, shard in weight_map.items():
-            shards.setdefault(base + str(shard), []).append(str(tensor))
-        for shard, tensors in sorted(shards.items()):
-            if shard not in sizes:
-                if shard in reported_missing:
-                    continue
+def _index_checks(root: Path, rel: str, sizes: dict[str, int],
+                  tensors_by_file: dict[str, set[str]], problems: list[Problem],
+                  reported_missing: set[str | None], wanted: Callable[[str], bool]) -> None:
+    """Every shard an index file names is there and holds the tensors it puts there."""
+    index = _read_json(root / rel)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        problems.append(Problem("index", rel, "has no weight_map", True))
+        return
+    base = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+    shards: dict[str, list[str]] = {}
+    for tensor, shard in weight_map.items():
+        shards.setdefault(base + str(shard), []).append(str(tensor))
+    for shard, tensors in sorted(shards.items()):
+        if shard not in sizes:
+            if shard not in reported_missing and wanted(shard):
                 problems.append(Problem("index", shard, f"shard named by {rel} is missing",
                                         True))
-                continue
-            have = tensors_by_file.get(shard)
-            if have:
-                absent = [t for t in tensors if t not in have]
-                if absent:
-                    problems.append(Problem("index", shard, f"lacks {len(absent)} tensor(s) "
-                                            f"{rel} puts there (e.g. {absent[0]})", True))
+            continue
+        have = tensors_by_file.get(shard)
+        if have:
+            absent = [t for t in tensors if t not in have]
+            if absent:
+                problems.append(Problem("index", shard, f"lacks {len(absent)} tensor(s) "
+                                        f"{rel} puts there (e.g. {absent[0]})", True))
 
 
 def verify_model(

@@ -47,9 +47,23 @@ def is_ours(record: ServerRecord) -> psutil.Process | None:
         cmdline = proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    if record.command and cmdline[:1] and not any("vllm" in part for part in cmdline):
-        return None
-    return proc
+    return proc if command_matches(cmdline, record.command) else None
+
+
+def command_matches(cmdline: list[str], command: list[str]) -> bool:
+    """True when a process's command line is the command that was recorded for it.
+
+    The recorded arguments must end the command line exactly. Only the program may show
+    differently: a ``#!`` script runs as ``python SCRIPT ARGS``, and a wrapper that execs
+    the interpreter (``exec python "$@"``) replaces it; so before the arguments there is
+    one word, or two. vLLM renames its EngineCore and worker children (``VLLM::EngineCore``)
+    but not the API server, the process a record names.
+    """
+    if not command:
+        return False
+    args = command[1:]
+    head = len(cmdline) - len(args)
+    return head in (1, 2) and cmdline[head:] == args
 
 
 def supervisor_process(record: ServerRecord) -> psutil.Process | None:

@@ -8,14 +8,23 @@ that applies it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
-from cmw_vllm.vocab import NAME_RULE, Dtype, RestartPolicy, Task, is_valid_name, parse_int
+from cmw_vllm.vocab import (
+    NAME_RULE,
+    Convert,
+    Dtype,
+    RestartPolicy,
+    Runner,
+    Task,
+    is_valid_name,
+    parse_int,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -134,14 +143,21 @@ class ServerConfig(BaseModel):
         return f"http://{host}:{self.port}"
 
     def served_name(self) -> str:
-        """The model name clients put in requests."""
+        """The model name clients put in requests (the first name vLLM answers to)."""
         return self.served_model_name or self.model
+
+    def served_names(self) -> list[str]:
+        """Every name vLLM answers to: the user's ``--served-model-name``, else the model id
+        and the server's name (so ``"model": "qwen"`` works for ``start ... --name qwen``).
+        """
+        if self.served_model_name:
+            return [self.served_model_name]
+        return [self.model] if self.name == self.model else [self.model, self.name]
 
     def vllm_cli_args(self) -> list[str]:
         """The ``vllm serve`` flags for this config (the model and key are not included)."""
         args = ["--host", self.host, "--port", str(self.port)]
-        if self.served_model_name:
-            args += ["--served-model-name", self.served_model_name]
+        args += ["--served-model-name", *self.served_names()]
         if self.tensor_parallel_size != 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.gpu_memory_utilization is not None:
@@ -163,6 +179,39 @@ class ServerConfig(BaseModel):
         if self.task == Task.EMBED:
             return ["--runner", "pooling", "--convert", "embed"]
         return ["--runner", "pooling"]
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag X`` or ``flag=X`` in ``args``."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def implied_task(args: Sequence[str], current: str | None = None) -> Task | None:
+    """The task that vLLM flags passed through imply, or None when they imply none.
+
+    ``--convert embed`` / ``--convert classify`` name the task; ``--runner generate`` (or
+    ``draft``) means generate; ``--runner pooling`` alone keeps a pooling task already
+    chosen (embed, score, classify) and otherwise means embed, vLLM's usual pooling task.
+
+    Args:
+        args: The vLLM flags given after ``--``.
+        current: The task the registry entry or the environment chose, if any.
+    """
+    convert = _flag_value(args, "--convert")
+    if convert in (Convert.EMBED, Convert.CLASSIFY):
+        return Task(convert)
+    runner = _flag_value(args, "--runner")
+    if runner in (Runner.GENERATE, Runner.DRAFT):
+        return Task.GENERATE
+    if runner == Runner.POOLING:
+        return Task(current) if current in (Task.EMBED, Task.SCORE, Task.CLASSIFY) else Task.EMBED
+    return None
 
 
 def format_validation_error(exc: ValidationError, source: str | None = None) -> str:
@@ -221,7 +270,8 @@ def resolve_server_config(
             ``vllm_args`` given here are appended to the entry's.
 
     Returns:
-        The validated config.
+        The validated config. Without ``--task``, pass-through ``--runner``/``--convert``
+        flags decide the task (see :func:`implied_task`).
 
     Raises:
         ConfigError: A value is invalid; the message names the option.
@@ -240,6 +290,10 @@ def resolve_server_config(
         else:
             values[key] = value
     values["vllm_args"] = vllm_args
+    if (cli or {}).get("task") is None:
+        implied = implied_task((cli or {}).get("vllm_args") or [], values.get("task"))
+        if implied is not None:
+            values["task"] = implied
     if not values.get("name"):
         values["name"] = name_from_model(model)
     for key in ("port", "tensor_parallel_size", "max_model_len", "drain"):

@@ -32,6 +32,7 @@ from cmw_vllm.errors import (
 )
 from cmw_vllm.process_group import (
     IS_WINDOWS,
+    command_matches,
     describe_port_holder,
     group_members,
     is_ours,
@@ -58,8 +59,8 @@ from cmw_vllm.vocab import ALIVE_STATES, State, validate_name
 
 __all__ = [  # re-exported: callers find the server's processes and ports here too
     "ServerManager", "ServerStatus", "ServerRecord", "StartResult", "StopResult",
-    "describe_port_holder", "group_members", "launch_env", "log_path", "port_is_free",
-    "read_record", "record_names", "running_models",
+    "command_matches", "describe_port_holder", "group_members", "launch_env", "log_path",
+    "port_is_free", "read_record", "record_names", "running_models",
 ]
 
 if TYPE_CHECKING:
@@ -348,6 +349,7 @@ class ServerManager:
         on_progress: ProgressCallback | None = None,
         check_resources: bool = True,
         foreground: bool = False,
+        on_notice: Callable[[str], None] | None = None,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -362,9 +364,13 @@ class ServerManager:
             foreground: Launch vLLM as a child of this process, output to a pipe, and return
                 at once with ``result.process`` set; the caller supervises it
                 (:func:`cmw_vllm.supervisor.run_foreground`). A running server is a conflict.
+            on_notice: Called with a line the user should see before the wait (the memory
+                check was skipped, and why).
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
+            ModelUnavailableError: The model is neither on disk nor cached and the Hub
+                cannot be asked.
             ConflictError: The name runs another model, or the port is held by something else.
             EnvironmentProblem: vLLM missing, state dir not writable.
             ServerStartError: vLLM exited during start-up (message has the diagnosis).
@@ -392,8 +398,8 @@ class ServerManager:
                     from cmw_vllm.memory_check import preflight
 
                     check = preflight(config)
-                    logger.info("preflight for %s: %s %s", config.name, check.status,
-                                check.reason or "")
+                    if check.status == "skipped" and on_notice is not None:
+                        on_notice(f"memory check skipped: {check.reason}")
                 record, process = self._launch(config, foreground)
                 already = False
         result = StartResult(

@@ -65,7 +65,10 @@ class Dtype(_Word):
 
 
 # The dtypes ``start --dtype`` offers (the aliases stay valid in models files).
-CLI_DTYPES: tuple[str, ...] = (Dtype.AUTO, Dtype.FLOAT16, Dtype.BFLOAT16, Dtype.FLOAT32)
+# Plain strings: click.Choice shows and matches enum members by their NAME (AUTO, not auto).
+CLI_DTYPES: tuple[str, ...] = tuple(
+    d.value for d in (Dtype.AUTO, Dtype.FLOAT16, Dtype.BFLOAT16, Dtype.FLOAT32)
+)
 
 
 class State(_Word):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,6 +172,26 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
     result = CliRunner().invoke(cli, list(args))
     return result.exit_code, result.stdout, result.stderr
+
+
+def _default_sigint() -> None:
+    # bash starts background jobs with SIGINT ignored and children inherit that; Python then
+    # installs no KeyboardInterrupt handler. A child that a test signals must not depend on
+    # how the suite was started.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def spawn_cli(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    """Start ``cmw-vllm ARGS`` as a child with SIGINT at its default, for Ctrl-C tests.
+
+    Keyword arguments go to :class:`subprocess.Popen` (text mode is on).
+    """
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        [sys.executable, "-m", "cmw_vllm", *args], text=True, preexec_fn=_default_sigint,
+        **kwargs,
+    )
 
 
 def alive_pids(pids: list[int]) -> list[int]:

@@ -33,6 +33,7 @@ from cmw_vllm.errors import (
 )
 from cmw_vllm.hf_cache import filter_names, select_files
 from cmw_vllm.hf_cache import repo_dir as repo_cache_dir
+from tests.conftest import spawn_cli
 from tests.fake_hub import FakeHub, FakeRepo
 from tests.tiny_model import make_tiny_model
 
@@ -188,13 +189,32 @@ def test_exclude_leaves_files_out_and_verify_accepts_it(hub: FakeHub) -> None:
     assert CliRunner().invoke(cli, ["verify", REPO]).exit_code == EXIT_OK
 
 
-def test_include_replaces_default_selection(hub: FakeHub) -> None:
+def test_include_replaces_default_selection_and_verify_checks_only_that(hub: FakeHub,
+                                                                        tmp_path: Path) -> None:
     repo = hub.repos[REPO]
-    result = CliRunner().invoke(cli, ["download", REPO, "--include", "*.json"])
-    # Only JSON files: the download works, and verify says what vLLM would miss.
-    assert result.exit_code == EXIT_FAILURE, result.output
-    assert "no weight files" in result.output
+    runner = CliRunner()
+    result = runner.invoke(cli, ["download", REPO, "--include", "*.json"])
+    # Only JSON files, as asked: no "no weight files", no missing shards of the index.
+    assert result.exit_code == EXIT_OK, result.output
+    assert "Verify (fast): OK" in result.output
+    assert "only the files --include/--exclude chose" in result.output
     assert not list(snapshot_of(repo).glob("*.safetensors"))
+    assert (snapshot_of(repo) / "model.safetensors.index.json").is_file()
+    assert runner.invoke(cli, ["verify", REPO]).exit_code == EXIT_OK
+    local = tmp_path / "json-only"
+    result = runner.invoke(cli, ["download", REPO, "--include", "*.json", "--local-dir",
+                                 str(local)])
+    assert result.exit_code == EXIT_OK, result.output
+    assert runner.invoke(cli, ["verify", str(local)]).exit_code == EXIT_OK
+
+    # What was selected is still checked.
+    config = snapshot_of(repo) / "config.json"
+    target = config.resolve()
+    target.chmod(0o644)
+    target.write_text("{not json")
+    result = runner.invoke(cli, ["verify", REPO])
+    assert result.exit_code == EXIT_FAILURE, result.output
+    assert "config.json: does not parse as JSON" in result.output
 
 
 def test_local_dir_download_verify_and_repair(hub: FakeHub, tmp_path: Path) -> None:
@@ -403,8 +423,7 @@ def test_local_directory_is_not_downloaded(tmp_path: Path,
 def test_ctrl_c_leaves_cache_consistent_and_next_run_completes(hub: FakeHub) -> None:
     repo = hub.repos[REPO]
     hub.bytes_per_second = 100_000
-    proc = subprocess.Popen([sys.executable, "-m", "cmw_vllm", "download", REPO],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn_cli("download", REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     blobs = repo_cache_dir(REPO) / "blobs"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not list(blobs.glob("*.incomplete")):

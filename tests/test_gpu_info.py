@@ -350,3 +350,47 @@ def test_a_reused_group_id_is_not_the_servers(server_tree: SimpleNamespace) -> N
                              "create_time": t.record.create_time - 1000})
     assert gpu_info.owner_of(t.worker, [reused]) is None
     assert gpu_info.owner_of(t.worker, [t.record]) == "alpha"
+
+
+def test_leftovers_of_an_exited_server_show_their_gpu_memory(
+    monkeypatch: pytest.MonkeyPatch, fake_engine: Path, model_dir: Path
+) -> None:
+    """SIGKILL of the API server leaves its EngineCore holding GPU memory: `status` shows
+    the memory, `setup` names the leftover and `stop` ends it."""
+    from cmw_vllm.server_manager import group_members, read_record
+    from tests.conftest import alive_pids, free_port, run_cli, wait_for_state
+
+    code, _out, err = run_cli("start", str(model_dir), "--name", "left", "--port",
+                              str(free_port()))
+    assert code == 0, err
+    record = read_record("left")
+    assert record is not None
+    engines = [p.pid for p in group_members(record)
+               if p.cmdline()[:1] == ["VLLM::EngineCore"]]
+    assert len(engines) == 1
+    install(monkeypatch, make_fake_nvml([FakeGpu("NVIDIA H200", 140 * GiB, 7 * GiB,
+                                                 procs=[(engines[0], 6 * GiB)])]))
+    try:
+        data = json.loads(run_cli("status", "--json")[1])
+        assert data["servers"][0]["gpu_memory_bytes"] == 6 * GiB
+        setup = json.loads(run_cli("setup", "--json")[1])
+        assert engines[0] not in {o["pid"] for o in setup["orphans"]}  # a running server's
+
+        os.kill(record.pid, 9)
+        assert wait_for_state("left", "exited").state == "exited"
+        data = json.loads(run_cli("status", "--json")[1])["servers"][0]
+        assert (data["state"], data["gpu_memory_bytes"]) == ("exited", 6 * GiB)
+        assert data["orphan_pids"] == engines
+        human = run_cli("status")[1]
+        assert "6.0 GiB" in human
+
+        setup = json.loads(run_cli("setup", "--json")[1])
+        leftover = [o for o in setup["orphans"] if o["pid"] == engines[0]]
+        assert leftover == [{"pid": engines[0], "name": "VLLM::EngineCore",
+                             "gpu_memory": 6 * GiB, "gpus": [0], "server": "left"}]
+        check = next(c for c in setup["checks"] if c["name"] == "leftover vLLM processes")
+        assert check["status"] == "warn" and "exited server 'left'" in check["detail"]
+        assert "cmw-vllm stop left" in check["fix"]
+    finally:
+        assert run_cli("stop", "left")[0] == 0
+    assert not alive_pids(engines)

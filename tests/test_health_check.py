@@ -25,6 +25,7 @@ from cmw_vllm.errors import InferenceCheckError, ServerRequestError
 from cmw_vllm.inference_check import run_check
 from cmw_vllm.server_manager import ServerStatus
 from cmw_vllm.server_record import ServerRecord
+from cmw_vllm.vocab import State
 
 MODEL = "/models/tiny"
 
@@ -221,42 +222,17 @@ def record_for(name: str, url: str, pid: int = 4242) -> ServerRecord:
 # --------------------------------------------------------------------------- readiness
 
 
-def test_check_server_healthy_reports_models_and_version(standin: StandIn) -> None:
-    vllm_like(standin)
-    check = hc.check_server(standin.url, timeout=2.0)
-    assert check.live and check.ready
-    assert check.health_code == 200
-    assert check.model_names == [MODEL]
-    assert check.models[0].max_model_len == 512
-    assert check.version == "0.32.0"
-    assert check.error is None
-    assert check.to_json()["models"] == [{"id": MODEL, "max_model_len": 512, "root": MODEL}]
-
-
-def test_check_server_503_is_not_live(standin: StandIn) -> None:
+def test_probe_health_returns_the_status(standin: StandIn) -> None:
+    standin.routes[("GET", "/health")] = lambda h, b: send(h, 200)
+    assert hc.probe_health(standin.url, 2.0) == 200
     standin.routes[("GET", "/health")] = lambda h, b: send(h, 503)
-    check = hc.check_server(standin.url, timeout=2.0)
-    assert not check.live and not check.ready
-    assert check.health_code == 503
-    assert "503" in (check.error or "")
     assert hc.probe_health(standin.url, 2.0) == 503
-    # Nothing else was asked of a server whose engine is dead.
     assert [r["path"] for r in standin.requests] == ["/health", "/health"]
 
 
-def test_check_server_without_models_is_live_but_not_ready(standin: StandIn) -> None:
-    standin.routes[("GET", "/health")] = lambda h, b: send(h, 200)
-    standin.routes[("GET", "/v1/models")] = lambda h, b: send(h, 200, {"data": []})
-    check = hc.check_server(standin.url, timeout=2.0)
-    assert check.live and not check.ready
-    assert "no model" in (check.error or "")
-
-
-def test_refused_connection_is_reported_not_raised() -> None:
+def test_refused_connection_is_none_for_a_probe_and_an_error_for_a_get() -> None:
     url = free_port_url()
-    check = hc.check_server(url, timeout=1.0)
-    assert not check.live and check.health_code is None
-    assert "refused" in (check.error or "")
+    assert hc.probe_health(url, 1.0) is None
     with pytest.raises(ServerRequestError, match="refused"):
         hc.http_get(url, "/health", 1.0)
 
@@ -264,12 +240,75 @@ def test_refused_connection_is_reported_not_raised() -> None:
 def test_hanging_server_costs_one_timeout(make_hanging: Callable[[], Hanging]) -> None:
     hanging = make_hanging()
     begin = time.monotonic()
-    check = hc.check_server(hanging.url, timeout=0.5)
-    elapsed = time.monotonic() - begin
-    assert not check.live
-    assert "did not answer within 0.5s" in (check.error or "")
-    assert elapsed < 1.5
     assert hc.probe_health(hanging.url, 0.5) is None
+    assert time.monotonic() - begin < 1.5
+    with pytest.raises(ServerRequestError, match="did not answer within 0.5s"):
+        hc.http_get(hanging.url, "/health", 0.5)
+
+
+def test_probe_has_a_total_deadline_when_health_trickles(standin: StandIn) -> None:
+    def trickle(h: BaseHTTPRequestHandler, body: bytes) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "100")
+        h.end_headers()
+        for _ in range(40):  # one byte every 0.1 s: each read is quick, the whole is not
+            h.wfile.write(b"x")
+            h.wfile.flush()
+            time.sleep(0.1)
+
+    standin.routes[("GET", "/health")] = trickle
+    begin = time.monotonic()
+    assert hc.probe_health(standin.url, 0.6) is None
+    assert time.monotonic() - begin < 2.0
+
+
+class Closing:
+    """Answers every GET with ``body`` and closes the connection after the response.
+
+    As a proxy in front of vLLM often does: HTTP/1.0, or HTTP/1.1 with ``Connection:
+    close``. (Python 3.12.3+ closes the socket as soon as such a body is read.)
+    """
+
+    def __init__(self, body: bytes, http10: bool) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0" if http10 else "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                if not http10:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("http10", [True, False], ids=["http1.0", "connection-close"])
+def test_a_server_that_closes_after_each_response(http10: bool) -> None:
+    text = metrics_text() + "# padding\n" * 20000  # bigger than one read
+    server = Closing(text.encode(), http10)
+    try:
+        resp = hc.http_get(server.url, "/metrics", 2.0)
+        assert (resp.status, resp.body) == (200, text.encode())
+        assert hc.probe_health(server.url, 2.0) == 200
+        snap = hc.scrape_metrics(server.url, timeout=2.0, model_name=MODEL)
+        assert snap.requests_running == 3.0
+        load = hc.collect_load([record_for("proxied", server.url)], 2.0)["proxied"]
+        assert load.ok, load.error
+    finally:
+        server.close()
 
 
 def test_deadline_covers_a_body_that_trickles(standin: StandIn) -> None:
@@ -287,34 +326,6 @@ def test_deadline_covers_a_body_that_trickles(standin: StandIn) -> None:
     with pytest.raises(ServerRequestError, match="did not answer within 0.6s"):
         hc.http_get(standin.url, "/metrics", 0.6)
     assert time.monotonic() - begin < 2.0
-
-
-def test_api_key_is_sent_as_bearer_where_set(
-    standin: StandIn, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    vllm_like(standin)
-
-    def auth_of_last_models_request() -> str | None:
-        reqs = [r for r in standin.requests if r["path"] == "/v1/models"]
-        return reqs[-1]["headers"].get("Authorization")
-
-    hc.list_models(standin.url, timeout=2.0)
-    assert auth_of_last_models_request() is None
-    monkeypatch.setenv("VLLM_API_KEY", "s3cret")
-    hc.list_models(standin.url, timeout=2.0)
-    assert auth_of_last_models_request() == "Bearer s3cret"
-    hc.list_models(standin.url, timeout=2.0, api_key="other")
-    assert auth_of_last_models_request() == "Bearer other"
-    hc.list_models(standin.url, timeout=2.0, api_key="")
-    assert auth_of_last_models_request() is None
-
-
-def test_wrong_api_key_gives_a_hint(standin: StandIn) -> None:
-    standin.routes[("GET", "/v1/models")] = lambda h, b: send(h, 401, {"error": "Unauthorized"})
-    with pytest.raises(ServerRequestError) as info:
-        hc.list_models(standin.url, api_key="wrong", timeout=2.0)
-    assert info.value.status == 401
-    assert "VLLM_API_KEY" in (info.value.hint or "")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -592,6 +603,55 @@ def test_classify_test_reads_the_label(standin: StandIn) -> None:
     result = run_check(standin.url, MODEL, "classify", api_key="", timeout=5.0)
     assert result.label == "positive" and result.num_classes == 2
     assert json.loads(standin.requests[-1]["body"])["input"] == [result.inputs[0]]
+
+
+HTML_501 = """<!DOCTYPE html>
+<html>
+<head><title>501 Not Implemented</title></head>
+<body>
+<h1>Not Implemented</h1>
+<p>The proxy does not implement POST for this path.</p>
+</body>
+</html>
+"""
+
+
+def test_an_html_error_page_is_shown_as_one_line(
+    standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from cmw_vllm.cli import cli
+    from cmw_vllm.server_manager import ServerManager
+
+    standin.routes[("POST", "/v1/chat/completions")] = lambda h, b: send(
+        h, 501, HTML_501, "text/html")
+    with pytest.raises(InferenceCheckError) as info:
+        run_check(standin.url, MODEL, "generate", api_key="", timeout=5.0)
+    assert info.value.message.endswith("answered HTTP 501: 501 Not Implemented")
+    assert info.value.body == HTML_501
+
+    status = ServerStatus(name="proxied", state=State.HEALTHY,
+                          record=record_for("proxied", standin.url))
+    monkeypatch.setattr(ServerManager, "get_status", lambda self, name: status)
+    result = CliRunner().invoke(cli, ["test", "proxied"])
+    assert result.exit_code == 1
+    assert "DOCTYPE" not in result.stderr and "<p>" not in result.stderr
+    assert "Error: " in result.stderr and "HTTP 501: 501 Not Implemented" in result.stderr
+    verbose = CliRunner().invoke(cli, ["-v", "test", "proxied"])
+    assert verbose.exit_code == 1
+    assert "The proxy does not implement POST for this path." in verbose.stderr
+
+
+def test_error_text_is_the_json_message_or_the_first_line(standin: StandIn) -> None:
+    standin.routes[("POST", "/v1/embeddings")] = lambda h, b: send(
+        h, 400, {"error": {"message": "input is\ntoo long", "type": "BadRequestError"}})
+    with pytest.raises(InferenceCheckError, match=r"HTTP 400: input is too long$"):
+        run_check(standin.url, MODEL, "embed", api_key="", timeout=5.0)
+    standin.routes[("POST", "/v1/embeddings")] = lambda h, b: send(
+        h, 502, "\nupstream failed\nsecond line\n", "text/plain")
+    with pytest.raises(InferenceCheckError, match=r"HTTP 502: upstream failed$"):
+        run_check(standin.url, MODEL, "embed", api_key="", timeout=5.0)
 
 
 def test_run_and_render_test_prints_json_and_raises_on_failure(

@@ -71,11 +71,9 @@ def test_chat_model_passes_the_test_with_the_servers_own_counts(
     with running_server(tiny_model, "tiny") as record:
         model = record.served_model_name
 
-        check = hc.check_server(record.base_url, timeout=5.0)
-        assert check.ready, check.error
-        assert check.model_names == [model]
-        assert check.models[0].max_model_len == 512
-        assert check.version
+        assert hc.probe_health(record.base_url, 5.0) == 200
+        served = json.loads(hc.http_get(record.base_url, "/v1/models", 5.0).body)["data"]
+        assert [(m["id"], m["max_model_len"]) for m in served] == [(model, 512)]
 
         before = hc.scrape_metrics(record.base_url, timeout=5.0, model_name=model)
         statuses = ServerManager().list_status()
@@ -128,8 +126,10 @@ def test_embedding_model_passes_the_embed_test(
 ) -> None:
     monkeypatch.setenv("VLLM_API_KEY", "real-test-key")
     hidden = json.loads((tiny_model / "config.json").read_text())["hidden_size"]
-    with running_server(tiny_model, "tiny-embed", task="embed",
+    # No task given: it is inferred from the pass-through flags.
+    with running_server(tiny_model, "tiny-embed",
                         vllm_args=["--runner", "pooling", "--convert", "embed"]) as record:
+        assert record.task == "embed"
         code, out, err = invoke("test", "tiny-embed", "--json")
         assert code == 0, (out, err)
         report = json.loads(out)

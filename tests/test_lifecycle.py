@@ -15,9 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cmw_vllm.errors import EXIT_INTERRUPTED
 from cmw_vllm.server_manager import ServerManager, group_members
 from cmw_vllm.server_record import read_record
-from tests.conftest import alive_pids, free_port, wait_for_state
+from tests.conftest import alive_pids, free_port, spawn_cli, wait_for_state
 from tests.conftest import run_cli as run
 
 
@@ -39,7 +40,11 @@ def test_start_status_stop(fake_engine: Path, model_dir: Path, isolated_home: Pa
     assert record is not None
     pid_file = isolated_home / "servers" / "t1.pid"
     assert pid_file.read_text().strip() == str(record.pid)
-    assert "vllm" in " ".join(psutil.Process(record.pid).cmdline())
+    cmdline = psutil.Process(record.pid).cmdline()
+    assert "vllm" in " ".join(cmdline)
+    # It answers to its model id and to its cmw-vllm name.
+    flag = cmdline.index("--served-model-name")
+    assert cmdline[flag + 1:flag + 3] == [str(model_dir), "t1"]
     # State dir private, files private.
     assert stat.S_IMODE(isolated_home.stat().st_mode) == 0o700
     for f in (pid_file, isolated_home / "servers" / "t1.json", Path(record.log_path)):
@@ -123,6 +128,15 @@ def test_unknown_vllm_flag_fails_fast(fake_engine: Path, model_dir: Path) -> Non
                        str(free_port()), "--", "--no-such-flag")
     assert code == 1
     assert "vLLM does not know the flag(s) --no-such-flag" in err
+
+
+def test_task_is_inferred_from_pass_through_flags(fake_engine: Path, model_dir: Path) -> None:
+    code, _, err = run("start", str(model_dir), "--name", "emb", "--port", str(free_port()),
+                       "--", "--runner", "pooling", "--convert", "embed")
+    assert code == 0, err
+    record = read_record("emb")
+    assert record is not None and record.task == "embed"
+    assert record.command.count("--runner") == 1  # the flags are not added a second time
 
 
 def test_port_held_by_another_program(fake_engine: Path, model_dir: Path) -> None:
@@ -229,6 +243,42 @@ def test_stale_record_never_signals_the_other_process(isolated_home: Path,
         bystander.wait()
 
 
+def test_a_process_is_ours_only_when_its_command_line_is_the_recorded_one(
+    isolated_home: Path,
+) -> None:
+    # Same pid and create time as the record, and "vllm" in its arguments: but not the
+    # command the record names, so it is not ours (before, any argument with "vllm" was).
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                  "vllm.entrypoints.openai.api_server"])
+    try:
+        created = psutil.Process(bystander.pid).create_time()
+        _fake_record(isolated_home, "other", bystander.pid, created, bystander.pid)
+        code, out, _ = run("status", "other")
+        assert code == 1 and "stale" in out
+        assert run("stop", "other", "--timeout", "1")[0] == 0
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_command_matches_the_record_across_launch_styles() -> None:
+    from cmw_vllm.server_manager import command_matches
+
+    args = ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--port", "8000"]
+    assert command_matches(["/venv/bin/python", *args], ["/venv/bin/python", *args])
+    # A wrapper script that execs the interpreter, and a #! script run by its interpreter.
+    assert command_matches(["/usr/bin/python3", *args], ["/tmp/engine-python", *args])
+    assert command_matches(["/venv/bin/python", "/venv/bin/vllm", "serve", "/m"],
+                           ["/venv/bin/vllm", "serve", "/m"])
+    assert not command_matches(["/venv/bin/python", *args[:-1], "8001"],
+                               ["/venv/bin/python", *args])
+    assert not command_matches(["VLLM::EngineCore"], ["/venv/bin/python", *args])
+    assert not command_matches(["sh", "-c", "x", "/venv/bin/python", *args],
+                               ["/venv/bin/python", *args])
+    assert not command_matches([], ["/venv/bin/python", *args])
+
+
 @pytest.mark.parametrize(
     "content",
     ["", "{trunc", "[1, 2]", json.dumps({"format": 0, "name": "bad"}), "\xff\xfe"],
@@ -275,11 +325,8 @@ def test_restart_keeps_settings_and_previous_log(fake_engine: Path, model_dir: P
 def test_ctrl_c_while_waiting_leaves_server_running(fake_engine: Path, model_dir: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_VLLM_DELAY", "6")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cmw_vllm", "start", str(model_dir), "--name", "cc", "--port",
-         str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = spawn_cli("start", str(model_dir), "--name", "cc", "--port", str(free_port()),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while read_record_safe("cc") is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -381,12 +428,13 @@ def test_status_shows_load_of_healthy_servers(fake_engine: Path, model_dir: Path
 
 def test_status_watch_refreshes_until_ctrl_c(fake_engine: Path, model_dir: Path) -> None:
     assert run("start", str(model_dir), "--name", "w", "--port", str(free_port()))[0] == 0
-    proc = subprocess.Popen([sys.executable, "-m", "cmw_vllm", "status", "--watch",
-                             "--interval", "0.3"], stdout=subprocess.PIPE, text=True)
+    proc = spawn_cli("status", "--watch", "--interval", "0.3", stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
     time.sleep(2.5)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "Interrupted." in err and "Traceback" not in err
     assert out.count("NAME") >= 2  # redrawn at least twice
     code, _, err = run("status", "--watch", "--json")
     assert code == 2
@@ -417,13 +465,29 @@ def test_logs_follow_prints_new_lines_until_ctrl_c(fake_engine: Path, model_dir:
     assert run("start", str(model_dir), "--name", "lf", "--port", str(free_port()))[0] == 0
     record = read_record("lf")
     assert record is not None
-    proc = subprocess.Popen([sys.executable, "-m", "cmw_vllm", "logs", "lf", "-n", "1", "-f"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = spawn_cli("logs", "lf", "-n", "1", "-f", stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
     time.sleep(1.5)
     with open(record.log_path, "a") as fh:
         fh.write("a line written after following began\n")
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "Interrupted." in err and "Traceback" not in err
     assert "a line written after following began" in out
+
+
+def test_logs_previous_before_any_restart_says_there_was_no_earlier_run(
+    fake_engine: Path, model_dir: Path
+) -> None:
+    assert run("start", str(model_dir), "--name", "prev", "--port", str(free_port()))[0] == 0
+    code, _, err = run("logs", "prev", "--previous")
+    assert code == 9
+    assert "no earlier run" in err and "no log" not in err
+    assert "cmw-vllm logs prev" in err  # where the current run's log is
+    assert run("restart", "prev")[0] == 0
+    code, out, _ = run("logs", "prev", "--previous")
+    assert code == 0 and "Starting to load model" in out
+    code, _, err = run("logs", "nosuch", "--previous")
+    assert code == 9 and "no log for server 'nosuch'" in err

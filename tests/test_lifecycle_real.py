@@ -43,6 +43,15 @@ def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
     body = reply.json()
     assert body["usage"]["completion_tokens"] > 0
     assert isinstance(body["choices"][0]["message"]["content"], str)
+    # The server answers to its cmw-vllm name too (--served-model-name MODEL NAME).
+    by_name = requests.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert by_name.status_code == 200, by_name.text
+    served = {m["id"] for m in requests.get(f"{url}/v1/models", timeout=10).json()["data"]}
+    assert served == {str(tiny_model), "tiny"}
 
     # vLLM's own process tree: API server -> VLLM::EngineCore -> VLLM::Worker.
     first = read_record("tiny")

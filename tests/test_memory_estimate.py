@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,15 +15,10 @@ from cmw_vllm import memory_check as mc
 from cmw_vllm import memory_estimate as me
 from cmw_vllm import model_spec as ms
 from cmw_vllm.errors import (
-    ConfigError,
-    EnvironmentProblem,
-    InsufficientResourcesError,
-    NotFoundError,
     UsageError,
 )
 from cmw_vllm.gpu_info import GpuInfo
 from cmw_vllm.server_config import ServerConfig
-from tests.fake_hub import FakeHub
 from tests.tiny_model import make_tiny_model
 
 GiB = 1024**3
@@ -276,137 +270,6 @@ def test_model_from_hub_metadata_only(monkeypatch: pytest.MonkeyPatch, tiny_mode
     assert me.weight_bytes(spec) == (params["BF16"] + params["F32"]) * 2
 
 
-@pytest.fixture
-def hub(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    """A fake Hub (HF_ENDPOINT) serving the tiny model publicly and gated."""
-    with FakeHub() as server:
-        server.add_repo("org/public", tiny_model)
-        server.add_repo("org/gated", tiny_model, gated=True)
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        yield server
-
-
-def test_hub_fetch_reads_only_small_files(hub: FakeHub, tiny_model: Path) -> None:
-    spec = ms.load_model_spec("org/public")
-    assert spec.source == "hub"
-    fetched = {r.split("/resolve/main/")[-1] for r in hub.requests if "/resolve/" in r}
-    assert fetched <= {"config.json", "tokenizer_config.json"}
-    assert "config.json" in fetched
-    local = ms.load_model_spec(str(tiny_model))
-    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (
-        local.num_layers, local.num_kv_heads, local.head_dim)
-    # Without headers the file size stands in: within the header's few KiB.
-    assert 0 <= me.weight_bytes(spec) - me.weight_bytes(local) < 64 * 1024
-    result = mc.preflight(config_for("org/public"), gpus=[fake_gpu()])
-    assert result.ok
-
-
-def test_hub_missing_gated_or_down(hub: FakeHub) -> None:
-    with pytest.raises(NotFoundError):
-        ms.load_model_spec("org/absent")
-    with pytest.raises(EnvironmentProblem, match="gated"):
-        ms.load_model_spec("org/gated")
-    assert mc.preflight(config_for("org/gated"), gpus=[fake_gpu()]).status == "unknown"
-    hub.fail_status = 503
-    with pytest.raises(EnvironmentProblem):
-        ms.load_model_spec("org/public")
-    result = mc.preflight(config_for("org/public"), gpus=[fake_gpu()])
-    assert result.status == "unknown" and not result.ok
-    assert "org/public" in (result.reason or "")
-
-
-def test_offline_and_not_cached_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = mc.preflight(config_for("org/elsewhere"), gpus=[])
-    assert result.status == "unknown"
-
-
-# --------------------------------------------------------------------------- preflight
-
-
-def test_preflight_ok_on_an_empty_gpu(tiny_model: Path) -> None:
-    result = mc.preflight(config_for(tiny_model), gpus=[fake_gpu()])
-    assert result.ok
-    assert result.device == "gpu"
-    assert result.estimate is not None and result.estimate.fits
-
-
-def test_preflight_refuses_a_busy_gpu_and_the_hint_fits(tiny_model: Path) -> None:
-    busy = [fake_gpu(total_gib=80, free_gib=10)]
-    with pytest.raises(InsufficientResourcesError) as err:
-        mc.preflight(config_for(tiny_model), gpus=busy)
-    assert "free" in err.value.message
-    match = __import__("re").search(r"--gpu-memory-utilization ([\d.]+)", err.value.hint or "")
-    assert match, err.value.hint
-    fixed = mc.preflight(config_for(tiny_model, gpu_memory_utilization=float(match.group(1))),
-                         gpus=busy)
-    assert fixed.ok
-
-
-def test_preflight_refuses_too_long_context_and_suggests_the_longest(tmp_path: Path) -> None:
-    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
-    gpus = [fake_gpu(total_gib=24)]
-    with pytest.raises(InsufficientResourcesError) as err:
-        mc.preflight(config_for(model), gpus=gpus)
-    assert "max_model_len 131072" in err.value.message
-    match = __import__("re").search(r"--max-model-len (\d+)", err.value.hint or "")
-    assert match, err.value.hint
-    longest = int(match.group(1))
-    assert mc.preflight(config_for(model, max_model_len=longest), gpus=gpus).ok
-    with pytest.raises(InsufficientResourcesError):
-        mc.preflight(config_for(model, max_model_len=longest + 1), gpus=gpus)
-
-
-def test_preflight_kv_cache_dtype_flag_is_honoured(tmp_path: Path) -> None:
-    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
-    gpus = [fake_gpu(total_gib=48)]
-    auto = mc.preflight(config_for(model, max_model_len=8192), gpus=gpus).estimate
-    fp8 = mc.preflight(config_for(model, max_model_len=8192,
-                                  vllm_args=["--kv-cache-dtype", "fp8"]), gpus=gpus).estimate
-    assert auto is not None and fp8 is not None
-    assert fp8.kv_bytes_per_token * 2 == auto.kv_bytes_per_token
-    assert fp8.kv_cache_tokens > auto.kv_cache_tokens
-
-
-def test_preflight_tensor_parallel_needs_enough_gpus(tmp_path: Path) -> None:
-    model = write_big_model(tmp_path / "llama8b", LLAMA8B)
-    with pytest.raises(InsufficientResourcesError, match="needs 2 GPUs"):
-        mc.preflight(config_for(model, tensor_parallel_size=2, max_model_len=4096),
-                     gpus=[fake_gpu()])
-    two = mc.preflight(config_for(model, tensor_parallel_size=2, max_model_len=4096),
-                       gpus=[fake_gpu(0), fake_gpu(1)])
-    assert two.estimate is not None
-    assert two.estimate.weight_bytes * 2 >= two.estimate.weight_bytes_total
-
-
-def test_preflight_uses_the_selected_gpu(tiny_model: Path) -> None:
-    gpus = [fake_gpu(0), fake_gpu(1, free_gib=1)]
-    assert mc.preflight(config_for(tiny_model, gpus="0"), gpus=gpus).ok
-    with pytest.raises(InsufficientResourcesError, match="GPU 1"):
-        mc.preflight(config_for(tiny_model, gpus="1"), gpus=gpus)
-    with pytest.raises(InsufficientResourcesError, match="GPU 1"):
-        mc.preflight(config_for(tiny_model), gpus=gpus,
-                     environ={"CUDA_VISIBLE_DEVICES": "1"})
-    with pytest.raises(ConfigError, match="does not exist"):
-        mc.preflight(config_for(tiny_model, gpus="5"), gpus=gpus)
-
-
-def test_preflight_cpu_checks_kv_space_against_ram(tiny_model: Path) -> None:
-    ok = mc.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": "1"}), gpus=[])
-    assert ok.ok and ok.device == "cpu"
-    assert ok.estimate is not None and ok.estimate.kv_space == GiB
-    import psutil
-
-    too_much = psutil.virtual_memory().total // GiB + 1
-    with pytest.raises(InsufficientResourcesError, match="RAM") as err:
-        mc.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": str(too_much)}),
-                     gpus=[])
-    assert "VLLM_CPU_KVCACHE_SPACE" in (err.value.hint or "")
-    with pytest.raises(ConfigError, match="whole number"):
-        mc.preflight(config_for(tiny_model, env={"VLLM_CPU_KVCACHE_SPACE": "1.5"}), gpus=[])
-
-
 def test_cpu_default_follows_vllm_memory_fraction(tiny_model: Path) -> None:
     spec = ms.load_model_spec(str(tiny_model))
     total = 64 * GiB
@@ -420,30 +283,6 @@ def test_cpu_default_follows_vllm_memory_fraction(tiny_model: Path) -> None:
     assert not refused.fits and not refused.free_memory_ok
     lowered = me.estimate(spec, me.EstimateSettings(gpu_memory_utilization=0.4), tight)
     assert lowered.fits
-
-
-def test_unreadable_config_is_a_usage_error(tmp_path: Path) -> None:
-    (tmp_path / "odd").mkdir()
-    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "mystery"}))
-    with pytest.raises(UsageError, match="cannot estimate"):
-        ms.load_model_spec(str(tmp_path / "odd"))
-    result = mc.preflight(config_for(tmp_path / "odd"), gpus=[fake_gpu()])
-    assert result.status == "unknown"
-
-
-def test_preflight_cpu_default_asks_for_a_share_of_node_ram(tiny_model: Path) -> None:
-    total, available = mc.cpu_memory()
-    assert 0 < available < total
-    # Asking for all of RAM always exceeds what is available, as vLLM's CPU worker finds.
-    with pytest.raises(InsufficientResourcesError, match="RAM") as err:
-        mc.preflight(config_for(tiny_model, gpu_memory_utilization=1.0), gpus=[], environ={})
-    assert "--gpu-memory-utilization" in (err.value.hint or "")
-    if available < 6 * GiB:
-        pytest.skip("too little free RAM here to check the passing side")
-    half = round(available / total / 2, 2)
-    ok = mc.preflight(config_for(tiny_model, gpu_memory_utilization=half), gpus=[], environ={})
-    assert ok.ok and ok.estimate is not None
-    assert ok.estimate.kv_space_source.startswith(f"{half:g} x RAM")
 
 
 def test_settings_vllm_refuses_do_not_fit(tmp_path: Path) -> None:

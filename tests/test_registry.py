@@ -570,6 +570,19 @@ def test_models_file_entry_with_a_local_path(tmp_path: Path) -> None:
     assert is_downloaded("./weights") and not is_downloaded("./missing")
 
 
+def test_served_names_default_to_model_and_name_unless_set() -> None:
+    config = resolve_server_config("org/m", cli={"name": "small"})
+    args = config.vllm_cli_args()
+    at = args.index("--served-model-name")
+    assert args[at + 1:at + 3] == ["org/m", "small"]
+    assert config.served_name() == "org/m"
+    own = resolve_server_config("org/m", cli={"name": "small", "served_model_name": "mine"})
+    args = own.vllm_cli_args()
+    at = args.index("--served-model-name")
+    assert args[at + 1] == "mine" and "small" not in args
+    assert own.served_names() == ["mine"]
+
+
 def test_builtin_registry_is_read_on_first_use_only() -> None:
     code = (
         "import sys, cmw_vllm.model_registry as m; before = 'tomllib' in sys.modules; "

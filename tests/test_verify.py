@@ -211,6 +211,12 @@ def test_plain_directory_without_metadata(local_copy: Path) -> None:
     assert report["source"] == "local"
     assert report["files_hashed"] == 0
     assert report["files_without_hash"] == report["files_checked"]
+    result = CliRunner().invoke(cli, ["verify", str(local_copy), "--full"])
+    assert result.exit_code == EXIT_OK, result.output
+    assert "Verify (full): OK (fast checks only)" in result.output
+    assert "Nothing could be hashed: a local folder has no Hub records." in result.output
+    result = CliRunner().invoke(cli, ["verify", str(local_copy)])
+    assert "Nothing could be hashed" not in result.output
 
 
 def test_index_naming_a_missing_shard(local_copy: Path) -> None:

@@ -36,12 +36,14 @@ def main() -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--served-model-name")
+    parser.add_argument("--served-model-name", nargs="+")
     parser.add_argument("--dtype")
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--tensor-parallel-size", type=int)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--shutdown-timeout", type=int, default=0)
+    parser.add_argument("--runner", choices=["auto", "draft", "generate", "pooling"])
+    parser.add_argument("--convert", choices=["auto", "classify", "embed", "none"])
     args = parser.parse_args()
     mode = os.environ.get("FAKE_VLLM_MODE", "ok")
     delay = float(os.environ.get("FAKE_VLLM_DELAY", "0.5"))
@@ -67,7 +69,8 @@ def main() -> None:
         sys.exit(1)
     time.sleep(delay / 2)
     log("CPU KV cache size: 2,097,152 tokens, Maximum concurrency for 512 tokens: 4096.00x")
-    served = args.served_model_name or args.model
+    served_names = args.served_model_name or [args.model]
+    served = served_names[0]
     counter = [0]  # completions served, for the token counters in /metrics
     in_flight = [0]
     draining = threading.Event()
@@ -91,7 +94,8 @@ def main() -> None:
             if self.path == "/health":
                 self._send(200)
             elif self.path == "/v1/models":
-                self._send(200, {"data": [{"id": served, "max_model_len": args.max_model_len}]})
+                self._send(200, {"data": [{"id": n, "max_model_len": args.max_model_len}
+                                          for n in served_names]})
             elif self.path == "/metrics":
                 label = f'{{model_name="{served}"}}'
                 text = (
