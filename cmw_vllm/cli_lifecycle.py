@@ -744,10 +744,12 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
 
     \b
     JSON: {"servers": [{name, state, model, served_model_name, task, pid, host, port, url,
-           uptime_s, started_at, returncode, orphan_pids, log, error, gpu_memory_bytes,
-           load}]}; load is null or {ok, error, requests_running, requests_waiting,
-           kv_cache_usage, prompt_tokens_total, generation_tokens_total,
-           prompt_tokens_per_s, generation_tokens_per_s, rate_interval_s}.
+           uptime_s, started_at, returncode, orphan_pids, log, error, restart_policy,
+           restarts, last_exit_code, last_exit_at, next_restart_at, drain_left_s, enabled,
+           log_tail, gpu_memory_bytes, load}]}; load is null or {ok, error,
+           requests_running, requests_waiting, kv_cache_usage, prompt_tokens_total,
+           generation_tokens_total, prompt_tokens_per_s, generation_tokens_per_s,
+           rate_interval_s}.
 
     \b
     Examples:

@@ -71,9 +71,19 @@ def supervisor_process(record: ServerRecord) -> psutil.Process | None:
 
     None as well when the supervisor is this very process (a foreground server).
     """
+    import psutil
+
     if record.supervisor_pid == os.getpid():
         return None
-    return process(record.supervisor_pid, record.supervisor_create_time)
+    proc = process(record.supervisor_pid, record.supervisor_create_time)
+    if proc is None:
+        return None
+    try:
+        cmdline = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    # `python -m cmw_vllm.supervisor ...`, or `cmw-vllm start ... --foreground`.
+    return proc if any("cmw_vllm" in part or "cmw-vllm" in part for part in cmdline) else None
 
 
 def group_members(record: ServerRecord) -> list[psutil.Process]:

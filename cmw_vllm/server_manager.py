@@ -306,10 +306,10 @@ class ServerManager:
                 uptime=time.time() - record.started_at,
             )
         status = ServerStatus(name=name, state=State.EXITED, record=record, pid=record.pid)
-        exit_info = read_exit(name)
-        if exit_info is not None and exit_info.get("pid") == record.pid:
-            status.returncode = exit_info.get("returncode")
         supervised = record.failed_at is None and supervisor_process(record) is not None
+        exit_info = self._exit_info(record, wait=supervised)
+        if exit_info is not None:
+            status.returncode = exit_info.get("returncode")
         if supervised and record.stop_requested_at is not None:
             status.state = State.DRAINING  # vLLM is gone; its supervisor finishes the stop
             return status
@@ -321,7 +321,7 @@ class ServerManager:
         if record.failed_at is not None:
             status.state = State.FAILED
             status.returncode = record.last_exit_code
-        elif status.returncode is None and self._pid_alive(record.pid):
+        elif status.returncode is None and not supervised and self._pid_alive(record.pid):
             status.state = State.STALE
             status.error = f"pid {record.pid} now belongs to another process"
         from cmw_vllm.vllm_engine import diagnose, tail_lines
@@ -330,6 +330,22 @@ class ServerManager:
             status.log_tail = tail_lines(Path(record.log_path), 10)
             status.error = diagnose("\n".join(tail_lines(Path(record.log_path), 200)))
         return status
+
+    @staticmethod
+    def _exit_info(record: ServerRecord, wait: bool) -> dict[str, Any] | None:
+        """The supervisor's exit record of this run; with ``wait``, give it a moment.
+
+        The supervisor writes it right after it reaps vLLM: a status taken in between must
+        not read the exit as "unknown".
+        """
+        deadline = time.monotonic() + (0.5 if wait else 0.0)
+        while True:
+            info = read_exit(record.name)
+            if info is not None and info.get("pid") == record.pid:
+                return info
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
     @staticmethod
     def _pid_alive(pid: int) -> bool:

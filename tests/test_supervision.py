@@ -133,7 +133,7 @@ def test_stop_now_aborts_at_once(fake_engine: Path, model_dir: Path,
     took = time.monotonic() - begin
     asker.join(10)
     assert code == 0, err
-    assert json.loads(out)[0]["forced"] is True
+    assert json.loads(out)["servers"][0]["forced"] is True
     assert took < 3
     assert "error" in outcome  # the request was cut
     assert not alive_pids(everything)
