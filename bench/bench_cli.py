@@ -74,7 +74,7 @@ def bench_hung(servers: int, hung: int, env: dict[str, str], tmp: Path) -> None:
             mode = "hang" if i < hung else "ok"
             subprocess.run(
                 cli_cmd("start", str(model), "--name", f"s{i:02d}", "--port", str(18400 + i),
-                        "--no-wait", "--force"),
+                        "--no-wait", "--force", "--auto-port"),  # other runs may hold ports
                 env={**base_env, "FAKE_VLLM_MODE": mode}, capture_output=True, check=True,
             )
         time.sleep(3)  # let them all get to "serving" (or hanging)

@@ -116,8 +116,10 @@ def cmw_start(env: dict[str, str], model: Path, name: str, port: int,
 
 def manual_start(env: dict[str, str], python: str, model: Path, port: int) -> float:
     """Launch the same vLLM command by hand, poll every 100 ms, return seconds to healthy."""
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512"]
+    from cmw_vllm.vllm_engine import build_command
+
+    cmd = build_command(python, str(model),
+                        ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512"])
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -90,7 +90,7 @@ class CmwGroup(click.Group):
                 click.echo("---", err=True)
             log_tail = getattr(exc, "log_tail", "")
             if log_tail:
-                click.echo("--- last lines of the log ---", err=True)
+                click.echo("--- from the log ---", err=True)
                 click.echo(log_tail, err=True)
                 click.echo("---", err=True)
             click.echo(f"Error: {exc.message}", err=True)

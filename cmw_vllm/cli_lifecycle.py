@@ -84,7 +84,7 @@ class _Progress:
             self.status = None
 
 
-def _example_request(record: ServerRecord, indent: str) -> str:
+def _example_request(record: ServerRecord, indent: str, api_key: bool) -> str:
     """A curl command for the server's task, one argument per line (copy-pasteable).
 
     The JSON body is split after each top-level member, so no line runs much past 80
@@ -106,7 +106,7 @@ def _example_request(record: ServerRecord, indent: str) -> str:
                 "max_tokens": 32}
     more = indent + "  "
     lines = [f"curl {record.base_url}{path}", f"{more}-H 'Content-Type: application/json'"]
-    if os.environ.get("VLLM_API_KEY"):
+    if api_key:
         lines.append(f'{more}-H "Authorization: Bearer $VLLM_API_KEY"')
     members = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in body.items()]
     data = f",\n{more}     ".join(members).replace("'", "'\\''")  # inside '...'
@@ -114,8 +114,8 @@ def _example_request(record: ServerRecord, indent: str) -> str:
     return " \\\n".join(lines)
 
 
-def _warn_exposed(host: str) -> None:
-    if host not in LOOPBACK and not os.environ.get("VLLM_API_KEY"):
+def _warn_exposed(host: str, api_key: bool) -> None:
+    if host not in LOOPBACK and not api_key:
         echo_err(
             f"Warning: binding to {host} without an API key: anyone who can reach this "
             "machine can use the server (set VLLM_API_KEY)."
@@ -160,7 +160,7 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
         click.echo(f"  Check:    cmw-vllm status {result.name}")
     click.echo(f"  Endpoint: {record.base_url}/v1")
     if result.ready:
-        click.echo(f"  Try:      {_example_request(record, ' ' * 12)}")
+        click.echo(f"  Try:      {_example_request(record, ' ' * 12, result.api_key)}")
 
 
 SECRET_VARS = {"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
@@ -353,6 +353,7 @@ def start(
       cmw-vllm start qwen --foreground
     """
     from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.settings import api_key
 
     options = {
         "name": name,
@@ -375,7 +376,11 @@ def start(
         config = load_definition(target, options, vllm_args)
     else:
         config = _build_config(target, options, vllm_args)
-    _warn_exposed(config.host)
+    # What the user asked for explicitly: a running server with other values is an error.
+    requested = {k for k, v in options.items() if v is not None and k != "name"}
+    if vllm_args:
+        requested.add("vllm_args")
+    _warn_exposed(config.host, bool(api_key()))
     manager = ServerManager()
     if foreground:
         if no_wait or run_test or as_json:
@@ -385,7 +390,7 @@ def start(
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
                              on_progress=on_progress, check_resources=not force,
-                             on_notice=on_progress.note)
+                             on_notice=on_progress.note, requested=requested)
 
     if run_test and no_wait:
         raise UsageError("--test needs the server ready: drop --no-wait")
@@ -433,10 +438,12 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
     SIGTERM goes to the API server, which takes no new requests and lets those in flight
     finish for up to the drain; whatever is left after the drain plus --timeout gets
     SIGKILL. `status` says `draining` meanwhile. Stopping a server that is not running
-    says so and exits 0.
+    says so and exits 0; a name that is neither a server nor a registry entry exits 3 with
+    the closest names.
 
     \b
-    JSON: {"servers": [{name, was_running, stale, forced, killed_pids, duration_s}]}
+    JSON: {"servers": [{name, was_running, stale, invalid, forced, killed_pids,
+          duration_s}]}; invalid: why an unreadable record was removed, else null
 
     \b
     Examples:
@@ -463,6 +470,7 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
                 "name": r.name,
                 "was_running": r.was_running,
                 "stale": r.stale,
+                "invalid": r.invalid,
                 "forced": r.forced,
                 "killed_pids": r.killed_pids,
                 "duration_s": round(r.duration_s, 2),
@@ -476,6 +484,8 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
         if r.was_running:
             how = "forced with SIGKILL" if r.forced else "graceful"
             click.echo(f"Stopped {r.name!r} ({how}, {r.duration_s:.1f}s).")
+        elif r.invalid:
+            click.echo(f"Server {r.name!r} had an unreadable record ({r.invalid}); removed it.")
         elif r.stale:
             click.echo(f"Server {r.name!r} was not running; removed its stale record.")
         elif r.killed_pids:
@@ -496,9 +506,10 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None,
             as_json: bool) -> None:
-    """Restart a server with the settings it was started with.
+    """Restart a server with the settings of its last start (also after `stop`).
 
-    The previous log is kept as NAME.log.1 beside the new one.
+    The API key is VLLM_API_KEY when set, else the one the server was started with (kept
+    in a private file). The previous log is kept as NAME.log.1 beside the new one.
 
     \b
     JSON: {name, state, already_running, model, pid, port, url, log, ready_after_s}, as
@@ -517,12 +528,12 @@ def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None
                                drain=drain)
 
     result, elapsed = _run_start(do_restart, name, quiet=as_json or no_wait)
+    _warn_exposed(result.record.host, result.api_key)
     _report_start(result, as_json, elapsed)
 
 
 def _run_foreground(manager: Any, config: Any, auto_port: bool, force: bool) -> None:
     """Launch under this process and supervise until stopped; exit with its status."""
-    from cmw_vllm.server_manager import launch_env
     from cmw_vllm.supervisor import run_foreground
 
     result = manager.start(config, auto_port=auto_port, check_resources=not force,
@@ -530,7 +541,7 @@ def _run_foreground(manager: Any, config: Any, auto_port: bool, force: bool) -> 
     record = result.record
     echo_err(f"Serving {result.name!r} in the foreground (vLLM pid {record.pid}, "
              f"{record.base_url}); SIGTERM or Ctrl-C drains and stops it.")
-    raise SystemExit(run_foreground(result.name, result.process, launch_env(config)))
+    raise SystemExit(run_foreground(result.name, result.process, result.env))
 
 
 def _state_cell(st: ServerStatus) -> str:
@@ -744,12 +755,13 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
 
     \b
     JSON: {"servers": [{name, state, model, served_model_name, task, pid, host, port, url,
-           uptime_s, started_at, returncode, orphan_pids, log, error, restart_policy,
-           restarts, last_exit_code, last_exit_at, next_restart_at, drain_left_s, enabled,
-           log_tail, gpu_memory_bytes, load}]}; load is null or {ok, error,
-           requests_running, requests_waiting, kv_cache_usage, prompt_tokens_total,
-           generation_tokens_total, prompt_tokens_per_s, generation_tokens_per_s,
-           rate_interval_s}.
+           uptime_s, started_at, returncode, orphan_pids, log, error, log_tail,
+           restart_policy, restarts, last_exit_code, last_exit_at, next_restart_at,
+           drain_left_s, enabled, gpu_memory_bytes, load}]}; log_tail: the log lines that
+           tell why an exited or failed server ended (else []); load is null or {ok, error,
+           requests_running,
+           requests_waiting, kv_cache_usage, prompt_tokens_total, generation_tokens_total,
+           prompt_tokens_per_s, generation_tokens_per_s, rate_interval_s}.
 
     \b
     Examples:
@@ -787,6 +799,10 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
             if st.error and st.state in (State.EXITED, State.FAILED, State.STALE,
                                          State.INVALID):
                 echo_err(f"{st.name}: {st.error}")
+            if st.state == "exited" and st.log_tail and st.record is not None:
+                echo_err(f"{st.name}: from its log {st.record.log_path}:")
+                for line in st.log_tail:
+                    echo_err(f"  {line}")
             if st.orphans:
                 echo_err(f"{st.name}: processes left behind: "
                          f"{', '.join(map(str, st.orphans))} (cmw-vllm stop {st.name})")

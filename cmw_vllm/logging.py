@@ -10,7 +10,7 @@ import logging
 import os
 
 from cmw_vllm import paths
-from cmw_vllm.settings import env, env_bool
+from cmw_vllm.settings import env, env_bool, log_level
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -20,11 +20,12 @@ def setup_logging(verbose: bool = False) -> None:
 
     Args:
         verbose: Log at DEBUG regardless of ``LOG_LEVEL``.
+
+    Raises:
+        ConfigError: ``LOG_LEVEL`` or ``LOG_FILE_ENABLED`` is not a valid value.
     """
-    level_name = "DEBUG" if verbose else (env("LOG_LEVEL", "WARNING") or "WARNING").upper()
-    level = logging.getLevelName(level_name)
-    if not isinstance(level, int):
-        level = logging.WARNING
+    level_name = log_level()  # checked even with -v: a typo should not wait for a later run
+    level = logging.DEBUG if verbose else logging.getLevelName(level_name)
     logger = logging.getLogger("cmw_vllm")
     logger.setLevel(level)
     logger.handlers.clear()

@@ -239,13 +239,13 @@ def spec_from_dir(directory: str | os.PathLike[str], *, model: str | None = None
     """Read a model directory (``config.json`` plus safetensors headers).
 
     Raises:
-        NotFoundError: There is no ``config.json``.
-        UsageError: The config cannot be understood.
+        UsageError: There is no readable ``config.json``, or it cannot be understood.
     """
     path = Path(directory)
     config = _read_json(path / "config.json")
     if config is None:
-        raise NotFoundError(f"{path} has no readable config.json")
+        # vLLM may still serve it (Mistral's params.json format, say): not ours to refuse.
+        raise UsageError(f"cannot estimate {path}: it has no readable config.json")
     files = _weight_files(path)
     params: dict[str, int] = {}
     sizes = 0
@@ -362,12 +362,16 @@ def load_model_spec(model: str, *, revision: str | None = None,
         ModelUnavailableError: Not on disk nor cached, and the Hub is unreachable or may
             not be asked.
         EnvironmentProblem: The repo is gated.
-        UsageError: The config cannot be understood.
+        UsageError: The model cannot be estimated (a single file, no readable config.json,
+            a config this estimate does not understand).
     """
     path = Path(model).expanduser()
     if path.is_dir():
         return spec_from_dir(path, model=model, source="local")
-    if path.exists() or looks_like_path(model):
+    if path.exists():
+        # A single file (a GGUF checkpoint, say): vLLM may serve it; the estimate cannot.
+        raise UsageError(f"cannot estimate {model}: it is a file, not a model directory")
+    if looks_like_path(model):
         raise NotFoundError(f"{model} is not a model directory")
     snapshot = hf_cache.snapshot_dir(model, revision, needs="config.json")
     if snapshot is not None:

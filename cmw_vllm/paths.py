@@ -100,3 +100,9 @@ def write_private(path: Path, text: str, *, fsync: bool = False) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise EnvironmentProblem(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def restart_dir() -> Path:
+    """Directory of what each server's last start used, kept for ``restart`` (``NAME.json``,
+    ``NAME.key``)."""
+    return state_dir() / "restart"

@@ -214,12 +214,22 @@ def implied_task(args: Sequence[str], current: str | None = None) -> Task | None
     return None
 
 
-def format_validation_error(exc: ValidationError, source: str | None = None) -> str:
-    """Turn a pydantic error into one readable line naming the option."""
+def format_validation_error(
+    exc: ValidationError, source: str | None = None, names: Mapping[str, str] | None = None
+) -> str:
+    """Turn a pydantic error into one readable line naming the option.
+
+    Args:
+        exc: The error.
+        source: The file the values came from (the option is then its dotted key).
+        names: Field -> what to call it instead of its option (an env var, say).
+    """
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ())]
     field = loc[0] if loc else "value"
     option = OPTION_NAMES.get(field, field) if source is None else ".".join(loc) or field
+    if names and field in names:
+        option = names[field]
     msg = err.get("msg", "invalid value")
     msg = msg.removeprefix("Value error, ")
     got = err.get("input")
@@ -276,13 +286,17 @@ def resolve_server_config(
     Raises:
         ConfigError: A value is invalid; the message names the option.
     """
+    from cmw_vllm.settings import source_of
+
     values: dict[str, Any] = {"model": model}
-    for layer in (entry_settings or {}, env_overrides(environ or {})):
+    from_env = env_overrides(environ or {})
+    for layer in (entry_settings or {}, from_env):
         values.update({k: v for k, v in layer.items() if v is not None and k != "vllm_args"})
     vllm_args = list((entry_settings or {}).get("vllm_args") or [])
     for key, value in (cli or {}).items():
         if value is None:
             continue
+        from_env.pop(key, None)
         if key == "vllm_args":
             vllm_args += list(value)
         elif key == "env":
@@ -296,7 +310,12 @@ def resolve_server_config(
             values["task"] = implied
     if not values.get("name"):
         values["name"] = name_from_model(model)
+    # A bad value from the environment is named by its variable (and .env file, if any).
+    names = {f: SERVER_ENV_VARS[f] + source_of(SERVER_ENV_VARS[f]) for f in from_env}
     for key in ("port", "tensor_parallel_size", "max_model_len", "drain"):
         if isinstance(values.get(key), str):
-            values[key] = parse_int(values[key], OPTION_NAMES[key])
-    return build_config(values)
+            values[key] = parse_int(values[key], names.get(key, OPTION_NAMES[key]))
+    try:
+        return ServerConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, names=names)) from None

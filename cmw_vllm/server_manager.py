@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +29,6 @@ from cmw_vllm.errors import (
     UsageError,
 )
 from cmw_vllm.process_group import (
-    IS_WINDOWS,
     command_matches,
     describe_port_holder,
     group_members,
@@ -45,13 +42,11 @@ from cmw_vllm.server_record import (
     ServerRecord,
     exit_path,
     log_path,
-    open_log,
     pid_path,
     read_exit,
     read_record,
     record_names,
     record_path,
-    rotate_log,
     save_record,
     update_record,
 )
@@ -59,7 +54,7 @@ from cmw_vllm.vocab import ALIVE_STATES, State, validate_name
 
 __all__ = [  # re-exported: callers find the server's processes and ports here too
     "ServerManager", "ServerStatus", "ServerRecord", "StartResult", "StopResult",
-    "command_matches", "describe_port_holder", "group_members", "launch_env", "log_path",
+    "command_matches", "describe_port_holder", "group_members", "log_path",
     "port_is_free", "read_record", "record_names", "running_models",
 ]
 
@@ -69,6 +64,8 @@ if TYPE_CHECKING:
     from cmw_vllm.server_config import ServerConfig
 
 logger = logging.getLogger(__name__)
+
+BAD_RECORD = "bad record: "  # how an unreadable record's error starts
 
 
 @dataclass
@@ -110,6 +107,7 @@ class ServerStatus:
             "orphan_pids": self.orphans,
             "log": rec.log_path if rec else None,
             "error": self.error,
+            "log_tail": self.log_tail,
             "restart_policy": rec.restart_policy if rec else None,
             "restarts": rec.restart_count if rec else None,
             "last_exit_code": rec.last_exit_code if rec else None,
@@ -118,7 +116,6 @@ class ServerStatus:
             if rec and self.state == State.RESTARTING else None,
             "drain_left_s": self.drain_left(),
             "enabled": _enabled_scope(self.name),
-            "log_tail": self.log_tail if self.state in (State.EXITED, State.FAILED) else None,
         }
         return out
 
@@ -146,7 +143,11 @@ class StartResult:
     ready: bool
     port_changed_from: int | None = None
     ready_after_s: float | None = None
-    process: Any = None  # foreground: the vLLM subprocess.Popen this process must supervise
+    api_key: bool = False  # vLLM was given VLLM_API_KEY
+    # Foreground only: the vLLM subprocess.Popen this process must supervise, and the
+    # environment it was launched with (for relaunches).
+    process: Any = None
+    env: dict[str, str] | None = None
 
 
 @dataclass
@@ -157,6 +158,7 @@ class StopResult:
     was_running: bool
     forced: bool = False
     stale: bool = False
+    invalid: str | None = None  # why the record could not be read (it was removed)
     killed_pids: list[int] = field(default_factory=list)
     duration_s: float = 0.0
     remaining_pids: list[int] = field(default_factory=list)
@@ -196,16 +198,6 @@ def _name_lock(name: str, timeout: float = 60.0) -> Iterator[None]:
         raise ConflictError(
             f"another cmw-vllm command is working on server {name!r}; try again"
         ) from None
-
-
-def launch_env(config: ServerConfig) -> dict[str, str]:
-    """The environment vLLM runs with: ours, plus the server's ``env`` and GPUs."""
-    env = dict(os.environ)
-    env.update(config.env)
-    if config.gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = config.gpus
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 # --------------------------------------------------------------------------- manager
@@ -293,7 +285,7 @@ class ServerManager:
         try:
             record = read_record(name)
         except ValueError as exc:
-            return ServerStatus(name=name, state=State.INVALID, error=f"bad record: {exc}")
+            return ServerStatus(name=name, state=State.INVALID, error=f"{BAD_RECORD}{exc}")
         if record is None:
             return ServerStatus(name=name, state=State.INVALID, error="no record")
         proc = is_ours(record)
@@ -324,11 +316,12 @@ class ServerManager:
         elif status.returncode is None and not supervised and self._pid_alive(record.pid):
             status.state = State.STALE
             status.error = f"pid {record.pid} now belongs to another process"
-        from cmw_vllm.vllm_engine import diagnose, tail_lines
+        from cmw_vllm.vllm_engine import diagnose, failure_excerpt, tail_lines
 
         if status.state in (State.EXITED, State.FAILED):
-            status.log_tail = tail_lines(Path(record.log_path), 10)
-            status.error = diagnose("\n".join(tail_lines(Path(record.log_path), 200)))
+            text = "\n".join(tail_lines(Path(record.log_path), 400))
+            status.log_tail = failure_excerpt(text, 10)
+            status.error = diagnose(text)
         return status
 
     @staticmethod
@@ -364,8 +357,10 @@ class ServerManager:
         auto_port: bool = False,
         on_progress: ProgressCallback | None = None,
         check_resources: bool = True,
-        foreground: bool = False,
         on_notice: Callable[[str], None] | None = None,
+        api_key: str | None = None,
+        requested: Collection[str] = (),
+        foreground: bool = False,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -377,32 +372,42 @@ class ServerManager:
             on_progress: Called with (phase, elapsed seconds) while waiting.
             check_resources: Refuse before launching when the model cannot fit the GPU (or,
                 on the CPU build, RAM); see :func:`cmw_vllm.memory_check.preflight`.
-            foreground: Launch vLLM as a child of this process, output to a pipe, and return
-                at once with ``result.process`` set; the caller supervises it
-                (:func:`cmw_vllm.supervisor.run_foreground`). A running server is a conflict.
             on_notice: Called with a line the user should see before the wait (the memory
                 check was skipped, and why).
+            api_key: The key vLLM requires from clients (default ``VLLM_API_KEY``). It
+                reaches vLLM through its environment and is kept for ``restart`` in a
+                private file (:mod:`cmw_vllm.last_start`), never in the record.
+            requested: ServerConfig fields the user set explicitly. When the server already
+                runs, any of them that differs from the running settings is an error.
+            foreground: Launch vLLM as a child of this process, output to a pipe, and return
+                at once with ``result.process`` and ``result.env`` set; the caller
+                supervises it (:func:`cmw_vllm.supervisor.run_foreground`). A server that
+                already runs is a conflict.
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
             ModelUnavailableError: The model is neither on disk nor cached and the Hub
                 cannot be asked.
-            ConflictError: The name runs another model, or the port is held by something else.
+            ConflictError: The name runs another model or other requested settings, or the
+                port is held by something else.
             EnvironmentProblem: vLLM missing, state dir not writable.
             ServerStartError: vLLM exited during start-up (message has the diagnosis).
             StartTimeoutError: Not ready within ``timeout``; the server keeps starting.
         """
+        from cmw_vllm.settings import api_key as env_api_key
         from cmw_vllm.settings import start_timeout
 
         timeout = start_timeout() if timeout is None else timeout
+        api_key = api_key or env_api_key()
         for d in (paths.state_dir(), paths.servers_dir(), paths.logs_dir()):
             paths.ensure_dir(d)
         port_changed_from = None
-        process = None
+        process = env = None
         with _name_lock(config.name):
             existing = self._observe(config.name)
             if existing.running and existing.record is not None:
-                self._check_joinable(config, existing, foreground)
+                self._check_joinable(existing, foreground)
+                self._check_same_server(existing.record, config, requested, auto_port)
                 record = existing.record
                 already = True
                 wait = wait and existing.state != State.RESTARTING
@@ -416,7 +421,7 @@ class ServerManager:
                     check = preflight(config)
                     if check.status == "skipped" and on_notice is not None:
                         on_notice(f"memory check skipped: {check.reason}")
-                record, process = self._launch(config, foreground)
+                record, process, env = self._launch(config, api_key, foreground)
                 already = False
         result = StartResult(
             name=config.name,
@@ -424,7 +429,9 @@ class ServerManager:
             already_running=already,
             ready=False,
             port_changed_from=port_changed_from,
+            api_key=bool(api_key) if not already else _has_api_key(record),
             process=process,
+            env=env,
         )
         if wait and not foreground:
             result.ready_after_s = self.wait_ready(record, timeout, on_progress)
@@ -432,21 +439,38 @@ class ServerManager:
         return result
 
     @staticmethod
-    def _check_joinable(config: ServerConfig, existing: ServerStatus, foreground: bool) -> None:
-        """Refuse to join a running server that is another model, stopping, or wanted here."""
+    def _check_joinable(existing: ServerStatus, foreground: bool) -> None:
+        """Refuse to join a server that is stopping, or one wanted in the foreground here."""
         assert existing.record is not None
-        name = config.name
-        if existing.record.model != config.model:
-            raise ConflictError(
-                f"server {name!r} already runs {existing.record.model}",
-                hint=f"stop it first (cmw-vllm stop {name}) or use --name",
-            )
+        name = existing.name
         if existing.state == State.DRAINING:
             raise ConflictError(f"server {name!r} is stopping; try again when it has stopped")
         if foreground:
             raise ConflictError(
                 f"server {name!r} already runs (pid {existing.record.pid})",
                 hint=f"stop it first (cmw-vllm stop {name}) to run it in the foreground",
+            )
+
+    @staticmethod
+    def _check_same_server(record: ServerRecord, config: ServerConfig,
+                           requested: Collection[str], auto_port: bool) -> None:
+        """Refuse a start whose model or explicitly requested settings differ from the running
+        server's (rather than report "already running" and ignore them)."""
+        from cmw_vllm.server_launch import differing_settings
+
+        name = config.name
+        if record.model != config.model:
+            raise ConflictError(
+                f"server {name!r} already runs {record.model}",
+                hint=f"stop it first (cmw-vllm stop {name}) or use --name",
+            )
+        ignore = {"port"} if auto_port else set()
+        differ = differing_settings(record.config, config, set(requested) - ignore)
+        if differ:
+            raise ConflictError(
+                f"server {name!r} already runs with other settings: {'; '.join(differ)}",
+                hint=f"to apply them, stop it (cmw-vllm stop {name}) and start it again with "
+                "them; or pick another --name",
             )
 
     def _cleanup_dead(self, name: str, status: ServerStatus) -> None:
@@ -486,48 +510,37 @@ class ServerManager:
                 break
         raise ConflictError(f"no free port found from {config.port}")
 
-    def _launch(self, config: ServerConfig, foreground: bool = False) -> tuple[ServerRecord, Any]:
-        """Launch vLLM (under a supervisor process, or as our child) and write its record.
+    def _launch(self, config: ServerConfig, api_key: str | None, foreground: bool = False
+                ) -> tuple[ServerRecord, Any, dict[str, str] | None]:
+        """Spawn vLLM under a supervisor (or, in the foreground, as our child); write the
+        record and the restart files.
 
         Returns:
-            The record, and in the foreground the vLLM ``Popen`` (else None).
+            The record; in the foreground also the vLLM ``Popen`` and its environment.
+
+        Raises:
+            EnvironmentProblem: vLLM missing, the log or record cannot be written.
+            ServerStartError: The supervisor did not get vLLM running.
         """
-        import psutil
+        from cmw_vllm import last_start
+        from cmw_vllm.server_launch import engine_command, open_fresh_log, spawn, spawn_here
 
-        from cmw_vllm.supervisor import spawn_vllm
-        from cmw_vllm.vllm_engine import build_command, find_engine_python, tail_lines
-
-        python = find_engine_python()
-        command = build_command(python, config.model, config.vllm_cli_args())
-        env = launch_env(config)
-        log_file = log_path(config.name)
-        rotate_log(log_file)
-        _remove(exit_path(config.name))
-        log_fd = open_log(log_file)
-        logger.info("launching %s", " ".join(command))
-        child_proc = None
-        try:
-            if foreground:
-                child_proc = spawn_vllm(command, None, env)
-                child: psutil.Process | None = psutil.Process(child_proc.pid)
-                sup_pid, sup_created = os.getpid(), psutil.Process().create_time()
-            else:
-                child, sup_pid, sup_created = self._spawn_supervisor(config.name, command,
-                                                                     env, log_fd)
-        finally:
-            os.close(log_fd)
-        if child is None:
-            raise ServerStartError(
-                f"could not launch vLLM for {config.name!r}",
-                log_tail="\n".join(tail_lines(log_file, 20)),
-            )
+        command, env = engine_command(config, api_key)
+        log_file = open_fresh_log(log_path(config.name))
+        exit_file = exit_path(config.name)
+        _remove(exit_file)
+        process = None
+        if foreground:
+            sup, child, process = spawn_here(command, env)
+        else:
+            sup, child = spawn(config.name, command, env, log_file)
         record = ServerRecord(
             name=config.name,
             pid=child.pid,
             create_time=child.create_time(),
-            supervisor_pid=sup_pid,
-            supervisor_create_time=sup_created,
-            pgid=child.pid,
+            supervisor_pid=sup.pid,
+            supervisor_create_time=sup.create_time(),
+            pgid=child.pid,  # vLLM leads a session of its own
             host=config.host,
             port=config.port,
             model=config.model,
@@ -542,51 +555,12 @@ class ServerManager:
         )
         try:
             self._save(record)
+            last_start.save(config.name, record.config, api_key)
         except CmwVllmError:
             self._kill_server(record, kill_timeout=5.0)
+            _remove(record_path(record.name), pid_path(record.name))
             raise
-        return record, child_proc
-
-    @staticmethod
-    def _spawn_supervisor(
-        name: str, command: list[str], env: dict[str, str], log_fd: int
-    ) -> tuple[psutil.Process | None, int, float]:
-        """Start the supervisor in a new session; return (its vLLM child, its pid, created)."""
-        import subprocess
-
-        import psutil
-
-        supervisor_cmd = [sys.executable, "-m", "cmw_vllm.supervisor", "--name", name, "--",
-                          *command]
-        popen_kwargs: dict[str, Any] = {}
-        if IS_WINDOWS:
-            popen_kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-        else:
-            popen_kwargs["start_new_session"] = True
-        sup = subprocess.Popen(
-            supervisor_cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(paths.state_dir()),
-            close_fds=True,
-            **popen_kwargs,
-        )
-        sup_proc = psutil.Process(sup.pid)
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            try:
-                children = sup_proc.children()
-            except psutil.NoSuchProcess:
-                children = []
-            if children:
-                return children[0], sup.pid, sup_proc.create_time()
-            if sup.poll() is not None:
-                break
-            time.sleep(0.01)
-        sup.poll()
-        return None, sup.pid, sup_proc.create_time()
+        return record, process, (env if foreground else None)
 
     @staticmethod
     def _save(record: ServerRecord) -> None:
@@ -654,7 +628,14 @@ class ServerManager:
                           only_pid=record.pid)
 
     def _fail_start(self, record: ServerRecord) -> None:
-        from cmw_vllm.vllm_engine import diagnose, tail_lines
+        """vLLM exited during start-up: reap what is left, remove the record, say why."""
+        from cmw_vllm.vllm_engine import (
+            INSTALL_HINT,
+            VLLM_MISSING_EXIT,
+            diagnose,
+            failure_excerpt,
+            tail_lines,
+        )
 
         log_file = Path(record.log_path)
         # The supervisor writes the exit file right after vLLM exits; give it a moment.
@@ -664,20 +645,31 @@ class ServerManager:
             time.sleep(0.02)
         exit_info = read_exit(record.name) or {}
         rc = exit_info.get("returncode")
-        text = "\n".join(tail_lines(log_file, 400))
-        with contextlib.suppress(CmwVllmError), _name_lock(record.name, timeout=10):
-            current = None
-            with contextlib.suppress(ValueError):
-                current = read_record(record.name)
-            if current is not None and current.supervisor_pid == record.supervisor_pid:
-                # Also ends a supervisor that is about to relaunch it (restart policy).
-                self._kill_server(record, kill_timeout=5.0)
-                _remove(record_path(record.name), pid_path(record.name))
+        text = "\n".join(tail_lines(log_file, 2000))
+        left = ""
+        try:
+            with _name_lock(record.name, timeout=10):
+                current = None
+                with contextlib.suppress(ValueError):
+                    current = read_record(record.name)
+                if current is not None and current.supervisor_pid == record.supervisor_pid:
+                    # Also ends a supervisor about to relaunch it (restart policy).
+                    self._kill_server(record, kill_timeout=5.0)
+                    _remove(record_path(record.name), pid_path(record.name),
+                            exit_path(record.name))
+        except ConflictError:
+            # Another command holds the name (a stop, most likely): it cleans up; say so.
+            logger.warning("%s: lock busy, left the clean-up to the command holding it",
+                           record.name)
+            left = f" (its record is left: cmw-vllm stop {record.name} removes it)"
         rc_text = f" (exit code {rc})" if rc is not None else ""
+        if rc == VLLM_MISSING_EXIT and "No module named 'vllm'" in text:
+            raise EnvironmentProblem(f"vLLM is not installed in {record.command[0]}{left}",
+                                     hint=INSTALL_HINT)
         raise ServerStartError(
-            f"vLLM exited during start-up{rc_text}; log: {log_file}",
+            f"vLLM exited during start-up{rc_text}; log: {log_file}{left}",
             hint=diagnose(text),
-            log_tail="\n".join(tail_lines(log_file, 15)),
+            log_tail="\n".join(failure_excerpt(text)),
         )
 
     # ----------------------------------------------------------------- stop
@@ -711,6 +703,7 @@ class ServerManager:
             now: Abort requests in flight: SIGKILL everything at once.
 
         Raises:
+            ServerNotRunningError: No server, kept settings or registry entry has that name.
             StopError: Processes of the server survived SIGKILL.
         """
         from cmw_vllm.settings import stop_timeout
@@ -723,7 +716,11 @@ class ServerManager:
             if status.record is None:
                 if status.state == State.INVALID and status.error != "no record":
                     _remove(record_path(name), pid_path(name), exit_path(name))
-                    return StopResult(name=name, was_running=False, stale=True)
+                    why = (status.error or "").removeprefix(BAD_RECORD)
+                    return StopResult(name=name, was_running=False, invalid=why)
+                from cmw_vllm.server_launch import check_known_name
+
+                check_known_name(name, record_names())
                 return StopResult(name=name, was_running=False)
             record = status.record
             result = StopResult(name=name, was_running=status.running,
@@ -841,30 +838,58 @@ class ServerManager:
         on_progress: ProgressCallback | None = None,
         drain: float | None = None,
     ) -> StartResult:
-        """Stop ``name`` (draining, see :meth:`stop`) and start it again with its settings.
+        """Stop ``name`` (if it runs; draining, see :meth:`stop`) and start it again with the
+        settings of its last start.
+
+        The settings and the API key of the last start are kept after ``stop``
+        (:mod:`cmw_vllm.last_start`), so a stopped server can be restarted too. The API key
+        is the environment's ``VLLM_API_KEY`` when set, else the one it was started with:
+        a server started with a key never comes back without one.
 
         Raises:
-            ServerNotRunningError: No record for ``name``.
-            UsageError: The record's settings no longer validate.
+            ServerNotRunningError: ``name`` was never started here.
+            UsageError: Its record is unreadable, or the kept settings no longer validate.
+            EnvironmentProblem: The kept API key cannot be read.
         """
+        from pydantic import ValidationError
+
+        from cmw_vllm import last_start
         from cmw_vllm.server_config import ServerConfig
 
         validate_name(name)
         try:
             record = read_record(name)
         except ValueError as exc:
-            raise UsageError(f"cannot restart {name!r}: bad record ({exc})") from None
-        if record is None:
-            raise _no_such_server(name)
+            raise UsageError(
+                f"cannot restart {name!r}: its record is unreadable ({exc})",
+                hint=f"`cmw-vllm stop {name}` removes it; then start the server again",
+            ) from None
+        settings = record.config if record is not None else last_start.load_settings(name)
+        if settings is None:
+            raise ServerNotRunningError(
+                f"no managed server named {name!r}",
+                hint=f"start it first: cmw-vllm start MODEL --name {name}",
+            )
         try:
-            config = ServerConfig(**record.config)
-        except Exception as exc:
-            raise UsageError(f"cannot restart {name!r}: stored settings are invalid ({exc})") \
-                from None
-        self.stop(name, drain=drain)
+            config = ServerConfig(**settings)
+        except (ValidationError, TypeError) as exc:
+            raise UsageError(
+                f"cannot restart {name!r}: its kept settings are invalid ({exc})",
+                hint="start it again with cmw-vllm start",
+            ) from None
+        api_key = last_start.api_key_for_restart(name)
+        if record is not None:
+            self.stop(name, drain=drain)
         # It ran with these settings before: don't let a stale estimate block the restart.
         return self.start(config, wait=wait, timeout=timeout, on_progress=on_progress,
-                          check_resources=False)
+                          check_resources=False, api_key=api_key)
+
+
+def _has_api_key(record: ServerRecord) -> bool:
+    """Whether the running server was started with an API key (its key file exists)."""
+    from cmw_vllm import last_start
+
+    return last_start.key_path(record.name).exists()
 
 
 def running_models() -> dict[str, list[str]]:

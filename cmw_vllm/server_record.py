@@ -147,7 +147,10 @@ def read_record(name: str) -> ServerRecord | None:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        at = "" if exc.msg.endswith(" at") else " at"
+        raise ValueError(
+            f"not valid JSON: {exc.msg}{at} line {exc.lineno}, column {exc.colno}"
+        ) from None
     record = ServerRecord.from_json(data)
     if record.name != name:
         raise ValueError(f"record names server {record.name!r}, file is {path.name}")

@@ -1,6 +1,8 @@
 """Environment configuration: env vars, optionally from a ``.env`` file.
 
 The shell's environment always wins over ``.env`` (python-dotenv with ``override=False``).
+An empty value counts as unset: a ``.env`` line ``HF_HOME=`` sets nothing, and empty
+Hugging Face / vLLM variables never reach vLLM (:func:`engine_environ`).
 python-dotenv is imported only when a ``.env`` file exists, which keeps ``status`` fast.
 Every variable is listed in ``.env.example``.
 """
@@ -8,6 +10,7 @@ Every variable is listed in ``.env.example``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from cmw_vllm.errors import ConfigError
@@ -25,6 +28,17 @@ SERVER_ENV_VARS = {
     "drain": "CMW_VLLM_DRAIN_TIMEOUT",
     "restart": "CMW_VLLM_RESTART",
 }
+
+# Variables set from an env file -> (that file, the value), so that an error can name where
+# a value came from.
+_from_file: dict[str, tuple[Path, str]] = {}
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Variables whose empty value means "unset" to cmw-vllm. vLLM and huggingface_hub read some
+# of them differently (``HF_HOME=''`` is a relative folder), so empty ones are not passed on.
+_EMPTY_IS_UNSET_PREFIXES = ("HF_", "HUGGING_FACE_", "VLLM_", "CMW_VLLM_")
+
 
 def load_env_file(path: str | os.PathLike[str] | None = None) -> Path | None:
     """Load ``.env`` into ``os.environ`` without overriding variables already set.
@@ -54,9 +68,27 @@ def load_env_file(path: str | os.PathLike[str] | None = None) -> Path | None:
     from dotenv import dotenv_values
 
     for key, value in dotenv_values(stream=io.StringIO(text)).items():
-        if value is not None and key not in os.environ:
+        if value and key not in os.environ:  # empty counts as unset: nothing to set
             os.environ[key] = value
+            _from_file[key] = (env_path, value)
     return env_path
+
+
+def source_of(name: str) -> str:
+    """Where variable ``name`` was set, for error messages: `` in /path/.env`` or ``""``."""
+    path, value = _from_file.get(name, (None, None))
+    if path is None or os.environ.get(name) != value:
+        return ""
+    return f" (set in {path})"
+
+
+def engine_environ(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` without the empty variables that mean "unset" (the environment for vLLM)."""
+    return {
+        key: value
+        for key, value in base.items()
+        if value != "" or not key.startswith(_EMPTY_IS_UNSET_PREFIXES)
+    }
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -77,7 +109,7 @@ def env_float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+        raise ConfigError(f"{name}={raw!r}{source_of(name)} is not a number") from None
 
 
 def env_bool(name: str, default: bool = False) -> bool:
@@ -90,7 +122,27 @@ def env_bool(name: str, default: bool = False) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+    raise ConfigError(
+        f"{name}={raw!r}{source_of(name)} is not a boolean (use 1/0, true/false)"
+    )
+
+
+def log_level() -> str:
+    """cmw-vllm's own log level (``LOG_LEVEL``, default WARNING).
+
+    Raises:
+        ConfigError: Not one of DEBUG, INFO, WARNING, ERROR, CRITICAL.
+    """
+    raw = env("LOG_LEVEL")
+    if raw is None:
+        return "WARNING"
+    level = raw.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f"LOG_LEVEL={raw!r}{source_of('LOG_LEVEL')} is not a log level "
+            f"(use {', '.join(LOG_LEVELS)})"
+        )
+    return level
 
 
 def api_key() -> str | None:

@@ -117,7 +117,8 @@ def load_definition(name: str, overrides: dict[str, Any] | None = None,
 
 
 def definition_for(name: str) -> ServerConfig:
-    """The settings of ``name``: its record's, else its registry or ``models.toml`` entry's.
+    """The settings of ``name``: its record's, else those of its last start (kept after a
+    stop), else its registry or ``models.toml`` entry's.
 
     Raises:
         NotFoundError: No record and no entry of that name.
@@ -131,6 +132,11 @@ def definition_for(name: str) -> ServerConfig:
         record = None
     if record is not None:
         return build_config(record.config)
+    from cmw_vllm import last_start
+
+    kept = last_start.load_settings(name)
+    if kept is not None:
+        return build_config(kept)
     from cmw_vllm.model_registry import find_entry
 
     entry = find_entry(name)
@@ -232,7 +238,12 @@ def _invoking_user() -> str:
 
 
 def _write_env_file(name: str, environ: dict[str, str]) -> Path | None:
+    from cmw_vllm import last_start
+
     secrets = {k: environ[k] for k in SECRET_VARS if environ.get(k)}
+    kept_key = last_start.api_key_for_restart(name)  # the key the server was started with
+    if kept_key and "VLLM_API_KEY" not in secrets:
+        secrets["VLLM_API_KEY"] = kept_key
     path = services_dir() / f"{name}.env"
     if not secrets:
         if path.exists():

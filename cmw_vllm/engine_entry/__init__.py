@@ -1,0 +1,1 @@
+"""Scripts that run in vLLM's own interpreter (standard library only; see vllm_serve.py)."""
