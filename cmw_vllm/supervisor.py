@@ -222,8 +222,9 @@ class Supervisor:
                 if record is not None:
                     self._kill_leftovers(record)
                 return exit_status(rc)
-            self.say(f"vLLM (pid {self.proc.pid}) exited with code {rc} without a stop "
-                     "request: a crash")
+            if record.restart_policy != "no":
+                self.say(f"vLLM (pid {self.proc.pid}) exited with code {rc} without a stop "
+                         "request: a crash")
             delay = self._next_delay(record, exit_at, ready_for)
             if delay is None:
                 return exit_status(rc) or 1
