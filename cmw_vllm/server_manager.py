@@ -181,6 +181,14 @@ def _remove(*files: Path) -> None:
             f.unlink()
 
 
+def _remove_server_files(name: str) -> None:
+    """Remove the record, PID and exit files of ``name``, and temp files of a writer that was
+    killed mid-write (the supervisor, when a failed start or a stop SIGKILLs it)."""
+    files = [record_path(name), pid_path(name), exit_path(name)]
+    temps = [t for f in files for t in f.parent.glob(f".{f.name}.*.tmp")]
+    _remove(*files, *temps)
+
+
 @contextlib.contextmanager
 def _name_lock(name: str, timeout: float = 60.0) -> Iterator[None]:
     """Hold the per-server lock (serialises start/stop/restart of one name)."""
@@ -477,7 +485,7 @@ class ServerManager:
         """Remove what a dead server left: its supervisor, orphans of its group, its files."""
         if status.record is not None:
             self._kill_server(status.record, kill_timeout=5.0)
-        _remove(record_path(name), pid_path(name), exit_path(name))
+        _remove_server_files(name)
 
     def _choose_port(
         self, config: ServerConfig, auto_port: bool
@@ -655,8 +663,7 @@ class ServerManager:
                 if current is not None and current.supervisor_pid == record.supervisor_pid:
                     # Also ends a supervisor about to relaunch it (restart policy).
                     self._kill_server(record, kill_timeout=5.0)
-                    _remove(record_path(record.name), pid_path(record.name),
-                            exit_path(record.name))
+                    _remove_server_files(record.name)
         except ConflictError:
             # Another command holds the name (a stop, most likely): it cleans up; say so.
             logger.warning("%s: lock busy, left the clean-up to the command holding it",
@@ -715,7 +722,7 @@ class ServerManager:
             status = self._observe(name)
             if status.record is None:
                 if status.state == State.INVALID and status.error != "no record":
-                    _remove(record_path(name), pid_path(name), exit_path(name))
+                    _remove_server_files(name)
                     why = (status.error or "").removeprefix(BAD_RECORD)
                     return StopResult(name=name, was_running=False, invalid=why)
                 from cmw_vllm.server_launch import check_known_name
@@ -733,7 +740,7 @@ class ServerManager:
                     f"processes of {name!r} survived SIGKILL: "
                     + ", ".join(str(p) for p in remaining)
                 )
-            _remove(record_path(name), pid_path(name), exit_path(name))
+            _remove_server_files(name)
         result.duration_s = time.monotonic() - begin
         return result
 
