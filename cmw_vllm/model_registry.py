@@ -287,6 +287,8 @@ class ModelEntry(BaseModel):
         extra_args: Further ``vllm serve`` flags, checked against vLLM 0.32.0's list.
         restart: Restart policy after a crash (``start --restart``): no, on-failure, always.
         drain: Seconds ``stop`` lets requests in flight finish (``start --drain``).
+        idle_timeout: Seconds the gateway lets a server it started sit idle before stopping
+            it (0 never); None uses the gateway's ``--idle-timeout``.
         source: ``built-in`` or the models file the entry (or its override) came from.
     """
 
@@ -313,6 +315,7 @@ class ModelEntry(BaseModel):
     extra_args: list[str] = Field(default_factory=list)
     restart: RestartPolicy | None = Field(None, strict=False)
     drain: int | None = Field(None, ge=0, le=86400)
+    idle_timeout: float | None = Field(None, ge=0)
     source: str = BUILTIN_SOURCE
 
     @field_validator("alias")

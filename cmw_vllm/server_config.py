@@ -177,8 +177,8 @@ class ServerConfig(BaseModel):
         ):
             return []
         if self.task == Task.EMBED:
-            return ["--runner", "pooling", "--convert", "embed"]
-        return ["--runner", "pooling"]
+            return ["--runner", Runner.POOLING, "--convert", Convert.EMBED]
+        return ["--runner", Runner.POOLING]
 
 
 def _flag_value(args: Sequence[str], flag: str) -> str | None:

@@ -247,10 +247,6 @@ class ServerManager:
         """Observe every managed server (or those in ``names``), health checks concurrently."""
         return self._statuses(names if names is not None else record_names(), check_health)
 
-    def list_running(self) -> list[ServerStatus]:
-        """Every server whose process is alive (starting, healthy or unhealthy)."""
-        return [s for s in self.list_status() if s.running]
-
     def _statuses(self, names: list[str], check_health: bool) -> list[ServerStatus]:
         statuses = [self._observe(name) for name in names]
         to_probe = [s for s in statuses if s.state == State.RUNNING and s.record is not None]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -87,26 +86,27 @@ def sharded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("sharded-model") / "tiny-sharded", shards=2)
 
 
-def find_engine_python() -> str | None:
-    """The Python interpreter that has vLLM, for tests (``CMW_VLLM_PYTHON`` or found)."""
-    explicit = os.environ.get("CMW_VLLM_PYTHON")
-    if explicit:
-        return explicit
-    for candidate in (REPO_ROOT / ".venv-vllm" / "bin" / "python",):
-        if candidate.exists():
-            return str(candidate)
-    vllm = shutil.which("vllm")
-    if vllm:
-        first = Path(vllm).read_text(errors="replace").splitlines()[0]
-        if first.startswith("#!"):
-            return first[2:].strip()
-    return None
+# Where `.ci/run` installs vLLM: the default when CMW_VLLM_PYTHON is not set.
+LOCAL_ENGINE_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def engine_python_or_none() -> str | None:
+    """The interpreter with vLLM, found as cmw-vllm finds it; None when there is none."""
+    from cmw_vllm.errors import EnvironmentProblem
+    from cmw_vllm.vllm_engine import PYTHON_ENV, find_engine_python
+
+    if not os.environ.get(PYTHON_ENV) and LOCAL_ENGINE_PYTHON.exists():
+        return str(LOCAL_ENGINE_PYTHON)
+    try:
+        return find_engine_python()
+    except EnvironmentProblem:
+        return None
 
 
 @pytest.fixture(scope="session")
 def engine_python() -> str:
     """The vLLM interpreter; skip real-vLLM tests when absent, except in CI where it fails."""
-    found = find_engine_python()
+    found = engine_python_or_none()
     if not found:
         if os.environ.get("CI"):
             pytest.fail("CI must provide vLLM (CMW_VLLM_PYTHON or .venv-vllm)")

@@ -126,10 +126,10 @@ def test_ctrl_c_message_and_try_line_fit_80_columns(
     from cmw_vllm.server_manager import ServerManager
 
     terminal(80)
-    code, out, _ = run_cli("start", str(model_dir), "--name", "qwen3-embedding-0.6b-long-name",
-                           "--served-model-name", "Qwen/Qwen3-Embedding-0.6B", "--port",
-                           str(free_port()))
-    assert code == 0
+    code, out, err = run_cli("start", str(model_dir), "--name", "qwen3-embedding-0.6b-long-name",
+                             "--served-model-name", "Qwen/Qwen3-Embedding-0.6B", "--port",
+                             str(free_port()))
+    assert code == 0, err
     try_block = out[out.index("Try:"):]
     assert all(len(line) <= 80 for line in _lines(try_block)), try_block
     assert try_block.rstrip().endswith("}'")  # the whole command, one argument per line
@@ -149,9 +149,9 @@ def test_ctrl_c_message_and_try_line_fit_80_columns(
 def test_try_line_is_a_working_shell_command(fake_engine: Path, model_dir: Path) -> None:
     import subprocess
 
-    code, out, _ = run_cli("start", str(model_dir), "--name", "curlme", "--port",
-                           str(free_port()))
-    assert code == 0
+    code, out, err = run_cli("start", str(model_dir), "--name", "curlme", "--port",
+                             str(free_port()))
+    assert code == 0, err
     command = out[out.index("Try:") + len("Try:"):].strip()
     command = command.replace("curl ", "curl -sS --fail ", 1)
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
@@ -205,3 +205,43 @@ def test_status_watch_leaves_one_table_and_exits_130(fake_engine: Path, model_di
     assert left.count("cmw-vllm status") == 1, left
     assert left.count("watched") == 1 and "Interrupted." in left
     assert all(len(line) <= 80 for line in left.splitlines())
+
+
+@pytest.mark.parametrize("width", [60, 80, 160])
+def test_gpus_fit_the_terminal_and_keep_server_names(
+    terminal, monkeypatch: pytest.MonkeyPatch, width: int
+) -> None:
+    import sys
+
+    from tests.test_gpu_info import FakeGpu, make_fake_nvml
+
+    gib = 1024**3
+    gpus = [FakeGpu("NVIDIA H100 80GB HBM3", 80 * gib, 30 * gib, procs=[(1, 20 * gib)]),
+            FakeGpu("NVIDIA H100 80GB HBM3", 80 * gib, 2 * gib)]
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_nvml(gpus))
+    terminal(width)
+    code, out, err = run_cli("gpus")
+    assert code == 0, err
+    lines = _lines(out)
+    assert all(len(line) <= width for line in lines), out
+    header = next(line for line in lines if line.startswith("GPU  "))
+    assert header.split()[:2] == ["GPU", "NAME"]
+    assert any(line.split()[:2] == ["1", "NVIDIA"] for line in lines)  # each GPU has a row
+    procs = lines[lines.index(next(x for x in lines if "SERVER" in x)):]
+    assert "foreign" in "\n".join(procs)  # pid 1 is no server of ours, shown whole
+    if width >= 160:
+        assert "UUID" in header and "\u2026" not in out
+
+
+def test_no_gpu_message_wraps_at_words(terminal, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from tests.test_gpu_info import make_fake_nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_nvml(
+        [], init_error="NVML Shared Library Not Found on this rather long explanation"))
+    terminal(60)
+    code, out, _ = run_cli("gpus")
+    assert code == 0
+    assert all(len(line) <= 60 for line in _lines(out)), out
+    assert "serves without a GPU." in re.sub(r"\s+", " ", out)

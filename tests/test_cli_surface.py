@@ -39,7 +39,7 @@ def test_unknown_command_is_a_usage_error() -> None:
 
 
 HEAVY = ["huggingface_hub", "rich", "pynvml", "requests", "pydantic", "vllm", "torch",
-         "httpx", "httpx2", "filelock", "dotenv", "psutil"]
+         "httpx", "httpx2", "filelock", "dotenv", "psutil", "aiohttp"]
 
 
 def _imported_by(args: list[str], env_extra: dict[str, str], tmp_path) -> set[str]:
@@ -202,3 +202,36 @@ def test_vllm_flag_list_ships_with_the_package() -> None:
     assert flags["-tp"] is True
     assert normalize_flag("--max_num_seqs=4") == "--max-num-seqs"
     assert normalize_flag("-O3") == "-O" and normalize_flag("-1") is None
+
+
+def _items(data: dict, key: str) -> set[str]:
+    return {k for item in data.get(key) or [] for k in item}
+
+
+def test_json_keys_of_the_machine_and_model_commands_are_listed_in_help(
+    tiny_model, fake_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import run_cli
+    from tests.test_gpu_info import FakeGpu, make_fake_nvml
+
+    gib = 1024**3
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_nvml(
+        [FakeGpu("NVIDIA H100", 80 * gib, 30 * gib, procs=[(1, 20 * gib)])]))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    cases = {
+        "disk": (["disk", "--json"],
+                 lambda d: set(d) | _items(d, "locations") | _items(d, "cached_models")),
+        "gpus": (["gpus", "--json"],
+                 lambda d: set(d) | _items(d, "gpus")
+                 | {k for g in d["gpus"] for k in _items(g, "processes")}),
+        "setup": (["setup", "--json"],
+                  lambda d: set(d) | _items(d, "checks") | _items(d, "orphans")),
+        "estimate": (["estimate", str(tiny_model), "--json"], set),
+        "verify": (["verify", str(tiny_model), "--json"],
+                   lambda d: set(d) | _items(d, "problems")),
+    }
+    for command, (args, keys_of) in cases.items():
+        code, out, err = run_cli(*args)
+        assert out.strip(), f"{command}: {err}"
+        missing = keys_of(json.loads(out)) - _json_section(command)
+        assert not missing, f"`{command} --help` does not list {sorted(missing)}"

@@ -357,7 +357,8 @@ def test_leftovers_of_an_exited_server_show_their_gpu_memory(
 ) -> None:
     """SIGKILL of the API server leaves its EngineCore holding GPU memory: `status` shows
     the memory, `setup` names the leftover and `stop` ends it."""
-    from cmw_vllm.server_manager import group_members, read_record
+    from cmw_vllm.server_manager import group_members
+    from cmw_vllm.server_record import read_record
     from tests.conftest import alive_pids, free_port, run_cli, wait_for_state
 
     code, _out, err = run_cli("start", str(model_dir), "--name", "left", "--port",

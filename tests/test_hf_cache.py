@@ -164,7 +164,7 @@ def test_hf_cache_imports_nothing_of_the_package_and_verify_not_download() -> No
     assert "model_verifier" in _package_imports("model_downloader")
 
 
-def test_hub_errors_are_not_needed_to_read_the_cache() -> None:
+def test_reading_the_cache_imports_no_huggingface_hub() -> None:
     code = ("import sys, cmw_vllm.hf_cache as c; c.hub_cache_dir(); c.is_cached('a/b'); "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('huggingface'))))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True,

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cmw_vllm.server_manager import read_record
+from cmw_vllm.server_record import read_record
 from tests.conftest import free_port, wait_for_state
 from tests.conftest import run_cli as run
 

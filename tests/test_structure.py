@@ -151,3 +151,14 @@ def test_nothing_raises_the_base_error_class() -> None:
             if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("CmwVllmError"):
                 offenders.append(f"{name}:{node.lineno}")
     assert not offenders
+
+
+def _is_cli(module: str) -> bool:
+    leaf = module.rsplit(".", 1)[-1]
+    return leaf in ("cli", "__main__") or leaf.startswith("cli_")
+
+
+def test_the_core_never_imports_the_cli() -> None:
+    upward = {name: sorted(d for d in deps if _is_cli(d))
+              for name, deps in import_graph().items() if not _is_cli(name)}
+    assert not {name: deps for name, deps in upward.items() if deps}

@@ -5,7 +5,9 @@ process (like EngineCore) in its process group, and serves /health, /v1/models a
 completion. ``FAKE_VLLM_MODE`` picks a behaviour: ``ok`` (default), ``oom`` (dies during
 start with vLLM's KV-cache message), ``ignore_term`` (ignores SIGTERM), ``die_after_ready``
 (exits 3 shortly after being ready), ``exit0_after_ready`` (exits 0 then, like vLLM when
-its engine dies), ``hang`` (accepts connections, never answers).
+its engine dies), ``hang`` (accepts connections, never answers), ``hang_post`` (healthy,
+but never answers a POST). A POST's answer echoes the ``Authorization`` and ``X-Api-Key``
+headers it got (``seen_headers``).
 ``FAKE_VLLM_DELAY`` is the load time in seconds, ``FAKE_VLLM_DIE_AFTER`` the seconds of
 readiness before the ``*_after_ready`` exits, ``FAKE_VLLM_GEN_SECONDS`` how long one
 completion takes. Like vLLM, ``--shutdown-timeout N`` makes SIGTERM let completions in
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
+            if mode == "hang_post":
+                time.sleep(3600)
             if draining.is_set():
                 self._send(503, {"error": "shutting down"})
                 return
@@ -135,8 +139,11 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 in_flight[0] -= 1
             counter[0] += 1
+            seen = {k.lower(): v for k, v in self.headers.items()
+                    if k.lower() in ("authorization", "x-api-key")}
             self._send(200, {"choices": [{"message": {"role": "assistant", "content": "hi"}}],
-                             "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+                             "seen_headers": seen})
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     log(f"Starting vLLM server on http://{args.host}:{args.port}")

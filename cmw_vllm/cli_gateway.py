@@ -1,0 +1,105 @@
+"""CLI command ``gateway``: one OpenAI endpoint for every model (see :mod:`cmw_vllm.gateway`)."""
+
+from __future__ import annotations
+
+import click
+
+from cmw_vllm.cli_common import echo_err, echo_json
+from cmw_vllm.errors import UsageError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(1, 65535), default=4000, show_default=True,
+              help="Port to listen on.")
+@click.option("--name", default="gateway", show_default=True,
+              help="Its name in `status` and `stop`.")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=600.0,
+              show_default=True,
+              help="Stop a server the gateway started after this many seconds without "
+              "requests (0: never). A models.toml entry's idle_timeout overrides it.")
+@click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Seconds a request waits for its model to start (503 "
+              "with Retry-After after that).")
+@click.option("--queue-limit", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Requests that may wait for one model to start (429 beyond).")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0,
+              show_default=True, help="Largest request body in MiB (413 beyond).")
+@click.option("--upstream-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=600.0, show_default=True,
+              help="Seconds a server may send nothing before the request is given up.")
+@click.option("--adopt", is_flag=True,
+              help="Also idle-stop and evict servers started by hand (default: never touched).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False),
+              help="File of gateway API keys, one per line, mode 0600 (or "
+              "CMW_VLLM_GATEWAY_API_KEY_FILE; keys also from CMW_VLLM_GATEWAY_API_KEYS).")
+@click.option("-d", "--background", is_flag=True,
+              help="Run detached; `cmw-vllm status` shows it, `cmw-vllm stop NAME` stops it.")
+@click.option("--json", "as_json", is_flag=True, help="With --background: print JSON.")
+def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout: float,
+            queue_limit: int, max_body_mb: float, upstream_timeout: float, adopt: bool,
+            api_key_file: str | None, background: bool, as_json: bool) -> None:
+    """Serve every model on one OpenAI-compatible endpoint, starting them on demand.
+
+    A request's `model` picks the server: a running server's name or served name, else a
+    registry alias or models.toml entry, which is started (one start however many requests
+    wait) and stopped again after --idle-timeout without requests. Servers started by hand
+    are used but never stopped (unless --adopt). When a model does not fit, idle servers the
+    gateway started are stopped, least recently used first. Unknown models get a 404.
+
+    \b
+    Examples:
+      cmw-vllm gateway
+      cmw-vllm gateway --port 4000 --idle-timeout 300 -d
+      CMW_VLLM_GATEWAY_API_KEYS=sk-mine cmw-vllm gateway --host 0.0.0.0
+      curl localhost:4000/v1/models
+    """
+    import logging
+    import os
+
+    from cmw_vllm.gateway.settings import LOOPBACK, GatewaySettings, load_api_keys
+    from cmw_vllm.settings import api_key
+    from cmw_vllm.vocab import validate_name
+
+    validate_name(name)
+    if as_json and not background:
+        raise UsageError("--json goes with --background")
+    settings = GatewaySettings(
+        host=host, port=port, name=name, idle_timeout=idle_timeout,
+        start_timeout=start_timeout, queue_limit=queue_limit,
+        max_body_bytes=int(max_body_mb * 1024 * 1024), upstream_timeout=upstream_timeout,
+        adopt=adopt, api_keys=load_api_keys(api_key_file), upstream_key=api_key(),
+    )
+    if host not in LOOPBACK and not settings.api_keys:
+        echo_err(f"Warning: binding to {host} without a gateway API key: anyone who can reach "
+                 "this machine can use every model (set CMW_VLLM_GATEWAY_API_KEYS or "
+                 "--api-key-file).")
+    if background:
+        from cmw_vllm.gateway.service import start_background
+
+        argv = ["--host", host, "--port", str(port), "--name", name,
+                "--idle-timeout", str(idle_timeout), "--start-timeout", str(start_timeout),
+                "--queue-limit", str(queue_limit), "--max-body-mb", str(max_body_mb),
+                "--upstream-timeout", str(upstream_timeout)]
+        if adopt:
+            argv.append("--adopt")
+        if api_key_file:
+            argv += ["--api-key-file", os.path.abspath(api_key_file)]
+        result = start_background(settings, argv)
+        if as_json:
+            echo_json({"name": result.name, "pid": result.pid, "url": result.url,
+                       "log": result.log_path})
+        else:
+            click.echo(f"Gateway {name!r} is running (pid {result.pid}) on {result.url}/v1")
+            click.echo(f"  Log:  {result.log_path}")
+            click.echo(f"  Stop: cmw-vllm stop {name}")
+        return
+    from cmw_vllm.gateway.service import run_foreground
+
+    gateway_logger = logging.getLogger("cmw_vllm")
+    if gateway_logger.level > logging.INFO and not os.environ.get("LOG_LEVEL"):
+        gateway_logger.setLevel(logging.INFO)
+    run_foreground(settings)
+
+
+COMMANDS: list[click.Command] = [gateway]

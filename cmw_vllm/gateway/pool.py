@@ -1,0 +1,514 @@
+"""The servers behind the gateway: routing table, single-flight starts, idle stop, eviction.
+
+Everything here runs on the gateway's event loop; the blocking work (reading records,
+starting and stopping servers through :class:`~cmw_vllm.server_manager.ServerManager`,
+the memory preflight) runs in worker threads. Because state only changes on the loop, a
+check and the change it gates happen together: a server is marked ``stopping`` in the same
+step that finds it idle, so no request can slip in between (llama-swap #946), and a request
+that meets a stopping server waits for the stop to end and then starts the model again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cmw_vllm.errors import (
+    CmwVllmError,
+    ConflictError,
+    InsufficientResourcesError,
+)
+from cmw_vllm.errors import GatewayRefusal as Refusal
+from cmw_vllm.gateway.metrics import Metrics
+from cmw_vllm.gateway.settings import GATEWAY_TASK, GatewaySettings
+
+if TYPE_CHECKING:
+    from cmw_vllm.model_registry import ModelEntry
+    from cmw_vllm.server_config import ServerConfig
+    from cmw_vllm.server_manager import ServerManager
+
+logger = logging.getLogger(__name__)
+
+# Backend states.
+READY = "running"
+STARTING = "starting"
+DRAINING = "draining"  # no new requests; stopped once the last one ends
+STOPPING = "stopping"
+UNHEALTHY = "unhealthy"
+STARTABLE = "startable"  # an entry with no server (``/v1/models`` only)
+
+
+@dataclass(eq=False)
+class Backend:
+    """One managed server the gateway can send requests to."""
+
+    name: str
+    base_url: str
+    names: tuple[str, ...]
+    owned: bool
+    pid: int
+    ttl: float
+    state: str = READY
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+@dataclass
+class Scanned:
+    """A running server as its record tells it (read in a worker thread)."""
+
+    name: str
+    base_url: str
+    names: tuple[str, ...]
+    pid: int
+
+
+FitCheck = Callable[["ServerConfig"], Any]
+Probe = Callable[[str], Awaitable[bool]]
+
+
+def _served_names(record: Any) -> tuple[str, ...]:
+    from pydantic import ValidationError
+
+    from cmw_vllm.server_config import ServerConfig
+
+    try:
+        return tuple(ServerConfig(**record.config).served_names())
+    except (ValidationError, TypeError):
+        return (record.served_model_name,)
+
+
+def scan_servers(manager: ServerManager) -> list[Scanned]:
+    """Every managed vLLM server whose process is alive (gateways left out)."""
+    out = []
+    for status in manager.list_status(check_health=False):
+        rec = status.record
+        if status.running and rec is not None and rec.task != GATEWAY_TASK:
+            out.append(Scanned(rec.name, rec.base_url, _served_names(rec), rec.pid))
+    return out
+
+
+def default_fit_check(config: ServerConfig) -> Any:
+    """The preflight ``start`` runs: raises InsufficientResourcesError when it won't fit."""
+    from cmw_vllm.memory_check import preflight
+
+    return preflight(config)
+
+
+class Pool:
+    """The gateway's view of the servers, and what it does to them.
+
+    Args:
+        settings: The gateway's settings.
+        metrics: Where to count starts, stops, evictions.
+        manager: Starts and stops servers (default: a new ServerManager).
+        fit_check: Raises InsufficientResourcesError when a config cannot fit now.
+        probe: ``await probe(base_url)`` is True when the server's ``/health`` answers 200.
+    """
+
+    def __init__(self, settings: GatewaySettings, metrics: Metrics, *,
+                 manager: ServerManager | None = None, fit_check: FitCheck | None = None,
+                 probe: Probe | None = None) -> None:
+        if manager is None:
+            from cmw_vllm.server_manager import ServerManager
+
+            manager = ServerManager()
+        self.settings = settings
+        self.metrics = metrics
+        self.manager = manager
+        self.fit_check = fit_check or default_fit_check
+        self.probe = probe
+        self.backends: dict[str, Backend] = {}
+        self.by_model: dict[str, Backend] = {}
+        self.entries: dict[str, ModelEntry] = {}
+        self.waiting: dict[str, int] = defaultdict(int)
+        self._starts: dict[str, asyncio.Task[Backend]] = {}
+        self._launch_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._entries_mtime: float | None = -1.0
+        self._forgotten: dict[str, float] = {}
+        self._closing = False
+
+    # ----------------------------------------------------------------- routing table
+
+    def _reindex(self) -> None:
+        by_model: dict[str, Backend] = {}
+        for backend in self.backends.values():
+            for served in backend.names:
+                by_model.setdefault(served, backend)
+        self.by_model = by_model
+
+    async def refresh(self) -> None:
+        """Re-read the records: add servers started elsewhere, drop those that are gone."""
+        scan_began = time.monotonic()
+        scanned = await asyncio.to_thread(scan_servers, self.manager)
+        await self._reload_entries()
+        seen = set()
+        for item in scanned:
+            seen.add(item.name)
+            if item.name in self._starts or item.name in self.backends:
+                continue
+            if self._forgotten.get(item.name, -1.0) >= scan_began:
+                continue  # stopped while the scan ran: its record was read before that
+            ok = await self.probe(item.base_url) if self.probe else True
+            backend = Backend(item.name, item.base_url, item.names, owned=False,
+                              pid=item.pid, ttl=self._ttl_for(item.name),
+                              state=READY if ok else UNHEALTHY)
+            self.backends[item.name] = backend
+            logger.info("found server %s at %s (%s)", item.name, item.base_url, backend.state)
+        for name, backend in list(self.backends.items()):
+            if name not in seen and backend.state in (READY, UNHEALTHY) \
+                    and name not in self._starts:
+                logger.info("server %s is gone", name)
+                self._forget(backend)
+        self._reindex()
+
+    async def _reload_entries(self) -> None:
+        """Re-read the registry when the models file changed."""
+        from cmw_vllm import paths
+
+        try:
+            mtime: float | None = paths.user_models_file().stat().st_mtime
+        except OSError:
+            mtime = None
+        if mtime == self._entries_mtime:
+            return
+        from cmw_vllm.model_registry import all_entries
+
+        try:
+            self.entries = await asyncio.to_thread(all_entries)
+        except CmwVllmError as exc:
+            logger.error("models file ignored: %s", exc.message)
+            return
+        self._entries_mtime = mtime
+
+    def _forget(self, backend: Backend) -> None:
+        if self.backends.get(backend.name) is backend:
+            del self.backends[backend.name]
+        self._forgotten[backend.name] = time.monotonic()
+        backend.gone.set()
+        self._reindex()
+
+    def entry_for(self, model: str) -> ModelEntry | None:
+        """The registry or models-file entry a request's ``model`` names (alias or id)."""
+        entry = self.entries.get(model)
+        if entry is not None:
+            return entry
+        for candidate in self.entries.values():
+            if candidate.model == model:
+                return candidate
+        return None
+
+    def _ttl_for(self, name: str) -> float:
+        entry = self.entries.get(name)
+        ttl = getattr(entry, "idle_timeout", None) if entry is not None else None
+        return float(ttl) if ttl is not None else self.settings.idle_timeout
+
+    def sole_backend(self) -> Backend | None:
+        """The only server, for requests that name no model (None when not exactly one)."""
+        live = [b for b in self.backends.values() if b.state == READY]
+        return live[0] if len(live) == 1 else None
+
+    # ----------------------------------------------------------------- requests
+
+    async def acquire(self, model: str) -> Backend:
+        """A ready server for ``model``, counted in flight; start it first when needed.
+
+        Raises:
+            Refusal: Unknown model (404), queue full (429), start failed or too slow,
+                server unhealthy (503).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.start_timeout
+        refreshed = False
+        while True:
+            backend = self.by_model.get(model)
+            if backend is not None:
+                if backend.state == READY:
+                    backend.in_flight += 1
+                    backend.idle.clear()
+                    return backend
+                if backend.state == UNHEALTHY:
+                    raise Refusal(503, f"server {backend.name!r} is unhealthy", retry_after=5)
+                # Draining or stopping: wait until it is gone, then start it again.
+                await self._wait(backend.gone.wait(), deadline, model)
+                continue
+            entry = self.entry_for(model)
+            if entry is None:
+                if not refreshed:
+                    refreshed = True
+                    await self.refresh()
+                    continue
+                raise Refusal(404, f"The model `{model}` does not exist.", "NotFoundError")
+            await self._join_start(entry, deadline, model)
+
+    def release(self, backend: Backend) -> None:
+        """A request ended: the idle clock of its server starts now."""
+        backend.in_flight -= 1
+        backend.last_used = time.monotonic()
+        if backend.in_flight <= 0:
+            backend.in_flight = 0
+            backend.idle.set()
+
+    def mark_unhealthy(self, backend: Backend) -> None:
+        """The server refused a connection: send it nothing until a health check passes."""
+        if backend.state == READY:
+            backend.state = UNHEALTHY
+            logger.warning("server %s does not answer; marked unhealthy", backend.name)
+
+    async def _wait(self, awaitable: Awaitable[Any], deadline: float, model: str) -> Any:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(awaitable, max(remaining, 0.001))
+        except TimeoutError:
+            self.metrics.rejected[(self.label_for(model), "start_timeout")] += 1
+            raise Refusal(503, f"model `{model}` is not ready after "
+                          f"{self.settings.start_timeout:g}s; it keeps starting",
+                          retry_after=10) from None
+
+    def label_for(self, model: str) -> str:
+        """The metrics label of ``model``: its server's name, else ``unknown``."""
+        backend = self.by_model.get(model)
+        if backend is not None:
+            return backend.name
+        entry = self.entry_for(model)
+        return entry.alias if entry is not None else "unknown"
+
+    # ----------------------------------------------------------------- starts
+
+    async def _join_start(self, entry: ModelEntry, deadline: float, model: str) -> None:
+        name = entry.alias
+        if self.waiting[name] >= self.settings.queue_limit:
+            self.metrics.rejected[(name, "queue_full")] += 1
+            raise Refusal(429, f"too many requests are waiting for `{model}` to start "
+                          f"(limit {self.settings.queue_limit})", "RateLimitError",
+                          retry_after=5)
+        task = self._starts.get(name)
+        if task is None:
+            task = asyncio.create_task(self._start(entry))
+            self._starts[name] = task
+            task.add_done_callback(lambda t: self._start_done(name, t))
+        self.waiting[name] += 1
+        try:
+            await self._wait(asyncio.shield(task), deadline, model)
+        except Refusal:
+            raise
+        except CmwVllmError as exc:
+            raise Refusal(503, f"starting `{model}` failed: {exc.message}",
+                          "ServerStartError", retry_after=10, hint=exc.hint) from None
+        finally:
+            self.waiting[name] -= 1
+            if not self.waiting[name]:
+                del self.waiting[name]
+
+    def _start_done(self, name: str, task: asyncio.Task[Backend]) -> None:
+        if self._starts.get(name) is task:
+            del self._starts[name]
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.start_failures[name] += 1
+
+    @staticmethod
+    def _config_for(entry: ModelEntry) -> ServerConfig:
+        from cmw_vllm.model_registry import resolve_target
+        from cmw_vllm.server_config import resolve_server_config
+
+        target = resolve_target(entry.alias)
+        return resolve_server_config(target.model, entry_settings=target.settings,
+                                     environ=os.environ)
+
+    async def _start(self, entry: ModelEntry) -> Backend:
+        name = entry.alias
+        config = await asyncio.to_thread(self._config_for, entry)
+        async with self._launch_lock:
+            if self._closing:
+                raise ConflictError("the gateway is shutting down")
+            logger.info("starting %s (%s) on demand", name, config.model)
+            begin = time.monotonic()
+            await self._make_room(config)
+            self.metrics.starts[name] += 1
+            result = await asyncio.to_thread(
+                self.manager.start, config, wait=True, auto_port=True, check_resources=False)
+            self.metrics.start_duration.observe(name, time.monotonic() - begin)
+        record = result.record
+        backend = Backend(name, record.base_url, tuple(config.served_names()),
+                          owned=not result.already_running, pid=record.pid,
+                          ttl=self._ttl_for(name))
+        self.backends[name] = backend
+        self._reindex()
+        logger.info("%s is ready at %s (%.1fs)", name, record.base_url,
+                    time.monotonic() - begin)
+        return backend
+
+    async def _make_room(self, config: ServerConfig) -> None:
+        """Evict idle servers the gateway started, least recently used first, until the
+        preflight says ``config`` fits; wait for the memory to come back after each.
+
+        Raises:
+            InsufficientResourcesError: It does not fit and nothing is left to evict.
+        """
+        while True:
+            try:
+                await asyncio.to_thread(self.fit_check, config)
+                return
+            except InsufficientResourcesError:
+                victim = self._pick_victim(exclude=config.name)
+                if victim is None:
+                    raise
+            logger.info("%s does not fit; evicting %s", config.name, victim.name)
+            self.metrics.evictions[victim.name] += 1
+            await self.stop_backend(victim, "evict")
+            if await self._wait_fits(config):
+                return
+
+    async def _wait_fits(self, config: ServerConfig) -> bool:
+        """Poll the preflight until it passes or ``memory_wait`` ends (memory comes back
+        late on some drivers, after the processes are gone)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.memory_wait
+        while True:
+            try:
+                await asyncio.to_thread(self.fit_check, config)
+                return True
+            except InsufficientResourcesError:
+                if loop.time() >= deadline:
+                    return False
+            await asyncio.sleep(0.25)
+
+    def _may_manage(self, backend: Backend) -> bool:
+        return backend.owned or self.settings.adopt
+
+    def _pick_victim(self, exclude: str) -> Backend | None:
+        candidates = [b for b in self.backends.values()
+                      if self._may_manage(b) and b.name != exclude
+                      and b.state in (READY, UNHEALTHY)]
+        if not candidates:
+            return None
+        # Idle ones first, then least recently used.
+        return min(candidates, key=lambda b: (b.in_flight > 0, b.last_used))
+
+    # ----------------------------------------------------------------- stops
+
+    async def stop_backend(self, backend: Backend, reason: str) -> None:
+        """Drain ``backend`` (no new requests, wait for those in flight), then stop it."""
+        if backend.state in (DRAINING, STOPPING):
+            await backend.gone.wait()
+            return
+        backend.state = DRAINING
+        await backend.idle.wait()
+        backend.state = STOPPING
+        await self._stop_marked(backend, reason)
+
+    def idle_tick(self, now: float | None = None) -> list[Backend]:
+        """Mark the servers that have been idle too long as stopping; return them.
+
+        A server with requests in flight is never chosen; the mark and the check happen in
+        one step on the loop.
+        """
+        now = time.monotonic() if now is None else now
+        chosen = []
+        for backend in list(self.backends.values()):
+            if not self._may_manage(backend) or backend.ttl <= 0:
+                continue
+            if backend.state not in (READY, UNHEALTHY) or backend.in_flight:
+                continue
+            if now - backend.last_used >= backend.ttl:
+                backend.state = STOPPING
+                chosen.append(backend)
+        return chosen
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def idle_loop(self, interval: float = 1.0) -> None:
+        """Stop idle servers every ``interval`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            for backend in self.idle_tick():
+                self._spawn(self._stop_marked(backend, "idle"))
+
+    async def _stop_marked(self, backend: Backend, reason: str) -> None:
+        """Stop a server already marked stopping; forget it whatever happens."""
+        logger.info("stopping %s (%s)", backend.name, reason)
+        try:
+            await asyncio.to_thread(self.manager.stop, backend.name)
+            self.metrics.stops[(backend.name, reason)] += 1
+        except CmwVllmError as exc:
+            logger.error("stopping %s failed: %s", backend.name, exc.message)
+        finally:
+            self._forget(backend)
+
+    async def health_loop(self) -> None:
+        """Re-read the records and check every server's health, until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            try:
+                await self.refresh()
+                await self.check_health()
+            except CmwVllmError as exc:
+                logger.warning("health round failed: %s", exc.message)
+
+    async def check_health(self) -> None:
+        """Probe ready and unhealthy servers; no new requests go to those that fail."""
+        if self.probe is None:
+            return
+        targets = [b for b in self.backends.values() if b.state in (READY, UNHEALTHY)]
+        results = await asyncio.gather(*(self.probe(b.base_url) for b in targets))
+        for backend, ok in zip(targets, results, strict=True):
+            if backend.state not in (READY, UNHEALTHY):
+                continue
+            new = READY if ok else UNHEALTHY
+            if new != backend.state:
+                logger.warning("server %s is now %s", backend.name, new)
+                backend.state = new
+
+    async def shutdown(self) -> None:
+        """Stop the servers this gateway started (draining them first)."""
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        owned = [b for b in self.backends.values() if b.owned]
+        # A server still starting would be left behind: stop it too (its start then fails).
+        starting = [name for name in self._starts if name not in self.backends]
+        await asyncio.gather(
+            *(self.stop_backend(b, "shutdown") for b in owned),
+            *(asyncio.to_thread(self.manager.stop, name) for name in starting),
+            return_exceptions=True)
+
+    # ----------------------------------------------------------------- listing
+
+    def listing(self) -> list[dict[str, Any]]:
+        """``/v1/models`` data: every server and every startable entry, with its state."""
+        created = int(time.time())
+        out: list[dict[str, Any]] = []
+        listed: set[str] = set()
+        for backend in sorted(self.backends.values(), key=lambda b: b.name):
+            out.append({"id": backend.name, "object": "model", "created": created,
+                        "owned_by": "cmw-vllm", "state": backend.state,
+                        "aliases": [n for n in backend.names if n != backend.name],
+                        "in_flight": backend.in_flight, "started_by_gateway": backend.owned})
+            listed.update((backend.name, *backend.names))
+        for alias, entry in sorted(self.entries.items()):
+            if alias in listed:
+                continue
+            state = STARTING if alias in self._starts else STARTABLE
+            out.append({"id": alias, "object": "model", "created": created,
+                        "owned_by": "cmw-vllm", "state": state, "aliases": [entry.model],
+                        "task": str(entry.task)})
+        return out
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests in flight per server (for ``/metrics``)."""
+        return {b.name: b.in_flight for b in self.backends.values()}

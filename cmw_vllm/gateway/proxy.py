@@ -1,0 +1,310 @@
+"""The gateway's HTTP side: aiohttp server and client, routing, auth, streaming.
+
+aiohttp's defaults are changed where they hurt a proxy: the request body limit (1 MiB) is
+the gateway's ``max_body_bytes``, the client's connection cap (100) is lifted, its 300 s
+total timeout is replaced by a per-read timeout (long generations are fine, a silent server
+is not), and handler cancellation is on, so a client that goes away cancels the handler and
+closes the upstream request at once, and vLLM stops generating for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cmw_vllm.errors import GatewayRefusal as Refusal
+from cmw_vllm.gateway.metrics import Metrics
+from cmw_vllm.gateway.pool import Backend, Pool
+from cmw_vllm.gateway.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+# vLLM's inference routes (0.32). Admin and dev routes (/sleep, /pause, weight updates,
+# LoRA loading, profiling) are not forwarded: a gateway key must not reach them.
+FORWARD_PATHS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+    "/v1/rerank", "/v1/score", "/v1/audio/transcriptions", "/v1/audio/translations",
+    "/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions/render",
+    "/v1/completions/render", "/v1/responses/render", "/v1/messages/render",
+    "/v2/embed", "/v2/rerank", "/cohere/v2/chat", "/tokenize", "/detokenize", "/pooling",
+    "/classify", "/score", "/rerank", "/invocations", "/generative_scoring",
+    "/inference/v1/generate",
+})
+RESPONSE_ID_PATH = re.compile(r"/v1/responses/[A-Za-z0-9_-]{1,200}(/cancel)?")
+# Headers that belong to one connection (RFC 9110 7.6.1), the client's credentials, and
+# those aiohttp computes itself.
+DROP_REQUEST = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
+    "expect",
+})
+DROP_RESPONSE = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "server", "date",
+})
+WHOLE_BODY_LIMIT = 1 << 20  # upstream answers up to this size are relayed in one write
+MULTIPART_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,512})\r\n')
+
+POOL_KEY: web.AppKey[Pool] = web.AppKey("pool", Pool)
+SESSION_KEY: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
+SETTINGS_KEY: web.AppKey[GatewaySettings] = web.AppKey("settings", GatewaySettings)
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+
+
+def error_response(status: int, message: str, kind: str, retry_after: int | None = None,
+                   hint: str | None = None) -> web.Response:
+    """An OpenAI-style error body."""
+    error: dict[str, Any] = {"message": message, "type": kind, "param": None, "code": status}
+    if hint:
+        error["hint"] = hint
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response({"error": error}, status=status, headers=headers)
+
+
+def _key_ok(request: web.Request, keys: frozenset[str]) -> bool:
+    given = request.headers.get("Authorization", "")
+    token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+    token = token or request.headers.get("x-api-key", "").strip()
+    if not token:
+        return False
+    encoded = token.encode()
+    return any(hmac.compare_digest(encoded, key.encode()) for key in keys)
+
+
+def _model_of(body: bytes, content_type: str, request: web.Request) -> str | None:
+    """The ``model`` a request names: JSON body, multipart field, or ``?model=``."""
+    if body.lstrip()[:1] == b"{":
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise Refusal(400, "the request body is not valid JSON",
+                          "BadRequestError") from None
+        model = data.get("model") if isinstance(data, dict) else None
+        if model is not None and not isinstance(model, str):
+            raise Refusal(400, "`model` must be a string", "BadRequestError")
+        if model:
+            return model
+    elif content_type.startswith("multipart/form-data"):
+        found = MULTIPART_MODEL.search(body)
+        if found:
+            return found.group(1).decode("utf-8", errors="replace")
+    return request.query.get("model") or None
+
+
+def _forward_headers(request: web.Request, upstream_key: str | None) -> dict[str, str]:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in DROP_REQUEST}
+    if upstream_key:
+        headers["Authorization"] = f"Bearer {upstream_key}"
+    return headers
+
+
+def _reply_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    return {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE}
+
+
+class Handlers:
+    """The route handlers of one gateway app."""
+
+    def __init__(self, settings: GatewaySettings, pool: Pool, metrics: Metrics) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+
+    async def health(self, request: web.Request) -> web.Response:
+        """The gateway's own health: 200 while it serves."""
+        return web.json_response({"status": "ok"})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        """Prometheus metrics of the gateway itself."""
+        text = self.metrics.render(self.pool.in_flight(), dict(self.pool.waiting))
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    async def models(self, request: web.Request) -> web.Response:
+        """Every model the gateway can serve, with its state."""
+        await self.pool.refresh()
+        return web.json_response({"object": "list", "data": self.pool.listing()})
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        """Route one request by its model to a server, starting the server when needed."""
+        begin = time.monotonic()
+        model: str | None = None
+        try:
+            body = await self._read_body(request)
+            model = _model_of(body, request.content_type, request)
+            if model is None:
+                sole = self.pool.sole_backend()
+                if sole is None:
+                    raise Refusal(400, "the request names no `model` (body field or ?model=)",
+                                  "BadRequestError")
+                model = sole.names[0]
+            backend = await self.pool.acquire(model)
+        except Refusal as refusal:
+            label = self.pool.label_for(model) if model and refusal.status != 404 else "unknown"
+            self.metrics.request_done(label, refusal.status, time.monotonic() - begin)
+            return error_response(refusal.status, refusal.message, refusal.kind,
+                                  refusal.retry_after, refusal.hint)
+        status = 499  # client closed the request (nginx's code) unless we learn otherwise
+        try:
+            response = await self._forward(request, backend, body)
+            status = response.status
+            return response
+        except Refusal as refusal:
+            status = refusal.status
+            return error_response(refusal.status, refusal.message, refusal.kind,
+                                  refusal.retry_after)
+        finally:
+            self.pool.release(backend)
+            self.metrics.request_done(backend.name, status, time.monotonic() - begin)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise Refusal(413, f"request body of {request.content_length} bytes is over the "
+                          f"gateway's limit of {limit} bytes", "RequestTooLargeError")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise Refusal(413, f"request body is over the gateway's limit of {limit} bytes",
+                          "RequestTooLargeError") from None
+
+    async def _forward(self, request: web.Request, backend: Backend,
+                       body: bytes) -> web.StreamResponse:
+        assert self.session is not None
+        url = backend.base_url + request.rel_url.raw_path_qs
+        headers = _forward_headers(request, self.settings.upstream_key)
+        try:
+            upstream = await self.session.request(request.method, url, data=body or None,
+                                                  headers=headers, allow_redirects=False)
+        except aiohttp.ClientConnectorError:
+            self.pool.mark_unhealthy(backend)
+            raise Refusal(502, f"server {backend.name!r} does not answer", "BadGatewayError",
+                          retry_after=5) from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise Refusal(504, f"server {backend.name!r} sent nothing for "
+                          f"{self.settings.upstream_timeout:g}s", "GatewayTimeoutError") from None
+        except aiohttp.ClientError as exc:
+            raise Refusal(502, f"server {backend.name!r} failed: {type(exc).__name__}",
+                          "BadGatewayError") from None
+        try:
+            return await self._relay(request, upstream)
+        except BaseException:
+            upstream.close()  # close the connection: vLLM aborts the generation
+            raise
+        finally:
+            upstream.release()
+
+    async def _relay(self, request: web.Request,
+                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        headers = _reply_headers(upstream)
+        length = upstream.content_length
+        streaming = "text/event-stream" in upstream.headers.get("Content-Type", "")
+        if not streaming and length is not None and length <= WHOLE_BODY_LIMIT:
+            try:
+                data = await upstream.read()
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                raise Refusal(504, "the server stopped sending", "GatewayTimeoutError") \
+                    from None
+            return web.Response(body=data, status=upstream.status, headers=headers)
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        response.headers["X-Accel-Buffering"] = "no"
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (TimeoutError, aiohttp.ServerTimeoutError, aiohttp.ClientPayloadError):
+            # Headers are gone already: all we can do is cut the stream short.
+            logger.warning("upstream stream for %s broke off", request.path)
+            upstream.close()
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+
+
+@web.middleware
+async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    keys = request.app[SETTINGS_KEY].api_keys
+    if keys and request.path != "/health" and not _key_ok(request, keys):
+        return error_response(401, "a valid gateway API key is required (Authorization: "
+                              "Bearer KEY or x-api-key)", "AuthenticationError")
+    return await handler(request)
+
+
+async def _not_forwarded(request: web.Request) -> web.Response:
+    return error_response(404, f"{request.method} {request.path} is not served by the gateway",
+                          "NotFoundError")
+
+
+def build_app(settings: GatewaySettings, pool: Pool | None = None,
+              metrics: Metrics | None = None) -> web.Application:
+    """The gateway's aiohttp application (background tasks start with it).
+
+    Args:
+        settings: The gateway's settings.
+        pool: The servers behind it (default: a Pool over the managed servers).
+        metrics: Its metrics (default: fresh).
+    """
+    metrics = metrics or (pool.metrics if pool is not None else Metrics())
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[_auth_middleware])
+    handlers = Handlers(settings, pool or Pool(settings, metrics), metrics)
+    handlers.pool.metrics = metrics
+    app[SETTINGS_KEY] = settings
+    app[POOL_KEY] = handlers.pool
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/metrics", handlers.metrics_text)
+    app.router.add_get("/v1/models", handlers.models)
+    for path in sorted(FORWARD_PATHS):
+        app.router.add_route("POST", path, handlers.proxy)
+    app.router.add_route("GET", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}", handlers.proxy)
+    app.router.add_route("POST", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}/cancel",
+                         handlers.proxy)
+    app.router.add_route("*", "/{tail:.*}", _not_forwarded)
+
+    async def lifecycle(app: web.Application) -> Any:
+        connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0,
+                                         ttl_dns_cache=None, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                        sock_read=settings.upstream_timeout)
+        session = aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                        skip_auto_headers=("User-Agent",))
+        handlers.session = session
+        app[SESSION_KEY] = session
+        pool = handlers.pool
+        if pool.probe is None:
+            pool.probe = _prober(session)
+        await pool.refresh()
+        tasks = [asyncio.create_task(pool.idle_loop()), asyncio.create_task(pool.health_loop())]
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pool.shutdown()
+        await session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def _prober(session: aiohttp.ClientSession) -> Any:
+    async def probe(base_url: str) -> bool:
+        try:
+            async with session.get(base_url + "/health",
+                                   timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    return probe

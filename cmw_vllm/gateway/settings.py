@@ -1,0 +1,123 @@
+"""The gateway's options and its API keys.
+
+Keys come from the environment (``CMW_VLLM_GATEWAY_API_KEYS``, comma-separated) or from a
+file readable by its owner only (``--api-key-file`` or ``CMW_VLLM_GATEWAY_API_KEY_FILE``,
+one key per line), never from the command line where ``ps`` would show them.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cmw_vllm.errors import ConfigError
+
+KEYS_ENV = "CMW_VLLM_GATEWAY_API_KEYS"
+KEY_FILE_ENV = "CMW_VLLM_GATEWAY_API_KEY_FILE"
+DEFAULT_PORT = 4000
+DEFAULT_NAME = "gateway"
+# The record's task: marks a gateway among the server records (status, stop).
+GATEWAY_TASK = "gateway"
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """How the gateway behaves.
+
+    Attributes:
+        host: Address to bind.
+        port: Port to listen on.
+        name: Its name among the records (``status``, ``stop NAME``).
+        idle_timeout: Seconds without requests (since the last response ended) after which a
+            server the gateway started is stopped; 0 never. A models-file entry's
+            ``idle_timeout`` overrides it for that model.
+        start_timeout: Seconds a request waits for its model to start before a 503.
+        queue_limit: Requests that may wait for one model's start; more get a 429.
+        max_body_bytes: Largest request body; larger ones get a 413.
+        upstream_timeout: Seconds without a byte from a server before the request is given
+            up (504 before the response started).
+        health_interval: Seconds between health checks of the servers (and record scans).
+        memory_wait: Seconds to wait for memory to come back after stopping a server before
+            evicting the next one.
+        adopt: Also idle-stop and evict servers started by hand.
+        api_keys: Keys a client must present (none: no check).
+        upstream_key: The key sent to the servers (``VLLM_API_KEY``).
+        max_connections: Connection pool cap towards the servers (0: no cap).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    name: str = DEFAULT_NAME
+    idle_timeout: float = 600.0
+    start_timeout: float = 600.0
+    queue_limit: int = 512
+    max_body_bytes: int = 64 * 1024 * 1024
+    upstream_timeout: float = 600.0
+    health_interval: float = 5.0
+    memory_wait: float = 5.0
+    adopt: bool = False
+    api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
+    upstream_key: str | None = field(default=None, repr=False)
+    max_connections: int = 0
+
+    def public(self) -> dict[str, object]:
+        """The settings without secrets (for the record and ``--json``)."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "idle_timeout": self.idle_timeout,
+            "start_timeout": self.start_timeout,
+            "queue_limit": self.queue_limit,
+            "max_body_bytes": self.max_body_bytes,
+            "upstream_timeout": self.upstream_timeout,
+            "adopt": self.adopt,
+            "api_keys": len(self.api_keys),
+        }
+
+
+def read_key_file(path: Path) -> frozenset[str]:
+    """Keys from a file, one per line (``#`` comments and blank lines skipped).
+
+    Raises:
+        ConfigError: The file is missing, unreadable, empty, or readable by others.
+    """
+    try:
+        info = path.stat()
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read API key file {path}: {reason}") from None
+    if os.name != "nt" and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"API key file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o})",
+            hint=f"chmod 600 {path}",
+        )
+    keys = frozenset(
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+    )
+    if not keys:
+        raise ConfigError(f"API key file {path} holds no key")
+    return keys
+
+
+def load_api_keys(key_file: str | None = None, environ: dict[str, str] | None = None
+                  ) -> frozenset[str]:
+    """The gateway's keys: from ``key_file``, else ``$CMW_VLLM_GATEWAY_API_KEY_FILE``, plus
+    ``$CMW_VLLM_GATEWAY_API_KEYS``.
+
+    Raises:
+        ConfigError: A key file is unusable, or a key holds whitespace.
+    """
+    env = os.environ if environ is None else environ
+    keys: set[str] = set()
+    file_name = key_file or env.get(KEY_FILE_ENV)
+    if file_name:
+        keys |= read_key_file(Path(file_name).expanduser())
+    keys |= {k.strip() for k in (env.get(KEYS_ENV) or "").split(",") if k.strip()}
+    for key in keys:
+        if any(c.isspace() for c in key) or not key.isprintable():
+            raise ConfigError("a gateway API key holds whitespace or control characters")
+    return frozenset(keys)

@@ -1,0 +1,57 @@
+"""Run a gateway app on its own event loop in a thread, for in-process tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from cmw_vllm.gateway.metrics import Metrics
+from cmw_vllm.gateway.pool import Pool
+from cmw_vllm.gateway.proxy import build_app
+from cmw_vllm.gateway.settings import GatewaySettings
+
+
+class GatewayThread:
+    """A gateway serving on ``settings.port`` until :meth:`close` (servers it started are
+    stopped then, as on SIGTERM)."""
+
+    def __init__(self, settings: GatewaySettings, **pool_kwargs: Any) -> None:
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self.loop = asyncio.new_event_loop()
+        self.metrics = Metrics()
+        self._ready = threading.Event()
+        self._pool_kwargs = pool_kwargs
+        self.pool: Pool | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("gateway thread did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.pool = Pool(self.settings, self.metrics, **self._pool_kwargs)
+        app = build_app(self.settings, self.pool, self.metrics)
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", self.settings.port)
+        self.loop.run_until_complete(site.start())
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
+        """Run ``coro`` on the gateway's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Shut down like SIGTERM does: drain, stop the servers it started (once)."""
+        if not self._thread.is_alive():
+            return
+        self.call(self.runner.cleanup(), timeout=120)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)

@@ -1,0 +1,328 @@
+"""Every example in README.md is run or checked, so the README cannot drift from the program.
+
+Code blocks are found automatically (indented and fenced); a new example is picked up
+without touching this file. What each kind of example gets:
+
+- ``cmw-vllm ...`` commands are parsed by the real command (options, choices, arguments),
+  and then, in README order:
+  - **run** against the stand-in engine (tests/fake_vllm) in a temp state dir: everything
+    that needs no real model (``status``, ``stop``, ``restart``, ``logs``, ``list``,
+    ``gpus``, ``disk``, ``setup``, ``start ./DIR``, ``--help``). Servers an example names
+    are started first on the stand-in, ports are swapped for free ones (the machine is
+    shared), ``--watch`` and ``-f`` get Ctrl-C after a second (exit 130).
+  - **dry-checked** where a real model is needed: ``start`` of a registry alias or Hub id
+    (the built-in models need a GPU and a Hub download). The alias must exist and the
+    ``vllm serve`` command line it resolves to must use only flags vLLM 0.32 knows.
+  - **parsed only** for ``download``, ``verify`` and ``estimate`` of a Hub model (they need
+    the Hub); local directories are run.
+- ``bash FILE`` must name a file of the repository that bash can parse (``demo.sh`` and
+  ``.ci/run`` install vLLM from PyPI for minutes, so they are not run here);
+  ``python bench/...`` scripts must exist and answer ``--help``; ``pip install`` is skipped
+  (it would change the test environment). Other programs are left alone.
+- File examples: a ```` ```toml ```` block is a ``models.toml``; it must load and its
+  aliases appear in ``cmw-vllm list``. A fenced block in another language fails until this
+  file learns how to check it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cmw_vllm.cli import cli
+from tests.conftest import REPO_ROOT, free_port, spawn_cli
+from tests.shell_examples import cmw_vllm_commands, simple_commands
+
+README = REPO_ROOT / "README.md"
+
+
+@dataclass
+class Block:
+    """One code block of the README."""
+
+    line: int  # 1-based line of its first line
+    lang: str | None  # the fence's language; None for an indented block
+    text: str
+
+
+def code_blocks(text: str) -> list[Block]:
+    """Fenced blocks (with their language) and indented blocks (4 spaces after a blank)."""
+    blocks: list[Block] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        fence = re.match(r"^\s*```(\w*)", line)
+        if fence:
+            end = i + 1
+            while end < len(lines) and not lines[end].lstrip().startswith("```"):
+                end += 1
+            blocks.append(Block(i + 2, fence.group(1) or "", "\n".join(lines[i + 1:end])))
+            i = end + 1
+            continue
+        if line.startswith("    ") and line.strip() and (i == 0 or not lines[i - 1].strip()):
+            end = i
+            while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
+                end += 1
+            body = [x[4:] for x in lines[i:end]]
+            blocks.append(Block(i + 1, None, "\n".join(body).rstrip()))
+            i = end
+            continue
+        i += 1
+    return blocks
+
+
+def shell_lines(block: Block) -> list[tuple[int, str]]:
+    """The block's command lines (continuations joined), each with its README line."""
+    out: list[tuple[int, str]] = []
+    pending = ""
+    start = block.line
+    for offset, line in enumerate(block.text.splitlines()):
+        if not pending:
+            start = block.line + offset
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        if full and not full.startswith("#"):
+            out.append((start, full))
+    return out
+
+
+BLOCKS = code_blocks(README.read_text(encoding="utf-8"))
+SHELL_BLOCKS = [b for b in BLOCKS if b.lang in (None, "", "sh", "bash", "console", "shell")]
+FILE_BLOCKS = [b for b in BLOCKS if b not in SHELL_BLOCKS]
+
+
+@dataclass
+class Example:
+    """One ``cmw-vllm`` command of the README."""
+
+    line: int
+    env: dict[str, str]
+    args: list[str]
+
+    @property
+    def id(self) -> str:
+        return f"L{self.line}: cmw-vllm {shlex.join(self.args)}"[:80]
+
+
+EXAMPLES = [Example(line, env, args) for b in SHELL_BLOCKS for line, text in shell_lines(b)
+            for env, args in cmw_vllm_commands(text)]
+
+
+def _without_env(words: list[str]) -> list[str]:
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        words = words[1:]
+    return words
+
+
+OTHER_COMMANDS = [(line, _without_env(words)) for b in SHELL_BLOCKS
+                  for line, text in shell_lines(b) for words in simple_commands(text)
+                  if _without_env(words)[:1] != ["cmw-vllm"]]
+
+
+def test_the_readme_has_examples_to_check() -> None:
+    assert len(EXAMPLES) >= 10, [e.id for e in EXAMPLES]
+    commands = {e.args[0] for e in EXAMPLES if e.args}
+    assert {"start", "status"} <= commands
+    assert FILE_BLOCKS, "the models.toml example is gone?"
+
+
+# --------------------------------------------------------------------------------------------
+# cmw-vllm commands
+
+
+def _context(args: list[str]):
+    command = cli.get_command(None, args[0])  # type: ignore[arg-type]
+    assert command is not None, f"no command {args[0]!r}"
+    return command, command.make_context(args[0], list(args[1:]))
+
+
+def _is_local(target: str) -> bool:
+    return target.startswith((".", "/", "~"))
+
+
+def _mode(args: list[str]) -> tuple[str, str]:
+    """(run | dry | parse, why) for one example."""
+    if "--help" in args or "-h" in args:
+        return "run", "help"
+    command = args[0]
+    _, ctx = _context(args)
+    target = ctx.params.get("target") or ctx.params.get("model") or ctx.params.get("name")
+    if command == "start" and not _is_local(str(target)):
+        return "dry", "the registry's models need a GPU and a Hub download"
+    if command in ("download", "verify", "estimate") and not _is_local(str(target)):
+        return "parse", "needs the Hugging Face Hub"
+    return "run", "the stand-in engine does it"
+
+
+def _server_names(args: list[str]) -> list[str]:
+    """Servers an example expects to exist (they are started on the stand-in first)."""
+    if args[0] not in ("status", "stop", "restart", "logs", "test"):
+        return []
+    _, ctx = _context(args)
+    names = ctx.params.get("names") or ([ctx.params["name"]] if ctx.params.get("name") else [])
+    return list(names) or ["example"]  # `status`, `stop --all`: some server to show
+
+
+def _swap_ports(args: list[str]) -> list[str]:
+    out = list(args)
+    for i, word in enumerate(out[:-1]):
+        if word == "--port" and "--" not in out[:i]:
+            out[i + 1] = str(free_port())
+    return out
+
+
+@pytest.fixture
+def stand_in(fake_engine: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The current directory with ./my-model (a stub model) and a small CPU KV cache."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = Path.cwd() / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    return model
+
+
+def _ensure_running(name: str, model: Path) -> None:
+    from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.server_record import record_names
+
+    if name in record_names() and ServerManager().get_status(name).running:
+        return
+    result = CliRunner().invoke(cli, ["start", str(model), "--name", name, "--port",
+                                      str(free_port())])
+    assert result.exit_code == 0, result.output
+
+
+def _run_until_ctrl_c(args: list[str]) -> tuple[int, str]:
+    import signal
+    import time
+
+    proc = spawn_cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    return proc.returncode, out + err
+
+
+def _dry_start(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmw_vllm.cli_lifecycle import _build_config
+    from cmw_vllm.model_registry import all_entries
+    from cmw_vllm.vllm_flags import normalize_flag, serve_flags
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _, ctx = _context(args)
+    params = dict(ctx.params)
+    target = params.pop("target")
+    if "/" not in target:
+        assert target in all_entries(), f"{target!r} is no registry alias"
+    options = {k: params.get(k) for k in ("name", "host", "tensor_parallel_size",
+                                          "gpu_memory_utilization", "max_model_len", "dtype",
+                                          "gpus", "served_model_name", "task")}
+    options["port"] = int(params["port"]) if params.get("port") else None
+    config = _build_config(target, options, tuple(params.get("vllm_args") or ()))
+    unknown = [t for t in config.vllm_cli_args()
+               if normalize_flag(t) and normalize_flag(t) not in serve_flags()]
+    assert not unknown, f"vLLM 0.32 has no {unknown}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
+def test_readme_command(example: Example, stand_in: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    args = example.args
+    assert args, f"README line {example.line}: `cmw-vllm` without a command"
+    if "--help" not in args and "-h" not in args:
+        _context(args)  # parses: options, choices and arguments all exist
+    mode, why = _mode(args)
+    if mode == "parse":
+        return  # parsed above; running needs the Hub
+    if mode == "dry":
+        _dry_start(args, example.env, monkeypatch)
+        return
+    for name in _server_names(args):
+        _ensure_running(name, stand_in)
+    args = _swap_ports(args)
+    if "--watch" in args or "-w" in args or (args[0] == "logs" and ("-f" in args
+                                                                    or "--follow" in args)):
+        code, output = _run_until_ctrl_c(args)
+        assert code == 130, output
+        assert "Traceback" not in output
+        return
+    result = CliRunner().invoke(cli, args, env=example.env or None)
+    assert result.exit_code == 0, f"README line {example.line} ({why}): {result.output}"
+    assert "Traceback" not in result.output
+    if "--json" in args:
+        json.loads(result.stdout)
+
+
+# --------------------------------------------------------------------------------------------
+# other commands and file examples
+
+
+@pytest.mark.parametrize("line,words", OTHER_COMMANDS,
+                         ids=[f"L{line}: {shlex.join(w)}"[:60] for line, w in OTHER_COMMANDS])
+def test_readme_other_command(line: int, words: list[str]) -> None:
+    program = words[0]
+    if program == "bash":
+        script = REPO_ROOT / words[1]
+        assert script.is_file(), f"README line {line}: no {words[1]}"
+        assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    elif program.endswith(("python", "python3")) and len(words) > 1 and words[1].endswith(".py"):
+        script = REPO_ROOT / words[1]
+        assert script.is_file(), f"README line {line}: no {words[1]}"
+        done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
+            assert flag in done.stdout, f"README line {line}: {words[1]} has no {flag}"
+    else:  # pip install and other programs: not ours to run here
+        pytest.skip(f"{program}: not a command of this repository")
+
+
+@pytest.mark.parametrize("block", FILE_BLOCKS, ids=lambda b: f"L{b.line}: {b.lang}")
+def test_readme_file_example(block: Block, isolated_home: Path) -> None:
+    if block.lang != "toml":
+        pytest.fail(f"README line {block.line}: no check for ```{block.lang} blocks yet")
+    import tomllib
+
+    aliases = set(tomllib.loads(block.text).get("models", {}))
+    assert aliases
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "models.toml").write_text(block.text)
+    result = CliRunner().invoke(cli, ["list", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {m["alias"] for m in json.loads(result.stdout)["models"]}
+    assert aliases <= listed
+
+
+def test_readme_status_json_keys_are_the_real_ones(fake_engine: Path, model_dir: Path) -> None:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("`status --json` prints")
+    documented = set(re.findall(r"[a-z_]+", text[start:text.index("\n\n", start)]))
+    result = CliRunner().invoke(cli, ["start", str(model_dir), "--name", "keys", "--port",
+                                      str(free_port())])
+    assert result.exit_code == 0, result.output
+    server = json.loads(CliRunner().invoke(cli, ["status", "--json"]).stdout)["servers"][0]
+    keys = set(server) | set(server.get("load") or {})
+    assert keys <= documented, f"README lacks {sorted(keys - documented)}"
+
+
+def test_readme_names_the_tasks_that_test_and_start_accept() -> None:
+    from cmw_vllm.vocab import TASKS
+
+    text = README.read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| `test NAME"))
+    assert set(re.findall(r"`(\w+)`", row)) >= set(TASKS), row
+    for task in re.findall(r"--task[ =]([a-z]\w*)", text):  # not the placeholder T
+        assert task in TASKS, f"README: --task {task} is not one of {TASKS}"
