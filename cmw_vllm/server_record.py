@@ -54,6 +54,10 @@ class ServerRecord:
     started_at: float
     config: dict[str, Any]
     ready_at: float | None = None
+    role: str = "single"  # or "leader" / "follower" of a server over several machines
+    node_rank: int = 0
+    leader: str | None = None  # HOST:PORT the followers join
+    host_ip: str | None = None  # VLLM_HOST_IP of this node's part
     format: int = RECORD_FORMAT
     foreground: bool = False  # supervised by a `start --foreground` process
     restart_count: int = 0

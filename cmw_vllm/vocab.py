@@ -78,6 +78,7 @@ class State(_Word):
     STARTING = "starting"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
+    JOINED = "joined"  # a follower node in its leader's group (no HTTP of its own)
     EXITED = "exited"
     STALE = "stale"  # the recorded pid now belongs to another process
     INVALID = "invalid"  # the record cannot be read
@@ -88,7 +89,7 @@ class State(_Word):
 
 # States in which the server is alive or being kept alive (its process or supervisor lives).
 ALIVE_STATES = frozenset({State.RUNNING, State.STARTING, State.HEALTHY, State.UNHEALTHY,
-                          State.DRAINING, State.RESTARTING})
+                          State.JOINED, State.DRAINING, State.RESTARTING})
 
 
 class RestartPolicy(_Word):
@@ -107,6 +108,7 @@ RESTART_POLICIES: tuple[str, ...] = tuple(p.value for p in RestartPolicy)
 STATE_EXIT_CODES = {
     State.HEALTHY: EXIT_OK,
     State.RUNNING: EXIT_OK,
+    State.JOINED: EXIT_OK,
     State.STARTING: EXIT_STARTING,
     State.UNHEALTHY: EXIT_FAILURE,
     State.EXITED: EXIT_FAILURE,
