@@ -200,10 +200,10 @@ class ServerConfig(BaseModel):
             args += ["--max-model-len", str(self.max_model_len)]
         if self.dtype != Dtype.AUTO:
             args += ["--dtype", self.dtype]
-        if self.distributed is not None:
-            args += self.distributed.cli_args()
         if self.drain:
             args += ["--shutdown-timeout", str(self.drain)]
+        if self.distributed is not None:
+            args += self.distributed.cli_args()
         return args + self._task_args() + list(self.vllm_args)
 
     def _task_args(self) -> list[str]:
