@@ -134,6 +134,13 @@ OFFLINE_PATTERN = (
 
 # (regex, diagnosis); the first match wins, so specific patterns come first.
 _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
+    # A follower node's own verdict (engine_entry/cmw_leader_watch.py): the leader and why.
+    (re.compile(r"^cmw-vllm: ((?:lost|cannot reach) the leader .+)$", re.MULTILINE), "{0}"),
+    (
+        re.compile(r"current platform (\w+) does not support ray", re.IGNORECASE),
+        "vLLM's Ray executor refuses this platform ({0}): use "
+        "--distributed-executor-backend mp (Ray needs GPU nodes)",
+    ),
     (
         re.compile(r"estimated maximum model length is (\d+)"),
         "the KV cache cannot hold max_model_len; try --max-model-len {0} "

@@ -29,8 +29,9 @@ def test_servers_are_launched_through_vllm_serve() -> None:
         "/py", str(SERVE_ENTRY), "serve", "org/model", "--port", "1"]
     # The script's folder comes first on sys.path in vLLM's interpreter: nothing in it may
     # shadow a module vLLM imports (cmw_vllm/logging.py would shadow the standard library's).
+    # (cmw_leader_watch.py: a follower node's watch on its leader, a name vLLM never uses.)
     assert sorted(p.name for p in SERVE_ENTRY.parent.glob("*.py")) == [
-        "__init__.py", "vllm_serve.py"]
+        "__init__.py", "cmw_leader_watch.py", "vllm_serve.py"]
 
 
 def _fake_cpu_wheel(root: Path) -> Path:

@@ -163,6 +163,8 @@ def _mode(args: list[str]) -> tuple[str, str]:
         return "dry", "the registry's models need a GPU and a Hub download"
     if command in ("download", "verify", "estimate") and not _is_local(str(target)):
         return "parse", "needs the Hugging Face Hub"
+    if command == "ray":
+        return "parse", "needs Ray and other machines (tests/test_ray_real.py runs it)"
     return "run", "the stand-in engine does it"
 
 
