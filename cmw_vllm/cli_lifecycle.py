@@ -753,7 +753,7 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         for st in statuses:
             if st.error and st.state in (State.EXITED, State.STALE, State.INVALID):
                 echo_err(f"{st.name}: {st.error}")
-            if st.state == "exited" and st.log_tail and st.record is not None:
+            if st.state == State.EXITED and st.log_tail and st.record is not None:
                 echo_err(f"{st.name}: from its log {st.record.log_path}:")
                 for line in st.log_tail:
                     echo_err(f"  {line}")

@@ -734,7 +734,7 @@ class ServerManager:
         from cmw_vllm.vllm_engine import (
             INSTALL_HINT,
             VLLM_MISSING_EXIT,
-            diagnose,
+            diagnose_start,
             failure_excerpt,
             tail_lines,
         )
@@ -769,7 +769,7 @@ class ServerManager:
                                      hint=INSTALL_HINT)
         raise ServerStartError(
             f"vLLM exited during start-up{rc_text}; log: {log_file}{left}",
-            hint=diagnose(text),
+            hint=diagnose_start(text, record.model),
             log_tail="\n".join(failure_excerpt(text)),
         )
 
