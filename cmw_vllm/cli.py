@@ -38,6 +38,7 @@ LAZY_COMMANDS = {
     "estimate": "cli_machine",
     "test": "cli_inference",
     "gateway": "cli_gateway",
+    "ray": "cli_multinode",
 }
 
 

@@ -18,6 +18,12 @@ from cmw_vllm.cli_common import (
     print_table,
     stderr_is_tty,
 )
+from cmw_vllm.cli_multinode import (
+    cluster_views,
+    distributed_values,
+    multinode_options,
+    role_notes,
+)
 from cmw_vllm.errors import (
     EXIT_FAILURE,
     EXIT_NOT_RUNNING,
@@ -118,13 +124,17 @@ def _start_json(result: StartResult) -> dict[str, Any]:
     record = result.record
     return {
         "name": result.name,
-        "state": State.HEALTHY if result.ready else State.STARTING,
+        "state": (State.JOINED if record.role == "follower" else State.HEALTHY)
+        if result.ready else State.STARTING,
         "already_running": result.already_running,
         "model": record.model,
         "pid": record.pid,
-        "port": record.port,
-        "url": record.base_url,
+        "port": record.port or None,
+        "url": record.base_url or None,
         "log": record.log_path,
+        "role": record.role,
+        "node_rank": record.node_rank,
+        "leader": record.leader,
         "ready_after_s": round(result.ready_after_s, 2)
         if result.ready_after_s is not None
         else None,
@@ -141,6 +151,9 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
     if result.already_running:
         verb = "is already running" if result.ready else "is already starting"
         click.echo(f"Server {result.name!r} {verb} ({record.model}, pid {record.pid}).")
+    elif result.ready and record.role == "follower":
+        click.echo(f"Server {result.name!r} has joined ({record.model}, pid {record.pid}, "
+                   f"{elapsed:.1f}s).")
     elif result.ready:
         click.echo(
             f"Server {result.name!r} is ready ({record.model}, pid {record.pid}, "
@@ -150,6 +163,10 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
         click.echo(f"Server {result.name!r} is starting ({record.model}, pid {record.pid}).")
         click.echo(f"  Log:      {record.log_path}")
         click.echo(f"  Check:    cmw-vllm status {result.name}")
+    if record.role == "follower":  # headless: the leader serves the API
+        state = "has joined" if result.ready else "joins"
+        click.echo(f"  Follower: rank {record.node_rank}, {state} the leader at {record.leader}")
+        return
     click.echo(f"  Endpoint: {record.base_url}/v1")
     if result.ready:
         click.echo(f"  Try:      {_example_request(record, ' ' * 12, result.api_key)}")
@@ -289,6 +306,7 @@ class _StartCommand(click.Command):
 @click.option("--test", "run_test", is_flag=True,
               help="Once ready, send one request for the model's task (like `cmw-vllm test`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@multinode_options
 def start(
     target: str,
     vllm_args: tuple[str, ...],
@@ -309,6 +327,7 @@ def start(
     force: bool,
     run_test: bool,
     as_json: bool,
+    **dist_options: Any,
 ) -> None:
     """Start a vLLM server in the background and wait until it is ready.
 
@@ -317,9 +336,13 @@ def start(
     already runs reports it and exits 0.
 
     \b
-    JSON: {name, state (healthy, or starting with --no-wait), already_running, model, pid,
-           port, url, log, ready_after_s}; with --test also test: the object of
-           `cmw-vllm test --json`.
+    JSON: {name, state (healthy, joined for a follower, or starting with --no-wait),
+           already_running, model, pid, port, url, log, ready_after_s, role, node_rank,
+           leader}; with --test also test: the object of `cmw-vllm test --json`.
+
+    \b
+    Several machines: the rank-0 node (--node-rank 0) serves the API, the others run
+    headless and are ready once they joined it (README: "Several machines").
 
     \b
     Examples:
@@ -327,6 +350,7 @@ def start(
       cmw-vllm start Qwen/Qwen3-0.6B --name small --port 8010 --max-model-len 8192
       cmw-vllm start ./tiny-model --dtype float32 -- --enforce-eager
       cmw-vllm start qwen --gpus 1 --no-wait
+      cmw-vllm start qwen -tp 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1
     """
     from cmw_vllm.server_manager import ServerManager
     from cmw_vllm.settings import api_key
@@ -343,6 +367,7 @@ def start(
         "served_model_name": served_model_name,
         "task": task,
         "env": _parse_env(env_pairs),
+        "distributed": distributed_values(dist_options),
     }
     config = _build_config(target, options, vllm_args)
     # What the user asked for explicitly: a running server with other values is an error.
@@ -350,6 +375,12 @@ def start(
     if vllm_args:
         requested.add("vllm_args")
     _warn_exposed(config.host, bool(api_key()))
+    if config.distributed and config.distributed.executor_backend == "ray":
+        from cmw_vllm.ray_node import ray_address
+
+        cluster = ray_address()  # this machine's managed Ray node (`cmw-vllm ray start`)
+        if cluster:
+            os.environ.setdefault("RAY_ADDRESS", cluster)
     manager = ServerManager()
 
     def do_start(on_progress: Any) -> StartResult:
@@ -462,8 +493,8 @@ def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> N
     in a private file). The previous log is kept as NAME.log.1 beside the new one.
 
     \b
-    JSON: {name, state, already_running, model, pid, port, url, log, ready_after_s}, as
-          for `cmw-vllm start --json`.
+    JSON: {name, state, already_running, model, pid, port, url, log, ready_after_s, role,
+          node_rank, leader}, as for `cmw-vllm start --json`.
 
     \b
     Examples:
@@ -609,7 +640,7 @@ def _status_rows(
                 state,
                 rec.model if rec else "-",
                 str(st.pid) if st.pid else "-",
-                str(rec.port) if rec else "-",
+                str(rec.port) if rec and rec.port else "-",
                 format_duration(st.uptime) if st.running else "-",
                 format_bytes((loads.get(st.name) or {}).get("gpu_memory_bytes")),
                 *load_cells(loads.get(st.name)),
@@ -670,18 +701,21 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     tokens per second since the previous `status` (from vLLM's /metrics).
 
     \b
-    States: starting, healthy, unhealthy (alive, /health failing), exited, stale (the pid
-    now belongs to another process), invalid (unreadable record).
-    Exit codes: 0 all healthy; 1 some unhealthy, exited, stale or invalid; 3 no such
+    States: starting, healthy, unhealthy (alive, /health failing), joined (a follower node
+    in its leader's group), exited, stale (the pid now belongs to another process), invalid
+    (unreadable record).
+    Exit codes: 0 all healthy or joined; 1 some unhealthy, exited, stale or invalid; 3 no such
     server / none managed; 4 some still starting (worst wins).
 
     \b
     JSON: {"servers": [{name, state, model, served_model_name, task, pid, host, port, url,
-           uptime_s, started_at, returncode, orphan_pids, log, error, log_tail,
-           gpu_memory_bytes, load}]}; log_tail: the log lines that tell why an exited
-           server ended (else []); load is null or {ok, error, requests_running,
-           requests_waiting, kv_cache_usage, prompt_tokens_total, generation_tokens_total,
-           prompt_tokens_per_s, generation_tokens_per_s, rate_interval_s}.
+           uptime_s, started_at, returncode, orphan_pids, log, error, log_tail, role,
+           node_rank, leader, gpu_memory_bytes, load}]}; log_tail: the log lines that tell
+           why an exited server ended (else []); load is null or {ok, error,
+           requests_running, requests_waiting, kv_cache_usage, prompt_tokens_total,
+           generation_tokens_total, prompt_tokens_per_s, generation_tokens_per_s,
+           rate_interval_s}; a leader also has cluster: {nnodes, data_parallel_size,
+           world_size, rendezvous, followers_seen}.
 
     \b
     Examples:
@@ -696,10 +730,13 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         _watch(names, interval)
         return
     statuses, code, loads = _collect_status(names, quiet=as_json)
+    views = cluster_views(statuses)
     if as_json:
         servers = []
         for st in statuses:
             data = st.to_json()
+            if st.record is not None and st.record.role == "leader":
+                data["cluster"] = views.get(st.name)
             extra = dict(loads.get(st.name) or {})
             data["gpu_memory_bytes"] = extra.pop("gpu_memory_bytes", None)
             data["load"] = extra or None
@@ -711,10 +748,12 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     else:
         columns, rows = _status_rows(statuses, loads)
         print_table(columns, rows, drop=STATUS_DROP, shrink=STATUS_SHRINK)
+        for line in role_notes(statuses, views):
+            click.echo(line)
         for st in statuses:
             if st.error and st.state in (State.EXITED, State.STALE, State.INVALID):
                 echo_err(f"{st.name}: {st.error}")
-            if st.state == "exited" and st.log_tail and st.record is not None:
+            if st.state == State.EXITED and st.log_tail and st.record is not None:
                 echo_err(f"{st.name}: from its log {st.record.log_path}:")
                 for line in st.log_tail:
                     echo_err(f"  {line}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from collections.abc import Callable
@@ -31,9 +30,6 @@ PLAIN_PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines
 
 def _resolve(name: str) -> tuple[str, bool]:
     """(HF repo id or directory, is it a directory) for an alias, repo id or path."""
-    if importlib.util.find_spec("cmw_vllm.model_registry") is None:
-        path = Path(name).expanduser()
-        return (str(path), True) if path.is_dir() else (name, False)
     from cmw_vllm.model_registry import resolve_target
 
     target = resolve_target(name)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from cmw_vllm.vocab import format_bytes
+from cmw_vllm.vocab import GiB, format_bytes
 
 if TYPE_CHECKING:
     from cmw_vllm.disk_space import DiskReport
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from cmw_vllm.gpu_info import GpuReport, OrphanProcess
 
 # Disk space below which setup fails (nothing fits) or warns (a 7B model barely fits).
-DISK_FAIL_BYTES = 1024**3
-DISK_WARN_BYTES = 20 * 1024**3
+DISK_FAIL_BYTES = GiB
+DISK_WARN_BYTES = 20 * GiB
 # `import torch` and CUDA's start take seconds on a GPU machine (5.4 s seen on an H200).
 TORCH_PROBE_TIMEOUT = 120.0
 

@@ -297,7 +297,10 @@ def machine_target(
         return ram_target(environ)
     wanted = config.gpus or environ.get("CUDA_VISIBLE_DEVICES") or None
     visible = visible_gpus(gpus, wanted)
-    return gpu_target(select_gpus(visible, None, tp), devices_available=len(visible))
+    # Over several machines each node checks its own share: its GPUs (TP x PP / nnodes, times
+    # its local DP copies), each holding 1/TP of the weights and KV cache.
+    local = config.local_device_count()
+    return gpu_target(select_gpus(visible, None, local), devices_available=len(visible))
 
 
 def check_config(

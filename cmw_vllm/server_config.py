@@ -11,8 +11,16 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from cmw_vllm import multinode
 from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
 from cmw_vllm.vocab import NAME_RULE, Convert, Dtype, Runner, Task, is_valid_name, parse_int
@@ -32,6 +40,7 @@ MANAGED_FLAGS = {
     "--dtype",
     "--api-key",
     "--served-model-name",
+    *multinode.MANAGED_FLAGS,
 }
 
 # Option names shown in errors, per field.
@@ -49,6 +58,7 @@ OPTION_NAMES = {
     "vllm_args": "extra vLLM flags",
     "env": "env",
     "served_model_name": "--served-model-name",
+    "distributed": "multi-node option",
 }
 
 
@@ -78,6 +88,7 @@ class ServerConfig(BaseModel):
     task: Task = Task.GENERATE
     vllm_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    distributed: multinode.Distributed | None = None
 
     @field_validator("name")
     @classmethod
@@ -115,6 +126,26 @@ class ServerConfig(BaseModel):
                 raise ValueError(f"{flag} is set by cmw-vllm; use its own option instead")
         return value
 
+    @model_validator(mode="after")
+    def _check_distributed(self) -> ServerConfig:
+        if self.distributed is not None:
+            try:
+                multinode.check_world(self.distributed, self.tensor_parallel_size,
+                                      self.vllm_args)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+        return self
+
+    @property
+    def role(self) -> str:
+        """``single``, ``leader`` (serves the API for several nodes) or ``follower``."""
+        return self.distributed.role if self.distributed is not None else multinode.SINGLE
+
+    def local_device_count(self) -> int:
+        """How many GPUs this node's part of the server uses."""
+        return multinode.local_device_count(self.distributed, self.tensor_parallel_size,
+                                            self.vllm_args)
+
     def base_url(self) -> str:
         """The HTTP address clients use (loopback when bound to all interfaces)."""
         host = self.host
@@ -138,7 +169,10 @@ class ServerConfig(BaseModel):
 
     def vllm_cli_args(self) -> list[str]:
         """The ``vllm serve`` flags for this config (the model and key are not included)."""
-        args = ["--host", self.host, "--port", str(self.port)]
+        if self.role == multinode.FOLLOWER:  # headless: no HTTP server
+            args = []
+        else:
+            args = ["--host", self.host, "--port", str(self.port)]
         args += ["--served-model-name", *self.served_names()]
         if self.tensor_parallel_size != 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
@@ -148,6 +182,8 @@ class ServerConfig(BaseModel):
             args += ["--max-model-len", str(self.max_model_len)]
         if self.dtype != Dtype.AUTO:
             args += ["--dtype", self.dtype]
+        if self.distributed is not None:
+            args += self.distributed.cli_args()
         return args + self._task_args() + list(self.vllm_args)
 
     def _task_args(self) -> list[str]:
@@ -206,10 +242,12 @@ def format_validation_error(
     """
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ())]
-    field = loc[0] if loc else "value"
+    field = loc[0] if loc else "settings"
     option = OPTION_NAMES.get(field, field) if source is None else ".".join(loc) or field
     if names and field in names:
         option = names[field]
+    elif source is None and field == "distributed" and len(loc) > 1:
+        option = multinode.OPTION_NAMES.get(loc[1], loc[1])
     msg = err.get("msg", "invalid value")
     msg = msg.removeprefix("Value error, ")
     got = err.get("input")

@@ -88,14 +88,17 @@ class ServerStatus:
             "task": rec.task if rec else None,
             "pid": self.pid,
             "host": rec.host if rec else None,
-            "port": rec.port if rec else None,
-            "url": rec.base_url if rec else None,
+            "port": rec.port if rec and rec.port else None,
+            "url": rec.base_url if rec and rec.base_url else None,
             "uptime_s": round(self.uptime, 1) if self.uptime is not None else None,
             "started_at": rec.started_at if rec else None,
             "returncode": self.returncode,
             "orphan_pids": self.orphans,
             "log": rec.log_path if rec else None,
             "error": self.error,
+            "role": rec.role if rec else None,
+            "node_rank": rec.node_rank if rec else None,
+            "leader": rec.leader if rec else None,
             "log_tail": self.log_tail,
         }
         return out
@@ -377,6 +380,9 @@ class ServerManager:
 
     def _statuses(self, names: list[str], check_health: bool) -> list[ServerStatus]:
         statuses = [self._observe(name) for name in names]
+        for st in statuses:
+            if st.state == State.RUNNING and st.record and st.record.role == "follower":
+                st.state = State.JOINED if self._follower_joined(st.record) else State.STARTING
         to_probe = [s for s in statuses if s.state == State.RUNNING and s.record is not None]
         if check_health and to_probe:
             codes = self._probe_many([s.record.base_url for s in to_probe])  # type: ignore[union-attr]
@@ -399,6 +405,12 @@ class ServerManager:
 
         with ThreadPoolExecutor(max_workers=min(32, len(urls))) as pool:
             return list(pool.map(lambda u: probe_health(u, self.health_timeout), urls))
+
+    @staticmethod
+    def _follower_joined(record: ServerRecord) -> bool:
+        from cmw_vllm.multinode import log_shows_joined
+
+        return record.ready_at is not None or log_shows_joined(Path(record.log_path))
 
     @staticmethod
     def _was_ready(record: ServerRecord) -> bool:
@@ -512,7 +524,8 @@ class ServerManager:
             else:
                 if existing.record is not None or existing.state == State.INVALID:
                     self._cleanup_dead(config.name, existing)
-                config, port_changed_from = self._choose_port(config, auto_port)
+                if config.role != "follower":  # a follower has no HTTP port
+                    config, port_changed_from = self._choose_port(config, auto_port)
                 if check_resources:
                     from cmw_vllm.memory_check import preflight
 
@@ -604,6 +617,10 @@ class ServerManager:
         from cmw_vllm.server_launch import engine_command, open_fresh_log, spawn
 
         command, env = engine_command(config, api_key)
+        from cmw_vllm.multinode import launch_env
+
+        network = launch_env(config, env)
+        follower = config.role == "follower"
         log_file = open_fresh_log(log_path(config.name))
         exit_file = exit_path(config.name)
         _remove(exit_file)
@@ -616,15 +633,19 @@ class ServerManager:
             supervisor_create_time=sup.create_time(),
             pgid=sup.pid,
             host=config.host,
-            port=config.port,
+            port=0 if follower else config.port,
             model=config.model,
             served_model_name=config.served_name(),
             task=config.task,
-            base_url=config.base_url(),
+            base_url="" if follower else config.base_url(),
             command=command,
             log_path=str(log_file),
             started_at=time.time(),
             config=config.model_dump(mode="json"),
+            role=config.role,
+            node_rank=config.distributed.rank if config.distributed else 0,
+            leader=network.get("leader"),
+            host_ip=network.get("VLLM_HOST_IP"),
         )
         try:
             self._save(record)
@@ -665,10 +686,14 @@ class ServerManager:
         log_file = Path(record.log_path)
         exit_file = exit_path(record.name)
         proc = _is_ours(record)
+        follower = record.role == "follower"
         while True:
             if proc is None or not proc.is_running() or exit_file.exists():
                 self._fail_start(record)
-            code = probe_health(record.base_url, min(self.health_timeout, 1.0))
+            if follower:
+                code = 200 if self._follower_joined(record) else None
+            else:
+                code = probe_health(record.base_url, min(self.health_timeout, 1.0))
             if code == 200:
                 self._mark_ready(record)
                 if on_progress:
@@ -681,6 +706,8 @@ class ServerManager:
                     log_offset += len(chunk)
                 if chunk:
                     phase = detect_phase(chunk.decode("utf-8", errors="replace"), phase)
+                    if follower and phase == "starting vLLM":
+                        phase = f"joining the leader at {record.leader}"
             except OSError:
                 pass
             if on_progress:
@@ -707,7 +734,7 @@ class ServerManager:
         from cmw_vllm.vllm_engine import (
             INSTALL_HINT,
             VLLM_MISSING_EXIT,
-            diagnose,
+            diagnose_start,
             failure_excerpt,
             tail_lines,
         )
@@ -742,7 +769,7 @@ class ServerManager:
                                      hint=INSTALL_HINT)
         raise ServerStartError(
             f"vLLM exited during start-up{rc_text}; log: {log_file}{left}",
-            hint=diagnose(text),
+            hint=diagnose_start(text, record.model),
             log_tail="\n".join(failure_excerpt(text)),
         )
 

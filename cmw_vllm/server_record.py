@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,10 @@ class ServerRecord:
     started_at: float
     config: dict[str, Any]
     ready_at: float | None = None
+    role: str = "single"  # or "leader" / "follower" of a server over several machines
+    node_rank: int = 0
+    leader: str | None = None  # HOST:PORT the followers join
+    host_ip: str | None = None  # VLLM_HOST_IP of this node's part
     format: int = RECORD_FORMAT
 
     @classmethod
@@ -64,7 +68,7 @@ class ServerRecord:
         kwargs: dict[str, Any] = {}
         for f in cls.__dataclass_fields__.values():
             if f.name not in data:
-                if f.name in ("ready_at", "format"):
+                if f.default is not MISSING:
                     continue
                 raise ValueError(f"missing field {f.name!r}")
             kwargs[f.name] = data[f.name]

@@ -132,8 +132,20 @@ OFFLINE_PATTERN = (
     r"We couldn't connect to '[^']*huggingface\.co'|check your connection and try again"
 )
 
+HUB_UNREACHABLE = (
+    "vLLM could not reach the Hugging Face Hub (no network?); if the model is downloaded, "
+    "set HF_HUB_OFFLINE=1 to serve it from the local cache"
+)
+
 # (regex, diagnosis); the first match wins, so specific patterns come first.
 _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
+    # A follower node's own verdict (engine_entry/cmw_leader_watch.py): the leader and why.
+    (re.compile(r"^cmw-vllm: ((?:lost|cannot reach) the leader .+)$", re.MULTILINE), "{0}"),
+    (
+        re.compile(r"current platform (\w+) does not support ray", re.IGNORECASE),
+        "vLLM's Ray executor refuses this platform ({0}): use "
+        "--distributed-executor-backend mp (Ray needs GPU nodes)",
+    ),
     (
         re.compile(r"estimated maximum model length is (\d+)"),
         "the KV cache cannot hold max_model_len; try --max-model-len {0} "
@@ -185,8 +197,7 @@ _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
     ),
     (
         re.compile(OFFLINE_PATTERN),
-        "vLLM could not reach the Hugging Face Hub (no network?); if the model is downloaded, "
-        "set HF_HUB_OFFLINE=1 to serve it from the local cache",
+        HUB_UNREACHABLE,
     ),
     (
         re.compile(r"RepositoryNotFoundError|is not a local folder and is not a valid model"),
@@ -220,6 +231,24 @@ _LOG_LINE = re.compile(r"^(?:\((?P<proc>[^)]*)\)\s*)?(?:(?P<level>[A-Z]+) \d\d-\
 # A message that states an exception: "ValueError: ...", "vllm serve: error: ...".
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b:?|"
                         r"[\w .-]+: error: )")
+
+
+def diagnose_start(log_text: str, model: str) -> str | None:
+    """:func:`diagnose` for a failed start of ``model``, told whether the model is cached.
+
+    When vLLM could not reach the Hub, a Hub model that is in the local cache only needs
+    ``HF_HUB_OFFLINE=1``; one that is not cannot be served until it is downloaded.
+    """
+    hint = diagnose(log_text)
+    if hint != HUB_UNREACHABLE or Path(model).is_absolute():
+        return hint
+    from cmw_vllm import hf_cache
+
+    if hf_cache.is_cached(model):
+        return (f"vLLM could not reach the Hugging Face Hub, and {model} is in the local "
+                "cache: set HF_HUB_OFFLINE=1 (environment or .env) and start again")
+    return (f"vLLM could not reach the Hugging Face Hub, and {model} is not in the local "
+            "cache: download it where the Hub can be reached (cmw-vllm download)")
 
 
 def diagnose(log_text: str) -> str | None:

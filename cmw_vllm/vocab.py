@@ -78,13 +78,16 @@ class State(_Word):
     STARTING = "starting"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
+    JOINED = "joined"  # a follower node in its leader's group (no HTTP of its own)
     EXITED = "exited"
     STALE = "stale"  # the recorded pid now belongs to another process
     INVALID = "invalid"  # the record cannot be read
 
 
 # States whose process is alive.
-ALIVE_STATES = frozenset({State.RUNNING, State.STARTING, State.HEALTHY, State.UNHEALTHY})
+ALIVE_STATES = frozenset(
+    {State.RUNNING, State.STARTING, State.HEALTHY, State.UNHEALTHY, State.JOINED}
+)
 
 # The exit code of each state, the same from every command that reports one (``status``,
 # ``test``); the README's exit-code table documents it. A server with no record at all is
@@ -92,6 +95,7 @@ ALIVE_STATES = frozenset({State.RUNNING, State.STARTING, State.HEALTHY, State.UN
 STATE_EXIT_CODES = {
     State.HEALTHY: EXIT_OK,
     State.RUNNING: EXIT_OK,
+    State.JOINED: EXIT_OK,
     State.STARTING: EXIT_STARTING,
     State.UNHEALTHY: EXIT_FAILURE,
     State.EXITED: EXIT_FAILURE,

@@ -13,8 +13,8 @@
 # `stop --all` freeing the GPU. Without a GPU it runs the steps that need none, says
 # "no GPU" and exits 0.
 #
-# The wheels such a machine lacks (CPython 3.12), fetched once at the repository root:
-#   echo /.whl/ >> .git/info/exclude     # or rely on .gitignore
+# The wheels such a machine lacks (CPython 3.12), fetched once at the repository root
+# (.whl/ is git-ignored: hand it over explicitly, e.g. as a carried path):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

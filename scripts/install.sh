@@ -31,3 +31,8 @@ if ! has_vllm .venv-vllm/bin/python; then
     .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
   fi
 fi
+# Ray beside vLLM: `cmw-vllm ray` runs it and vLLM's Ray executor imports it (the Ray tests
+# need it; without it they are skipped, so a failed install only warns).
+if ! .venv-vllm/bin/python -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("ray") is None)'; then
+  .venv-vllm/bin/python -m pip install -q ray || echo "warning: Ray not installed beside vLLM" >&2
+fi

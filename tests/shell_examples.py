@@ -16,9 +16,13 @@ def simple_commands(line: str) -> list[list[str]]:
     """
     lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError:  # unbalanced quotes: not shell after all (or a broken example)
+        tokens = line.split()
     commands: list[list[str]] = [[]]
     skip_next = False
-    for token in lexer:
+    for token in tokens:
         if skip_next:
             skip_next = False
             continue

@@ -15,6 +15,7 @@ from cmw_vllm.vllm_engine import (
     VLLM_MISSING_EXIT,
     build_command,
     diagnose,
+    diagnose_start,
     failure_excerpt,
     find_engine_python,
 )
@@ -29,8 +30,9 @@ def test_servers_are_launched_through_vllm_serve() -> None:
         "/py", str(SERVE_ENTRY), "serve", "org/model", "--port", "1"]
     # The script's folder comes first on sys.path in vLLM's interpreter: nothing in it may
     # shadow a module vLLM imports (cmw_vllm/logging.py would shadow the standard library's).
+    # (cmw_leader_watch.py: a follower node's watch on its leader, a name vLLM never uses.)
     assert sorted(p.name for p in SERVE_ENTRY.parent.glob("*.py")) == [
-        "__init__.py", "vllm_serve.py"]
+        "__init__.py", "cmw_leader_watch.py", "vllm_serve.py"]
 
 
 def _fake_cpu_wheel(root: Path) -> Path:
@@ -130,3 +132,17 @@ def test_unreachable_hub_suggests_offline_mode() -> None:
     excerpt = "\n".join(failure_excerpt(text))
     assert "Name or service not known" in excerpt
     assert "Retrying in" not in excerpt
+
+
+def test_unreachable_hub_says_whether_the_model_is_cached(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (LOGS / "hub-unreachable.log").read_text()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    hint = diagnose_start(text, "tiny-org/tiny-model")
+    assert hint is not None and "not in the local cache" in hint
+    snapshot = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-model" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    hint = diagnose_start(text, "tiny-org/tiny-model")
+    assert hint is not None and "is in the local cache: set HF_HUB_OFFLINE=1" in hint
+    assert diagnose_start(text, "/models/local") == diagnose(text)  # a folder needs no Hub

@@ -9,7 +9,7 @@ without touching this file. What each kind of example gets:
     that needs no real model (``status``, ``stop``, ``restart``, ``logs``, ``list``,
     ``gpus``, ``disk``, ``setup``, ``start ./DIR``, ``--help``). Servers an example names
     are started first on the stand-in, ports are swapped for free ones (the machine is
-    shared), ``--watch`` and ``-f`` get Ctrl-C after a second (exit 130).
+    shared; defaults too), ``--watch`` and ``-f`` get Ctrl-C after a second (exit 130).
   - **dry-checked** where a real model is needed: ``start`` of a registry alias or Hub id
     (the built-in models need a GPU and a Hub download). The alias must exist and the
     ``vllm serve`` command line it resolves to must use only flags vLLM 0.32 knows.
@@ -20,8 +20,10 @@ without touching this file. What each kind of example gets:
   ``python bench/...`` scripts must exist and answer ``--help``; ``pip install`` is skipped
   (it would change the test environment). Other programs are left alone.
 - File examples: a ```` ```toml ```` block is a ``models.toml``; it must load and its
-  aliases appear in ``cmw-vllm list``. A fenced block in another language fails until this
-  file learns how to check it.
+  aliases appear in ``cmw-vllm list``. ``ini``/``systemd`` blocks must parse as unit files,
+  ``json`` as JSON, ``dotenv`` as ``KEY=value`` lines; ``text``/``console`` blocks are
+  output and not run. A fenced block in another language fails until this file learns how
+  to check it.
 """
 
 from __future__ import annotations
@@ -99,8 +101,9 @@ def shell_lines(block: Block) -> list[tuple[int, str]]:
 
 
 BLOCKS = code_blocks(README.read_text(encoding="utf-8"))
-SHELL_BLOCKS = [b for b in BLOCKS if b.lang in (None, "", "sh", "bash", "console", "shell")]
-FILE_BLOCKS = [b for b in BLOCKS if b not in SHELL_BLOCKS]
+SHELL_BLOCKS = [b for b in BLOCKS if b.lang in (None, "", "sh", "bash", "shell")]
+OUTPUT_LANGS = ("text", "console", "output")  # what a command prints: nothing to run
+FILE_BLOCKS = [b for b in BLOCKS if b not in SHELL_BLOCKS and b.lang not in OUTPUT_LANGS]
 
 
 @dataclass
@@ -163,6 +166,8 @@ def _mode(args: list[str]) -> tuple[str, str]:
         return "dry", "the registry's models need a GPU and a Hub download"
     if command in ("download", "verify", "estimate") and not _is_local(str(target)):
         return "parse", "needs the Hugging Face Hub"
+    if command == "ray":
+        return "parse", "needs Ray and other machines (tests/test_ray_real.py runs it)"
     return "run", "the stand-in engine does it"
 
 
@@ -176,11 +181,15 @@ def _server_names(args: list[str]) -> list[str]:
 
 
 def _swap_ports(args: list[str]) -> list[str]:
-    out = list(args)
+    """Free ports for the README's (the machine is shared), also where a default applies."""
+    split = args.index("--") if "--" in args else len(args)
+    out = list(args[:split])
     for i, word in enumerate(out[:-1]):
-        if word == "--port" and "--" not in out[:i]:
+        if word == "--port":
             out[i + 1] = str(free_port())
-    return out
+    if out[0] in ("start", "gateway") and "--port" not in out and "--help" not in out:
+        out += ["--port", str(free_port())]
+    return out + list(args[split:])
 
 
 @pytest.fixture
@@ -199,8 +208,11 @@ def _ensure_running(name: str, model: Path) -> None:
 
     if name in record_names() and ServerManager().get_status(name).running:
         return
-    result = CliRunner().invoke(cli, ["start", str(model), "--name", name, "--port",
-                                      str(free_port())])
+    if name == "gateway":  # the gateway's default name: `stop gateway` stops a gateway
+        args = ["gateway", "-d", "--port", str(free_port())]
+    else:
+        args = ["start", str(model), "--name", name, "--port", str(free_port())]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
 
 
@@ -292,8 +304,46 @@ def test_readme_other_command(line: int, words: list[str]) -> None:
 
 @pytest.mark.parametrize("block", FILE_BLOCKS, ids=lambda b: f"L{b.line}: {b.lang}")
 def test_readme_file_example(block: Block, isolated_home: Path) -> None:
+    check_file_example(block, isolated_home)
+
+
+def test_file_example_checks_catch_broken_files(isolated_home: Path) -> None:
+    import configparser
+
+    check_file_example(Block(1, "ini", "[Service]\nExecStart=x\nEnvironment=A=1\n"
+                                       "Environment=B=2"), isolated_home)
+    with pytest.raises(configparser.Error):
+        check_file_example(Block(1, "ini", "ExecStart=x"), isolated_home)
+    with pytest.raises(json.JSONDecodeError):
+        check_file_example(Block(1, "json", "{'a': 1}"), isolated_home)
+    with pytest.raises(AssertionError):
+        check_file_example(Block(1, "dotenv", "HF_HOME = /x"), isolated_home)
+    with pytest.raises(AssertionError):  # an alias that does not load
+        check_file_example(Block(1, "toml", "[models.x]\nport = 'no'"), isolated_home)
+    with pytest.raises(pytest.fail.Exception):
+        check_file_example(Block(1, "yaml", "a: 1"), isolated_home)
+
+
+def check_file_example(block: Block, isolated_home: Path) -> None:
+    """Parse one file example by its language (see the module docstring)."""
+    if block.lang in ("ini", "systemd"):  # a unit file: sections of key=value lines
+        import configparser
+
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        parser.read_string(block.text)
+        assert parser.sections(), f"README line {block.line}: no [section]"
+        return
+    if block.lang == "json":
+        json.loads(block.text)
+        return
+    if block.lang in ("dotenv", "env"):
+        for line in block.text.splitlines():
+            assert not line.strip() or line.lstrip().startswith("#") or re.fullmatch(
+                r"\s*(export\s+)?[A-Za-z_][A-Za-z0-9_]*=.*", line), line
+        return
     if block.lang != "toml":
-        pytest.fail(f"README line {block.line}: no check for ```{block.lang} blocks yet")
+        pytest.fail(f"README line {block.line}: no check for ```{block.lang} blocks yet; "
+                    "add one to tests/test_readme.py (test_readme_file_example)")
     import tomllib
 
     aliases = set(tomllib.loads(block.text).get("models", {}))

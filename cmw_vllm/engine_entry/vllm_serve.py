@@ -14,6 +14,7 @@ vLLM 0.32 and ignores ``--headless``.
 
 import importlib.metadata
 import importlib.util
+import os
 import sys
 
 # Exit status when vLLM is not importable here (cmw-vllm checks this before launching too).
@@ -42,6 +43,10 @@ def main() -> int:
     if importlib.util.find_spec("vllm") is None:
         sys.stderr.write(f"cmw-vllm: No module named 'vllm' in {sys.executable}\n")
         return VLLM_MISSING
+    if os.environ.get("CMW_VLLM_WATCH_LEADER"):  # a follower node: see cmw_leader_watch.py
+        import cmw_leader_watch  # beside this file (a name no package of vLLM uses)
+
+        cmw_leader_watch.start_from_env()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *sys.argv[1:]]

@@ -2,11 +2,59 @@
 
 It takes the model as vLLM's ``serve`` does (first argument, or ``--model``) and runs the
 stand-in server of :mod:`vllm.entrypoints.openai.api_server`, which holds the behaviours.
+
+Several machines: with ``--nnodes N --node-rank 0`` it also listens on
+``--master-addr:--master-port`` (the leader's rendezvous) and keeps the connections open,
+as the TCPStore does. With ``--headless`` it is a follower: it starts a worker child,
+connects to the master until that answers, logs vLLM's "assigned as" line (it has joined)
+and then waits forever, as vLLM's headless node does when its leader is gone.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import socket
+import subprocess
 import sys
+import threading
+import time
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"(MainProcess pid={os.getpid()}) INFO {msg}\n")
+    sys.stderr.flush()
+
+
+def _listen(host: str, port: int) -> None:
+    server = socket.create_server((host, port))
+
+    def accept() -> None:  # like the TCPStore, keep the clients' connections open
+        clients = []
+        while True:
+            conn, _ = server.accept()
+            clients.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
+def _follower(args: argparse.Namespace) -> None:
+    subprocess.Popen(["VLLM::Worker_TP1", "-c", "import time; time.sleep(3600)"],
+                     executable=sys.executable)
+    log(f"Launching vLLM (v0.0.0) headless multiproc executor, with head node address "
+        f"{args.master_addr}:{args.master_port} for torch.distributed process group.")
+    while True:  # like the TCPStore client, keep the connection open
+        try:
+            store = socket.create_connection((args.master_addr, args.master_port), timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    log(f"world_size={args.nnodes} rank={args.node_rank} local_rank=0 "
+        f"distributed_init_method=tcp://{args.master_addr}:{args.master_port} backend=gloo")
+    log(f"rank {args.node_rank} in world size {args.nnodes} is assigned as DP rank 0, "
+        f"PP rank 0, TP rank {args.node_rank}")
+    while store:
+        time.sleep(3600)
 
 
 def main() -> None:
@@ -14,7 +62,21 @@ def main() -> None:
     if args[:1] != ["serve"]:
         sys.stderr.write("usage: vllm serve MODEL [FLAGS]\n")
         sys.exit(2)
-    rest = args[1:]
+    parser = argparse.ArgumentParser(prog="vllm serve")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--master-addr", default="127.0.0.1")
+    parser.add_argument("--master-port", type=int, default=29501)
+    parser.add_argument("--headless", action="store_true")
+    parser.add_argument("--distributed-executor-backend")
+    nodes, rest = parser.parse_known_args(args[1:])
+    if nodes.headless:
+        _follower(nodes)
+        return
+    if nodes.nnodes > 1:
+        _listen(nodes.master_addr, nodes.master_port)
+        log(f"world_size={nodes.nnodes} rank=0 local_rank=0 distributed_init_method="
+            f"tcp://{nodes.master_addr}:{nodes.master_port} backend=gloo")
     if rest and not rest[0].startswith("-"):
         rest = ["--model", rest[0], *rest[1:]]
     from vllm.entrypoints.openai.api_server import main as serve
