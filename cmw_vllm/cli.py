@@ -29,6 +29,8 @@ LAZY_COMMANDS = {
     "restart": "cli_lifecycle",
     "status": "cli_lifecycle",
     "logs": "cli_lifecycle",
+    "enable": "cli_service",
+    "disable": "cli_service",
     "list": "cli_registry",
     "download": "cli_models",
     "verify": "cli_models",

@@ -31,7 +31,15 @@ from cmw_vllm.errors import (
     EXIT_STARTING,
     UsageError,
 )
-from cmw_vllm.vocab import CLI_DTYPES, STATE_EXIT_CODES, TASKS, State, Task, parse_port
+from cmw_vllm.vocab import (
+    CLI_DTYPES,
+    RESTART_POLICIES,
+    STATE_EXIT_CODES,
+    TASKS,
+    State,
+    Task,
+    parse_port,
+)
 
 if TYPE_CHECKING:
     from cmw_vllm.server_manager import ServerStatus, StartResult
@@ -298,6 +306,16 @@ class _StartCommand(click.Command):
               help="Extra environment variable for vLLM (repeatable; kept for restart).")
 @click.option("--task", type=click.Choice(TASKS),
               help="What the model does (default: from the registry, else generate).")
+@click.option("--drain", type=click.IntRange(min=0), metavar="SECONDS",
+              help="How long stop/restart let requests in flight finish (default 30, env "
+              "CMW_VLLM_DRAIN_TIMEOUT; 0 aborts them).")
+@click.option("--restart", "restart_policy", type=click.Choice(RESTART_POLICIES),
+              help="Restart after a crash (default no, env CMW_VLLM_RESTART).")
+@click.option("-f", "--foreground", is_flag=True,
+              help="Run under this process: vLLM's output here and in the log; SIGTERM or "
+              "Ctrl-C drains and stops; exits with vLLM's exit code.")
+@click.option("--saved", is_flag=True,
+              help="Use the settings `cmw-vllm enable NAME` saved (what its unit runs).")
 @click.option("--no-wait", is_flag=True, help="Return right after launching.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for readiness (default 1800, env CMW_VLLM_START_TIMEOUT).")
@@ -322,6 +340,10 @@ def start(
     served_model_name: str | None,
     env_pairs: tuple[str, ...],
     task: str | None,
+    drain: int | None,
+    restart_policy: str | None,
+    foreground: bool,
+    saved: bool,
     no_wait: bool,
     timeout: float | None,
     force: bool,
@@ -351,6 +373,8 @@ def start(
       cmw-vllm start ./tiny-model --dtype float32 -- --enforce-eager
       cmw-vllm start qwen --gpus 1 --no-wait
       cmw-vllm start qwen -tp 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1
+      cmw-vllm start qwen --restart on-failure --drain 120
+      cmw-vllm start qwen --foreground
     """
     from cmw_vllm.server_manager import ServerManager
     from cmw_vllm.settings import api_key
@@ -368,8 +392,15 @@ def start(
         "task": task,
         "env": _parse_env(env_pairs),
         "distributed": distributed_values(dist_options),
+        "drain": drain,
+        "restart": restart_policy,
     }
-    config = _build_config(target, options, vllm_args)
+    if saved:
+        from cmw_vllm.systemd_unit import load_definition
+
+        config = load_definition(target, options, vllm_args)
+    else:
+        config = _build_config(target, options, vllm_args)
     # What the user asked for explicitly: a running server with other values is an error.
     requested = {k for k, v in options.items() if v is not None and k != "name"}
     if vllm_args:
@@ -382,6 +413,10 @@ def start(
         if cluster:
             os.environ.setdefault("RAY_ADDRESS", cluster)
     manager = ServerManager()
+    if foreground:
+        if no_wait or run_test or as_json:
+            raise UsageError("--foreground does not go with --no-wait, --test or --json")
+        _run_foreground(manager, config, auto_port, force)
 
     def do_start(on_progress: Any) -> StartResult:
         return manager.start(config, wait=not no_wait, timeout=timeout, auto_port=auto_port,
@@ -419,15 +454,23 @@ def start(
 @click.command()
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @click.option("--all", "stop_all", is_flag=True, help="Stop every managed server.")
+@click.option("--drain", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Let requests in flight finish for at most this long (default: the "
+              "server's --drain, which is also the most it can be).")
+@click.option("--now", is_flag=True, help="Abort requests in flight: SIGKILL at once.")
 @click.option("--timeout", type=click.FloatRange(min=0),
-              help="Seconds between SIGTERM and SIGKILL (default 30, env "
-              "CMW_VLLM_STOP_TIMEOUT).")
+              help="Seconds vLLM gets to exit after the drain before SIGKILL (default 30, "
+              "env CMW_VLLM_STOP_TIMEOUT).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json: bool) -> None:
-    """Stop servers: SIGTERM, then SIGKILL of everything left of them after --timeout.
+def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
+         timeout: float | None, as_json: bool) -> None:
+    """Stop servers: requests in flight finish (the drain), then nothing of them is left.
 
-    Stopping a server that is not running says so and exits 0; a name that is neither a
-    server nor a registry entry exits 3 with the closest names.
+    SIGTERM goes to the API server, which takes no new requests and lets those in flight
+    finish for up to the drain; whatever is left after the drain plus --timeout gets
+    SIGKILL. `status` says `draining` meanwhile. Stopping a server that is not running
+    says so and exits 0; a name that is neither a server nor a registry entry exits 3 with
+    the closest names.
 
     \b
     JSON: {"servers": [{name, was_running, stale, invalid, forced, killed_pids,
@@ -436,7 +479,8 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
     \b
     Examples:
       cmw-vllm stop qwen
-      cmw-vllm stop --all --timeout 10
+      cmw-vllm stop qwen --drain 5
+      cmw-vllm stop --all --now
     """
     from cmw_vllm.server_manager import ServerManager
 
@@ -444,11 +488,13 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
         raise UsageError("give server names or --all, not both")
     if not stop_all and not names:
         raise UsageError("name a server to stop, or pass --all")
+    if now and drain is not None:
+        raise UsageError("--now and --drain don't go together")
     manager = ServerManager()
     if stop_all:
-        results = manager.stop_all(timeout=timeout)
+        results = manager.stop_all(timeout=timeout, drain=drain, now=now)
     else:
-        results = [manager.stop(n, timeout=timeout) for n in names]
+        results = [manager.stop(n, timeout=timeout, drain=drain, now=now) for n in names]
     if as_json:
         echo_json({"servers": [
             {
@@ -485,8 +531,12 @@ def stop(names: tuple[str, ...], stop_all: bool, timeout: float | None, as_json:
 @click.option("--no-wait", is_flag=True, help="Return right after launching.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for readiness.")
+@click.option("--drain", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Let requests in flight finish for at most this long (default: the "
+              "server's --drain).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> None:
+def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None,
+            as_json: bool) -> None:
     """Restart a server with the settings of its last start (also after `stop`).
 
     The API key is VLLM_API_KEY when set, else the one the server was started with (kept
@@ -505,11 +555,39 @@ def restart(name: str, no_wait: bool, timeout: float | None, as_json: bool) -> N
     manager = ServerManager()
 
     def do_restart(on_progress: Any) -> StartResult:
-        return manager.restart(name, wait=not no_wait, timeout=timeout, on_progress=on_progress)
+        return manager.restart(name, wait=not no_wait, timeout=timeout, on_progress=on_progress,
+                               drain=drain)
 
     result, elapsed = _run_start(do_restart, name, quiet=as_json or no_wait)
     _warn_exposed(result.record.host, result.api_key)
     _report_start(result, as_json, elapsed)
+
+
+def _run_foreground(manager: Any, config: Any, auto_port: bool, force: bool) -> None:
+    """Launch under this process and supervise until stopped; exit with its status."""
+    from cmw_vllm.supervisor import run_foreground
+
+    result = manager.start(config, auto_port=auto_port, check_resources=not force,
+                           foreground=True)
+    record = result.record
+    echo_err(f"Serving {result.name!r} in the foreground (vLLM pid {record.pid}, "
+             f"{record.base_url}); SIGTERM or Ctrl-C drains and stops it.")
+    raise SystemExit(run_foreground(result.name, result.process, result.env))
+
+
+def _state_cell(st: ServerStatus) -> str:
+    """The STATE column: the state, with the exit code, drain left or next restart."""
+    rec = st.record
+    if st.state in (State.EXITED, State.FAILED) and st.returncode is not None:
+        return f"{st.state} ({st.returncode})"
+    left = st.drain_left()
+    if left is not None:
+        return f"draining ({left:.0f}s left)"
+    if st.state == State.RESTARTING and rec is not None and rec.next_restart_at is not None:
+        return f"restarting (in {max(0.0, rec.next_restart_at - time.time()):.0f}s)"
+    if rec is not None and rec.restart_count and st.running:
+        return f"{st.state} ({rec.restart_count} restarts)"
+    return str(st.state)
 
 
 def _status_exit_code(statuses: list[ServerStatus]) -> int:
@@ -631,9 +709,7 @@ def _status_rows(
     rows = []
     for st in statuses:
         rec = st.record
-        state = st.state
-        if st.state == State.EXITED and st.returncode is not None:
-            state = f"exited ({st.returncode})"
+        state = _state_cell(st)
         rows.append(
             [
                 st.name,
@@ -702,20 +778,22 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
 
     \b
     States: starting, healthy, unhealthy (alive, /health failing), joined (a follower node
-    in its leader's group), exited, stale (the pid now belongs to another process), invalid
-    (unreadable record).
-    Exit codes: 0 all healthy or joined; 1 some unhealthy, exited, stale or invalid; 3 no such
-    server / none managed; 4 some still starting (worst wins).
+    in its leader's group), draining (stopping: requests in flight finish), restarting
+    (crashed; relaunched after a backoff), failed (crashed too often; gave up), exited, stale
+    (the pid now belongs to another process), invalid (unreadable record).
+    Exit codes: 0 all healthy or joined; 1 some unhealthy, draining, failed, exited, stale
+    or invalid; 3 no such server / none managed; 4 some starting or restarting (worst wins).
 
     \b
     JSON: {"servers": [{name, state, model, served_model_name, task, pid, host, port, url,
            uptime_s, started_at, returncode, orphan_pids, log, error, log_tail, role,
-           node_rank, leader, gpu_memory_bytes, load}]}; log_tail: the log lines that tell
-           why an exited server ended (else []); load is null or {ok, error,
-           requests_running, requests_waiting, kv_cache_usage, prompt_tokens_total,
-           generation_tokens_total, prompt_tokens_per_s, generation_tokens_per_s,
-           rate_interval_s}; a leader also has cluster: {nnodes, data_parallel_size,
-           world_size, rendezvous, followers_seen}.
+           node_rank, leader, restart_policy, restarts, last_exit_code, last_exit_at,
+           next_restart_at, drain_left_s, enabled, gpu_memory_bytes, load}]}; log_tail: the
+           log lines that tell why an exited or failed server ended (else []); load is null
+           or {ok, error, requests_running, requests_waiting, kv_cache_usage,
+           prompt_tokens_total, generation_tokens_total, prompt_tokens_per_s,
+           generation_tokens_per_s, rate_interval_s}; a leader also has cluster: {nnodes,
+           data_parallel_size, world_size, rendezvous, followers_seen}.
 
     \b
     Examples:
@@ -751,7 +829,12 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         for line in role_notes(statuses, views):
             click.echo(line)
         for st in statuses:
-            if st.error and st.state in (State.EXITED, State.STALE, State.INVALID):
+            if st.state == State.FAILED and st.log_tail:
+                echo_err(f"{st.name}: gave up after repeated crashes; the end of its log:")
+                for line in st.log_tail:
+                    echo_err(f"  {line}")
+            if st.error and st.state in (State.EXITED, State.FAILED, State.STALE,
+                                         State.INVALID):
                 echo_err(f"{st.name}: {st.error}")
             if st.state == State.EXITED and st.log_tail and st.record is not None:
                 echo_err(f"{st.name}: from its log {st.record.log_path}:")

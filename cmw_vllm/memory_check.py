@@ -341,7 +341,10 @@ def refusal_hint(est: MemoryEstimate, *, force: bool = True) -> str:
     """What to do when ``est`` does not fit: the settings that would, then other remedies."""
     parts = []
     if est.suggestions:
-        parts.append("try " + " or ".join(f"`{s}`" for s in est.suggestions))
+        shown = [f"`{s}`" + (" (the share of RAM on the CPU build)"
+                             if est.device == "cpu" and "--gpu-memory-utilization" in s else "")
+                 for s in est.suggestions]
+        parts.append("try " + " or ".join(shown))
     too_big = est.weight_bytes + est.activation_bytes + est.runtime_bytes >= est.memory_total
     if not est.free_memory_ok and not too_big:
         parts.append("stop what holds the GPU (cmw-vllm gpus shows it)" if est.device == "gpu"

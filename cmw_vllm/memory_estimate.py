@@ -738,8 +738,7 @@ def _cpu_suggestions(spec: ModelSpec, settings: EstimateSettings,
                            * 100) / 100
         if 0 < share < (settings.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION) \
                 and _fits(spec, settings, target, gpu_memory_utilization=share).fits:
-            out.append(f"--gpu-memory-utilization {share:g} (on the CPU build: the share of "
-                       "RAM)")
+            out.append(f"--gpu-memory-utilization {share:g}")
     elif target.cpu_kv_space is not None and probe.free_memory_ok:
         length = _longest_fit(spec, settings, target)
         if length is not None:

@@ -31,6 +31,7 @@ from cmw_vllm.vocab import (
     NAME_RULE,
     Convert,
     Dtype,
+    RestartPolicy,
     Runner,
     Task,
     is_hf_id,
@@ -284,6 +285,8 @@ class ModelEntry(BaseModel):
         hf_overrides: JSON object passed as ``--hf-overrides``.
         trust_remote_code: Run the repository's own Python code (``--trust-remote-code``).
         extra_args: Further ``vllm serve`` flags, checked against vLLM 0.32.0's list.
+        restart: Restart policy after a crash (``start --restart``): no, on-failure, always.
+        drain: Seconds ``stop`` lets requests in flight finish (``start --drain``).
         idle_timeout: Seconds the gateway lets a server it started sit idle before stopping
             it (0 never); None uses the gateway's ``--idle-timeout``.
         source: ``built-in`` or the models file the entry (or its override) came from.
@@ -310,6 +313,8 @@ class ModelEntry(BaseModel):
     hf_overrides: dict[str, Any] | None = None
     trust_remote_code: bool = False
     extra_args: list[str] = Field(default_factory=list)
+    restart: RestartPolicy | None = Field(None, strict=False)
+    drain: int | None = Field(None, ge=0, le=86400)
     idle_timeout: float | None = Field(None, ge=0)
     source: str = BUILTIN_SOURCE
 
@@ -390,8 +395,9 @@ class ModelEntry(BaseModel):
 
         Returns:
             ``name`` (the alias), ``port``, ``task``, ``vllm_args`` and whichever of
-            ``max_model_len``, ``gpu_memory_utilization``, ``dtype`` and
-            ``tensor_parallel_size`` the entry sets (unset ones are left out).
+            ``max_model_len``, ``gpu_memory_utilization``, ``dtype``,
+            ``tensor_parallel_size``, ``restart`` and ``drain`` the entry sets (unset ones are
+            left out).
         """
         settings: dict[str, Any] = {
             "name": self.alias,
@@ -401,6 +407,8 @@ class ModelEntry(BaseModel):
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "dtype": self.dtype,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "restart": self.restart,
+            "drain": self.drain,
             "vllm_args": self.vllm_args(),
         }
         return {key: value for key, value in settings.items() if value is not None}

@@ -23,10 +23,21 @@ from pydantic import (
 from cmw_vllm import multinode
 from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
-from cmw_vllm.vocab import NAME_RULE, Convert, Dtype, Runner, Task, is_valid_name, parse_int
+from cmw_vllm.vocab import (
+    NAME_RULE,
+    Convert,
+    Dtype,
+    RestartPolicy,
+    Runner,
+    Task,
+    is_valid_name,
+    parse_int,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+# Seconds in-flight requests get to finish on stop (vLLM's --shutdown-timeout); see README.
+DEFAULT_DRAIN = 30
 
 # Flags that cmw-vllm sets itself from ServerConfig fields; extra args must not repeat them.
 MANAGED_FLAGS = {
@@ -40,6 +51,7 @@ MANAGED_FLAGS = {
     "--dtype",
     "--api-key",
     "--served-model-name",
+    "--shutdown-timeout",
     *multinode.MANAGED_FLAGS,
 }
 
@@ -58,6 +70,8 @@ OPTION_NAMES = {
     "vllm_args": "extra vLLM flags",
     "env": "env",
     "served_model_name": "--served-model-name",
+    "drain": "--drain",
+    "restart": "--restart",
     "distributed": "multi-node option",
 }
 
@@ -89,6 +103,8 @@ class ServerConfig(BaseModel):
     vllm_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     distributed: multinode.Distributed | None = None
+    drain: int = Field(DEFAULT_DRAIN, ge=0, le=86400)
+    restart: RestartPolicy = RestartPolicy.NO
 
     @field_validator("name")
     @classmethod
@@ -123,6 +139,8 @@ class ServerConfig(BaseModel):
             if flag in MANAGED_FLAGS:
                 if flag == "--api-key":
                     raise ValueError("pass the API key in VLLM_API_KEY, not on the command line")
+                if flag == "--shutdown-timeout":
+                    raise ValueError("--shutdown-timeout is set by cmw-vllm; use --drain")
                 raise ValueError(f"{flag} is set by cmw-vllm; use its own option instead")
         return value
 
@@ -182,6 +200,8 @@ class ServerConfig(BaseModel):
             args += ["--max-model-len", str(self.max_model_len)]
         if self.dtype != Dtype.AUTO:
             args += ["--dtype", self.dtype]
+        if self.drain:
+            args += ["--shutdown-timeout", str(self.drain)]
         if self.distributed is not None:
             args += self.distributed.cli_args()
         return args + self._task_args() + list(self.vllm_args)
@@ -330,7 +350,7 @@ def resolve_server_config(
         values["name"] = name_from_model(model)
     # A bad value from the environment is named by its variable (and .env file, if any).
     names = {f: SERVER_ENV_VARS[f] + source_of(SERVER_ENV_VARS[f]) for f in from_env}
-    for key in ("port", "tensor_parallel_size", "max_model_len"):
+    for key in ("port", "tensor_parallel_size", "max_model_len", "drain"):
         if isinstance(values.get(key), str):
             values[key] = parse_int(values[key], names.get(key, OPTION_NAMES[key]))
     try:

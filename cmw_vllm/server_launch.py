@@ -17,6 +17,8 @@ from cmw_vllm import paths
 from cmw_vllm.errors import EnvironmentProblem, ServerNotRunningError, ServerStartError
 
 if TYPE_CHECKING:
+    import subprocess
+
     import psutil
 
     from cmw_vllm.server_config import ServerConfig
@@ -49,26 +51,24 @@ def engine_command(config: ServerConfig, api_key: str | None) -> tuple[list[str]
 
 
 def open_fresh_log(log_file: Path) -> Path:
-    """Keep the previous log as ``NAME.log.1`` and create an empty, private ``NAME.log``.
+    """Rotate earlier logs (``NAME.log.1`` is the previous run's) and create an empty,
+    private ``NAME.log``.
 
     Raises:
         EnvironmentProblem: The log is a planted symlink or cannot be written.
     """
-    if log_file.is_symlink():
-        raise EnvironmentProblem(f"{log_file} is a symlink; refusing to write through it")
-    if log_file.exists():
-        os.replace(log_file, log_file.with_name(log_file.name + ".1"))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        os.close(os.open(log_file, flags, 0o600))
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot write {log_file}: {exc.strerror or exc}") from exc
+    from cmw_vllm.server_record import open_log, rotate_log
+
+    rotate_log(log_file)
+    os.close(open_log(log_file))
     return log_file
 
 
-def spawn(name: str, command: list[str], env: dict[str, str], log_file: Path,
-           exit_file: Path) -> tuple[psutil.Process, psutil.Process]:
+def spawn(name: str, command: list[str], env: dict[str, str], log_file: Path
+          ) -> tuple[psutil.Process, psutil.Process]:
     """Start the supervisor in a new session with vLLM under it, output to ``log_file``.
+
+    The supervisor (:mod:`cmw_vllm.supervisor`) starts vLLM in a session of its own.
 
     Returns:
         (the supervisor, vLLM's API server process).
@@ -88,7 +88,7 @@ def spawn(name: str, command: list[str], env: dict[str, str], log_file: Path,
         log_fd = os.open(log_file, flags)
     except OSError as exc:
         raise EnvironmentProblem(f"cannot write {log_file}: {exc.strerror or exc}") from exc
-    supervisor_cmd = [sys.executable, "-m", "cmw_vllm.supervisor", str(exit_file), "--",
+    supervisor_cmd = [sys.executable, "-m", "cmw_vllm.supervisor", "--name", name, "--",
                       *command]
     popen_kwargs: dict[str, Any] = {}
     if IS_WINDOWS:
@@ -126,6 +126,25 @@ def spawn(name: str, command: list[str], env: dict[str, str], log_file: Path,
         f"could not launch vLLM for {name!r}",
         log_tail="\n".join(tail_lines(log_file, 20)),
     )
+
+
+def spawn_here(command: list[str], env: dict[str, str]
+               ) -> tuple[psutil.Process, psutil.Process, subprocess.Popen[bytes]]:
+    """Start vLLM as a child of this process (foreground), its output on a pipe.
+
+    Returns:
+        (this process, vLLM's API server process, its ``Popen``).
+    """
+    import psutil
+
+    from cmw_vllm.supervisor import spawn_vllm
+
+    logger.info("launching %s", " ".join(command))
+    try:
+        popen = spawn_vllm(command, None, env)
+    except OSError as exc:
+        raise ServerStartError(f"cannot run {command[0]}: {exc.strerror or exc}") from exc
+    return psutil.Process(), psutil.Process(popen.pid), popen
 
 
 def differing_settings(running: Mapping[str, Any], config: ServerConfig,

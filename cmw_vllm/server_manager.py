@@ -1,24 +1,19 @@
 """Start, stop and inspect vLLM servers, each under its own name.
 
-The files a server leaves in the state dir, and how a record is read, are in
-:mod:`cmw_vllm.server_record`; this module writes them (atomically, under a per-name lock)
-and looks at the processes they name.
-
-A process is ours only when its pid, create time and command line match the record; the
-engine's children (EngineCore, workers) are found by the process group the server was
-started in, which survives the API server's death.
+The files a server leaves in the state dir, and how a record is read and updated, are in
+:mod:`cmw_vllm.server_record`; the processes they name are looked at by
+:mod:`cmw_vllm.process_group`. vLLM runs under a supervisor (:mod:`cmw_vllm.supervisor`)
+that records each exit, restarts crashed servers by their policy and drains on stop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +28,16 @@ from cmw_vllm.errors import (
     StopError,
     UsageError,
 )
+from cmw_vllm.process_group import (
+    command_matches,
+    describe_port_holder,
+    group_members,
+    is_ours,
+    port_is_free,
+    send_signal,
+    supervisor_process,
+    wait_gone,
+)
 from cmw_vllm.server_record import (
     ServerRecord,
     exit_path,
@@ -42,8 +47,16 @@ from cmw_vllm.server_record import (
     read_record,
     record_names,
     record_path,
+    save_record,
+    update_record,
 )
 from cmw_vllm.vocab import ALIVE_STATES, State, validate_name
+
+__all__ = [  # re-exported: callers find the server's processes and ports here too
+    "ServerManager", "ServerStatus", "ServerRecord", "StartResult", "StopResult",
+    "command_matches", "describe_port_holder", "group_members", "log_path",
+    "port_is_free", "read_record", "record_names", "running_models",
+]
 
 if TYPE_CHECKING:
     import psutil
@@ -51,8 +64,6 @@ if TYPE_CHECKING:
     from cmw_vllm.server_config import ServerConfig
 
 logger = logging.getLogger(__name__)
-
-IS_WINDOWS = os.name == "nt"
 
 BAD_RECORD = "bad record: "  # how an unreadable record's error starts
 
@@ -74,7 +85,7 @@ class ServerStatus:
 
     @property
     def running(self) -> bool:
-        """True when the server's process is alive (starting, healthy or unhealthy)."""
+        """True when the server is alive or being kept alive (restarting, draining)."""
         return self.state in ALIVE_STATES
 
     def to_json(self) -> dict[str, Any]:
@@ -100,8 +111,29 @@ class ServerStatus:
             "node_rank": rec.node_rank if rec else None,
             "leader": rec.leader if rec else None,
             "log_tail": self.log_tail,
+            "restart_policy": rec.restart_policy if rec else None,
+            "restarts": rec.restart_count if rec else None,
+            "last_exit_code": rec.last_exit_code if rec else None,
+            "last_exit_at": rec.last_exit_at if rec else None,
+            "next_restart_at": rec.next_restart_at
+            if rec and self.state == State.RESTARTING else None,
+            "drain_left_s": self.drain_left(),
+            "enabled": _enabled_scope(self.name),
         }
         return out
+
+    def drain_left(self) -> float | None:
+        """Seconds the drain may still take while ``draining``, else None."""
+        rec = self.record
+        if self.state != State.DRAINING or rec is None or rec.drain_until is None:
+            return None
+        return round(max(0.0, rec.drain_until - time.time()), 1)
+
+
+def _enabled_scope(name: str) -> str | None:
+    from cmw_vllm.systemd_unit import enabled_scope
+
+    return enabled_scope(name)
 
 
 @dataclass
@@ -115,6 +147,10 @@ class StartResult:
     port_changed_from: int | None = None
     ready_after_s: float | None = None
     api_key: bool = False  # vLLM was given VLLM_API_KEY
+    # Foreground only: the vLLM subprocess.Popen this process must supervise, and the
+    # environment it was launched with (for relaunches).
+    process: Any = None
+    env: dict[str, str] | None = None
 
 
 @dataclass
@@ -148,6 +184,14 @@ def _remove(*files: Path) -> None:
             f.unlink()
 
 
+def _remove_server_files(name: str) -> None:
+    """Remove the record, PID and exit files of ``name``, and temp files of a writer that was
+    killed mid-write (the supervisor, when a failed start or a stop SIGKILLs it)."""
+    files = [record_path(name), pid_path(name), exit_path(name)]
+    temps = [t for f in files for t in f.parent.glob(f".{f.name}.*.tmp")]
+    _remove(*files, *temps)
+
+
 @contextlib.contextmanager
 def _name_lock(name: str, timeout: float = 60.0) -> Iterator[None]:
     """Hold the per-server lock (serialises start/stop/restart of one name)."""
@@ -165,178 +209,6 @@ def _name_lock(name: str, timeout: float = 60.0) -> Iterator[None]:
         raise ConflictError(
             f"another cmw-vllm command is working on server {name!r}; try again"
         ) from None
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _process(pid: int, create_time: float) -> psutil.Process | None:
-    """The live process with this pid and create time, or None (gone or pid reused)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > 0.05:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
-
-
-def _is_ours(record: ServerRecord) -> psutil.Process | None:
-    """The API server process when pid, create time and command line match the record."""
-    import psutil
-
-    proc = _process(record.pid, record.create_time)
-    if proc is None:
-        return None
-    try:
-        cmdline = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-    return proc if command_matches(cmdline, record.command) else None
-
-
-def command_matches(cmdline: list[str], command: list[str]) -> bool:
-    """True when a process's command line is the command that was recorded for it.
-
-    The recorded arguments must end the command line exactly. Only the program may show
-    differently: a ``#!`` script runs as ``python SCRIPT ARGS``, and a wrapper that execs
-    the interpreter (``exec python "$@"``) replaces it; so before the arguments there is
-    one word, or two. vLLM renames its EngineCore and worker children (``VLLM::EngineCore``)
-    but not the API server, the process a record names.
-    """
-    if not command:
-        return False
-    args = command[1:]
-    head = len(cmdline) - len(args)
-    return head in (1, 2) and cmdline[head:] == args
-
-
-def group_members(record: ServerRecord) -> list[psutil.Process]:
-    """Every live process of the server's process group, when that group is still ours.
-
-    EngineCore and workers stay in the group (and the session) the server was started in,
-    even when the API server was killed and they were re-parented: that is how orphans are
-    found. The group counts as ours only when the record postdates the last boot, the group
-    leader is either gone or is our supervisor (same create time), and each member was
-    created after the supervisor, is in the supervisor's session, and is not this process or
-    one of its ancestors. Anything else is a reused id and is left alone.
-    """
-    import psutil
-
-    if IS_WINDOWS:
-        proc = _is_ours(record)
-        if proc is None:
-            return []
-        try:
-            return [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-    if record.supervisor_create_time < psutil.boot_time():
-        return []
-    try:
-        leader = psutil.Process(record.pgid)
-        if abs(leader.create_time() - record.supervisor_create_time) > 0.05:
-            return []  # the group id now belongs to a process started later
-    except psutil.NoSuchProcess:
-        pass
-    protected = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    members = []
-    for proc in psutil.process_iter(["create_time", "status"]):
-        if proc.pid in protected:
-            continue
-        try:
-            if os.getpgid(proc.pid) != record.pgid or os.getsid(proc.pid) != record.pgid:
-                continue
-        except (ProcessLookupError, PermissionError, OSError):
-            continue
-        info = proc.info
-        if info.get("status") == psutil.STATUS_ZOMBIE:
-            continue
-        created = info.get("create_time") or 0.0
-        if created + 0.05 < record.supervisor_create_time:
-            continue
-        members.append(proc)
-    return members
-
-
-def _signal(proc: psutil.Process, sig: int) -> bool:
-    import psutil
-
-    try:
-        if IS_WINDOWS:
-            proc.kill() if sig == getattr(signal, "SIGKILL", -1) else proc.terminate()
-        else:
-            proc.send_signal(sig)
-        return True
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        return False
-
-
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until every process has exited; return those still running after ``timeout``.
-
-    A zombie counts as gone: it holds no memory, and an orphan's zombie waits for init
-    to reap it, which can take a while (psutil.wait_procs would wait for that).
-    """
-    import psutil
-
-    def running(proc: psutil.Process) -> bool:
-        try:
-            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + max(timeout, 0)
-    alive = [p for p in procs if running(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [p for p in alive if running(p)]
-    return alive
-
-
-def describe_port_holder(host: str, port: int) -> str | None:
-    """Who listens on (or has bound) ``port``, as ``pid 123 (python3 -m http.server)``."""
-    import psutil
-
-    try:
-        conns = psutil.net_connections(kind="inet")
-    except (psutil.AccessDenied, OSError):
-        return None
-    for conn in conns:
-        if not conn.laddr or conn.laddr.port != port:
-            continue
-        if conn.status not in (psutil.CONN_LISTEN, psutil.CONN_NONE):
-            continue
-        if conn.pid is None:
-            return "another process"
-        try:
-            proc = psutil.Process(conn.pid)
-            cmd = " ".join(proc.cmdline())[:80] or proc.name()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            cmd = "?"
-        return f"pid {conn.pid} ({cmd})"
-    return None
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """True when nothing listens on or has bound ``host:port``."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        if not IS_WINDOWS:
-            # Ignore TIME_WAIT leftovers of our own previous server on this port.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    # vLLM binds with SO_REUSEADDR long before it listens: look for bound sockets too.
-    return describe_port_holder(host, port) is None
 
 
 # --------------------------------------------------------------------------- manager
@@ -432,31 +304,57 @@ class ServerManager:
             return ServerStatus(name=name, state=State.INVALID, error=f"{BAD_RECORD}{exc}")
         if record is None:
             return ServerStatus(name=name, state=State.INVALID, error="no record")
-        proc = _is_ours(record)
+        proc = is_ours(record)
         if proc is not None:
             return ServerStatus(
                 name=name,
-                state=State.RUNNING,
+                state=State.DRAINING if record.stop_requested_at is not None else State.RUNNING,
                 record=record,
                 pid=record.pid,
                 uptime=time.time() - record.started_at,
             )
         status = ServerStatus(name=name, state=State.EXITED, record=record, pid=record.pid)
-        orphans = [p.pid for p in group_members(record)]
-        status.orphans = orphans
-        exit_info = read_exit(name)
-        if exit_info is not None and exit_info.get("pid") == record.pid:
+        supervised = record.failed_at is None and supervisor_process(record) is not None
+        exit_info = self._exit_info(record, wait=supervised)
+        if exit_info is not None:
             status.returncode = exit_info.get("returncode")
-        elif self._pid_alive(record.pid):
+        if supervised and record.stop_requested_at is not None:
+            status.state = State.DRAINING  # vLLM is gone; its supervisor finishes the stop
+            return status
+        if supervised and record.next_restart_at is not None:
+            status.state = State.RESTARTING
+            status.returncode = record.last_exit_code
+            return status
+        status.orphans = [p.pid for p in group_members(record)]
+        if record.failed_at is not None:
+            status.state = State.FAILED
+            status.returncode = record.last_exit_code
+        elif status.returncode is None and not supervised and self._pid_alive(record.pid):
             status.state = State.STALE
             status.error = f"pid {record.pid} now belongs to another process"
         from cmw_vllm.vllm_engine import diagnose, failure_excerpt, tail_lines
 
-        if status.state == State.EXITED:
+        if status.state in (State.EXITED, State.FAILED):
             text = "\n".join(tail_lines(Path(record.log_path), 400))
             status.log_tail = failure_excerpt(text, 10)
             status.error = diagnose(text)
         return status
+
+    @staticmethod
+    def _exit_info(record: ServerRecord, wait: bool) -> dict[str, Any] | None:
+        """The supervisor's exit record of this run; with ``wait``, give it a moment.
+
+        The supervisor writes it right after it reaps vLLM: a status taken in between must
+        not read the exit as "unknown".
+        """
+        deadline = time.monotonic() + (0.5 if wait else 0.0)
+        while True:
+            info = read_exit(record.name)
+            if info is not None and info.get("pid") == record.pid:
+                return info
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
     @staticmethod
     def _pid_alive(pid: int) -> bool:
@@ -478,6 +376,7 @@ class ServerManager:
         on_notice: Callable[[str], None] | None = None,
         api_key: str | None = None,
         requested: Collection[str] = (),
+        foreground: bool = False,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -496,6 +395,10 @@ class ServerManager:
                 private file (:mod:`cmw_vllm.last_start`), never in the record.
             requested: ServerConfig fields the user set explicitly. When the server already
                 runs, any of them that differs from the running settings is an error.
+            foreground: Launch vLLM as a child of this process, output to a pipe, and return
+                at once with ``result.process`` and ``result.env`` set; the caller
+                supervises it (:func:`cmw_vllm.supervisor.run_foreground`). A server that
+                already runs is a conflict.
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
@@ -515,12 +418,15 @@ class ServerManager:
         for d in (paths.state_dir(), paths.servers_dir(), paths.logs_dir()):
             paths.ensure_dir(d)
         port_changed_from = None
+        process = env = None
         with _name_lock(config.name):
             existing = self._observe(config.name)
             if existing.running and existing.record is not None:
+                self._check_joinable(existing, foreground)
                 self._check_same_server(existing.record, config, requested, auto_port)
                 record = existing.record
                 already = True
+                wait = wait and existing.state != State.RESTARTING
             else:
                 if existing.record is not None or existing.state == State.INVALID:
                     self._cleanup_dead(config.name, existing)
@@ -532,7 +438,7 @@ class ServerManager:
                     check = preflight(config)
                     if check.status == "skipped" and on_notice is not None:
                         on_notice(f"memory check skipped: {check.reason}")
-                record = self._launch(config, api_key)
+                record, process, env = self._launch(config, api_key, foreground)
                 already = False
         result = StartResult(
             name=config.name,
@@ -541,11 +447,26 @@ class ServerManager:
             ready=False,
             port_changed_from=port_changed_from,
             api_key=bool(api_key) if not already else _has_api_key(record),
+            process=process,
+            env=env,
         )
-        if wait:
+        if wait and not foreground:
             result.ready_after_s = self.wait_ready(record, timeout, on_progress)
             result.ready = True
         return result
+
+    @staticmethod
+    def _check_joinable(existing: ServerStatus, foreground: bool) -> None:
+        """Refuse to join a server that is stopping, or one wanted in the foreground here."""
+        assert existing.record is not None
+        name = existing.name
+        if existing.state == State.DRAINING:
+            raise ConflictError(f"server {name!r} is stopping; try again when it has stopped")
+        if foreground:
+            raise ConflictError(
+                f"server {name!r} already runs (pid {existing.record.pid})",
+                hint=f"stop it first (cmw-vllm stop {name}) to run it in the foreground",
+            )
 
     @staticmethod
     def _check_same_server(record: ServerRecord, config: ServerConfig,
@@ -570,10 +491,10 @@ class ServerManager:
             )
 
     def _cleanup_dead(self, name: str, status: ServerStatus) -> None:
-        """Remove what a dead server left: orphans of its group, its record files."""
-        if status.record is not None and status.orphans:
-            self._terminate(status.record, None, kill_timeout=5.0)
-        _remove(record_path(name), pid_path(name), exit_path(name))
+        """Remove what a dead server left: its supervisor, orphans of its group, its files."""
+        if status.record is not None:
+            self._kill_server(status.record, kill_timeout=5.0)
+        _remove_server_files(name)
 
     def _choose_port(
         self, config: ServerConfig, auto_port: bool
@@ -606,15 +527,20 @@ class ServerManager:
                 break
         raise ConflictError(f"no free port found from {config.port}")
 
-    def _launch(self, config: ServerConfig, api_key: str | None) -> ServerRecord:
-        """Spawn the supervisor and vLLM under it; write the record and the restart files.
+    def _launch(self, config: ServerConfig, api_key: str | None, foreground: bool = False
+                ) -> tuple[ServerRecord, Any, dict[str, str] | None]:
+        """Spawn vLLM under a supervisor (or, in the foreground, as our child); write the
+        record and the restart files.
+
+        Returns:
+            The record; in the foreground also the vLLM ``Popen`` and its environment.
 
         Raises:
             EnvironmentProblem: vLLM missing, the log or record cannot be written.
             ServerStartError: The supervisor did not get vLLM running.
         """
         from cmw_vllm import last_start
-        from cmw_vllm.server_launch import engine_command, open_fresh_log, spawn
+        from cmw_vllm.server_launch import engine_command, open_fresh_log, spawn, spawn_here
 
         command, env = engine_command(config, api_key)
         from cmw_vllm.multinode import launch_env
@@ -624,14 +550,18 @@ class ServerManager:
         log_file = open_fresh_log(log_path(config.name))
         exit_file = exit_path(config.name)
         _remove(exit_file)
-        sup, child = spawn(config.name, command, env, log_file, exit_file)
+        process = None
+        if foreground:
+            sup, child, process = spawn_here(command, env)
+        else:
+            sup, child = spawn(config.name, command, env, log_file)
         record = ServerRecord(
             name=config.name,
             pid=child.pid,
             create_time=child.create_time(),
             supervisor_pid=sup.pid,
             supervisor_create_time=sup.create_time(),
-            pgid=sup.pid,
+            pgid=child.pid,  # vLLM leads a session of its own
             host=config.host,
             port=0 if follower else config.port,
             model=config.model,
@@ -646,20 +576,20 @@ class ServerManager:
             node_rank=config.distributed.rank if config.distributed else 0,
             leader=network.get("leader"),
             host_ip=network.get("VLLM_HOST_IP"),
+            foreground=foreground,
         )
         try:
             self._save(record)
             last_start.save(config.name, record.config, api_key)
         except CmwVllmError:
-            self._terminate(record, None, kill_timeout=5.0)
+            self._kill_server(record, kill_timeout=5.0)
             _remove(record_path(record.name), pid_path(record.name))
             raise
-        return record
+        return record, process, (env if foreground else None)
 
-    def _save(self, record: ServerRecord) -> None:
-        paths.write_private(record_path(record.name),
-                            json.dumps(asdict(record), indent=2) + "\n", fsync=True)
-        paths.write_private(pid_path(record.name), f"{record.pid}\n", fsync=True)
+    @staticmethod
+    def _save(record: ServerRecord) -> None:
+        save_record(record)
 
     def wait_ready(
         self,
@@ -685,7 +615,7 @@ class ServerManager:
         log_offset = 0
         log_file = Path(record.log_path)
         exit_file = exit_path(record.name)
-        proc = _is_ours(record)
+        proc = is_ours(record)
         follower = record.role == "follower"
         while True:
             if proc is None or not proc.is_running() or exit_file.exists():
@@ -724,10 +654,9 @@ class ServerManager:
         if record.ready_at is not None:
             return
         record.ready_at = time.time()
-        with contextlib.suppress(CmwVllmError, ValueError):
-            current = read_record(record.name)
-            if current is not None and current.pid == record.pid:
-                self._save(record)
+        with contextlib.suppress(CmwVllmError):
+            update_record(record.name, record.supervisor_pid, ready_at=record.ready_at,
+                          only_pid=record.pid)
 
     def _fail_start(self, record: ServerRecord) -> None:
         """vLLM exited during start-up: reap what is left, remove the record, say why."""
@@ -754,10 +683,10 @@ class ServerManager:
                 current = None
                 with contextlib.suppress(ValueError):
                     current = read_record(record.name)
-                if current is not None and current.pid == record.pid:
-                    self._terminate(record, None, kill_timeout=5.0)
-                    _remove(record_path(record.name), pid_path(record.name),
-                            exit_path(record.name))
+                if current is not None and current.supervisor_pid == record.supervisor_pid:
+                    # Also ends a supervisor about to relaunch it (restart policy).
+                    self._kill_server(record, kill_timeout=5.0)
+                    _remove_server_files(record.name)
         except ConflictError:
             # Another command holds the name (a stop, most likely): it cleans up; say so.
             logger.warning("%s: lock busy, left the clean-up to the command holding it",
@@ -776,17 +705,32 @@ class ServerManager:
     # ----------------------------------------------------------------- stop
 
     def stop(
-        self, name: str, timeout: float | None = None, kill_timeout: float = 10.0
+        self,
+        name: str,
+        timeout: float | None = None,
+        kill_timeout: float = 10.0,
+        *,
+        drain: float | None = None,
+        now: bool = False,
     ) -> StopResult:
-        """Stop server ``name``: SIGTERM, wait, SIGKILL its whole group, confirm it is gone.
+        """Stop server ``name``, letting requests in flight finish, and confirm it is gone.
 
+        The API server alone gets SIGTERM (a group-wide one would kill tensor-parallel
+        workers at once), and vLLM drains for as long as it was launched to (its
+        ``--shutdown-timeout``, the server's ``drain``) while refusing new requests; the
+        record says ``draining`` meanwhile, since ``/health`` stays 200. Whatever is left of
+        the server's group and its supervisor after the drain plus ``timeout`` gets SIGKILL.
         A process whose create time or command line does not match the record is never
         signalled; such a record is stale and is removed.
 
         Args:
             name: Server name.
-            timeout: Seconds between SIGTERM and SIGKILL (default ``CMW_VLLM_STOP_TIMEOUT``).
+            timeout: Seconds vLLM gets to exit after the drain before SIGKILL (default
+                ``CMW_VLLM_STOP_TIMEOUT``).
             kill_timeout: Seconds to wait for the processes to vanish after SIGKILL.
+            drain: Seconds requests in flight may still take (at most the server's own
+                drain); None: the server's drain.
+            now: Abort requests in flight: SIGKILL everything at once.
 
         Raises:
             ServerNotRunningError: No server, kept settings or registry entry has that name.
@@ -795,13 +739,13 @@ class ServerManager:
         from cmw_vllm.settings import stop_timeout
 
         validate_name(name)
-        timeout = stop_timeout() if timeout is None else timeout
+        margin = stop_timeout() if timeout is None else timeout
         begin = time.monotonic()
         with _name_lock(name):
             status = self._observe(name)
             if status.record is None:
                 if status.state == State.INVALID and status.error != "no record":
-                    _remove(record_path(name), pid_path(name), exit_path(name))
+                    _remove_server_files(name)
                     why = (status.error or "").removeprefix(BAD_RECORD)
                     return StopResult(name=name, was_running=False, invalid=why)
                 from cmw_vllm.server_launch import check_known_name
@@ -811,57 +755,107 @@ class ServerManager:
             record = status.record
             result = StopResult(name=name, was_running=status.running,
                                 stale=status.state == State.STALE)
-            main = _is_ours(record)
-            forced, killed, remaining = self._terminate(record, main, timeout, kill_timeout)
+            forced, killed, remaining = self._stop_processes(record, margin, kill_timeout,
+                                                             drain, now)
             result.forced, result.killed_pids, result.remaining_pids = forced, killed, remaining
             if remaining:
                 raise StopError(
                     f"processes of {name!r} survived SIGKILL: "
                     + ", ".join(str(p) for p in remaining)
                 )
-            _remove(record_path(name), pid_path(name), exit_path(name))
+            _remove_server_files(name)
         result.duration_s = time.monotonic() - begin
         return result
 
-    def _terminate(
+    def _stop_processes(
         self,
         record: ServerRecord,
-        main: psutil.Process | None,
-        timeout: float | None = None,
-        kill_timeout: float = 10.0,
+        margin: float,
+        kill_timeout: float,
+        drain: float | None,
+        now: bool,
     ) -> tuple[bool, list[int], list[int]]:
-        """SIGTERM the API server, then SIGKILL whatever of its group is left.
+        """Ask the supervisor and the API server to stop; SIGKILL what is left at the deadline.
 
         Returns:
             (forced, pids that got SIGKILL, pids still alive afterwards).
         """
-        members = group_members(record)
-        if main is not None and all(m.pid != main.pid for m in members):
-            members.append(main)
-        if not members:
-            return False, [], []
-        if main is not None and timeout:
-            _signal(main, signal.SIGTERM)
-            alive = _wait_gone(members, timeout)
+        main = is_ours(record)
+        sup = supervisor_process(record)
+        if main is None or now:
+            drain_s = 0.0
         else:
-            alive = members
+            drain_s = float(record.drain if drain is None else min(drain, record.drain))
+        # Without a live API server there is nothing to drain: leftovers get SIGKILL at once,
+        # a supervisor waiting to restart gets the margin to end its loop.
+        grace = 0.0 if now or (main is None and sup is None) else drain_s + margin
+        if main is not None or sup is not None:
+            t = time.time()
+            update_record(record.name, record.supervisor_pid, stop_requested_at=t,
+                          drain_until=t + drain_s, kill_at=t + grace)
+        if not now:
+            # The supervisor forwards SIGTERM too (vLLM ignores the second one); telling it
+            # first keeps it from taking the exit for a crash, and ends a backoff wait.
+            for proc in (sup, main):
+                if proc is not None:
+                    send_signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        alive = self._server_processes(record)
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = self._server_processes(record)
         if not alive:
             return False, [], []
-        killed = [p.pid for p in alive]
-        for proc in alive:
-            _signal(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
-        remaining = _wait_gone(alive, kill_timeout)
-        # Children forked between the listing and the kill: one more sweep of the group.
-        late = [p for p in group_members(record) if p.pid not in killed]
-        for proc in late:
-            _signal(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
-            killed.append(proc.pid)
-        remaining += _wait_gone(late, kill_timeout)
-        return True, killed, [p.pid for p in remaining]
+        killed, remaining = self._kill_server(record, kill_timeout)
+        return True, killed, remaining
 
-    def stop_all(self, timeout: float | None = None) -> list[StopResult]:
-        """Stop every managed server."""
-        return [self.stop(name, timeout) for name in record_names()]
+    @staticmethod
+    def _server_processes(record: ServerRecord) -> list[psutil.Process]:
+        """The live supervisor and process-group members of the server (any of its runs)."""
+        procs: dict[int, psutil.Process] = {}
+        sup = supervisor_process(record)
+        if sup is not None:
+            procs[sup.pid] = sup
+        records = [record]
+        with contextlib.suppress(ValueError):
+            current = read_record(record.name)
+            if current is not None and current.supervisor_pid == record.supervisor_pid \
+                    and current.pgid != record.pgid:
+                records.append(current)  # the supervisor relaunched it meanwhile
+        for rec in records:
+            main = is_ours(rec)
+            for proc in group_members(rec) + ([main] if main is not None else []):
+                procs.setdefault(proc.pid, proc)
+        return list(procs.values())
+
+    def _kill_server(self, record: ServerRecord, kill_timeout: float
+                     ) -> tuple[list[int], list[int]]:
+        """SIGKILL the supervisor first (so nothing is relaunched), then the server's groups.
+
+        Returns:
+            (pids that got SIGKILL, pids still alive afterwards).
+        """
+        sigkill = getattr(signal, "SIGKILL", signal.SIGTERM)
+        killed: list[int] = []
+        remaining: list[psutil.Process] = []
+        sup = supervisor_process(record)
+        if sup is not None:
+            send_signal(sup, sigkill)
+            killed.append(sup.pid)
+            remaining += wait_gone([sup], kill_timeout)
+        # Two sweeps: children forked between the listing and the kill are caught by the second.
+        for _sweep in range(2):
+            alive = [p for p in self._server_processes(record) if p.pid not in killed]
+            for proc in alive:
+                send_signal(proc, sigkill)
+                killed.append(proc.pid)
+            remaining += wait_gone(alive, kill_timeout)
+        return killed, [p.pid for p in remaining]
+
+    def stop_all(self, timeout: float | None = None, *, drain: float | None = None,
+                 now: bool = False) -> list[StopResult]:
+        """Stop every managed server (see :meth:`stop`)."""
+        return [self.stop(name, timeout, drain=drain, now=now) for name in record_names()]
 
     # ----------------------------------------------------------------- restart
 
@@ -872,8 +866,10 @@ class ServerManager:
         wait: bool = True,
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
+        drain: float | None = None,
     ) -> StartResult:
-        """Stop ``name`` (if it runs) and start it again with the settings of its last start.
+        """Stop ``name`` (if it runs; draining, see :meth:`stop`) and start it again with the
+        settings of its last start.
 
         The settings and the API key of the last start are kept after ``stop``
         (:mod:`cmw_vllm.last_start`), so a stopped server can be restarted too. The API key
@@ -913,7 +909,7 @@ class ServerManager:
             ) from None
         api_key = last_start.api_key_for_restart(name)
         if record is not None:
-            self.stop(name)
+            self.stop(name, drain=drain)
         # It ran with these settings before: don't let a stale estimate block the restart.
         return self.start(config, wait=wait, timeout=timeout, on_progress=on_progress,
                           check_resources=False, api_key=api_key)

@@ -25,6 +25,8 @@ SERVER_ENV_VARS = {
     "dtype": "CMW_VLLM_DTYPE",
     "tensor_parallel_size": "CMW_VLLM_TENSOR_PARALLEL_SIZE",
     "gpus": "CMW_VLLM_GPUS",
+    "drain": "CMW_VLLM_DRAIN_TIMEOUT",
+    "restart": "CMW_VLLM_RESTART",
 }
 
 # Variables set from an env file -> (that file, the value), so that an error can name where

@@ -82,12 +82,25 @@ class State(_Word):
     EXITED = "exited"
     STALE = "stale"  # the recorded pid now belongs to another process
     INVALID = "invalid"  # the record cannot be read
+    DRAINING = "draining"  # a stop began: requests in flight finish (/health still 200)
+    RESTARTING = "restarting"  # crashed; the supervisor relaunches it after a backoff
+    FAILED = "failed"  # crashed too often; the supervisor gave up
 
 
-# States whose process is alive.
-ALIVE_STATES = frozenset(
-    {State.RUNNING, State.STARTING, State.HEALTHY, State.UNHEALTHY, State.JOINED}
-)
+# States in which the server is alive or being kept alive (its process or supervisor lives).
+ALIVE_STATES = frozenset({State.RUNNING, State.STARTING, State.HEALTHY, State.UNHEALTHY,
+                          State.JOINED, State.DRAINING, State.RESTARTING})
+
+
+class RestartPolicy(_Word):
+    """What the supervisor does when vLLM exits without being asked to (``--restart``)."""
+
+    NO = "no"
+    ON_FAILURE = "on-failure"  # restart; give up (state failed) after too many crashes
+    ALWAYS = "always"  # restart, never give up
+
+
+RESTART_POLICIES: tuple[str, ...] = tuple(p.value for p in RestartPolicy)
 
 # The exit code of each state, the same from every command that reports one (``status``,
 # ``test``); the README's exit-code table documents it. A server with no record at all is
@@ -101,6 +114,9 @@ STATE_EXIT_CODES = {
     State.EXITED: EXIT_FAILURE,
     State.STALE: EXIT_FAILURE,
     State.INVALID: EXIT_FAILURE,
+    State.DRAINING: EXIT_FAILURE,  # takes no new requests
+    State.RESTARTING: EXIT_STARTING,
+    State.FAILED: EXIT_FAILURE,
 }
 
 # --------------------------------------------------------------------------- names

@@ -15,6 +15,19 @@ VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
 # would otherwise recompile every module on every command.
 .venv/bin/python -m compileall -q cmw_vllm
 
+# The tests verify generated systemd units with systemd-analyze (Debian package `systemd`;
+# it works without systemd running as PID 1).
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get install -y -q --no-install-recommends systemd >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null \
+           && apt-get install -y -q --no-install-recommends systemd >/dev/null; }; } \
+      || echo "warning: could not install systemd (for systemd-analyze)" >&2
+  else
+    echo "warning: systemd-analyze is missing; install the systemd package" >&2
+  fi
+fi
+
 has_vllm() { [ -x "$1" ] && "$1" -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("vllm") is None)'; }
 
 if [ -n "${CMW_VLLM_PYTHON:-}" ] && has_vllm "$CMW_VLLM_PYTHON"; then

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,10 @@ def test_bench_lifecycle_smoke(real_vllm: str) -> None:
     for figure in ("exit -> report", "first 200 of /health", "stop (graceful)",
                    "ignoring SIGTERM", "start overhead"):
         assert figure in out
+
+
+def test_bench_restart_smoke(fake_engine: Path, model_dir: Path) -> None:
+    """On the stand-in engine (the figures that matter come from real vLLM)."""
+    out = bench("bench_restart.py", "--crashes", "1", "--model", str(model_dir))
+    for part in ("detection", "cleanup", "backoff", "vLLM load", "total"):
+        assert part in out

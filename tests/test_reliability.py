@@ -15,7 +15,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cmw_vllm import server_manager
 from cmw_vllm.server_manager import group_members
 from cmw_vllm.server_record import read_record
 from tests.conftest import free_port
@@ -69,9 +68,9 @@ def test_disk_full_when_writing_the_record(fake_engine: Path, model_dir: Path,
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
 
-    monkeypatch.setattr(server_manager.os, "write", full_disk_write)
+    monkeypatch.setattr(os, "write", full_disk_write)
     code, _, err = run("start", str(model_dir), "--name", "full", "--port", str(free_port()))
-    monkeypatch.setattr(server_manager.os, "write", real_write)
+    monkeypatch.setattr(os, "write", real_write)
     assert code == 8
     assert "No space left on device" in err
     assert not list((isolated_home / "servers").glob("full*"))  # no half-written record

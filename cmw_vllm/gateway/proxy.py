@@ -291,11 +291,25 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        _ignore_more_signals()
         await pool.shutdown()
         await session.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def _ignore_more_signals() -> None:
+    """A second SIGTERM (``stop`` signals the API server and its supervisor, here one
+    process) must not cut short the stop of the servers the gateway started."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, logger.warning, "already shutting down")
+        except (RuntimeError, ValueError, NotImplementedError):
+            return  # not the main thread (tests), or no signals here
 
 
 def _prober(session: aiohttp.ClientSession) -> Any:

@@ -4,10 +4,14 @@ It accepts the same command line shape, writes vLLM's start-up log lines, starts
 process (like EngineCore) in its process group, and serves /health, /v1/models and a chat
 completion. ``FAKE_VLLM_MODE`` picks a behaviour: ``ok`` (default), ``oom`` (dies during
 start with vLLM's KV-cache message), ``ignore_term`` (ignores SIGTERM), ``die_after_ready``
-(exits 3 shortly after being ready), ``hang`` (accepts connections, never answers),
-``hang_post`` (healthy, but never answers a POST). A POST's answer echoes the
-``Authorization`` and ``X-Api-Key`` headers it got (``seen_headers``).
-``FAKE_VLLM_DELAY`` is the load time in seconds.
+(exits 3 shortly after being ready), ``exit0_after_ready`` (exits 0 then, like vLLM when
+its engine dies), ``hang`` (accepts connections, never answers), ``hang_post`` (healthy,
+but never answers a POST). A POST's answer echoes the ``Authorization`` and ``X-Api-Key``
+headers it got (``seen_headers``).
+``FAKE_VLLM_DELAY`` is the load time in seconds, ``FAKE_VLLM_DIE_AFTER`` the seconds of
+readiness before the ``*_after_ready`` exits, ``FAKE_VLLM_GEN_SECONDS`` how long one
+completion takes. Like vLLM, ``--shutdown-timeout N`` makes SIGTERM let completions in
+flight finish for up to N seconds (new ones get 503) before it exits 0.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--tensor-parallel-size", type=int)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--shutdown-timeout", type=int, default=0)
     parser.add_argument("--runner", choices=["auto", "draft", "generate", "pooling"])
     parser.add_argument("--convert", choices=["auto", "classify", "embed", "none"])
     args = parser.parse_args(argv)
@@ -76,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     served_names = args.served_model_name or [args.model]
     served = served_names[0]
     counter = [0]  # completions served, for the token counters in /metrics
+    in_flight = [0]
+    draining = threading.Event()
+    gen_seconds = float(os.environ.get("FAKE_VLLM_GEN_SECONDS", "0"))
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a: object) -> None:
@@ -121,6 +130,14 @@ def main(argv: list[str] | None = None) -> None:
             self.rfile.read(length)
             if mode == "hang_post":
                 time.sleep(3600)
+            if draining.is_set():
+                self._send(503, {"error": "shutting down"})
+                return
+            in_flight[0] += 1
+            try:
+                time.sleep(gen_seconds)
+            finally:
+                in_flight[0] -= 1
             counter[0] += 1
             seen = {k.lower(): v for k, v in self.headers.items()
                     if k.lower() in ("authorization", "x-api-key")}
@@ -134,16 +151,25 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr.flush()
 
     def on_term(_signum: int, _frame: object) -> None:
+        if draining.is_set():
+            return  # like vLLM: a second SIGTERM is ignored
+        draining.set()
+        log(f"[shutdown] stopping engine client mode="
+            f"{'drain' if args.shutdown_timeout else 'abort'} timeout={args.shutdown_timeout}s")
+        deadline = time.monotonic() + args.shutdown_timeout
+        while in_flight[0] and time.monotonic() < deadline:
+            time.sleep(0.02)
         engine.terminate()
         engine.wait()
         os._exit(0)
 
     if mode != "ignore_term":
         signal.signal(signal.SIGTERM, on_term)
+    die_after = float(os.environ.get("FAKE_VLLM_DIE_AFTER", "1.0"))
     if mode == "die_after_ready":
-        import threading
-
-        threading.Timer(1.0, lambda: os._exit(3)).start()
+        threading.Timer(die_after, lambda: os._exit(3)).start()
+    elif mode == "exit0_after_ready":
+        threading.Timer(die_after, lambda: os._exit(0)).start()
     server.serve_forever()
 
 

@@ -1,0 +1,418 @@
+"""Drain on stop, restart policies and foreground mode, on the stand-in engine.
+
+The stand-in (tests/fake_vllm) starts in under a second, drains like vLLM with
+``--shutdown-timeout`` and can crash on cue (``FAKE_VLLM_MODE``); the real-vLLM side of the
+same promises is in test_serving_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from cmw_vllm.server_manager import ServerManager, group_members, read_record
+from cmw_vllm.supervisor import Backoff
+from tests.conftest import alive_pids, free_port, wait_for_state
+from tests.conftest import run_cli as run
+
+
+@pytest.fixture
+def fast_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backoff of 0.2 s doubling, give up at 3 crashes a minute."""
+    monkeypatch.setenv("CMW_VLLM_RESTART_BACKOFF", "0.2")
+    monkeypatch.setenv("CMW_VLLM_RESTART_LIMIT", "3")
+    monkeypatch.setenv("CMW_VLLM_RESTART_WINDOW", "60")
+
+
+def _everything(name: str) -> list[int]:
+    """Pids of the server's supervisor and process group."""
+    record = read_record(name)
+    assert record is not None
+    return [p.pid for p in group_members(record)] + [record.supervisor_pid]
+
+
+def _wait_for(predicate: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def _all_logs(home: Path, name: str) -> str:
+    """Every run's log, the oldest first (NAME.log.N ... NAME.log.1, NAME.log)."""
+    files = sorted((home / "logs").glob(f"{name}.log*"),
+                   key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    return "".join(p.read_text(errors="replace") for p in files)
+
+
+# --------------------------------------------------------------------------- drain
+
+
+def test_stop_lets_a_request_in_flight_finish(fake_engine: Path, model_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_GEN_SECONDS", "2")
+    port = free_port()
+    assert run("start", str(model_dir), "--name", "d", "--port", str(port),
+               "--drain", "10")[0] == 0
+    record = read_record("d")
+    assert record is not None and "--shutdown-timeout" in record.command
+    everything = _everything("d")
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    replies: dict[str, Any] = {}
+
+    def ask(key: str) -> None:
+        try:
+            reply = requests.post(url, json={"messages": []}, timeout=30)
+            replies[key] = reply.status_code
+        except requests.RequestException as exc:
+            replies[key] = exc
+        replies[key + "_at"] = time.monotonic()
+
+    first = threading.Thread(target=ask, args=("in_flight",))
+    first.start()
+    time.sleep(0.5)
+    stopped: dict[str, Any] = {}
+
+    def stop() -> None:
+        stopped["result"] = ServerManager().stop("d")
+        stopped["at"] = time.monotonic()
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    status = wait_for_state("d", "draining", timeout=5)
+    assert status.state == "draining"
+    assert 0 < status.to_json()["drain_left_s"] <= 10
+    code, out, _ = run("status", "d")
+    assert code == 1 and "draining (" in out
+    ask("late")
+    first.join(10)
+    stopper.join(20)
+    assert replies["in_flight"] == 200  # finished although the stop came first
+    assert replies["late"] != 200  # nothing new is served during the drain
+    assert not stopped["result"].forced
+    assert stopped["at"] >= replies["in_flight_at"]
+    assert not alive_pids(everything)
+    assert read_record("d") is None
+
+
+def test_stop_now_aborts_at_once(fake_engine: Path, model_dir: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_GEN_SECONDS", "20")
+    port = free_port()
+    assert run("start", str(model_dir), "--name", "n", "--port", str(port),
+               "--drain", "60")[0] == 0
+    everything = _everything("n")
+    outcome: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            outcome["code"] = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                            json={}, timeout=30).status_code
+        except requests.RequestException as exc:
+            outcome["error"] = exc
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    time.sleep(0.5)
+    begin = time.monotonic()
+    code, out, err = run("stop", "n", "--now", "--json")
+    took = time.monotonic() - begin
+    asker.join(10)
+    assert code == 0, err
+    assert json.loads(out)["servers"][0]["forced"] is True
+    assert took < 3
+    assert "error" in outcome  # the request was cut
+    assert not alive_pids(everything)
+
+
+def test_drain_settings_are_kept_and_checked(fake_engine: Path, model_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CMW_VLLM_DRAIN_TIMEOUT", "7")
+    assert run("start", str(model_dir), "--name", "k", "--port", str(free_port()),
+               "--restart", "always")[0] == 0
+    record = read_record("k")
+    assert record is not None and record.drain == 7 and record.restart_policy == "always"
+    i = record.command.index("--shutdown-timeout")
+    assert record.command[i + 1] == "7"
+    assert run("restart", "k", "--drain", "1")[0] == 0
+    again = read_record("k")
+    assert again is not None and again.drain == 7 and again.restart_policy == "always"
+    code, _, err = run("stop", "k", "--now", "--drain", "3")
+    assert code == 2 and "--now and --drain" in err
+    code, _, err = run("start", str(model_dir), "--name", "x", "--",
+                       "--shutdown-timeout", "5")
+    assert code == 2 and "--drain" in err
+
+
+def test_models_file_sets_restart_and_drain(isolated_home: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmw_vllm.model_registry import resolve_target
+    from cmw_vllm.server_config import resolve_server_config
+
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "models.toml").write_text(
+        '[models.kept]\nmodel = "org/kept-model"\nport = 8123\nrestart = "always"\n'
+        "drain = 90\n")
+    target = resolve_target("kept")
+    config = resolve_server_config(target.model, entry_settings=target.settings, environ={})
+    assert (config.restart, config.drain) == ("always", 90)
+    args = config.vllm_cli_args()
+    assert args[args.index("--shutdown-timeout") + 1] == "90"
+    env = {"CMW_VLLM_DRAIN_TIMEOUT": "5", "CMW_VLLM_RESTART": "no"}
+    config = resolve_server_config(target.model, entry_settings=target.settings, environ=env)
+    assert (config.restart, config.drain) == ("no", 5)  # env beats the models file
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+def test_crash_is_restarted_with_a_new_pid(fake_engine: Path, model_dir: Path,
+                                           isolated_home: Path, fast_restarts: None) -> None:
+    port = free_port()
+    assert run("start", str(model_dir), "--name", "r", "--port", str(port),
+               "--restart", "on-failure")[0] == 0
+    first = read_record("r")
+    assert first is not None
+    first_group = [p.pid for p in group_members(first)]
+    os.kill(first.pid, signal.SIGKILL)  # orphans the stand-in's engine child
+    assert _wait_for(lambda: (read_record("r") or first).restart_count == 1)
+    status = wait_for_state("r", "healthy")
+    assert status.state == "healthy"
+    second = read_record("r")
+    assert second is not None and second.pid != first.pid
+    assert second.supervisor_pid == first.supervisor_pid
+    assert second.last_exit_code == -9
+    assert (isolated_home / "servers" / "r.pid").read_text().strip() == str(second.pid)
+    assert not alive_pids(first_group)  # the orphaned engine was killed before the relaunch
+    timing = second.restart_timing
+    assert timing is not None
+    assert timing["exit_at"] <= timing["detected_at"] <= timing["cleaned_at"] \
+        <= timing["launched_at"]
+    code, out, _ = run("status", "r", "--json")
+    server = json.loads(out)["servers"][0]
+    assert (server["restarts"], server["last_exit_code"], server["restart_policy"]) == \
+        (1, -9, "on-failure")
+    assert "was killed" not in out
+    logs = sorted(p.name for p in (isolated_home / "logs").glob("r.log*"))
+    assert logs == ["r.log", "r.log.1"]  # the current run, and the crashed one rotated
+    assert "Application startup complete" in (isolated_home / "logs" / "r.log").read_text()
+
+
+def test_exit_0_nobody_asked_for_is_a_crash(fake_engine: Path, model_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            fast_restarts: None) -> None:
+    monkeypatch.setenv("FAKE_VLLM_MODE", "exit0_after_ready")
+    monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "1")
+    monkeypatch.setenv("CMW_VLLM_RESTART_LIMIT", "20")
+    assert run("start", str(model_dir), "--name", "z", "--port", str(free_port()),
+               "--restart", "on-failure")[0] == 0
+    assert _wait_for(lambda: (read_record("z") or {}).restart_count >= 1)  # type: ignore[union-attr]
+    record = read_record("z")
+    assert record is not None and record.last_exit_code == 0
+
+
+def test_crash_loop_gives_up_as_failed(fake_engine: Path, model_dir: Path,
+                                       isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                       fast_restarts: None) -> None:
+    monkeypatch.setenv("FAKE_VLLM_MODE", "die_after_ready")
+    monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "1")
+    assert run("start", str(model_dir), "--name", "loop", "--port", str(free_port()),
+               "--restart", "on-failure")[0] == 0
+    record = read_record("loop")
+    assert record is not None
+    supervisor = record.supervisor_pid
+    status = wait_for_state("loop", "failed", timeout=30)
+    assert status.state == "failed"
+    assert status.returncode == 3
+    code, out, err = run("status", "loop", "--json")
+    assert code == 1
+    server = json.loads(out)["servers"][0]
+    assert (server["state"], server["restarts"], server["last_exit_code"]) == ("failed", 2, 3)
+    assert server["log_tail"] and any("Application startup complete" in line
+                                      for line in server["log_tail"])
+    code, out, err = run("status", "loop")
+    assert "failed (3)" in out and "gave up after repeated crashes" in err
+    assert _wait_for(lambda: not alive_pids([supervisor]), 10)
+    assert not status.orphans  # the last run's engine child was killed when it gave up
+    delays = [float(d) for d in re.findall(r"backoff ([\d.]+)s",
+                                           _all_logs(isolated_home, "loop"))]
+    assert len(delays) == 2 and delays[1] > delays[0]  # the backoff doubles
+    # A failed server starts again like an exited one.
+    monkeypatch.setenv("FAKE_VLLM_MODE", "ok")
+    code, _, err = run("start", str(model_dir), "--name", "loop", "--port", str(free_port()))
+    assert code == 0, err
+
+
+def test_policy_always_never_gives_up(fake_engine: Path, model_dir: Path,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      fast_restarts: None) -> None:
+    monkeypatch.setenv("FAKE_VLLM_MODE", "die_after_ready")
+    monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "1")
+    monkeypatch.setenv("CMW_VLLM_RESTART_BACKOFF_MAX", "0.2")
+    assert run("start", str(model_dir), "--name", "a", "--port", str(free_port()),
+               "--restart", "always")[0] == 0
+    assert _wait_for(lambda: (read_record("a") or {}).restart_count >= 4,  # type: ignore[union-attr]
+                     timeout=30)
+    assert ServerManager().get_status("a").state != "failed"
+
+
+def test_stop_during_backoff_ends_the_loop(fake_engine: Path, model_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_MODE", "die_after_ready")
+    monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "1")
+    monkeypatch.setenv("CMW_VLLM_RESTART_BACKOFF", "60")
+    assert run("start", str(model_dir), "--name", "b", "--port", str(free_port()),
+               "--restart", "on-failure")[0] == 0
+    record = read_record("b")
+    assert record is not None
+    pids = _everything("b")
+    status = wait_for_state("b", "restarting", timeout=10)
+    assert status.state == "restarting"
+    assert status.to_json()["next_restart_at"] > time.time() + 30
+    code, out, _ = run("status", "b")
+    assert code == 4 and "restarting (in " in out
+    begin = time.monotonic()
+    assert run("stop", "b")[0] == 0
+    assert time.monotonic() - begin < 5
+    assert not alive_pids(pids)
+    assert read_record("b") is None
+    time.sleep(0.5)
+    assert read_record("b") is None  # nothing was relaunched behind stop's back
+
+
+def test_backoff_doubles_up_to_its_maximum() -> None:
+    backoff = Backoff(first=2, maximum=300)
+    assert [backoff.delay(n) for n in range(1, 11)] == \
+        [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+
+
+def test_a_long_ready_run_resets_the_backoff(fake_engine: Path, model_dir: Path,
+                                             isolated_home: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             fast_restarts: None) -> None:
+    monkeypatch.setenv("FAKE_VLLM_MODE", "die_after_ready")
+    monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "0.8")
+    monkeypatch.setenv("CMW_VLLM_RESTART_RESET", "0.3")  # each run is ready longer
+    monkeypatch.setenv("CMW_VLLM_RESTART_LIMIT", "20")
+    assert run("start", str(model_dir), "--name", "s", "--port", str(free_port()),
+               "--restart", "on-failure")[0] == 0
+    assert _wait_for(lambda: (read_record("s") or {}).restart_count >= 3,  # type: ignore[union-attr]
+                     timeout=30)
+    delays = [float(d) for d in re.findall(r"backoff ([\d.]+)s",
+                                           _all_logs(isolated_home, "s"))]
+    assert len(delays) >= 3 and max(delays) <= 0.25
+
+
+# --------------------------------------------------------------------------- foreground
+
+
+def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    return sock, path
+
+
+def _foreground(model_dir: Path, name: str, port: int, *extra: str,
+                env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def default_signals() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "cmw_vllm", "start", str(model_dir), "--name", name,
+         "--port", str(port), "--foreground", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})}, preexec_fn=default_signals,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_notifies_systemd_and_drains_on_signal(
+    fake_engine: Path, model_dir: Path, tmp_path: Path, isolated_home: Path, sig: int
+) -> None:
+    sock, path = _notify_socket(tmp_path)
+    port = free_port()
+    proc = _foreground(model_dir, "fg", port, env={"NOTIFY_SOCKET": path})
+    try:
+        message = sock.recv(4096).decode()
+        assert "READY=1" in message.split("\n")
+        # The same record as a background server: status from another shell sees it.
+        status = ServerManager().get_status("fg")
+        assert status.state == "healthy"
+        record = status.record
+        assert record is not None and record.foreground
+        assert record.supervisor_pid == proc.pid
+        everything = [p.pid for p in group_members(record)]
+        proc.send_signal(sig)
+        assert "STOPPING=1" in sock.recv(4096).decode()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+    assert proc.returncode == 0  # vLLM's (the stand-in's) exit code after a drain
+    assert "Application startup complete." in out  # vLLM's output on the terminal ...
+    log = (isolated_home / "logs" / "fg.log").read_text()
+    assert "Application startup complete." in log  # ... and in the log file
+    assert "in the foreground" in err
+    assert not alive_pids(everything)
+    assert read_record("fg") is None
+
+
+def test_foreground_restarts_and_stops_from_another_shell(
+    fake_engine: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch, fast_restarts: None
+) -> None:
+    port = free_port()
+    proc = _foreground(model_dir, "fr", port, "--restart", "on-failure")
+    try:
+        assert _wait_for(lambda: read_record("fr") is not None)
+        assert wait_for_state("fr", "healthy", timeout=30).state == "healthy"
+        first = read_record("fr")
+        assert first is not None
+        os.kill(first.pid, signal.SIGKILL)
+        assert _wait_for(lambda: (read_record("fr") or first).restart_count == 1)
+        assert wait_for_state("fr", "healthy", timeout=30).state == "healthy"
+        code, out, err = run("stop", "fr")
+        assert code == 0, err
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+
+
+def test_foreground_exit_nobody_asked_for_is_a_failure(
+    fake_engine: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VLLM_MODE", "exit0_after_ready")
+    monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "0.3")
+    proc = _foreground(model_dir, "fx", free_port())
+    proc.communicate(timeout=30)
+    assert proc.returncode == 1  # so that systemd's Restart=on-failure fires on vLLM's 0
+    code, out, _ = run("status", "fx", "--json")
+    assert json.loads(out)["servers"][0]["last_exit_code"] == 0
+
+
+def test_foreground_refuses_a_server_already_running(fake_engine: Path,
+                                                     model_dir: Path) -> None:
+    port = free_port()
+    assert run("start", str(model_dir), "--name", "bg", "--port", str(port))[0] == 0
+    code, _, err = run("start", str(model_dir), "--name", "bg", "--port", str(port),
+                       "--foreground")
+    assert code == 6 and "already runs" in err
