@@ -29,6 +29,7 @@ pytestmark = pytest.mark.vllm
 CLI = [sys.executable, "-m", "cmw_vllm"]
 HTTP_PORT = 19801
 MASTER_PORT = 19850
+DP_RPC_PORT = 19860
 
 
 @dataclass
@@ -63,12 +64,12 @@ def _side_env(home: Path, engine: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, engine_python: str) -> Iterator[Cluster]:
-    """Leader in A, follower in B, TP=2 across them; torn down with the namespaces."""
+def hosts(tmp_path_factory: pytest.TempPathFactory, engine_python: str) -> Iterator[Cluster]:
+    """The two namespaces, under the machine-wide real-vLLM lock; everything is stopped and
+    the namespaces are removed at the end, whatever happened."""
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    engine = engine_python
     root = tmp_path_factory.mktemp("multinode")
     model = make_tiny_model(root / "tiny-qwen2")
     REAL_VLLM_LOCK.parent.mkdir(parents=True, exist_ok=True)
@@ -78,29 +79,35 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, engine_python: str) -> Ite
         try:
             net.create()
         except RuntimeError as exc:
+            fcntl.flock(lock, fcntl.LOCK_UN)
             pytest.skip(str(exc))
+        common = ["-tp", "2", "--nnodes", "2", "--master-addr", net.addr_a,
+                  "--master-port", str(MASTER_PORT), "--json"]
+        c = Cluster(net, _side_env(root / "a", engine_python),
+                    _side_env(root / "b", engine_python), model, {}, common)
         try:
-            common = ["-tp", "2", "--nnodes", "2", "--master-addr", net.addr_a,
-                      "--master-port", str(MASTER_PORT), "--json"]
-            c = Cluster(net, _side_env(root / "a", engine), _side_env(root / "b", engine),
-                        model, {}, common)
-            code, out, err = c.cli("b", "start", str(model), "--name", "fol",
-                                   "--node-rank", "1", *common, "--no-wait")
-            assert code == 0, err
-            code, out, err = c.cli("a", "start", str(model), "--name", "lead", "--node-rank",
-                                   "0", "--port", str(HTTP_PORT), *common, timeout=600)
-            assert code == 0, err + c.cli("b", "logs", "fol", "-n", "40")[1]
-            c.leader_start = json.loads(out)
             yield c
         finally:
-            for side, name in (("a", "lead"), ("b", "fol")):
-                c_env = _side_env(root / side, engine)
-                net.run(net.a if side == "a" else net.b, [*CLI, "stop", name, "--timeout",
-                                                          "5"], c_env, 60)
+            for side in ("a", "b"):
+                c.cli(side, "stop", "--all", "--timeout", "5", timeout=120)
             left = net.destroy()
             fcntl.flock(lock, fcntl.LOCK_UN)
             if left:
                 print(f"multinode cleanup: killed leftover pids {left}", file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def cluster(hosts: Cluster) -> Cluster:
+    """Leader in A, follower in B, tensor parallel 2 across them."""
+    c = hosts
+    code, out, err = c.cli("b", "start", str(c.model), "--name", "fol", "--node-rank", "1",
+                           *c.common, "--no-wait")
+    assert code == 0, err
+    code, out, err = c.cli("a", "start", str(c.model), "--name", "lead", "--node-rank", "0",
+                           "--port", str(HTTP_PORT), *c.common, timeout=600)
+    assert code == 0, err + c.cli("b", "logs", "fol", "-n", "40")[1]
+    c.leader_start = json.loads(out)
+    return c
 
 
 def test_leader_is_healthy_and_answers_a_chat(cluster: Cluster) -> None:
@@ -155,3 +162,34 @@ def test_follower_pointed_at_a_wrong_master_fails_fast(cluster: Cluster) -> None
     assert f"cannot reach the leader at {wrong}:{MASTER_PORT} after 15s" in err
     assert took < 120, took
     assert cluster.net.pids(cluster.net.b) == []
+
+
+def test_data_parallel_2_across_the_two_hosts(hosts: Cluster) -> None:
+    """vLLM's CPU build runs data parallel over nodes: one API on A, the second copy on B."""
+    c = hosts
+    dp = ["-dp", "2", "--data-parallel-size-local", "1", "--data-parallel-address",
+          c.net.addr_a, "--data-parallel-rpc-port", str(DP_RPC_PORT), "--json"]
+    code, out, err = c.cli("b", "start", str(c.model), "--name", "dpfol",
+                           "--data-parallel-start-rank", "1", *dp, "--no-wait")
+    assert code == 0, err
+    code, out, err = c.cli("a", "start", str(c.model), "--name", "dplead",
+                           "--port", str(HTTP_PORT + 1), *dp, timeout=600)
+    assert code == 0, err + c.cli("b", "logs", "dpfol", "-n", "40")[1]
+    assert json.loads(out)["role"] == "leader"
+    for _ in range(2):  # the API balances over both copies
+        code, out, err = c.cli("a", "test", "dplead", "--json")
+        assert code == 0, err
+    lead = c.status("a")["dplead"]
+    assert lead["cluster"]["data_parallel_size"] == 2
+    assert lead["cluster"]["followers_seen"] == [c.net.addr_b]
+    time.sleep(8)  # the leader closes its handshake port: the follower must stay
+    fol = c.status("b")["dpfol"]
+    assert (fol["state"], fol["role"], fol["node_rank"]) == ("joined", "follower", 1)
+    assert c.cli("a", "stop", "dplead")[0] == 0
+    deadline = time.monotonic() + 60
+    while fol["state"] != "exited" and time.monotonic() < deadline:
+        time.sleep(1)
+        fol = c.status("b")["dpfol"]
+    assert fol["error"].startswith(f"lost the leader at {c.net.addr_a}:{DP_RPC_PORT}"), fol
+    assert c.cli("b", "stop", "dpfol")[0] == 0
+    assert c.net.pids(c.net.a) == [] and c.net.pids(c.net.b) == []

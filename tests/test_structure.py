@@ -162,3 +162,14 @@ def test_the_core_never_imports_the_cli() -> None:
     upward = {name: sorted(d for d in deps if _is_cli(d))
               for name, deps in import_graph().items() if not _is_cli(name)}
     assert not {name: deps for name, deps in upward.items() if deps}
+
+
+def test_the_core_never_imports_a_subsystem() -> None:
+    upward = {}
+    for name, deps in import_graph().items():
+        if _is_cli(name) or name.startswith("cmw_vllm.gateway"):
+            continue
+        found = sorted(d for d in deps if d.startswith("cmw_vllm.gateway"))
+        if found:
+            upward[name] = found
+    assert not upward
