@@ -396,3 +396,24 @@ def test_public_bind_without_key_warns(fake_engine: Path) -> None:
     assert "without a gateway API key" in err
     assert code == 6 and f"port {port} is in use" in err
     assert os.environ.get("CMW_VLLM_GATEWAY_API_KEYS") is None
+
+
+def test_server_draining_after_a_stop_gets_no_new_requests(gateway_factory: Any,
+                                                           model_dir: Path) -> None:
+    from cmw_vllm.server_record import read_record, update_record
+
+    code, _, err = run("start", str(model_dir), "--name", "mine", "--port", str(free_port()))
+    assert code == 0, err
+    gw = gateway_factory(health_interval=0.2, start_timeout=1.5)
+    assert _chat(gw.url, "mine").status_code == 200
+    record = read_record("mine")
+    assert record is not None
+    # What `cmw-vllm stop` records while vLLM lets its requests finish.
+    update_record("mine", record.supervisor_pid, stop_requested_at=time.time(),
+                  drain_until=time.time() + 60)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and gw.pool.backends["mine"].state != "draining":
+        time.sleep(0.1)
+    assert gw.pool.backends["mine"].state == "draining"
+    reply = _chat(gw.url, "mine")
+    assert reply.status_code == 503

@@ -72,6 +72,7 @@ class Scanned:
     base_url: str
     names: tuple[str, ...]
     pid: int
+    state: str = READY
 
 
 FitCheck = Callable[["ServerConfig"], Any]
@@ -91,11 +92,18 @@ def _served_names(record: Any) -> tuple[str, ...]:
 
 def scan_servers(manager: ServerManager) -> list[Scanned]:
     """Every managed vLLM server whose process is alive (gateways left out)."""
+    from cmw_vllm.vocab import State
+
     out = []
     for status in manager.list_status(check_health=False):
         rec = status.record
-        if status.running and rec is not None and rec.task != GATEWAY_TASK:
-            out.append(Scanned(rec.name, rec.base_url, _served_names(rec), rec.pid))
+        if not status.running or rec is None or rec.task == GATEWAY_TASK:
+            continue
+        if status.state == State.JOINED:
+            continue  # a follower node: no HTTP of its own
+        # A stop began (someone ran `cmw-vllm stop`), or the supervisor is relaunching it.
+        state = {State.DRAINING: DRAINING, State.RESTARTING: UNHEALTHY}.get(status.state, READY)
+        out.append(Scanned(rec.name, rec.base_url, _served_names(rec), rec.pid, state))
     return out
 
 
@@ -157,19 +165,26 @@ class Pool:
         seen = set()
         for item in scanned:
             seen.add(item.name)
-            if item.name in self._starts or item.name in self.backends:
+            known = self.backends.get(item.name)
+            if known is not None and item.state == DRAINING and known.state in (READY,
+                                                                              UNHEALTHY):
+                known.state = DRAINING  # stopped by someone else: no new requests
+                logger.info("server %s is draining", item.name)
+            if item.name in self._starts or known is not None:
                 continue
             if self._forgotten.get(item.name, -1.0) >= scan_began:
                 continue  # stopped while the scan ran: its record was read before that
-            ok = await self.probe(item.base_url) if self.probe else True
+            state = item.state
+            if state == READY and self.probe is not None and not await self.probe(item.base_url):
+                state = UNHEALTHY
             backend = Backend(item.name, item.base_url, item.names, owned=False,
-                              pid=item.pid, ttl=self._ttl_for(item.name),
-                              state=READY if ok else UNHEALTHY)
+                              pid=item.pid, ttl=self._ttl_for(item.name), state=state)
             self.backends[item.name] = backend
             logger.info("found server %s at %s (%s)", item.name, item.base_url, backend.state)
         for name, backend in list(self.backends.items()):
-            if name not in seen and backend.state in (READY, UNHEALTHY) \
-                    and name not in self._starts:
+            gone_by_itself = backend.state in (READY, UNHEALTHY) or (
+                backend.state == DRAINING and not backend.owned)
+            if name not in seen and gone_by_itself and name not in self._starts:
                 logger.info("server %s is gone", name)
                 self._forget(backend)
         self._reindex()
