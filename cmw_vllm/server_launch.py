@@ -116,7 +116,7 @@ def spawn(name: str, command: list[str], env: dict[str, str], log_file: Path
             children = sup_proc.children()
         except psutil.NoSuchProcess:
             children = []
-        if children:
+        if children and _has_exec(children[0], command):
             return sup_proc, children[0]
         if sup.poll() is not None:
             break
@@ -126,6 +126,25 @@ def spawn(name: str, command: list[str], env: dict[str, str], log_file: Path
         f"could not launch vLLM for {name!r}",
         log_tail="\n".join(tail_lines(log_file, 20)),
     )
+
+
+def _has_exec(child: psutil.Process, command: list[str]) -> bool:
+    """True once the supervisor's child runs ``command`` (or is gone).
+
+    Between fork and exec the child still shows the supervisor's command line, and a record
+    written then would not match its process later (``is_ours``): the start would count the
+    server as gone and kill it.
+    """
+    import psutil
+
+    from cmw_vllm.process_group import command_matches
+
+    try:
+        return command_matches(child.cmdline(), command) or not child.is_running()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return True
+    except psutil.AccessDenied:
+        return False
 
 
 def spawn_here(command: list[str], env: dict[str, str]
