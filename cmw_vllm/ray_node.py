@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cmw_vllm import paths
 from cmw_vllm.errors import (
@@ -38,6 +38,9 @@ from cmw_vllm.errors import (
     StopError,
 )
 from cmw_vllm.server_record import ServerRecord
+
+if TYPE_CHECKING:
+    import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def read_node() -> ServerRecord | None:
 
 
 def _alive(record: ServerRecord) -> bool:
-    from cmw_vllm.server_manager import _process
+    from cmw_vllm.process_group import process as _process
 
     return _process(record.pid, record.create_time) is not None
 
@@ -297,18 +300,53 @@ def stop_node(timeout: float = 30.0) -> tuple[bool, list[int]]:
     Raises:
         StopError: Processes of it survived SIGKILL.
     """
-    from cmw_vllm.server_manager import ServerManager, _process
+    from cmw_vllm.process_group import process as _process
 
     record = read_node()
     if record is None:
         return False, []
     main = _process(record.pid, record.create_time)
-    _forced, killed, remaining = ServerManager()._terminate(record, main, timeout)
+    killed, remaining = _terminate(record, main, timeout)
     if remaining:
         raise StopError("Ray processes survived SIGKILL: " + ", ".join(map(str, remaining)))
     with contextlib.suppress(FileNotFoundError):
         record_file().unlink()
     return main is not None, killed
+
+
+def _terminate(record: ServerRecord, main: psutil.Process | None, timeout: float,
+               kill_timeout: float = 10.0) -> tuple[list[int], list[int]]:
+    """SIGTERM the node's main process, then SIGKILL whatever of its group is left.
+
+    Returns:
+        (pids that got SIGKILL, pids still alive afterwards).
+    """
+    import signal
+
+    from cmw_vllm.process_group import group_members, send_signal, wait_gone
+
+    members = group_members(record)
+    if main is not None and all(m.pid != main.pid for m in members):
+        members.append(main)
+    if not members:
+        return [], []
+    if main is not None and timeout:
+        send_signal(main, signal.SIGTERM)
+        alive = wait_gone(members, timeout)
+    else:
+        alive = members
+    sigkill = getattr(signal, "SIGKILL", signal.SIGTERM)
+    killed: list[int] = []
+    remaining: list[psutil.Process] = []
+    # Two sweeps: children forked between the listing and the kill are caught by the second.
+    for batch in (alive, None):
+        procs = batch if batch is not None else [
+            p for p in group_members(record) if p.pid not in killed]
+        for proc in procs:
+            send_signal(proc, sigkill)
+            killed.append(proc.pid)
+        remaining += wait_gone(procs, kill_timeout)
+    return killed, [p.pid for p in remaining]
 
 
 def ray_address() -> str | None:
