@@ -29,6 +29,7 @@ from cmw_vllm.memory_estimate import (
     estimate,
 )
 from cmw_vllm.model_spec import load_model_spec
+from cmw_vllm.vllm_flags import flag_value
 from cmw_vllm.vocab import GiB, Task, format_size
 
 if TYPE_CHECKING:
@@ -211,17 +212,6 @@ class PreflightResult:
     status: Literal["ok", "skipped"]
     device: Device | None = None
     reason: str | None = None
-
-
-def flag_value(args: Sequence[str], flag: str) -> str | None:
-    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``args``; None if absent."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
 
 
 def _human_int(text: str) -> int:

@@ -23,6 +23,7 @@ from pydantic import (
 from cmw_vllm import multinode
 from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
+from cmw_vllm.vllm_flags import flag_value
 from cmw_vllm.vocab import (
     NAME_RULE,
     Convert,
@@ -217,17 +218,6 @@ class ServerConfig(BaseModel):
         return ["--runner", Runner.POOLING]
 
 
-def _flag_value(args: Sequence[str], flag: str) -> str | None:
-    """The value of the last ``flag X`` or ``flag=X`` in ``args``."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def implied_task(args: Sequence[str], current: str | None = None) -> Task | None:
     """The task that vLLM flags passed through imply, or None when they imply none.
 
@@ -239,10 +229,10 @@ def implied_task(args: Sequence[str], current: str | None = None) -> Task | None
         args: The vLLM flags given after ``--``.
         current: The task the registry entry or the environment chose, if any.
     """
-    convert = _flag_value(args, "--convert")
+    convert = flag_value(args, "--convert")
     if convert in (Convert.EMBED, Convert.CLASSIFY):
         return Task(convert)
-    runner = _flag_value(args, "--runner")
+    runner = flag_value(args, "--runner")
     if runner in (Runner.GENERATE, Runner.DRAFT):
         return Task.GENERATE
     if runner == Runner.POOLING:

@@ -7,6 +7,7 @@ The file is vLLM's own ``vllm serve --help`` as a table: flag, type, default (al
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 SERVE_FLAGS_FILE = Path(__file__).resolve().parent / "data" / "vllm-serve-flags-0.32.0.tsv"
@@ -37,3 +38,14 @@ def normalize_flag(token: str) -> str | None:
         return "-O"
     # vLLM's parser accepts --max_model_len for --max-model-len.
     return "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
+
+
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``args``; None if absent."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
