@@ -796,9 +796,11 @@ class ServerManager:
         if not now:
             # The supervisor forwards SIGTERM too (vLLM ignores the second one); telling it
             # first keeps it from taking the exit for a crash, and ends a backoff wait.
-            for proc in (sup, main):
-                if proc is not None:
-                    send_signal(proc, signal.SIGTERM)
+            # A gateway is its own supervisor: one SIGTERM per process.
+            if sup is not None and (main is None or sup.pid != main.pid):
+                send_signal(sup, signal.SIGTERM)
+            if main is not None:
+                send_signal(main, signal.SIGTERM)
         deadline = time.monotonic() + grace
         alive = self._server_processes(record)
         while alive and time.monotonic() < deadline:

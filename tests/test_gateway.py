@@ -384,6 +384,35 @@ def test_background_gateway_shows_in_status_and_stops(fake_engine: Path, entries
     assert code == 2 and "--json goes with --background" in err
 
 
+def test_second_sigterm_does_not_cut_the_gateway_shutdown_short(
+        fake_engine: Path, entries: list[str], isolated_home: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # stop signals the API server and its supervisor: for a gateway, the same process twice.
+    monkeypatch.setenv("FAKE_VLLM_GEN_SECONDS", "2")
+    port = free_port()
+    code, out, err = run("gateway", "--port", str(port), "--background", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert _chat(info["url"], "a").status_code == 200
+    server_pids = [p.pid for p in _group("a")]
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(_chat, info["url"], "a")
+        time.sleep(0.5)
+        os.kill(info["pid"], signal.SIGTERM)
+        time.sleep(0.5)  # the gateway now waits for the request in flight
+        os.kill(info["pid"], signal.SIGTERM)
+        assert in_flight.result().status_code == 200
+    deadline = time.monotonic() + 30
+    while alive_pids([info["pid"]]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive_pids([info["pid"]])
+    assert not alive_pids(server_pids)
+    assert record_names() == []
+    from cmw_vllm.server_record import log_path
+
+    assert "already shutting down" in log_path("gateway").read_text()
+
+
 def test_public_bind_without_key_warns(fake_engine: Path) -> None:
     port = free_port()
     holder = socket.socket()

@@ -286,12 +286,12 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
         if pool.probe is None:
             pool.probe = _prober(session)
         await pool.refresh()
+        _exit_once_on_signal()  # after aiohttp installed its handlers: replaces them
         tasks = [asyncio.create_task(pool.idle_loop()), asyncio.create_task(pool.health_loop())]
         yield
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        _ignore_more_signals()
         await pool.shutdown()
         await session.close()
 
@@ -299,15 +299,30 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
     return app
 
 
-def _ignore_more_signals() -> None:
-    """A second SIGTERM (``stop`` signals the API server and its supervisor, here one
-    process) must not cut short the stop of the servers the gateway started."""
+def _exit_once_on_signal() -> None:
+    """Shut down on the first SIGINT or SIGTERM and only log the ones after it.
+
+    ``stop`` signals the API server and its supervisor (for a gateway one process), and
+    users press Ctrl-C twice: a second signal must not cut short the drain of requests in
+    flight or the stop of the servers this gateway started. aiohttp's own handler would
+    raise ``GracefulExit`` again and cancel that clean-up.
+    """
     import signal
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    sigs = (signal.SIGINT, signal.SIGTERM)
+
+    def first(signum: int) -> None:
+        for sig in sigs:
+            loop.add_signal_handler(sig, logger.warning,
+                                    "already shutting down: finishing requests in flight "
+                                    "and stopping the servers this gateway started")
+        logger.warning("%s: shutting down", signal.Signals(signum).name)
+        raise web.GracefulExit()
+
+    for sig in sigs:
         try:
-            loop.add_signal_handler(sig, logger.warning, "already shutting down")
+            loop.add_signal_handler(sig, first, sig)
         except (RuntimeError, ValueError, NotImplementedError):
             return  # not the main thread (tests), or no signals here
 
