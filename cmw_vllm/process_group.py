@@ -9,7 +9,6 @@ which is how a crashed run's leftovers are found.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from typing import TYPE_CHECKING
 
@@ -136,6 +135,8 @@ def group_members(record: ServerRecord) -> list[psutil.Process]:
 
 
 def send_signal(proc: psutil.Process, sig: int) -> bool:
+    import signal
+
     import psutil
 
     try:
