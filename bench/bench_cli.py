@@ -37,6 +37,17 @@ def machine() -> str:
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
+def bytecode_cached(env: os._Environ[str] | dict[str, str], cache: Path) -> dict[str, str]:
+    """``env`` with bytecode caching on, in ``cache``, as after a pip install.
+
+    Under ``PYTHONDONTWRITEBYTECODE`` every run compiles each changed module again, which
+    measures the compiler, not the CLI; a private cache also keeps the checkouts untouched.
+    """
+    out = {k: v for k, v in env.items() if k not in ("PYTHONDONTWRITEBYTECODE", "VLLM_API_KEY")}
+    out["PYTHONPYCACHEPREFIX"] = str(cache)
+    return out
+
+
 def timed_runs(cmd: list[str], runs: int, env: dict[str, str]) -> list[float]:
     """Wall seconds of ``runs`` fresh runs of ``cmd`` (one warm-up run first)."""
     subprocess.run(cmd, capture_output=True, env=env, check=False)
@@ -139,8 +150,8 @@ def bench_compare(other: Path, runs: int, recorded: int, port: int, tmp_root: Pa
     for label, checkout in sides.items():
         tmp = tmp_root / label
         tmp.mkdir()
-        env = {**os.environ, "CMW_VLLM_HOME": str(tmp / "home"), "PYTHONPATH": str(checkout)}
-        env.pop("VLLM_API_KEY", None)
+        env = {**bytecode_cached(os.environ, tmp / "pycache"), "CMW_VLLM_HOME": str(tmp / "home"),
+               "PYTHONPATH": str(checkout)}
         where = subprocess.run([sys.executable, "-c", "import cmw_vllm; print(cmw_vllm.__file__)"],
                                env=env, cwd=tmp, capture_output=True, text=True, check=True)
         rev = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"],
@@ -199,8 +210,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        env = {**os.environ, "CMW_VLLM_HOME": str(tmp / "home")}
-        env.pop("VLLM_API_KEY", None)
+        env = {**bytecode_cached(os.environ, tmp / "pycache"), "CMW_VLLM_HOME": str(tmp / "home")}
         bench_startup(args.runs, env)
         if args.servers:
             bench_hung(args.servers, args.hung, env, tmp)
