@@ -34,6 +34,12 @@ class Task(_Word):
 
 TASKS: tuple[str, ...] = tuple(t.value for t in Task)
 
+# The task in the record of what runs among the servers but serves no model of its own
+# (never a ``--task`` choice): a gateway (``status`` and ``stop`` know it by this), and
+# the Ray node.
+GATEWAY_TASK = "gateway"
+RAY_TASK = "ray"
+
 
 class Runner(_Word):
     """vLLM's ``--runner`` values."""

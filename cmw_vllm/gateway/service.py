@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cmw_vllm import paths
 from cmw_vllm.errors import ConflictError, EnvironmentProblem, ServerStartError
-from cmw_vllm.gateway.settings import GATEWAY_TASK, GatewaySettings
+from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_record import (
     ServerRecord,
     log_path,
@@ -26,6 +26,7 @@ from cmw_vllm.server_record import (
     read_record,
     record_path,
 )
+from cmw_vllm.vocab import GATEWAY_TASK
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 10.0
