@@ -19,6 +19,7 @@ from cmw_vllm.cli_multinode import distributed_values, multinode_options
 from cmw_vllm.errors import UsageError
 from cmw_vllm.vocab import (
     CLI_DTYPES,
+    LOOPBACK,
     RESTART_POLICIES,
     TASKS,
     State,
@@ -29,8 +30,6 @@ from cmw_vllm.vocab import (
 if TYPE_CHECKING:
     from cmw_vllm.server_manager import StartResult
     from cmw_vllm.server_record import ServerRecord
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class _Progress:

@@ -173,6 +173,10 @@ def parse_port(value: str | int) -> int:
     return parse_int(value, "--port")
 
 
+# Hosts only this machine reaches: binding to another one without an API key gets a warning.
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 # --------------------------------------------------------------------------- sizes
 
 KiB = 1024

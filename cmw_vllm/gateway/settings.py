@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmw_vllm.errors import ConfigError
+from cmw_vllm.vocab import LOOPBACK  # noqa: F401 - cli_gateway imports it from here
 
 KEYS_ENV = "CMW_VLLM_GATEWAY_API_KEYS"
 KEY_FILE_ENV = "CMW_VLLM_GATEWAY_API_KEY_FILE"
 DEFAULT_PORT = 4000
 DEFAULT_NAME = "gateway"
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 @dataclass(frozen=True)
