@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from cmw_vllm.errors import ConfigError
-from cmw_vllm.vocab import LOOPBACK  # noqa: F401 - cli_gateway imports it from here
 
 KEYS_ENV = "CMW_VLLM_GATEWAY_API_KEYS"
 KEY_FILE_ENV = "CMW_VLLM_GATEWAY_API_KEY_FILE"
