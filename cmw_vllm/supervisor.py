@@ -106,15 +106,20 @@ def check_settings() -> None:
     health_timeout()
 
 
-def notify(message: str) -> bool:
+def notify(message: str, address: str | None = None) -> bool:
     """Send one sd_notify datagram (``READY=1``, ``STOPPING=1``, ...) to ``$NOTIFY_SOCKET``.
 
     The whole protocol: one ``AF_UNIX``/``SOCK_DGRAM`` datagram; a leading ``@`` names an
     abstract socket. Returns False when there is no socket or it cannot be reached.
+
+    Args:
+        message: The datagram's text.
+        address: The socket (default ``$NOTIFY_SOCKET``; a caller that took it out of the
+            environment, so that its children don't inherit it, passes it here).
     """
     import socket
 
-    address = os.environ.get("NOTIFY_SOCKET")
+    address = address or os.environ.get("NOTIFY_SOCKET")
     if not address or not hasattr(socket, "AF_UNIX"):
         return False
     if address.startswith("@"):
