@@ -33,7 +33,9 @@ def unit_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pa
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("CMW_VLLM_SYSTEM_UNIT_DIR", str(tmp_path / "system"))
     monkeypatch.delenv(KEYS, raising=False)
-    monkeypatch.delenv("CMW_VLLM_GATEWAY_API_KEY_FILE", raising=False)
+    for var in ("CMW_VLLM_GATEWAY_API_KEY_FILE", "CMW_VLLM_STOP_TIMEOUT",
+                "CMW_VLLM_DRAIN_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
     return tmp_path / "config" / "systemd" / "user", tmp_path / "system"
 
 
@@ -112,6 +114,26 @@ def test_enable_gateway_with_nothing_run_before_is_the_default_gateway(
     # Any other unknown name is still an unknown server.
     code, _, err = run("enable", "no-such-gateway")
     assert code == 9 and "no managed server or registry entry" in err
+
+
+def test_secret_looking_variables_never_enter_a_unit(tmp_path: Path, model_dir: Path,
+                                                     isolated_home: Path) -> None:
+    from cmw_vllm.server_config import build_config
+    from cmw_vllm.systemd_unit import render_unit, write_env_file
+
+    environ = {KEYS: "sk-gw", "CMW_VLLM_SOME_TOKEN": "tok", "CMW_VLLM_DRAIN_TIMEOUT": "7"}
+    text = render_unit(build_config({"name": "s", "model": str(model_dir)}), system=False,
+                       env_path=None, environ=environ)
+    assert "sk-gw" not in text and "tok" not in text
+    assert 'Environment="CMW_VLLM_DRAIN_TIMEOUT=7"' in text
+    env_file = write_env_file("s", environ)
+    assert env_file is not None
+    assert env_file.read_text() == f"{KEYS}=sk-gw\nCMW_VLLM_SOME_TOKEN=tok\n"
+
+
+def test_the_shutdown_budget_follows_the_drain(unit_dirs: tuple[Path, Path]) -> None:
+    assert shutdown_budget({"CMW_VLLM_DRAIN_TIMEOUT": "120"}) == 10 + 120 + 30 + 10
+    assert shutdown_budget({}) >= 10 + 30 + 30 + 10  # the default drain, or an entry's
 
 
 def _receive(sock: socket.socket, timeout: float) -> tuple[str, int] | None:
