@@ -84,9 +84,12 @@ OPTION_NAMES = {
 }
 
 # A follower has joined when its workers are in the process group (TP/PP over nodes), or
-# when its engines have finished the handshake with the leader's front end (DP over nodes).
+# when its engines have done the handshake with the leader's front end (DP over nodes): a
+# headless engine builds itself ("init engine ... took") only after the leader's front end
+# answered its HELLO; "Waiting for READY" follows only when the coordinator takes over 10 s.
 _JOINED_RE = re.compile(
     r"rank \d+ in world size (?!1 )\d+ is assigned as|"
+    r"init engine \(profile, create kv cache, warmup model\) took|"
     r"Waiting for READY message from DP Coordinator"
 )
 # The leader's rank-0 worker logs the size of the whole group.

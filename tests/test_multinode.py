@@ -211,6 +211,11 @@ def test_joined_lines_from_real_vllm_logs() -> None:
     assert multinode.follower_joined(tp)
     assert not multinode.follower_joined(dp_local)  # its own local group, not the leader's
     assert multinode.follower_joined(dp_local + "\n" + dp)
+    # The coordinator answered within 10 s: no "Waiting for READY", but the engine was built
+    # after the leader's front end answered its handshake.
+    built = ("(EngineCore_DP1 pid=2146) INFO 11-26 05:59:20 [core.py:402] init engine (profile, "
+             "create kv cache, warmup model) took 77.51 s")
+    assert multinode.follower_joined(dp_local + "\n" + built)
     world = ("(Worker pid=1) INFO [parallel_state.py:1906] world_size=2 rank=0 local_rank=0 "
              "distributed_init_method=tcp://10.231.9.1:19850 backend=gloo")
     assert multinode.world_from_log(world) == (2, "10.231.9.1:19850")
