@@ -148,8 +148,9 @@ def interleaved(paths: list[Route], runs: int, measure: Callable[[Client], float
     return out
 
 
-async def stream_round(port: int, streams: int, tokens: int) -> tuple[float, int]:
-    """Tokens per second of ``streams`` concurrent streams (aiohttp client), and tokens."""
+async def stream_round(port: int, streams: int, tokens: int) -> tuple[float, int, list[int]]:
+    """Tokens per second of ``streams`` concurrent streams (aiohttp client), the tokens,
+    and the status of each stream that did not answer 200."""
     import aiohttp
 
     body = chat_body(tokens, True)
@@ -158,11 +159,15 @@ async def stream_round(port: int, streams: int, tokens: int) -> tuple[float, int
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:
 
+        failed: list[int] = []
+
         async def one() -> int:
             count = 0
             async with session.post(url, data=body,
                                     headers={"Content-Type": "application/json"}) as resp:
-                assert resp.status == 200, resp.status
+                if resp.status != 200:
+                    failed.append(resp.status)
+                    return 0
                 async for line in resp.content:
                     if line.startswith(b"data: ") and b'"content"' in line:
                         count += 1
@@ -171,7 +176,7 @@ async def stream_round(port: int, streams: int, tokens: int) -> tuple[float, int
         begin = time.perf_counter()
         counts = await asyncio.gather(*(one() for _ in range(streams)))
         elapsed = time.perf_counter() - begin
-    return sum(counts) / elapsed, sum(counts)
+    return sum(counts) / elapsed, sum(counts), failed
 
 
 def stream_rounds(paths: list[Route], args: argparse.Namespace
@@ -183,12 +188,16 @@ def stream_rounds(paths: list[Route], args: argparse.Namespace
     rates: dict[str, list[float]] = {p.label: [] for p in paths}
     cpu: dict[str, float] = dict.fromkeys(rates, 0.0)
     tokens: dict[str, int] = dict.fromkeys(rates, 0)
+    errors: dict[str, list[int]] = {label: [] for label in rates}
     for n in range(args.rounds):
         shift = n % len(paths)
         for path in paths[shift:] + paths[:shift]:
             before = path.cpu_now()
-            rate, count = asyncio.run(stream_round(path.port, args.streams, args.tokens))
+            rate, count, failed = asyncio.run(stream_round(path.port, args.streams,
+                                                           args.tokens))
             cpu[path.label] += path.cpu_now() - before
+            if failed:
+                errors[path.label] += failed
             tokens[path.label] += count
             rates[path.label].append(rate)
         direct = rates[paths[0].label][-1]
@@ -196,6 +205,9 @@ def stream_rounds(paths: list[Route], args: argparse.Namespace
             f"{p.label} {rates[p.label][-1]:.0f} tok/s"
             + (f" ({100 * rates[p.label][-1] / direct:.1f} %)" if p is not paths[0] else "")
             for p in paths), flush=True)
+    for label, codes in errors.items():
+        if codes:
+            print(f"{label}: {len(codes)} streams failed (HTTP {sorted(set(codes))})")
     return rates, {label: cpu[label] / max(tokens[label], 1) for label in rates}
 
 

@@ -51,6 +51,9 @@ DROP_RESPONSE = frozenset({
     "transfer-encoding", "upgrade", "content-length", "server", "date",
 })
 WHOLE_BODY_LIMIT = 1 << 20  # upstream answers up to this size are relayed in one write
+# vLLM closes a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
+# aiohttp would reuse one for 15 s, and a request sent as vLLM closes it fails with a 502.
+UPSTREAM_KEEPALIVE = 3.0
 MULTIPART_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,512})\r\n')
 
 POOL_KEY: web.AppKey[Pool] = web.AppKey("pool", Pool)
@@ -275,7 +278,8 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
 
     async def lifecycle(app: web.Application) -> Any:
         connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0,
-                                         ttl_dns_cache=None, enable_cleanup_closed=True)
+                                         ttl_dns_cache=None, enable_cleanup_closed=True,
+                                         keepalive_timeout=UPSTREAM_KEEPALIVE)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
                                         sock_read=settings.upstream_timeout)
         session = aiohttp.ClientSession(connector=connector, timeout=timeout,
