@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from cmw_vllm.cli_common import echo_err, echo_json
-from cmw_vllm.errors import UsageError
+from cmw_vllm.errors import CmwVllmError, UsageError
+
+if TYPE_CHECKING:
+    from cmw_vllm.gateway.service import BackgroundResult
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,18 +62,20 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
     import logging
     import os
 
-    from cmw_vllm.gateway.settings import LOOPBACK, GatewaySettings, load_api_keys
+    from cmw_vllm.gateway.settings import KEY_FILE_ENV, LOOPBACK, GatewaySettings, load_api_keys
     from cmw_vllm.settings import api_key
     from cmw_vllm.vocab import validate_name
 
     validate_name(name)
     if as_json and not background:
         raise UsageError("--json goes with --background")
+    key_file = api_key_file or os.environ.get(KEY_FILE_ENV) or None
     settings = GatewaySettings(
         host=host, port=port, name=name, idle_timeout=idle_timeout,
         start_timeout=start_timeout, queue_limit=queue_limit,
         max_body_bytes=int(max_body_mb * 1024 * 1024), upstream_timeout=upstream_timeout,
         adopt=adopt, api_keys=load_api_keys(api_key_file), upstream_key=api_key(),
+        api_key_file=os.path.abspath(os.path.expanduser(key_file)) if key_file else None,
     )
     if host not in LOOPBACK and not settings.api_keys:
         echo_err(f"Warning: binding to {host} without a gateway API key: anyone who can reach "
@@ -77,22 +84,7 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
     if background:
         from cmw_vllm.gateway.service import start_background
 
-        argv = ["--host", host, "--port", str(port), "--name", name,
-                "--idle-timeout", str(idle_timeout), "--start-timeout", str(start_timeout),
-                "--queue-limit", str(queue_limit), "--max-body-mb", str(max_body_mb),
-                "--upstream-timeout", str(upstream_timeout)]
-        if adopt:
-            argv.append("--adopt")
-        if api_key_file:
-            argv += ["--api-key-file", os.path.abspath(api_key_file)]
-        result = start_background(settings, argv)
-        if as_json:
-            echo_json({"name": result.name, "pid": result.pid, "url": result.url,
-                       "log": result.log_path})
-        else:
-            click.echo(f"Gateway {name!r} is running (pid {result.pid}) on {result.url}/v1")
-            click.echo(f"  Log:  {result.log_path}")
-            click.echo(f"  Stop: cmw-vllm stop {name}")
+        render_background(start_background(settings, settings.cli_args()), as_json)
         return
     from cmw_vllm.gateway.service import run_foreground
 
@@ -100,6 +92,35 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
     if gateway_logger.level > logging.INFO and not os.environ.get("LOG_LEVEL"):
         gateway_logger.setLevel(logging.INFO)
     run_foreground(settings)
+
+
+def render_background(result: BackgroundResult, as_json: bool) -> None:
+    """Say where a gateway started in the background serves (``gateway -d``, ``restart``)."""
+    if as_json:
+        echo_json({"name": result.name, "pid": result.pid, "url": result.url,
+                   "log": result.log_path})
+        return
+    click.echo(f"Gateway {result.name!r} is running (pid {result.pid}) on {result.url}/v1")
+    click.echo(f"  Log:  {result.log_path}")
+    click.echo(f"  Stop: cmw-vllm stop {result.name}")
+
+
+def not_a_model(name: str, command: str) -> None:
+    """For ``verify`` and ``estimate``, which take a model: say so when NAME is a gateway.
+
+    Raises:
+        UsageError: NAME is a gateway.
+    """
+    from cmw_vllm.gateway.service import find_gateway
+
+    try:
+        known = find_gateway(name)
+    except CmwVllmError:
+        return
+    if known is not None:
+        raise UsageError(f"{name!r} is a gateway, not a model: {command} takes a registry "
+                         "alias, a Hugging Face id or a model directory",
+                         hint="`cmw-vllm list` shows the aliases the gateway serves")
 
 
 COMMANDS: list[click.Command] = [gateway]

@@ -135,7 +135,8 @@ def test_cmd(
     score: a query ranked against a few documents; classify: a sample classified.
     Exits 0 when the server passes, 1 with the reason when it fails (or is unhealthy,
     exited or stale), 3 when no server has that name, 4 while it is still starting: the
-    codes `status` gives.
+    codes `status` gives. For a gateway: /v1/models answers (with a key from
+    CMW_VLLM_GATEWAY_API_KEYS or its key file when it has keys) and lists its models.
 
     \b
     JSON: {name, ok, task, model, url, endpoint, total_s, and by task:
@@ -144,6 +145,7 @@ def test_cmd(
            embed: inputs, dimension, prompt_tokens;
            score: query, ranking [{index, score, document}], prompt_tokens;
            classify: input, label, num_classes, probs, prompt_tokens}.
+          gateway: models [{id, state}].
           On failure: {name, ok: false, task, model or state, url, error, hint}.
 
     \b
@@ -171,8 +173,35 @@ def test_cmd(
             echo_json({"name": name, "ok": False, "task": task, "state": status.state,
                        "error": err.message, "hint": err.hint})
         raise err
+    from cmw_vllm.gateway.settings import GATEWAY_TASK
+
+    if status.record.task == GATEWAY_TASK:
+        _test_gateway(status.record, timeout, as_json)
+        return
     run_and_render_test(status.record, task=task, prompt=prompt, max_tokens=max_tokens,
                         timeout=timeout, as_json=as_json)
+
+
+def _test_gateway(record: ServerRecord, timeout: float, as_json: bool) -> None:
+    """``test`` of a gateway: it answers, and lists its models."""
+    from cmw_vllm.gateway.service import GATEWAY_TASK, check
+
+    try:
+        result = check(record, timeout=timeout)
+    except CmwVllmError as exc:
+        if as_json:
+            echo_json({"name": record.name, "ok": False, "task": GATEWAY_TASK,
+                       "url": record.base_url, "error": exc.message, "hint": exc.hint})
+        raise
+    if as_json:
+        echo_json({"name": record.name, **result.to_json()})
+        return
+    click.echo(f"Test of gateway {record.name!r} passed ({record.base_url}/v1, "
+               f"{_ms(result.total_s)}): {len(result.models)} models, {result.running} "
+               "running")
+    for model in result.models:
+        if model.get("state") != "startable":
+            click.echo(f"  {model.get('id')}: {model.get('state')}")
 
 
 COMMANDS: list[click.Command] = [test_cmd]

@@ -542,15 +542,32 @@ def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None
     The API key is VLLM_API_KEY when set, else the one the server was started with (kept
     in a private file). The previous log is kept as NAME.log.1 beside the new one.
 
+    A gateway is run again in the background with the settings of its last run; one that
+    runs in the foreground (a terminal, its systemd unit) is refused: restart it there.
+
     \b
     JSON: {name, state, already_running, model, pid, port, url, log, ready_after_s, role,
-          node_rank, leader}, as for `cmw-vllm start --json`.
+          node_rank, leader}, as for `cmw-vllm start --json`;
+          for a gateway {name, pid, url, log}, as for `cmw-vllm gateway -d --json`.
 
     \b
     Examples:
       cmw-vllm restart qwen
+      cmw-vllm restart gateway
     """
+    from cmw_vllm.gateway.service import find_gateway
     from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.vocab import validate_name
+
+    validate_name(name)
+    gateway = find_gateway(name)
+    if gateway is not None:
+        from cmw_vllm.cli_gateway import render_background
+        from cmw_vllm.gateway.service import restart as restart_gateway
+
+        render_background(restart_gateway(gateway, drain=drain, timeout=timeout or 60.0),
+                          as_json)
+        return
 
     manager = ServerManager()
 

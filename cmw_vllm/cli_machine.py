@@ -322,6 +322,7 @@ def estimate(
       cmw-vllm estimate ./my-model --kv-cache-dtype fp8 --concurrency-context 4096 --json
       cmw-vllm estimate qwen --gpus 1 -- --max-num-batched-tokens 4096
     """
+    from cmw_vllm.errors import UsageError
     from cmw_vllm.memory_check import check_config
     from cmw_vllm.model_registry import resolve_target
     from cmw_vllm.server_config import resolve_server_config
@@ -331,7 +332,13 @@ def estimate(
         extra += ["--kv-cache-dtype", kv_cache_dtype]
     if revision:
         extra += ["--revision", revision]
-    resolved = resolve_target(model)
+    try:
+        resolved = resolve_target(model)
+    except UsageError:
+        from cmw_vllm.cli_gateway import not_a_model
+
+        not_a_model(model, "estimate")
+        raise
     config = resolve_server_config(
         resolved.model,
         entry_settings=resolved.settings,

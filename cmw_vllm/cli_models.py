@@ -374,9 +374,16 @@ def verify(ctx: click.Context, name: str, revision: str | None, full: bool,
       cmw-vllm verify Qwen/Qwen3-0.6B --full
       cmw-vllm verify ./models/my-model --json
     """
+    from cmw_vllm.errors import UsageError
     from cmw_vllm.model_verifier import verify_model
 
-    target, is_local = _resolve(name)
+    try:
+        target, is_local = _resolve(name)
+    except UsageError:
+        from cmw_vllm.cli_gateway import not_a_model
+
+        not_a_model(name, "verify")
+        raise
     if is_local and not Path(target).expanduser().is_dir():
         from cmw_vllm.errors import NotFoundError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cmw_vllm.cli_common import echo_json
+from cmw_vllm.cli_common import echo_err, echo_json
 
 
 @click.command()
@@ -13,32 +13,52 @@ from cmw_vllm.cli_common import echo_json
               help="A system unit in /etc/systemd/system (needs root) instead of a user unit.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def enable(name: str, system: bool, as_json: bool) -> None:
-    """Write a systemd unit that runs server NAME at boot (and restarts it on failure).
+    """Write a systemd unit that runs server or gateway NAME at boot (and restarts it on
+    failure).
 
-    The settings come from NAME's record (a server started before) or its registry or
+    A server's settings come from NAME's record (a server started before) or its registry or
     models.toml entry, and are saved to ~/.cmw-vllm/services/NAME.json; the unit runs
-    `cmw-vllm start NAME --foreground --saved`. Secrets (VLLM_API_KEY, HF_TOKEN) go to a
-    0600 env file beside it, never into the unit. Prints the systemctl commands to run.
+    `cmw-vllm start NAME --foreground --saved`. A gateway's come from its record or its last
+    run (for `gateway` with neither: the defaults), and the unit runs `cmw-vllm gateway` with
+    them. Secrets (VLLM_API_KEY, HF_TOKEN, CMW_VLLM_GATEWAY_API_KEYS) go to a 0600 env file
+    beside it, never into the unit. Prints the systemctl commands to run.
+
+    \b
+    JSON: {name, unit, settings, env_file, scope, commands} (settings: null for a gateway,
+          whose settings are the unit's command line).
 
     \b
     Examples:
       cmw-vllm enable qwen
       sudo -E cmw-vllm enable qwen --system
+      cmw-vllm enable gateway
     """
+    from cmw_vllm.gateway.service import enable_unit as enable_gateway_unit
+    from cmw_vllm.gateway.service import settings_to_enable
     from cmw_vllm.systemd_unit import enable as enable_unit
     from cmw_vllm.vocab import validate_name
 
     validate_name(name)
-    files = enable_unit(name, system=system)
+    gateway = settings_to_enable(name)
+    if gateway is None:
+        files = enable_unit(name, system=system)
+    else:
+        from cmw_vllm.gateway.settings import LOOPBACK
+
+        if gateway.host not in LOOPBACK and not gateway.api_keys:
+            echo_err(f"Warning: gateway {name!r} listens on {gateway.host} without an API key "
+                     "(set CMW_VLLM_GATEWAY_API_KEYS or --api-key-file, then enable again).")
+        files = enable_gateway_unit(gateway, system=system)
     if as_json:
         echo_json({"name": files.name, "unit": str(files.unit_path),
-                   "settings": str(files.definition_path),
+                   "settings": str(files.definition_path) if files.definition_path else None,
                    "env_file": str(files.env_path) if files.env_path else None,
                    "scope": "system" if files.system else "user",
                    "commands": files.commands})
         return
     click.echo(f"Wrote {files.unit_path}")
-    click.echo(f"  settings: {files.definition_path}")
+    if files.definition_path is not None:
+        click.echo(f"  settings: {files.definition_path}")
     if files.env_path is not None:
         click.echo(f"  secrets:  {files.env_path} (mode 0600)")
     click.echo("Now run:")
@@ -51,7 +71,7 @@ def enable(name: str, system: bool, as_json: bool) -> None:
 @click.command()
 @click.argument("name")
 def disable(name: str) -> None:
-    """Remove the systemd unit and saved settings of server NAME.
+    """Remove the systemd unit and saved settings of server or gateway NAME.
 
     \b
     Examples:

@@ -536,12 +536,15 @@ class ServerManager:
             The record; in the foreground also the vLLM ``Popen`` and its environment.
 
         Raises:
+            ConfigError: A setting of the supervisor is not a number.
             EnvironmentProblem: vLLM missing, the log or record cannot be written.
             ServerStartError: The supervisor did not get vLLM running.
         """
         from cmw_vllm import last_start
         from cmw_vllm.server_launch import engine_command, open_fresh_log, spawn, spawn_here
+        from cmw_vllm.supervisor import check_settings
 
+        check_settings()
         command, env = engine_command(config, api_key)
         from cmw_vllm.multinode import launch_env
 

@@ -16,8 +16,9 @@ and a crashed run's leftovers are found by its process group.
   ready for ``CMW_VLLM_RESTART_RESET`` seconds resets it. ``on-failure`` gives up after
   ``CMW_VLLM_RESTART_LIMIT`` crashes within ``CMW_VLLM_RESTART_WINDOW`` seconds: the record
   says ``failed``. ``always`` never gives up.
-- Hung engine: with ``CMW_VLLM_RESTART_UNHEALTHY`` > 0, a server whose ``/health`` has
-  failed that many seconds after it was ready is killed and counts as a crash.
+- Hung engine: with ``CMW_VLLM_RESTART_UNHEALTHY`` > 0, a run whose ``/health`` has failed
+  for that many seconds while its process lives is killed and counts as a crash (restarted
+  as the policy says). Only once it was ready: loading, however long, is never a hang.
 - systemd: with ``$NOTIFY_SOCKET`` set it sends ``READY=1`` once vLLM is healthy and
   ``STOPPING=1`` when a stop begins. As PID 1 (a container) it reaps orphaned children.
 """
@@ -58,6 +59,8 @@ class Backoff:
         reset_after: Seconds of readiness after which a crash starts a new series.
         limit: ``on-failure`` gives up at this many crashes within ``window`` seconds.
         window: See ``limit``.
+        hung_after: Seconds of failing ``/health`` after readiness that make a live run a
+            crash (a hung engine); 0 turns this off.
     """
 
     first: float = 2.0
@@ -65,10 +68,15 @@ class Backoff:
     reset_after: float = 600.0
     limit: int = 5
     window: float = 1800.0
+    hung_after: float = 0.0
 
     @classmethod
     def from_env(cls) -> Backoff:
-        """Read the ``CMW_VLLM_RESTART_*`` variables (defaults above)."""
+        """Read the ``CMW_VLLM_RESTART_*`` variables (defaults above).
+
+        Raises:
+            ConfigError: A value is not a number.
+        """
         from cmw_vllm.settings import env_float
 
         return cls(
@@ -77,6 +85,7 @@ class Backoff:
             reset_after=env_float("CMW_VLLM_RESTART_RESET", cls.reset_after),
             limit=max(1, int(env_float("CMW_VLLM_RESTART_LIMIT", cls.limit))),
             window=env_float("CMW_VLLM_RESTART_WINDOW", cls.window),
+            hung_after=max(0.0, env_float("CMW_VLLM_RESTART_UNHEALTHY", cls.hung_after)),
         )
 
     def delay(self, streak: int) -> float:
@@ -84,15 +93,33 @@ class Backoff:
         return min(self.maximum, self.first * 2 ** max(0, streak - 1))
 
 
-def notify(message: str) -> bool:
+def check_settings() -> None:
+    """Read the settings a supervisor uses, so that a bad value fails ``start`` at once.
+
+    Raises:
+        ConfigError: A ``CMW_VLLM_RESTART_*`` or ``CMW_VLLM_HEALTH_TIMEOUT`` value is not a
+            number.
+    """
+    from cmw_vllm.settings import health_timeout
+
+    Backoff.from_env()
+    health_timeout()
+
+
+def notify(message: str, address: str | None = None) -> bool:
     """Send one sd_notify datagram (``READY=1``, ``STOPPING=1``, ...) to ``$NOTIFY_SOCKET``.
 
     The whole protocol: one ``AF_UNIX``/``SOCK_DGRAM`` datagram; a leading ``@`` names an
     abstract socket. Returns False when there is no socket or it cannot be reached.
+
+    Args:
+        message: The datagram's text.
+        address: The socket (default ``$NOTIFY_SOCKET``; a caller that took it out of the
+            environment, so that its children don't inherit it, passes it here).
     """
     import socket
 
-    address = os.environ.get("NOTIFY_SOCKET")
+    address = address or os.environ.get("NOTIFY_SOCKET")
     if not address or not hasattr(socket, "AF_UNIX"):
         return False
     if address.startswith("@"):
@@ -140,7 +167,7 @@ class Supervisor:
     def __init__(self, name: str, proc: subprocess.Popen[bytes], *,
                  env: dict[str, str] | None = None, tee: bool = False,
                  backoff: Backoff | None = None) -> None:
-        from cmw_vllm.settings import env_float
+        from cmw_vllm.settings import health_timeout
 
         self.name = name
         self.proc = proc
@@ -148,11 +175,11 @@ class Supervisor:
         self.env = env
         self.tee = tee
         self.backoff = backoff or Backoff.from_env()
-        self.unhealthy_after = env_float("CMW_VLLM_RESTART_UNHEALTHY", 0.0)
+        self.health_timeout = health_timeout()
         self.stop_signal: int | None = None
         self.crashes: list[float] = []
         self.streak = 0
-        self.hung = False
+        self.hung: str | None = None  # why the current run counts as hung
         self.log_fh: IO[bytes] | None = None
         self.run_done = threading.Event()
 
@@ -222,7 +249,9 @@ class Supervisor:
                 if record is not None:
                     self._kill_leftovers(record)
                 return exit_status(rc)
-            if record.restart_policy != "no":
+            if self.hung:
+                self.say(f"vLLM (pid {self.proc.pid}) was killed as hung: a crash")
+            elif record.restart_policy != "no":
                 self.say(f"vLLM (pid {self.proc.pid}) exited with code {rc} without a stop "
                          "request: a crash")
             delay = self._next_delay(record, exit_at, ready_for)
@@ -238,7 +267,7 @@ class Supervisor:
             (its return code, seconds it had been ready: 0 when it never was).
         """
         self.run_done.clear()
-        self.hung = False
+        self.hung = None
         ready_at: list[float] = []
         probe = threading.Thread(target=self._probe_health, args=(ready_at,), daemon=True)
         probe.start()
@@ -253,10 +282,10 @@ class Supervisor:
                     break
                 if (self.hung and not killed) or (
                         kill_at is not None and not killed and time.monotonic() >= kill_at):
+                    self.say(f"vLLM (pid {self.proc.pid}) is hung: {self.hung}; killing it"
+                             if self.hung else "SIGKILL of the server's process group")
                     record = self.record()
                     if record is not None:
-                        self.say("SIGKILL of the server's process group" if not self.hung
-                                 else "vLLM is hung (/health failing): killing it")
                         self._kill_leftovers(record)
                     else:
                         with contextlib.suppress(OSError):
@@ -269,46 +298,74 @@ class Supervisor:
         return rc, ready_for
 
     def _reap(self) -> int | None:
-        """Reap exited children (orphans too, for PID 1); vLLM's return code once it exited."""
-        if self.returncode is not None:
-            return self.returncode
+        """Reap every exited child; vLLM's return code once it exited.
+
+        Orphans of the namespace are our children too when we are PID 1 (a container): each
+        call reaps them all, whether vLLM still runs, has exited, or waits for a restart.
+        """
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = self.proc.pid, 0  # already reaped elsewhere: treat as exit 0
+            except ChildProcessError:  # no child left at all
+                if self.returncode is None:
+                    self.returncode = 0  # vLLM was reaped elsewhere: its code is lost
+                    self.proc.returncode = 0
+                return self.returncode
             if pid == 0:
-                return None
-            if pid == self.proc.pid:
+                return self.returncode
+            if pid == self.proc.pid and self.returncode is None:
                 self.returncode = os.waitstatus_to_exitcode(status)
                 self.proc.returncode = self.returncode
-                return self.returncode
 
     def _probe_health(self, ready_at: list[float]) -> None:
-        """Poll /health: mark the record ready (READY=1); with hang detection, watch on."""
+        """Poll /health: mark the record ready (READY=1); with hang detection, watch on.
+
+        A run is hung once ``/health`` has failed for ``backoff.hung_after`` seconds, counted
+        from the first failing probe after it was ready (seen by this probe, or by ``start``
+        on the record: ``status`` says ``unhealthy`` from then on); while it loads, however
+        long, it is never hung.
+        """
         from cmw_vllm.health_check import probe_health
 
         record = self.record()
         if record is None:
             return
+        hung_after = self.backoff.hung_after
         failing_since: float | None = None
         while not self.run_done.is_set():
-            code = probe_health(record.base_url, 1.0)
-            now = time.time()
+            asked_at = time.time()
+            code = probe_health(record.base_url, self.health_timeout if ready_at else 1.0)
             if code == 200:
                 failing_since = None
                 if not ready_at:
-                    ready_at.append(now)
-                    self.update(ready_at=now)
+                    ready_at.append(time.time())
+                    self.update(ready_at=ready_at[0])
                     notify(f"READY=1\nSTATUS=serving on {record.base_url}")
-                    if self.unhealthy_after <= 0:
+                    if hung_after <= 0:
                         return
-            elif ready_at and self.stop_signal is None:
-                failing_since = failing_since or now
-                if now - failing_since >= self.unhealthy_after:
-                    self.hung = True
-                    return
-            self.run_done.wait(HANG_POLL_S if ready_at else HEALTH_POLL_S)
+            else:
+                if not ready_at and (seen := self._ready_on_record()) is not None:
+                    ready_at.append(seen)
+                if ready_at and hung_after > 0 and self.stop_signal is None:
+                    failing_since = failing_since or asked_at
+                    failed_for = time.time() - failing_since
+                    if failed_for >= hung_after:
+                        answer = f"HTTP {code}" if code is not None else "no answer"
+                        self.hung = (f"/health has failed for {failed_for:.1f}s ({answer}; "
+                                     f"CMW_VLLM_RESTART_UNHEALTHY={hung_after:g})")
+                        return
+            self.run_done.wait(self._health_poll_s() if ready_at else HEALTH_POLL_S)
+
+    def _ready_on_record(self) -> float | None:
+        """When ``start`` saw the current run ready (it may probe before we do), or None."""
+        record = self.record()
+        if record is None or record.pid != self.proc.pid:
+            return None
+        return record.ready_at
+
+    def _health_poll_s(self) -> float:
+        """Seconds between probes of a ready run: a few per ``hung_after``, at most 5 s."""
+        return min(HANG_POLL_S, max(HEALTH_POLL_S, self.backoff.hung_after / 4))
 
     def _begin_stop(self) -> float:
         """Note the stop in the record (state ``draining``); return the SIGKILL deadline."""
@@ -365,6 +422,7 @@ class Supervisor:
         self.say(f"backoff {delay:g}s: restarting in {max(0.0, next_at - cleaned_at):.1f}s"
                  + ("" if port_free else f" (port {record.port} is still taken)"))
         while time.time() < next_at and self.stop_signal is None:
+            self._reap()  # orphans that end meanwhile (PID 1)
             time.sleep(min(0.1, max(0.0, next_at - time.time())))
         current = self.record()
         if self.stop_signal is not None or current is None \
@@ -487,7 +545,14 @@ def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[0] != "--name" or argv[2] != "--":
         sys.stderr.write("usage: python -m cmw_vllm.supervisor --name NAME -- CMD...\n")
         return 2
+    from cmw_vllm.errors import ConfigError
+
     name, cmd = argv[1], argv[3:]
+    try:
+        check_settings()  # `start` checked them too: never leave vLLM unsupervised
+    except ConfigError as exc:
+        sys.stderr.write(f"{PREFIX} {exc.message}\n")
+        return 2
     try:
         proc = spawn_vllm(cmd, 1)
     except OSError as exc:

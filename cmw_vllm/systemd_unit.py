@@ -29,6 +29,8 @@ SYSTEM_UNIT_DIR_ENV = "CMW_VLLM_SYSTEM_UNIT_DIR"  # where --system units go (pac
 SECRET_VARS = ("VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Variables the unit passes on when set here (secrets go to the env file instead).
 PASS_PREFIXES = ("CMW_VLLM_", "VLLM_", "HF_")
+# Any passed variable whose name holds one of these is a secret too (gateway API keys, ...).
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 STOP_SLACK_S = 15  # systemd's SIGKILL comes this long after cmw-vllm's own deadline
 RESTART_SEC = 10
 
@@ -39,7 +41,7 @@ class UnitFiles:
 
     name: str
     unit_path: Path
-    definition_path: Path
+    definition_path: Path | None
     env_path: Path | None
     system: bool
     commands: list[str]
@@ -168,36 +170,42 @@ def _env_line(key: str, value: str) -> str:
     return f'Environment="{key}={value}"'
 
 
+def _is_secret(key: str) -> bool:
+    """Whether variable ``key`` holds a secret (it goes to the 0600 env file, not the unit)."""
+    return key in SECRET_VARS or any(word in key.upper() for word in SECRET_WORDS)
+
+
 def _passed_env(environ: dict[str, str]) -> dict[str, str]:
     out = {k: v for k, v in environ.items()
-           if k.startswith(PASS_PREFIXES) and k not in SECRET_VARS and v != ""
+           if k.startswith(PASS_PREFIXES) and not _is_secret(k) and v != ""
            and "\n" not in v}
     out["CMW_VLLM_HOME"] = str(paths.state_dir())
     out.setdefault("PYTHONUNBUFFERED", "1")
     return dict(sorted(out.items()))
 
 
-def render_unit(config: ServerConfig, *, system: bool, env_path: Path | None,
-                environ: dict[str, str] | None = None, user: str | None = None) -> str:
-    """The unit file text for ``config``.
+def render(*, description: str, args: list[str], own_stop_s: float, start_s: float,
+           system: bool, env_path: Path | None, environ: dict[str, str] | None = None,
+           user: str | None = None) -> str:
+    """The text of a unit that runs ``cmw-vllm ARGS`` in the foreground (``Type=notify``).
 
     Args:
-        config: The server's settings (``drain`` sets the stop timeout).
+        description: The unit's Description.
+        args: cmw-vllm's arguments (``start NAME --foreground --saved``, ``gateway ...``).
+        own_stop_s: How long cmw-vllm's own stop may take after SIGTERM; systemd's SIGKILL
+            comes ``STOP_SLACK_S`` later.
+        start_s: How long the start may take before ``READY=1``.
         system: A system unit (``User=``, ``multi-user.target``) rather than a user unit.
         env_path: The 0600 file with secrets, or None.
-        environ: Variables to pass on (default ``os.environ``).
+        environ: Variables to pass on (default ``os.environ``; secrets never).
         user: For system units, the account to run as (default: the invoking user).
     """
-    from cmw_vllm.settings import start_timeout, stop_timeout
-
     environ = dict(os.environ if environ is None else environ)
-    exec_start = " ".join(_quote(a) for a in
-                          [*_command_line(), "start", config.name, "--foreground", "--saved"])
-    stop_s = int(config.drain + stop_timeout() + STOP_SLACK_S)
+    exec_start = " ".join(_quote(a) for a in [*_command_line(), *args])
     lines = [
         "# Written by `cmw-vllm enable`; remove with `cmw-vllm disable`.",
         "[Unit]",
-        f"Description=cmw-vllm server {config.name} ({config.model})",
+        f"Description={description.replace('%', '%%')}",
     ]
     if system:
         lines += ["Wants=network-online.target", "After=network-online.target"]
@@ -212,8 +220,8 @@ def render_unit(config: ServerConfig, *, system: bool, env_path: Path | None,
         "NotifyAccess=main",
         f"ExecStart={exec_start}",
         "KillMode=mixed",
-        f"TimeoutStartSec={int(max(start_timeout(), 60))}",
-        f"TimeoutStopSec={stop_s}",
+        f"TimeoutStartSec={int(max(start_s, 60))}",
+        f"TimeoutStopSec={int(own_stop_s + STOP_SLACK_S)}",
         "Restart=on-failure",
         f"RestartSec={RESTART_SEC}",
     ]
@@ -231,16 +239,32 @@ def render_unit(config: ServerConfig, *, system: bool, env_path: Path | None,
     return "\n".join(lines)
 
 
+def render_unit(config: ServerConfig, *, system: bool, env_path: Path | None,
+                environ: dict[str, str] | None = None, user: str | None = None) -> str:
+    """The unit file text for server ``config`` (see :func:`render`; ``drain`` sets the
+    stop timeout)."""
+    from cmw_vllm.settings import start_timeout, stop_timeout
+
+    return render(description=f"cmw-vllm server {config.name} ({config.model})",
+                  args=["start", config.name, "--foreground", "--saved"],
+                  own_stop_s=config.drain + stop_timeout(), start_s=start_timeout(),
+                  system=system, env_path=env_path, environ=environ, user=user)
+
+
 def _invoking_user() -> str:
     import pwd
 
     return os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
 
 
-def _write_env_file(name: str, environ: dict[str, str]) -> Path | None:
+def write_env_file(name: str, environ: dict[str, str]) -> Path | None:
+    """Write the secrets of ``environ`` (and the API key ``name`` was started with) to the
+    0600 ``services/NAME.env``; none: remove it. Returns its path, or None."""
     from cmw_vllm import last_start
 
-    secrets = {k: environ[k] for k in SECRET_VARS if environ.get(k)}
+    secrets = {k: v for k, v in environ.items()
+               if _is_secret(k) and v and "\n" not in v
+               and (k in SECRET_VARS or k.startswith(PASS_PREFIXES))}
     kept_key = last_start.api_key_for_restart(name)  # the key the server was started with
     if kept_key and "VLLM_API_KEY" not in secrets:
         secrets["VLLM_API_KEY"] = kept_key
@@ -249,28 +273,21 @@ def _write_env_file(name: str, environ: dict[str, str]) -> Path | None:
         if path.exists():
             path.unlink()
         return None
-    text = "".join(f"{k}={v}\n" for k, v in secrets.items())
+    paths.ensure_dir(services_dir())
+    text = "".join(f"{k}={v}\n" for k, v in sorted(secrets.items()))
     paths.write_private(path, text)
     return path
 
 
-def enable(name: str, *, system: bool = False) -> UnitFiles:
-    """Save the settings of ``name`` and write its systemd unit.
+def install(name: str, text: str, *, system: bool, definition: Path | None,
+            env_path: Path | None) -> UnitFiles:
+    """Write unit ``text`` for ``name``; return what was written and the commands to run.
 
     Raises:
-        NotFoundError: No record and no registry entry of that name.
         EnvironmentProblem: The unit directory is not writable (system units need root).
     """
-    import json
-
-    config = definition_for(name)
-    paths.ensure_dir(services_dir())
-    definition = definition_path(config.name)
-    paths.write_private(definition, json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-    env_path = _write_env_file(config.name, dict(os.environ))
-    text = render_unit(config, system=system, env_path=env_path)
     directory = unit_dir(system)
-    unit_path = directory / unit_name(config.name)
+    unit_path = directory / unit_name(name)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = unit_path.with_name(f".{unit_path.name}.tmp")
@@ -284,10 +301,34 @@ def enable(name: str, *, system: bool = False) -> UnitFiles:
             else None,
         ) from exc
     ctl = "systemctl" if system else "systemctl --user"
-    commands = [f"{ctl} daemon-reload", f"{ctl} enable --now {unit_name(config.name)}"]
+    commands = [f"{ctl} daemon-reload", f"{ctl} enable --now {unit_name(name)}"]
     if not system:
         commands.append(f"loginctl enable-linger {_invoking_user()}")
-    return UnitFiles(config.name, unit_path, definition, env_path, system, commands)
+    return UnitFiles(name, unit_path, definition, env_path, system, commands)
+
+
+def save_definition(name: str, settings: dict[str, Any]) -> Path:
+    """Save ``settings`` as ``services/NAME.json`` (0600); return its path."""
+    import json
+
+    paths.ensure_dir(services_dir())
+    path = definition_path(name)
+    paths.write_private(path, json.dumps(settings, indent=2) + "\n")
+    return path
+
+
+def enable(name: str, *, system: bool = False) -> UnitFiles:
+    """Save the settings of server ``name`` and write its systemd unit.
+
+    Raises:
+        NotFoundError: No record and no registry entry of that name.
+        EnvironmentProblem: The unit directory is not writable (system units need root).
+    """
+    config = definition_for(name)
+    definition = save_definition(config.name, config.model_dump(mode="json"))
+    env_path = write_env_file(config.name, dict(os.environ))
+    text = render_unit(config, system=system, env_path=env_path)
+    return install(config.name, text, system=system, definition=definition, env_path=env_path)
 
 
 def disable(name: str) -> list[Path]:
@@ -313,5 +354,5 @@ def disable(name: str) -> list[Path]:
             raise EnvironmentProblem(f"cannot remove {path}: {exc.strerror or exc}",
                                      hint="a system unit needs root") from exc
     if not removed:
-        raise NotFoundError(f"server {name!r} is not enabled")
+        raise NotFoundError(f"{name!r} is not enabled")
     return removed

@@ -6,7 +6,7 @@ import fcntl
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -214,19 +214,36 @@ def alive_pids(pids: list[int]) -> list[int]:
     return out
 
 
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0,
+               interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes (a deadline, not a sleep).
+
+    Returns:
+        Whether it became true (the caller asserts on it).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
 def wait_for_state(name: str, state: str, timeout: float = 10.0) -> ServerStatus:
     """Poll ``ServerManager().get_status(name)`` until it is ``state`` or ``timeout`` passes.
 
     Returns:
         The last ServerStatus seen (the caller asserts on it).
     """
-    import time
-
     from cmw_vllm.server_manager import ServerManager
 
-    deadline = time.monotonic() + timeout
-    status = ServerManager().get_status(name)
-    while status.state != state and time.monotonic() < deadline:
-        time.sleep(0.1)
-        status = ServerManager().get_status(name)
-    return status
+    seen: list[ServerStatus] = []
+
+    def reached() -> bool:
+        seen.append(ServerManager().get_status(name))
+        return seen[-1].state == state
+
+    wait_until(reached, timeout, interval=0.1)
+    return seen[-1]

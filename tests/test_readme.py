@@ -194,8 +194,11 @@ def _swap_ports(args: list[str]) -> list[str]:
 
 @pytest.fixture
 def stand_in(fake_engine: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The current directory with ./my-model (a stub model) and a small CPU KV cache."""
+    """The current directory with ./my-model (a stub model) and a small CPU KV cache;
+    systemd units (``enable``) go to temp dirs, never to the user's."""
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(Path.cwd() / "config"))
+    monkeypatch.setenv("CMW_VLLM_SYSTEM_UNIT_DIR", str(Path.cwd() / "system-units"))
     model = Path.cwd() / "my-model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
@@ -264,6 +267,9 @@ def test_readme_command(example: Example, stand_in: Path,
         return
     for name in _server_names(args):
         _ensure_running(name, stand_in)
+    if args[0] == "disable":  # each example runs alone: enable what it disables
+        enabled = CliRunner().invoke(cli, ["enable", args[1]])
+        assert enabled.exit_code == 0, enabled.output
     args = _swap_ports(args)
     if "--watch" in args or "-w" in args or (args[0] == "logs" and ("-f" in args
                                                                     or "--follow" in args)):

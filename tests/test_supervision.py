@@ -24,7 +24,7 @@ import requests
 
 from cmw_vllm.server_manager import ServerManager, group_members, read_record
 from cmw_vllm.supervisor import Backoff
-from tests.conftest import alive_pids, free_port, wait_for_state
+from tests.conftest import alive_pids, free_port, wait_for_state, wait_until
 from tests.conftest import run_cli as run
 
 
@@ -43,13 +43,10 @@ def _everything(name: str) -> list[int]:
     return [p.pid for p in group_members(record)] + [record.supervisor_pid]
 
 
-def _wait_for(predicate: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
+def _restarts(name: str) -> int:
+    """The restart count on the server's record (0 while there is none)."""
+    record = read_record(name)
+    return record.restart_count if record is not None else 0
 
 
 def _all_logs(home: Path, name: str) -> str:
@@ -189,7 +186,7 @@ def test_crash_is_restarted_with_a_new_pid(fake_engine: Path, model_dir: Path,
     assert first is not None
     first_group = [p.pid for p in group_members(first)]
     os.kill(first.pid, signal.SIGKILL)  # orphans the stand-in's engine child
-    assert _wait_for(lambda: (read_record("r") or first).restart_count == 1)
+    assert wait_until(lambda: _restarts("r") == 1)
     status = wait_for_state("r", "healthy")
     assert status.state == "healthy"
     second = read_record("r")
@@ -220,7 +217,7 @@ def test_exit_0_nobody_asked_for_is_a_crash(fake_engine: Path, model_dir: Path,
     monkeypatch.setenv("CMW_VLLM_RESTART_LIMIT", "20")
     assert run("start", str(model_dir), "--name", "z", "--port", str(free_port()),
                "--restart", "on-failure")[0] == 0
-    assert _wait_for(lambda: (read_record("z") or {}).restart_count >= 1)  # type: ignore[union-attr]
+    assert wait_until(lambda: _restarts("z") >= 1)
     record = read_record("z")
     assert record is not None and record.last_exit_code == 0
 
@@ -246,7 +243,7 @@ def test_crash_loop_gives_up_as_failed(fake_engine: Path, model_dir: Path,
                                       for line in server["log_tail"])
     code, out, err = run("status", "loop")
     assert "failed (3)" in out and "gave up after repeated crashes" in err
-    assert _wait_for(lambda: not alive_pids([supervisor]), 10)
+    assert wait_until(lambda: not alive_pids([supervisor]), 10)
     assert not status.orphans  # the last run's engine child was killed when it gave up
     delays = [float(d) for d in re.findall(r"backoff ([\d.]+)s",
                                            _all_logs(isolated_home, "loop"))]
@@ -265,9 +262,53 @@ def test_policy_always_never_gives_up(fake_engine: Path, model_dir: Path,
     monkeypatch.setenv("CMW_VLLM_RESTART_BACKOFF_MAX", "0.2")
     assert run("start", str(model_dir), "--name", "a", "--port", str(free_port()),
                "--restart", "always")[0] == 0
-    assert _wait_for(lambda: (read_record("a") or {}).restart_count >= 4,  # type: ignore[union-attr]
-                     timeout=30)
+    assert wait_until(lambda: _restarts("a") >= 4, timeout=30)
     assert ServerManager().get_status("a").state != "failed"
+
+
+def test_a_hung_server_is_restarted_counting_from_readiness(
+    fake_engine: Path, model_dir: Path, isolated_home: Path,
+    monkeypatch: pytest.MonkeyPatch, fast_restarts: None
+) -> None:
+    monkeypatch.setenv("CMW_VLLM_RESTART_UNHEALTHY", "1")
+    monkeypatch.setenv("FAKE_VLLM_DELAY", "3")  # loading fails /health 3x longer than that
+    assert run("start", str(model_dir), "--name", "h", "--port", str(free_port()),
+               "--restart", "on-failure")[0] == 0
+    first = read_record("h")
+    assert first is not None
+    assert first.restart_count == 0  # a slow load is no hang: counted from readiness
+    assert "is hung" not in _all_logs(isolated_home, "h")
+    first_group = [p.pid for p in group_members(first)]
+    hung_at = time.time()
+    os.kill(first.pid, signal.SIGSTOP)  # the process lives; /health gets no answer
+    assert wait_until(lambda: _restarts("h") == 1, timeout=30)
+    status = wait_for_state("h", "healthy", timeout=30)
+    assert status.state == "healthy"
+    second = read_record("h")
+    assert second is not None and second.pid != first.pid
+    assert second.supervisor_pid == first.supervisor_pid
+    assert second.last_exit_code == -signal.SIGKILL
+    assert second.restart_timing is not None
+    assert second.restart_timing["exit_at"] - hung_at >= 1  # not before the limit
+    assert not alive_pids(first_group)  # the stopped API server and its engine
+    code, out, _ = run("status", "h", "--json")
+    server = json.loads(out)["servers"][0]
+    assert (server["restarts"], server["last_exit_code"]) == (1, -signal.SIGKILL)
+    log = _all_logs(isolated_home, "h")
+    assert re.search(rf"vLLM \(pid {first.pid}\) is hung: /health has failed for [\d.]+s "
+                     r"\(no answer; CMW_VLLM_RESTART_UNHEALTHY=1\); killing it", log), log
+    assert f"vLLM (pid {first.pid}) was killed as hung: a crash" in log
+
+
+def test_bad_restart_setting_fails_start(fake_engine: Path, model_dir: Path,
+                                         isolated_home: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CMW_VLLM_RESTART_UNHEALTHY", "soon")
+    code, _, err = run("start", str(model_dir), "--name", "bad", "--port", str(free_port()))
+    assert code == 2
+    assert "CMW_VLLM_RESTART_UNHEALTHY='soon' is not a number" in err
+    assert "Traceback" not in err
+    assert read_record("bad") is None  # nothing launched to run unsupervised
 
 
 def test_stop_during_backoff_ends_the_loop(fake_engine: Path, model_dir: Path,
@@ -310,8 +351,7 @@ def test_a_long_ready_run_resets_the_backoff(fake_engine: Path, model_dir: Path,
     monkeypatch.setenv("CMW_VLLM_RESTART_LIMIT", "20")
     assert run("start", str(model_dir), "--name", "s", "--port", str(free_port()),
                "--restart", "on-failure")[0] == 0
-    assert _wait_for(lambda: (read_record("s") or {}).restart_count >= 3,  # type: ignore[union-attr]
-                     timeout=30)
+    assert wait_until(lambda: _restarts("s") >= 3, timeout=30)
     delays = [float(d) for d in re.findall(r"backoff ([\d.]+)s",
                                            _all_logs(isolated_home, "s"))]
     assert len(delays) >= 3 and max(delays) <= 0.25
@@ -381,12 +421,12 @@ def test_foreground_restarts_and_stops_from_another_shell(
     port = free_port()
     proc = _foreground(model_dir, "fr", port, "--restart", "on-failure")
     try:
-        assert _wait_for(lambda: read_record("fr") is not None)
+        assert wait_until(lambda: read_record("fr") is not None)
         assert wait_for_state("fr", "healthy", timeout=30).state == "healthy"
         first = read_record("fr")
         assert first is not None
         os.kill(first.pid, signal.SIGKILL)
-        assert _wait_for(lambda: (read_record("fr") or first).restart_count == 1)
+        assert wait_until(lambda: _restarts("fr") == 1)
         assert wait_for_state("fr", "healthy", timeout=30).state == "healthy"
         code, out, err = run("stop", "fr")
         assert code == 0, err
@@ -416,3 +456,16 @@ def test_foreground_refuses_a_server_already_running(fake_engine: Path,
     code, _, err = run("start", str(model_dir), "--name", "bg", "--port", str(port),
                        "--foreground")
     assert code == 6 and "already runs" in err
+
+
+def test_supervision_variables_are_documented() -> None:
+    import cmw_vllm.supervisor as supervisor
+
+    root = Path(__file__).resolve().parent.parent
+    names = set(re.findall(r'"(CMW_VLLM_[A-Z_]+)"', Path(supervisor.__file__).read_text()))
+    assert "CMW_VLLM_RESTART_UNHEALTHY" in names
+    readme = (root / "README.md").read_text()
+    example = (root / ".env.example").read_text()
+    for name in sorted(names):
+        assert f"`{name}" in readme, name
+        assert re.search(rf"^# {name}=\d", example, re.M), name

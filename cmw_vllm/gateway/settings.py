@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from cmw_vllm.errors import ConfigError
 
@@ -46,6 +47,7 @@ class GatewaySettings:
         api_keys: Keys a client must present (none: no check).
         upstream_key: The key sent to the servers (``VLLM_API_KEY``).
         max_connections: Connection pool cap towards the servers (0: no cap).
+        api_key_file: The file the keys were read from, if any (a path, no secret).
     """
 
     host: str = "127.0.0.1"
@@ -62,6 +64,7 @@ class GatewaySettings:
     api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
     upstream_key: str | None = field(default=None, repr=False)
     max_connections: int = 0
+    api_key_file: str | None = None
 
     def public(self) -> dict[str, object]:
         """The settings without secrets (for the record and ``--json``)."""
@@ -75,7 +78,36 @@ class GatewaySettings:
             "upstream_timeout": self.upstream_timeout,
             "adopt": self.adopt,
             "api_keys": len(self.api_keys),
+            "api_key_file": self.api_key_file,
         }
+
+    @classmethod
+    def from_public(cls, name: str, data: dict[str, Any]) -> GatewaySettings:
+        """The settings :meth:`public` gave (no keys: the caller loads them).
+
+        Raises:
+            ConfigError: ``data`` does not hold gateway settings.
+        """
+        known = {f.name for f in fields(cls)} - {"name", "api_keys", "upstream_key"}
+        try:
+            return cls(name=name, **{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ConfigError(f"the kept settings of gateway {name!r} are invalid: {exc}") \
+                from None
+
+    def cli_args(self) -> list[str]:
+        """The ``cmw-vllm gateway`` options that run a gateway with these settings."""
+        args = ["--name", self.name, "--host", self.host, "--port", str(self.port),
+                "--idle-timeout", str(self.idle_timeout),
+                "--start-timeout", str(self.start_timeout),
+                "--queue-limit", str(self.queue_limit),
+                "--max-body-mb", str(self.max_body_bytes / (1024 * 1024)),
+                "--upstream-timeout", str(self.upstream_timeout)]
+        if self.adopt:
+            args.append("--adopt")
+        if self.api_key_file:
+            args += ["--api-key-file", self.api_key_file]
+        return args
 
 
 def read_key_file(path: Path) -> frozenset[str]:

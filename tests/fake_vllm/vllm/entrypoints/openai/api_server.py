@@ -10,8 +10,13 @@ but never answers a POST). A POST's answer echoes the ``Authorization`` and ``X-
 headers it got (``seen_headers``).
 ``FAKE_VLLM_DELAY`` is the load time in seconds, ``FAKE_VLLM_DIE_AFTER`` the seconds of
 readiness before the ``*_after_ready`` exits, ``FAKE_VLLM_GEN_SECONDS`` how long one
-completion takes. Like vLLM, ``--shutdown-timeout N`` makes SIGTERM let completions in
-flight finish for up to N seconds (new ones get 503) before it exits 0.
+completion takes (when set, each logs ``generating a completion`` once it is in flight).
+Like vLLM, ``--shutdown-timeout N`` makes SIGTERM let completions in flight finish for up to
+N seconds (new ones get 503) before it exits 0 (or ``FAKE_VLLM_TERM_EXIT``, to tell its
+code from a default).
+``FAKE_VLLM_ORPHAN=PATH`` leaves an orphan once ready: a grandchild whose parent exits at
+once; re-parented, it writes ``PID PPID`` (as it sees them) to PATH and exits, so that its
+new parent must reap it (PID 1 in a container, where cmw-vllm is that parent).
 """
 
 from __future__ import annotations
@@ -32,6 +37,25 @@ def log(msg: str, level: str = "INFO", proc: str = "APIServer") -> None:
     stamp = time.strftime("%m-%d %H:%M:%S")
     sys.stderr.write(f"({proc} pid={os.getpid()}) {level} {stamp} [api_server.py:1] {msg}\n")
     sys.stderr.flush()
+
+
+ORPHAN_CODE = """
+import os, sys, time
+parent = os.getpid()
+if os.fork():
+    os._exit(0)  # the orphan's parent exits at once
+deadline = time.monotonic() + 30
+while os.getppid() == parent and time.monotonic() < deadline:  # until re-parented
+    time.sleep(0.01)
+with open(sys.argv[1] + ".tmp", "w") as fh:
+    fh.write(f"{os.getpid()} {os.getppid()}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+"""
+
+
+def leave_orphan(path: str) -> None:
+    """Start a process that forks and exits: its child is an orphan that exits soon after."""
+    subprocess.run([sys.executable, "-c", ORPHAN_CODE, path], check=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                 self._send(503, {"error": "shutting down"})
                 return
             in_flight[0] += 1
+            if gen_seconds:
+                log(f"generating a completion ({gen_seconds:g}s)")  # it is in flight now
             try:
                 time.sleep(gen_seconds)
             finally:
@@ -180,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(0.02)
         engine.terminate()
         engine.wait()
-        os._exit(0)
+        os._exit(int(os.environ.get("FAKE_VLLM_TERM_EXIT", "0")))
 
     if mode != "ignore_term":
         signal.signal(signal.SIGTERM, on_term)
@@ -189,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         threading.Timer(die_after, lambda: os._exit(3)).start()
     elif mode == "exit0_after_ready":
         threading.Timer(die_after, lambda: os._exit(0)).start()
+    if os.environ.get("FAKE_VLLM_ORPHAN"):
+        threading.Thread(target=leave_orphan, args=(os.environ["FAKE_VLLM_ORPHAN"],),
+                         daemon=True).start()
     server.serve_forever()
 
 
