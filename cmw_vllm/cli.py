@@ -27,7 +27,7 @@ LAZY_COMMANDS = {
     "start": "cli_lifecycle",
     "stop": "cli_lifecycle",
     "restart": "cli_lifecycle",
-    "status": "cli_lifecycle",
+    "status": "cli_status",
     "logs": "cli_lifecycle",
     "enable": "cli_service",
     "disable": "cli_service",

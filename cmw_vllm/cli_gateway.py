@@ -62,9 +62,9 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
     import logging
     import os
 
-    from cmw_vllm.gateway.settings import KEY_FILE_ENV, LOOPBACK, GatewaySettings, load_api_keys
+    from cmw_vllm.gateway.settings import KEY_FILE_ENV, GatewaySettings, load_api_keys
     from cmw_vllm.settings import api_key
-    from cmw_vllm.vocab import validate_name
+    from cmw_vllm.vocab import LOOPBACK, validate_name
 
     validate_name(name)
     if as_json and not background:

@@ -173,7 +173,7 @@ def test_cmd(
             echo_json({"name": name, "ok": False, "task": task, "state": status.state,
                        "error": err.message, "hint": err.hint})
         raise err
-    from cmw_vllm.gateway.settings import GATEWAY_TASK
+    from cmw_vllm.vocab import GATEWAY_TASK
 
     if status.record.task == GATEWAY_TASK:
         _test_gateway(status.record, timeout, as_json)
@@ -184,7 +184,8 @@ def test_cmd(
 
 def _test_gateway(record: ServerRecord, timeout: float, as_json: bool) -> None:
     """``test`` of a gateway: it answers, and lists its models."""
-    from cmw_vllm.gateway.service import GATEWAY_TASK, check
+    from cmw_vllm.gateway.service import check
+    from cmw_vllm.vocab import GATEWAY_TASK
 
     try:
         result = check(record, timeout=timeout)

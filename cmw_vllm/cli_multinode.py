@@ -1,14 +1,11 @@
-"""CLI pieces for one model over several machines: ``start``'s options, roles in ``status``."""
+"""CLI pieces for one model over several machines: ``start``'s options, ``cmw-vllm ray``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
-
-if TYPE_CHECKING:
-    from cmw_vllm.server_manager import ServerStatus
 
 # (option names, dest, click type, help) in the order --help shows them.
 _OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
@@ -53,40 +50,6 @@ def distributed_values(options: dict[str, Any]) -> dict[str, Any] | None:
     """The ``Distributed`` settings given on the command line; None when none was."""
     given = {key: options[key] for key in DIST_KEYS if options.get(key) is not None}
     return given or None
-
-
-def cluster_views(statuses: list[ServerStatus]) -> dict[str, dict[str, Any]]:
-    """Name -> what each running leader sees of its whole set (see ``cluster_view``)."""
-    out: dict[str, dict[str, Any]] = {}
-    for st in statuses:
-        rec = st.record
-        if rec is None or rec.role != "leader" or not st.running:
-            continue
-        from cmw_vllm.multinode import cluster_view
-        from cmw_vllm.server_manager import group_members
-
-        out[st.name] = cluster_view(rec, [p.pid for p in group_members(rec)])
-    return out
-
-
-def role_notes(statuses: list[ServerStatus], views: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per multi-node server for under the status table."""
-    lines = []
-    for st in statuses:
-        rec = st.record
-        if rec is None or rec.role == "single":
-            continue
-        if rec.role == "follower":
-            lines.append(f"{st.name}: follower of {rec.leader} (rank {rec.node_rank})")
-            continue
-        view = views.get(st.name)
-        text = f"{st.name}: leader (rank 0) at {rec.leader}"
-        if view is not None:
-            size = view["nnodes"] if view["nnodes"] > 1 else view["data_parallel_size"]
-            seen = ", ".join(view["followers_seen"]) or "none yet"
-            text += f" of {size} ranks/nodes; followers connected: {seen}"
-        lines.append(text)
-    return lines
 
 
 # --------------------------------------------------------------------------- ray

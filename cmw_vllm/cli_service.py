@@ -43,7 +43,7 @@ def enable(name: str, system: bool, as_json: bool) -> None:
     if gateway is None:
         files = enable_unit(name, system=system)
     else:
-        from cmw_vllm.gateway.settings import LOOPBACK
+        from cmw_vllm.vocab import LOOPBACK
 
         if gateway.host not in LOOPBACK and not gateway.api_keys:
             echo_err(f"Warning: gateway {name!r} listens on {gateway.host} without an API key "

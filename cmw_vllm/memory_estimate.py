@@ -121,11 +121,6 @@ class ModelSpec:
         """True for multi-head latent attention (DeepSeek V2/V3, Kimi K2, ...)."""
         return bool(self.kv_lora_rank)
 
-    @property
-    def num_parameters(self) -> int | None:
-        """Parameter count from the safetensors headers, when known."""
-        return sum(self.params_by_dtype.values()) if self.params_by_dtype else None
-
 
 def normalise_dtype(value: Any) -> str | None:
     """The dtype name (``bfloat16``, ...) of a config value or safetensors code; None if unknown."""

@@ -9,8 +9,8 @@ which is how a crashed run's leftovers are found.
 from __future__ import annotations
 
 import os
-import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,16 +38,27 @@ def process(pid: int, create_time: float) -> psutil.Process | None:
 
 def is_ours(record: ServerRecord) -> psutil.Process | None:
     """The API server process when pid, create time and command line match the record."""
+    return verified_process(record.pid, record.create_time,
+                            lambda cmdline: command_matches(cmdline, record.command))
+
+
+def verified_process(pid: int, create_time: float, matches: Callable[[list[str]], bool]
+                     ) -> psutil.Process | None:
+    """The live process of this pid and create time whose command line ``matches``, or None.
+
+    A recorded pid may name another process by now (reused), or one we may not inspect:
+    either is "not ours".
+    """
     import psutil
 
-    proc = process(record.pid, record.create_time)
+    proc = process(pid, create_time)
     if proc is None:
         return None
     try:
         cmdline = proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    return proc if command_matches(cmdline, record.command) else None
+    return proc if matches(cmdline) else None
 
 
 def command_matches(cmdline: list[str], command: list[str]) -> bool:
@@ -71,19 +82,12 @@ def supervisor_process(record: ServerRecord) -> psutil.Process | None:
 
     None as well when the supervisor is this very process (a foreground server).
     """
-    import psutil
-
     if record.supervisor_pid == os.getpid():
         return None
-    proc = process(record.supervisor_pid, record.supervisor_create_time)
-    if proc is None:
-        return None
-    try:
-        cmdline = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
     # `python -m cmw_vllm.supervisor ...`, or `cmw-vllm start ... --foreground`.
-    return proc if any("cmw_vllm" in part or "cmw-vllm" in part for part in cmdline) else None
+    return verified_process(
+        record.supervisor_pid, record.supervisor_create_time,
+        lambda cmdline: any("cmw_vllm" in part or "cmw-vllm" in part for part in cmdline))
 
 
 def group_members(record: ServerRecord) -> list[psutil.Process]:
@@ -136,6 +140,8 @@ def group_members(record: ServerRecord) -> list[psutil.Process]:
 
 
 def send_signal(proc: psutil.Process, sig: int) -> bool:
+    import signal
+
     import psutil
 
     try:

@@ -9,7 +9,8 @@ One Ray node per state dir. ``ray start --block`` runs in a session of its own; 
 processes (GCS, raylet, agents) stay in its process group, so ``stop`` sends SIGTERM to it
 (Ray ends its processes) and then SIGKILL to whatever of the group is left, never anything
 else (``ray stop`` would end every Ray process of the machine). State: ``ray/node.json``
-(a :class:`~cmw_vllm.server_record.ServerRecord`) and ``logs/ray.log``.
+(a :class:`~cmw_vllm.server_record.ServerRecord`) and ``logs/ray.log``; the head's session
+files go in ``/tmp/cmw-ray-<hash of the state dir>``, removed by ``stop``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from cmw_vllm.errors import (
     StopError,
 )
 from cmw_vllm.server_record import ServerRecord
+from cmw_vllm.vocab import RAY_TASK
 
 if TYPE_CHECKING:
     import psutil
@@ -210,7 +212,7 @@ def _spawn(cmd: list[str], role: str, ip: str, cluster: str) -> ServerRecord:
     record = ServerRecord(
         name=NAME, pid=proc.pid, create_time=created, supervisor_pid=proc.pid,
         supervisor_create_time=created, pgid=proc.pid, host=ip,
-        port=int(cluster.rsplit(":", 1)[1]), model="ray", served_model_name="", task="ray",
+        port=int(cluster.rsplit(":", 1)[1]), model="ray", served_model_name="", task=RAY_TASK,
         base_url="", command=cmd, log_path=str(log), started_at=time.time(), config={},
         role=role, leader=cluster, host_ip=ip,
     )
@@ -309,9 +311,29 @@ def stop_node(timeout: float = 30.0) -> tuple[bool, list[int]]:
     killed, remaining = _terminate(record, main, timeout)
     if remaining:
         raise StopError("Ray processes survived SIGKILL: " + ", ".join(map(str, remaining)))
+    if record.role == "ray-head":
+        _remove_temp_dir(Path(_temp_dir()))
     with contextlib.suppress(FileNotFoundError):
         record_file().unlink()
     return main is not None, killed
+
+
+def _remove_temp_dir(path: Path) -> None:
+    """Remove the head's session files (sockets, logs, ports) once none of its processes run.
+
+    The directory is this state dir's own (see :func:`_temp_dir`); one that is a link, or
+    belongs to another user, is left alone.
+    """
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not path.is_dir() or path.is_symlink() or info.st_uid != os.getuid():
+        logger.warning("left %s alone: not a directory of this user", path)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        logger.warning("could not remove all of %s", path)
 
 
 def _terminate(record: ServerRecord, main: psutil.Process | None, timeout: float,

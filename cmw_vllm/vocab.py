@@ -34,6 +34,12 @@ class Task(_Word):
 
 TASKS: tuple[str, ...] = tuple(t.value for t in Task)
 
+# The task in the record of what runs among the servers but serves no model of its own
+# (never a ``--task`` choice): a gateway (``status`` and ``stop`` know it by this), and
+# the Ray node.
+GATEWAY_TASK = "gateway"
+RAY_TASK = "ray"
+
 
 class Runner(_Word):
     """vLLM's ``--runner`` values."""
@@ -121,13 +127,14 @@ STATE_EXIT_CODES = {
 
 # --------------------------------------------------------------------------- names
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Patterns, not compiled ones: re compiles (and caches) on first use, not on every import.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 NAME_RULE = "use letters, digits, '.', '_' and '-' (at most 64, starting with a letter or digit)"
 
 
 def is_valid_name(name: str) -> bool:
     """True when ``name`` may name a server or alias (and so a file in the state dir)."""
-    return bool(NAME_RE.match(name)) and ".." not in name
+    return bool(re.match(NAME_PATTERN, name)) and ".." not in name
 
 
 def validate_name(name: str) -> str:
@@ -166,6 +173,10 @@ def parse_port(value: str | int) -> int:
     return parse_int(value, "--port")
 
 
+# Hosts only this machine reaches: binding to another one without an API key gets a warning.
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 # --------------------------------------------------------------------------- sizes
 
 KiB = 1024
@@ -198,7 +209,7 @@ def format_size(n: float) -> str:
 # --------------------------------------------------------------------------- models
 
 _HF_ID_MAX = 96
-_HF_PART_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_HF_PART = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$"
 
 
 def looks_like_path(text: str) -> bool:
@@ -217,4 +228,4 @@ def is_hf_id(text: str) -> bool:
     """
     if len(text) > _HF_ID_MAX or text.count("/") != 1 or "--" in text or ".." in text:
         return False
-    return all(_HF_PART_RE.match(part) for part in text.split("/"))
+    return all(re.match(_HF_PART, part) for part in text.split("/"))

@@ -4,18 +4,27 @@ Each namespace has only loopback and its end of the pair, so whatever runs insid
 reach the other namespace and nothing else: multi-node tests never touch another address.
 Names start with ``cmwmn-`` and carry a random suffix; addresses are 10.231.X.1 and
 10.231.X.2. :meth:`NetnsPair.destroy` kills every process left in either namespace (they
-can only be the test's own) and deletes both; call it from a finalizer.
+can only be the test's own) and deletes both; :func:`locked_pair` makes a pair under the
+machine-wide real-vLLM lock and always destroys it. :func:`side_env` is the environment of
+a command that runs in one namespace, as on a machine of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 
 def unavailable_reason() -> str | None:
@@ -119,3 +128,48 @@ class NetnsPair:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30,
                            check=False)
         return killed
+
+
+def side_env(home: Path, engine: str) -> dict[str, str]:
+    """The environment of commands run in one namespace: a machine of their own.
+
+    Its own state dir and Hugging Face cache under ``home``, offline, vLLM's interpreter
+    ``engine``, a small CPU KV cache; none of the caller's cmw-vllm, vLLM, Hugging Face or
+    Ray settings, and no proxy (nothing outside the pair can be reached anyway).
+    """
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CMW_VLLM_", "VLLM_", "HF_", "RAY_"))
+           and k.lower() not in ("http_proxy", "https_proxy")}
+    env.update(CMW_VLLM_HOME=str(home / "cmw-home"), HF_HOME=str(home / "hf-home"),
+               HF_HUB_OFFLINE="1", CMW_VLLM_PYTHON=engine, VLLM_CPU_KVCACHE_SPACE="1")
+    return env
+
+
+@contextlib.contextmanager
+def locked_pair(lock: Path, label: str) -> Iterator[NetnsPair]:
+    """A pair made and used under the machine-wide ``lock``, destroyed on the way out.
+
+    Skips the test (with the reason) where namespaces cannot be made. The caller stops
+    what it started inside the ``with``; what is left in the namespaces is killed here.
+
+    Args:
+        lock: The real-vLLM lock file (tests that start vLLM run one at a time).
+        label: Names the test module in the line about leftover pids.
+    """
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        net = NetnsPair()
+        try:
+            net.create()
+        except RuntimeError as exc:
+            pytest.skip(str(exc))
+        try:
+            yield net
+        finally:
+            left = net.destroy()
+            if left:
+                print(f"{label} cleanup: killed leftover pids {left}", file=sys.stderr)

@@ -27,6 +27,16 @@ def test_bench_cli_smoke() -> None:
     assert "over 3 servers, 1 hung" in out
 
 
+def test_bench_cli_compare_smoke() -> None:
+    """Two checkouts (here the same one twice), alternating: wall and CPU of each side."""
+    out = bench("bench_cli.py", "--compare", str(REPO_ROOT), "--runs", "1")
+    for side in ("A", "B"):
+        assert f"{side}: {REPO_ROOT / 'cmw_vllm' / '__init__.py'}" in out
+        assert any(line.startswith("status --json (no servers)") and f" {side} " in line
+                   for line in out.splitlines())
+    assert "cpu median" in out
+
+
 def test_bench_verify_smoke() -> None:
     out = bench("bench_verify.py", "--size-mb", "8", "--files", "2", "--repeat", "1")
     assert "sha256sum" in out

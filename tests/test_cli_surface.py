@@ -43,6 +43,7 @@ HEAVY = ["huggingface_hub", "rich", "pynvml", "requests", "pydantic", "vllm", "t
 
 
 def _imported_by(args: list[str], env_extra: dict[str, str], tmp_path) -> set[str]:
+    """Every module (dotted names) a fresh ``cmw-vllm ARGS`` has imported when it ends."""
     code = (
         "import sys, runpy\n"
         f"sys.argv = ['cmw-vllm', *{args!r}]\n"
@@ -51,7 +52,7 @@ def _imported_by(args: list[str], env_extra: dict[str, str], tmp_path) -> set[st
         "except SystemExit:\n"
         "    pass\n"
         "import json\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
     )
     import os
 
@@ -61,15 +62,48 @@ def _imported_by(args: list[str], env_extra: dict[str, str], tmp_path) -> set[st
     return set(json.loads(out.strip().splitlines()[-1]))
 
 
+def _top_level(modules: set[str]) -> set[str]:
+    return {m.split(".")[0] for m in modules}
+
+
 def test_status_without_servers_imports_nothing_heavy(tmp_path, isolated_home) -> None:
-    modules = _imported_by(["status", "--json"], {}, tmp_path)
+    modules = _top_level(_imported_by(["status", "--json"], {}, tmp_path))
     assert "click" in modules  # the probe itself works
     assert not modules & set(HEAVY), modules & set(HEAVY)
 
 
 def test_version_imports_nothing_heavy(tmp_path, isolated_home) -> None:
-    modules = _imported_by(["--version"], {}, tmp_path)
+    modules = _top_level(_imported_by(["--version"], {}, tmp_path))
     assert not modules & set(HEAVY), modules & set(HEAVY)
+
+
+# What `status --json` loads of the package: the command's module and the read side of the
+# state (record, processes, state), not start/stop (server_manager, cli_lifecycle) nor
+# start's options (cli_multinode). Each module costs its load time on every call, so a new
+# one here is a choice: make it here, in the open.
+STATUS_MODULES = {
+    "cmw_vllm", "cmw_vllm.cli", "cmw_vllm.cli_common", "cmw_vllm.cli_status",
+    "cmw_vllm.errors", "cmw_vllm.logging", "cmw_vllm.paths", "cmw_vllm.process_group",
+    "cmw_vllm.server_record", "cmw_vllm.server_status", "cmw_vllm.settings", "cmw_vllm.vocab",
+}
+# Standard-library modules status has no use for, each a measurable part of its start-up
+# (signal alone builds three enums when imported).
+STATUS_NEVER = {"signal", "subprocess", "socket", "concurrent.futures", "asyncio", "http.client",
+                "urllib.request", "tomllib", "shlex"}
+
+
+def test_status_loads_only_its_own_part_of_the_package(tmp_path, isolated_home) -> None:
+    modules = _imported_by(["status", "--json"], {}, tmp_path)
+    ours = {m for m in modules if m == "cmw_vllm" or m.startswith("cmw_vllm.")}
+    assert ours == STATUS_MODULES, (sorted(ours - STATUS_MODULES),
+                                    sorted(STATUS_MODULES - ours))
+    assert not modules & STATUS_NEVER, sorted(modules & STATUS_NEVER)
+
+
+def test_version_loads_only_the_entry_point(tmp_path, isolated_home) -> None:
+    modules = _imported_by(["--version"], {}, tmp_path)
+    ours = {m for m in modules if m == "cmw_vllm" or m.startswith("cmw_vllm.")}
+    assert ours == {"cmw_vllm", "cmw_vllm.cli", "cmw_vllm.errors"}, sorted(ours)
 
 
 # --------------------------------------------------------------------------------------------

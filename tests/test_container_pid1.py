@@ -209,7 +209,7 @@ def test_pid1_reaps_an_orphan_then_drains_on_sigterm(
         # Reaped: gone from the namespace's process table, not left as a zombie.
         assert wait_until(lambda: orphan not in {p.pid for p in box.processes()}, 10), \
             box.processes()
-        assert not box.zombies()
+        assert wait_until(lambda: not box.zombies(), 5), box.zombies()  # none stays
         assert box.pid1_serves()
 
         # SIGTERM to PID 1 (docker stop) drains: a completion in flight finishes.
@@ -257,7 +257,7 @@ def test_pid1_reaps_a_crashed_runs_engine_while_it_waits_to_restart(
     # The supervisor kills the crashed run's engine and reaps it, backoff or not.
     assert wait_until(lambda: engine.pid not in {p.pid for p in box.processes()}, 20), \
         box.processes()
-    assert not box.zombies()
+    assert wait_until(lambda: not box.zombies(), 5), box.zombies()
     assert box.pid1_serves()
     log = Path(sr.log_path("pid1r"))
     assert wait_until(lambda: "backoff 120s" in log.read_text(), 10)

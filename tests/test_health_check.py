@@ -20,7 +20,7 @@ import pytest
 
 from cmw_vllm import health_check as hc
 from cmw_vllm.cli_inference import run_and_render_test
-from cmw_vllm.cli_lifecycle import LOAD_COLUMNS, load_cells, status_load_columns
+from cmw_vllm.cli_status import LOAD_COLUMNS, load_cells, status_load_columns
 from cmw_vllm.errors import InferenceCheckError, ServerRequestError
 from cmw_vllm.inference_check import run_check
 from cmw_vllm.server_manager import ServerStatus

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from cmw_vllm import health_check as hc
 from cmw_vllm.cli import cli
-from cmw_vllm.cli_lifecycle import load_cells, status_load_columns
+from cmw_vllm.cli_status import load_cells, status_load_columns
 from cmw_vllm.server_config import resolve_server_config
 from cmw_vllm.server_manager import ServerManager
 from cmw_vllm.server_record import ServerRecord

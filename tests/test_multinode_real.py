@@ -9,9 +9,7 @@ in them are removed by the fixture's finalizer, whatever happens.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REAL_VLLM_LOCK
-from tests.netns import NetnsPair, unavailable_reason
+from tests.netns import NetnsPair, locked_pair, side_env
 from tests.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.vllm
@@ -54,46 +52,22 @@ class Cluster:
         return {s["name"]: s for s in json.loads(out)["servers"]}
 
 
-def _side_env(home: Path, engine: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CMW_VLLM_", "VLLM_", "HF_")) and k not in ("http_proxy",
-                                                                           "https_proxy")}
-    env.update(CMW_VLLM_HOME=str(home / "cmw-home"), HF_HOME=str(home / "hf-home"),
-               HF_HUB_OFFLINE="1", CMW_VLLM_PYTHON=engine, VLLM_CPU_KVCACHE_SPACE="1")
-    return env
-
-
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory, engine_python: str) -> Iterator[Cluster]:
     """The two namespaces, under the machine-wide real-vLLM lock; everything is stopped and
     the namespaces are removed at the end, whatever happened."""
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     root = tmp_path_factory.mktemp("multinode")
-    model = make_tiny_model(root / "tiny-qwen2")
-    REAL_VLLM_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with REAL_VLLM_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        net = NetnsPair()
-        try:
-            net.create()
-        except RuntimeError as exc:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            pytest.skip(str(exc))
+    with locked_pair(REAL_VLLM_LOCK, "multinode") as net:
+        model = make_tiny_model(root / "tiny-qwen2")
         common = ["-tp", "2", "--nnodes", "2", "--master-addr", net.addr_a,
                   "--master-port", str(MASTER_PORT), "--json"]
-        c = Cluster(net, _side_env(root / "a", engine_python),
-                    _side_env(root / "b", engine_python), model, {}, common)
+        c = Cluster(net, side_env(root / "a", engine_python),
+                    side_env(root / "b", engine_python), model, {}, common)
         try:
             yield c
         finally:
             for side in ("a", "b"):
                 c.cli(side, "stop", "--all", "--timeout", "5", timeout=120)
-            left = net.destroy()
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            if left:
-                print(f"multinode cleanup: killed leftover pids {left}", file=sys.stderr)
 
 
 @pytest.fixture(scope="module")

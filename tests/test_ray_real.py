@@ -7,9 +7,7 @@ vLLM's interpreter (scripts/install.sh puts it there); skipped with the reason o
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REAL_VLLM_LOCK
-from tests.netns import NetnsPair, unavailable_reason
+from tests.netns import NetnsPair, locked_pair, side_env
 from tests.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.vllm
@@ -38,43 +36,21 @@ class RayPair:
         return proc.returncode, proc.stdout, proc.stderr
 
 
-def _env(home: Path, engine: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CMW_VLLM_", "VLLM_", "HF_", "RAY_"))}
-    env.update(CMW_VLLM_HOME=str(home / "cmw-home"), HF_HOME=str(home / "hf-home"),
-               HF_HUB_OFFLINE="1", CMW_VLLM_PYTHON=engine, VLLM_CPU_KVCACHE_SPACE="1")
-    return env
-
-
 @pytest.fixture(scope="module")
 def ray_pair(tmp_path_factory: pytest.TempPathFactory, engine_python: str) -> Iterator[RayPair]:
     """Ray head in namespace A, a Ray worker in B; both stopped and the namespaces removed."""
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     engine = engine_python
     if not (Path(engine).parent / "ray").exists():
         pytest.skip(f"Ray is not installed beside vLLM ({engine}); scripts/install.sh adds it")
     root = tmp_path_factory.mktemp("ray")
-    model = make_tiny_model(root / "tiny-qwen2")
-    with REAL_VLLM_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        net = NetnsPair()
-        try:
-            net.create()
-        except RuntimeError as exc:
-            pytest.skip(str(exc))
-        pair = RayPair(net, {"a": _env(root / "a", engine), "b": _env(root / "b", engine)},
-                       model)
+    with locked_pair(REAL_VLLM_LOCK, "ray") as net:
+        pair = RayPair(net, {"a": side_env(root / "a", engine), "b": side_env(root / "b", engine)},
+                       make_tiny_model(root / "tiny-qwen2"))
         try:
             yield pair
         finally:
             for side in ("b", "a"):
                 pair.cli(side, "ray", "stop", "--timeout", "10", timeout=60)
-            left = net.destroy()
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            if left:
-                print(f"ray cleanup: killed leftover pids {left}", file=sys.stderr)
 
 
 def test_two_node_ray_cluster_forms_and_status_shows_both(ray_pair: RayPair) -> None:

@@ -26,7 +26,8 @@ from cmw_vllm.errors import (
 )
 from cmw_vllm.errors import GatewayRefusal as Refusal
 from cmw_vllm.gateway.metrics import Metrics
-from cmw_vllm.gateway.settings import GATEWAY_TASK, GatewaySettings
+from cmw_vllm.gateway.settings import GatewaySettings
+from cmw_vllm.vocab import GATEWAY_TASK
 
 if TYPE_CHECKING:
     from cmw_vllm.model_registry import ModelEntry

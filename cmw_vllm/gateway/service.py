@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cmw_vllm import paths
 from cmw_vllm.errors import ConflictError, EnvironmentProblem, ServerStartError
-from cmw_vllm.gateway.settings import GATEWAY_TASK, GatewaySettings
+from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_record import (
     ServerRecord,
     log_path,
@@ -33,6 +33,7 @@ from cmw_vllm.server_record import (
     read_record,
     record_path,
 )
+from cmw_vllm.vocab import GATEWAY_TASK
 
 if TYPE_CHECKING:
     from cmw_vllm.systemd_unit import UnitFiles

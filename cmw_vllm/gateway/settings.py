@@ -19,9 +19,6 @@ KEYS_ENV = "CMW_VLLM_GATEWAY_API_KEYS"
 KEY_FILE_ENV = "CMW_VLLM_GATEWAY_API_KEY_FILE"
 DEFAULT_PORT = 4000
 DEFAULT_NAME = "gateway"
-# The record's task: marks a gateway among the server records (status, stop).
-GATEWAY_TASK = "gateway"
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 @dataclass(frozen=True)
