@@ -1,7 +1,7 @@
 """What the gateway adds in front of real vLLM: latency, time to first token, throughput.
 
     CMW_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/bench_gateway.py \\
-        [--requests 300] [--streams 64] [--router PATH/TO/vllm-router]
+        [--requests 300] [--streams 64] [--rounds 5] [--router PATH/TO/vllm-router]
 
 One tiny random-model vLLM server (tests/tiny_model.py, CPU build unless CMW_VLLM_PYTHON
 points elsewhere) is started once; `cmw-vllm gateway` runs in front of it (a separate
@@ -11,8 +11,14 @@ the same requests sent directly and through each proxy, interleaved:
 - added latency: p50 and p99 of sequential non-streamed chat requests of 1 token, proxy
   minus direct (keep-alive connection, one request at a time);
 - TTFT overhead: p50 of the time to the first streamed token, proxy minus direct;
-- tokens/s at N concurrent streams (each 128 tokens, ignore_eos), proxy / direct.
-Figures, not pass/fail. Takes about two minutes after the server is up.
+- tokens/s at N concurrent streams (each 128 tokens, ignore_eos), proxy / direct, in
+  rounds that take the paths in turn (each round starts with another path); a line per
+  round shows each proxy's share of the direct figure, so the noise is in plain sight,
+  and the table gives the median of those shares and their range;
+- CPU per request and per streamed token of each proxy process (its own CPU time, from
+  /proc: unlike latency, this hardly moves when the machine is busy).
+Figures, not pass/fail. The table is printed in Markdown, as in the README. Takes about
+three minutes after the server is up.
 """
 
 from __future__ import annotations
@@ -96,21 +102,55 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def interleaved(ports: dict[str, int], runs: int, measure: Callable[[Client], float]
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process so far, all threads (ns-exact from /proc where there is one)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if tasks.is_dir():
+        total = 0
+        for task in tasks.iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that ended meanwhile
+        return total / 1e9
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+class Route:
+    """One way to the server: its port and the pid of the proxy on it (None: direct)."""
+
+    def __init__(self, label: str, port: int, pid: int | None) -> None:
+        self.label, self.port, self.pid = label, port, pid
+        self.cpu = 0.0  # seconds of the proxy's CPU while measured
+
+    def cpu_now(self) -> float:
+        return cpu_seconds(self.pid) if self.pid is not None else 0.0
+
+
+def interleaved(paths: list[Route], runs: int, measure: Callable[[Client], float]
                 ) -> dict[str, list[float]]:
-    clients = {label: Client(port) for label, port in ports.items()}
+    """``runs`` measurements per path, one path after the other; CPU added to each path."""
+    clients = {p.label: Client(p.port) for p in paths}
     for client in clients.values():  # warm up each path
         for _ in range(5):
             measure(client)
-    out: dict[str, list[float]] = {label: [] for label in ports}
+    out: dict[str, list[float]] = {p.label: [] for p in paths}
+    for path in paths:
+        path.cpu = 0.0
     for _ in range(runs):
-        for label, client in clients.items():
-            out[label].append(measure(client))
+        for path in paths:
+            before = path.cpu_now()
+            out[path.label].append(measure(clients[path.label]))
+            path.cpu += path.cpu_now() - before
     return out
 
 
-async def stream_round(port: int, streams: int, tokens: int) -> float:
-    """Tokens per second of ``streams`` concurrent streams (aiohttp client)."""
+async def stream_round(port: int, streams: int, tokens: int) -> tuple[float, int, list[int]]:
+    """Tokens per second of ``streams`` concurrent streams (aiohttp client), the tokens,
+    and the status of each stream that did not answer 200."""
     import aiohttp
 
     body = chat_body(tokens, True)
@@ -119,11 +159,15 @@ async def stream_round(port: int, streams: int, tokens: int) -> float:
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:
 
+        failed: list[int] = []
+
         async def one() -> int:
             count = 0
             async with session.post(url, data=body,
                                     headers={"Content-Type": "application/json"}) as resp:
-                assert resp.status == 200, resp.status
+                if resp.status != 200:
+                    failed.append(resp.status)
+                    return 0
                 async for line in resp.content:
                     if line.startswith(b"data: ") and b'"content"' in line:
                         count += 1
@@ -132,7 +176,77 @@ async def stream_round(port: int, streams: int, tokens: int) -> float:
         begin = time.perf_counter()
         counts = await asyncio.gather(*(one() for _ in range(streams)))
         elapsed = time.perf_counter() - begin
-    return sum(counts) / elapsed
+    return sum(counts) / elapsed, sum(counts), failed
+
+
+def stream_rounds(paths: list[Route], args: argparse.Namespace
+                  ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Tokens/s per path and round, the paths in a new order each round (a path never
+    always goes first); and each proxy's CPU seconds per streamed token."""
+    for path in paths:  # warm up: the first streams after a pause are slower
+        asyncio.run(stream_round(path.port, args.streams, 16))
+    rates: dict[str, list[float]] = {p.label: [] for p in paths}
+    cpu: dict[str, float] = dict.fromkeys(rates, 0.0)
+    tokens: dict[str, int] = dict.fromkeys(rates, 0)
+    errors: dict[str, list[int]] = {label: [] for label in rates}
+    for n in range(args.rounds):
+        shift = n % len(paths)
+        for path in paths[shift:] + paths[:shift]:
+            before = path.cpu_now()
+            rate, count, failed = asyncio.run(stream_round(path.port, args.streams,
+                                                           args.tokens))
+            cpu[path.label] += path.cpu_now() - before
+            if failed:
+                errors[path.label] += failed
+            tokens[path.label] += count
+            rates[path.label].append(rate)
+        direct = rates[paths[0].label][-1]
+        print(f"round {n + 1}: " + ", ".join(
+            f"{p.label} {rates[p.label][-1]:.0f} tok/s"
+            + (f" ({100 * rates[p.label][-1] / direct:.1f} %)" if p is not paths[0] else "")
+            for p in paths), flush=True)
+    for label, codes in errors.items():
+        if codes:
+            print(f"{label}: {len(codes)} streams failed (HTTP {sorted(set(codes))})")
+    return rates, {label: cpu[label] / max(tokens[label], 1) for label in rates}
+
+
+def report(paths: list[Route], args: argparse.Namespace) -> None:
+    """Measure every path and print the table (Markdown, as in the README)."""
+    lat = interleaved(paths, args.requests, Client.latency)
+    cpu_req = {p.label: p.cpu / args.requests for p in paths}
+    ttft = interleaved(paths, args.ttft_runs, Client.ttft)
+    rates, cpu_tok = stream_rounds(paths, args)
+    direct = paths[0].label
+    d50, d99 = percentile(lat[direct], 0.5), percentile(lat[direct], 0.99)
+    t50 = percentile(ttft[direct], 0.5)
+    print(f"\n{machine()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print(f"| path | p50 ms | p99 ms | added p50 | added p99 | TTFT p50 | added TTFT "
+          f"| tok/s, {args.streams} streams | of direct (range) | CPU µs/request "
+          f"| CPU µs/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        label = path.label
+        p50, p99 = percentile(lat[label], 0.5), percentile(lat[label], 0.99)
+        f50 = percentile(ttft[label], 0.5)
+        rate = statistics.median(rates[label])
+        if path.pid is None:
+            print(f"| {label} | {p50 * 1e3:.2f} | {p99 * 1e3:.2f} | | | {f50 * 1e3:.2f} | "
+                  f"| {rate:.0f} | 100 % | | |")
+            continue
+        # The share of direct is taken round by round (the two ran seconds apart), so
+        # that the server's own drift between rounds does not count as the proxy's.
+        shares = [100 * r / d for r, d in zip(rates[label], rates[direct], strict=True)]
+        print(f"| {label} | {p50 * 1e3:.2f} | {p99 * 1e3:.2f} | {(p50 - d50) * 1e3:+.2f} "
+              f"| {(p99 - d99) * 1e3:+.2f} | {f50 * 1e3:.2f} | {(f50 - t50) * 1e3:+.2f} "
+              f"| {rate:.0f} | {statistics.median(shares):.1f} % "
+              f"({min(shares):.1f}-{max(shares):.1f}) | {cpu_req[label] * 1e6:.0f} "
+              f"| {cpu_tok[label] * 1e6:.1f} |")
+    print(f"\n({args.requests} sequential 1-token requests per path, interleaved; TTFT p50 of "
+          f"{args.ttft_runs} streams of 16 tokens; tok/s median of {args.rounds} rounds of "
+          f"{args.streams} streams x {args.tokens} tokens, the paths in turn; share of direct: "
+          f"median (range) of the rounds' ratios; CPU: the proxy process's own, per "
+          f"sequential request and per streamed token)")
 
 
 def start_gateway(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
@@ -156,41 +270,19 @@ def start_router(router: str, upstream: int) -> tuple[subprocess.Popen[bytes], i
     return proc, port
 
 
-def report(ports: dict[str, int], args: argparse.Namespace) -> None:
-    lat = interleaved(ports, args.requests, Client.latency)
-    ttft = interleaved(ports, args.ttft_runs, Client.ttft)
-    rates: dict[str, list[float]] = {label: [] for label in ports}
-    for _ in range(args.rounds):
-        for label, port in ports.items():
-            rates[label].append(asyncio.run(stream_round(port, args.streams, 128)))
-    d50, d99 = percentile(lat["direct"], 0.5), percentile(lat["direct"], 0.99)
-    t50 = percentile(ttft["direct"], 0.5)
-    rate = statistics.median(rates["direct"])
-    print(f"\n{'path':<22} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
-          f"{'TTFT ms':>8} {'+TTFT ms':>8} {'tok/s @' + str(args.streams):>11} {'% direct':>9}")
-    for label in ports:
-        p50, p99 = percentile(lat[label], 0.5), percentile(lat[label], 0.99)
-        f50 = percentile(ttft[label], 0.5)
-        r = statistics.median(rates[label])
-        print(f"{label:<22} {p50 * 1e3:8.2f} {p99 * 1e3:8.2f} {(p50 - d50) * 1e3:8.2f} "
-              f"{(p99 - d99) * 1e3:8.2f} {f50 * 1e3:8.2f} {(f50 - t50) * 1e3:8.2f} "
-              f"{r:11.0f} {100 * r / rate:8.1f}%")
-    print(f"\n({args.requests} sequential 1-token requests per path, interleaved; TTFT p50 of "
-          f"{args.ttft_runs} streams of 16 tokens; tok/s median of {args.rounds} rounds of "
-          f"{args.streams} streams x 128 tokens)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory (default: make the tiny model)")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--ttft-runs", type=int, default=50)
     parser.add_argument("--streams", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--router", default=shutil.which("vllm-router"),
-                        help="vllm-router binary to compare (default: on PATH, if any)")
+                        help="vllm-router binary to compare (default: on PATH, if any; "
+                        "'' for none)")
     args = parser.parse_args()
-    print(machine())
+    print(f"{machine()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         home = Path(tmp)
         model = args.model
@@ -210,14 +302,15 @@ def main() -> None:
         try:
             gateway, gw_port = start_gateway(home, env)
             procs.append(gateway)
-            ports = {"direct": vllm_port, "cmw-vllm gateway": gw_port}
+            routes = [Route("direct", vllm_port, None),
+                      Route("`cmw-vllm gateway`", gw_port, gateway.pid)]
             if args.router:
                 router, router_port = start_router(args.router, vllm_port)
                 procs.append(router)
-                ports["vllm-router (Rust)"] = router_port
+                routes.append(Route("vllm-router (Rust)", router_port, router.pid))
             else:
                 print("vllm-router: not found (pass --router PATH)")
-            report(ports, args)
+            report(routes, args)
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)

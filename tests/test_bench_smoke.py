@@ -61,3 +61,16 @@ def test_bench_restart_smoke(fake_engine: Path, model_dir: Path) -> None:
     out = bench("bench_restart.py", "--crashes", "1", "--model", str(model_dir))
     for part in ("detection", "cleanup", "backoff", "vLLM load", "total"):
         assert part in out
+
+
+def test_bench_gateway_smoke(fake_engine: Path, model_dir: Path) -> None:
+    """On the stand-in engine, which answers streams too (real vLLM: `bench_gateway.py`)."""
+    out = bench("bench_gateway.py", "--model", str(model_dir), "--router", "",
+                "--requests", "10", "--ttft-runs", "3", "--streams", "4", "--tokens", "8",
+                "--rounds", "2")
+    assert "round 2: direct" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
+    assert [row[1].strip() for row in rows] == ["path", "direct", "`cmw-vllm gateway`"]
+    gateway = [cell.strip() for cell in rows[2]]
+    assert float(gateway[8]) > 0  # tok/s through the gateway
+    assert float(gateway[10]) > 0 and float(gateway[11]) > 0  # its CPU per request, token

@@ -175,7 +175,7 @@ def test_json_keys_are_listed_in_help_and_shapes_agree(fake_engine, model_dir) -
     outputs["start"] = json.loads(out)
     code, out, _ = run_cli("status", "--json")
     outputs["status"] = json.loads(out)
-    code, out, _ = run_cli("test", "js", "--json")  # the stand-in does not stream: fails
+    code, out, _ = run_cli("test", "js", "--json")  # pass or fail: its keys are what counts
     assert code in (0, 1), out
     outputs["test"] = json.loads(out)
     code, out, _ = run_cli("restart", "js", "--json")

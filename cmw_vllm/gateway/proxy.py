@@ -51,6 +51,9 @@ DROP_RESPONSE = frozenset({
     "transfer-encoding", "upgrade", "content-length", "server", "date",
 })
 WHOLE_BODY_LIMIT = 1 << 20  # upstream answers up to this size are relayed in one write
+# vLLM closes a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
+# aiohttp would reuse one for 15 s, and a request sent as vLLM closes it fails with a 502.
+UPSTREAM_KEEPALIVE = 3.0
 MULTIPART_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,512})\r\n')
 
 POOL_KEY: web.AppKey[Pool] = web.AppKey("pool", Pool)
@@ -79,9 +82,9 @@ def _key_ok(request: web.Request, keys: frozenset[str]) -> bool:
     return any(hmac.compare_digest(encoded, key.encode()) for key in keys)
 
 
-def _model_of(body: bytes, content_type: str, request: web.Request) -> str | None:
+def _model_of(body: bytes, request: web.Request) -> str | None:
     """The ``model`` a request names: JSON body, multipart field, or ``?model=``."""
-    if body.lstrip()[:1] == b"{":
+    if body[:1] == b"{" or body.lstrip()[:1] == b"{":
         try:
             data = json.loads(body)
         except ValueError:
@@ -92,7 +95,7 @@ def _model_of(body: bytes, content_type: str, request: web.Request) -> str | Non
             raise Refusal(400, "`model` must be a string", "BadRequestError")
         if model:
             return model
-    elif content_type.startswith("multipart/form-data"):
+    elif request.headers.get("Content-Type", "").lower().startswith("multipart/form-data"):
         found = MULTIPART_MODEL.search(body)
         if found:
             return found.group(1).decode("utf-8", errors="replace")
@@ -139,7 +142,7 @@ class Handlers:
         model: str | None = None
         try:
             body = await self._read_body(request)
-            model = _model_of(body, request.content_type, request)
+            model = _model_of(body, request)
             if model is None:
                 sole = self.pool.sole_backend()
                 if sole is None:
@@ -233,8 +236,7 @@ class Handlers:
 
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    keys = request.app[SETTINGS_KEY].api_keys
-    if keys and request.path != "/health" and not _key_ok(request, keys):
+    if request.path != "/health" and not _key_ok(request, request.app[SETTINGS_KEY].api_keys):
         return error_response(401, "a valid gateway API key is required (Authorization: "
                               "Bearer KEY or x-api-key)", "AuthenticationError")
     return await handler(request)
@@ -255,8 +257,10 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
         metrics: Its metrics (default: fresh).
     """
     metrics = metrics or (pool.metrics if pool is not None else Metrics())
+    # Without keys there is no middleware at all: aiohttp then skips building the
+    # middleware chain for every request.
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[_auth_middleware])
+                          middlewares=[_auth_middleware] if settings.api_keys else [])
     handlers = Handlers(settings, pool or Pool(settings, metrics), metrics)
     handlers.pool.metrics = metrics
     app[SETTINGS_KEY] = settings
@@ -274,7 +278,8 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
 
     async def lifecycle(app: web.Application) -> Any:
         connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0,
-                                         ttl_dns_cache=None, enable_cleanup_closed=True)
+                                         ttl_dns_cache=None, enable_cleanup_closed=True,
+                                         keepalive_timeout=UPSTREAM_KEEPALIVE)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
                                         sock_read=settings.upstream_timeout)
         session = aiohttp.ClientSession(connector=connector, timeout=timeout,

@@ -149,9 +149,25 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 self._send(404, {"error": "not found"})
 
+        def _stream(self, tokens: int) -> None:
+            """An SSE answer of ``tokens`` chunks, as vLLM streams a chat (no length: the
+            end of the stream is the end of the connection)."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for _ in range(tokens):
+                self.wfile.write(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
+            try:
+                request = json.loads(self.rfile.read(length) or b"{}")
+            except ValueError:
+                request = {}
+            if not isinstance(request, dict):
+                request = {}
             if mode == "hang_post":
                 time.sleep(3600)
             if draining.is_set():
@@ -165,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 in_flight[0] -= 1
             counter[0] += 1
+            if request.get("stream"):
+                self._stream(int(request.get("max_tokens") or 16))
+                return
             seen = {k.lower(): v for k, v in self.headers.items()
                     if k.lower() in ("authorization", "x-api-key")}
             self._send(200, {"choices": [{"message": {"role": "assistant", "content": "hi"}}],
