@@ -560,14 +560,16 @@ def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None
 
 def _run_foreground(manager: Any, config: Any, auto_port: bool, force: bool) -> None:
     """Launch under this process and supervise until stopped; exit with its status."""
-    from cmw_vllm.supervisor import run_foreground
+    from cmw_vllm.supervisor import ignore_stop_signals, run_foreground
 
     result = manager.start(config, auto_port=auto_port, check_resources=not force,
                            foreground=True)
     record = result.record
     echo_err(f"Serving {result.name!r} in the foreground (vLLM pid {record.pid}, "
              f"{record.base_url}); SIGTERM or Ctrl-C drains and stops it.")
-    raise SystemExit(run_foreground(result.name, result.process, result.env))
+    status = run_foreground(result.name, result.process, result.env)
+    ignore_stop_signals()  # stopped: a late SIGTERM must not change the exit status
+    raise SystemExit(status)
 
 
 @click.command()

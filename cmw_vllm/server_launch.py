@@ -151,17 +151,23 @@ def spawn_here(command: list[str], env: dict[str, str]
                ) -> tuple[psutil.Process, psutil.Process, subprocess.Popen[bytes]]:
     """Start vLLM as a child of this process (foreground), its output on a pipe.
 
+    From the spawn on, a stop signal to this process is held for the supervisor (see
+    :func:`cmw_vllm.supervisor.hold_stop_signals`), so none is lost while the record is
+    written.
+
     Returns:
         (this process, vLLM's API server process, its ``Popen``).
     """
     import psutil
 
-    from cmw_vllm.supervisor import spawn_vllm
+    from cmw_vllm.supervisor import hold_stop_signals, release_held_signals, spawn_vllm
 
     logger.info("launching %s", " ".join(command))
+    hold_stop_signals()  # until the caller supervises: see ServerManager.start
     try:
         popen = spawn_vllm(command, None, env)
     except OSError as exc:
+        release_held_signals()
         raise ServerStartError(f"cannot run {command[0]}: {exc.strerror or exc}") from exc
     return psutil.Process(), psutil.Process(popen.pid), popen
 

@@ -221,8 +221,9 @@ class ServerManager:
                 runs, any of them that differs from the running settings is an error.
             foreground: Launch vLLM as a child of this process, output to a pipe, and return
                 at once with ``result.process`` and ``result.env`` set; the caller
-                supervises it (:func:`cmw_vllm.supervisor.run_foreground`). A server that
-                already runs is a conflict.
+                supervises it (:func:`cmw_vllm.supervisor.run_foreground`; from the spawn
+                until then a SIGTERM/SIGINT/SIGHUP to this process is held for it, so call
+                this in the main thread). A server that already runs is a conflict.
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
@@ -411,6 +412,10 @@ class ServerManager:
         except CmwVllmError:
             self._kill_server(record, kill_timeout=5.0)
             _remove(record_path(record.name), pid_path(record.name))
+            if foreground:
+                from cmw_vllm.supervisor import release_held_signals
+
+                release_held_signals()
             raise
         return record, process, (env if foreground else None)
 

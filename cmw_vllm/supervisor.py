@@ -8,7 +8,9 @@ and a crashed run's leftovers are found by its process group.
 
 - Stop: SIGTERM/SIGINT/SIGHUP to the supervisor (``cmw-vllm stop`` sends it) forwards one
   SIGTERM to the API server, which drains for its ``--shutdown-timeout``; after the drain
-  plus a margin the whole group gets SIGKILL. vLLM ignores a second SIGTERM.
+  plus a margin the whole group gets SIGKILL. vLLM ignores a second SIGTERM. A stop signal
+  that comes between vLLM's spawn and the supervisor's taking over is held for it
+  (:func:`hold_stop_signals`), never lost or fatal; once it is done they are ignored.
 - Crash: any exit nobody asked for, exit code 0 included (vLLM exits 0 when its engine
   dies). With the server's restart policy ``on-failure`` or ``always`` the leftovers of the
   run are killed, the port awaited, and vLLM relaunched after a backoff that doubles from
@@ -133,6 +135,57 @@ def notify(message: str, address: str | None = None) -> bool:
         return False
 
 
+STOP_SIGNALS = tuple(sig for sig in (signal.SIGTERM, signal.SIGINT,
+                                     getattr(signal, "SIGHUP", None)) if sig is not None)
+_held: dict[str, Any] = {"signum": None, "previous": {}}
+
+
+def hold_stop_signals() -> None:
+    """From now on a stop signal is kept for the supervisor to come (:meth:`Supervisor.
+    install_signals`) instead of ending this process.
+
+    Called right before vLLM's spawn: a SIGTERM or Ctrl-C while the record is written would
+    otherwise kill us and leave vLLM running unsupervised (or, as PID 1 of a container, be
+    dropped: PID 1 has no default action for SIGTERM). Does nothing on Windows (no signals
+    to hold: termination is plain there) or outside the main thread (Python's signal
+    handlers live there).
+    """
+    if os.name == "nt" or threading.current_thread() is not threading.main_thread():
+        return
+    _held["signum"] = None
+    for sig in STOP_SIGNALS:
+        previous = signal.signal(sig, _hold)
+        if previous is not _hold and previous is not None:
+            _held["previous"][sig] = previous
+
+
+def release_held_signals() -> None:
+    """Undo :func:`hold_stop_signals` after a spawn that failed: the previous handlers again,
+    and a stop signal that came meanwhile is delivered to them now."""
+    previous: dict[int, Any] = _held["previous"]
+    signum = _held["signum"]
+    _held["signum"], _held["previous"] = None, {}
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if signum is not None:
+        signal.raise_signal(signum)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore stop signals from now on: for a process whose supervising is over and that
+    exits now (Python's exit would restore their default action, and a late stop signal
+    would end it with another status than vLLM's)."""
+    if os.name == "nt" or threading.current_thread() is not threading.main_thread():
+        return
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _hold(signum: int, _frame: object) -> None:
+    if _held["signum"] is None:
+        _held["signum"] = signum
+
+
 def spawn_vllm(command: list[str], log_fd: int | None, env: dict[str, str] | None = None
                ) -> subprocess.Popen[bytes]:
     """Start vLLM in a session of its own; output to ``log_fd``, or a pipe when None."""
@@ -219,10 +272,13 @@ class Supervisor:
     # ------------------------------------------------------------------ signals
 
     def install_signals(self) -> None:
-        """SIGTERM, SIGINT and SIGHUP ask for a stop (a drain)."""
-        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
-            if sig is not None:
-                signal.signal(sig, self._on_signal)
+        """SIGTERM, SIGINT and SIGHUP ask for a stop (a drain); so does one that came while
+        they were held (:func:`hold_stop_signals`) since vLLM's spawn."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        held, _held["signum"], _held["previous"] = _held["signum"], None, {}
+        if held is not None:
+            self._on_signal(held, None)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.stop_signal is not None:
@@ -553,6 +609,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"{PREFIX} {exc.message}\n")
         return 2
+    hold_stop_signals()  # a stop from now on reaches vLLM, however early it comes
     try:
         proc = spawn_vllm(cmd, 1)
     except OSError as exc:
@@ -565,7 +622,9 @@ def main(argv: list[str]) -> int:
     deadline = time.monotonic() + 10.0
     while sup.record() is None and time.monotonic() < deadline and sup._reap() is None:
         time.sleep(0.02)
-    return sup.run()
+    status = sup.run()
+    ignore_stop_signals()
+    return status
 
 
 if __name__ == "__main__":

@@ -266,3 +266,23 @@ def test_pid1_reaps_a_crashed_runs_engine_while_it_waits_to_restart(
     code, _, err = box.wait(timeout=30)
     assert code == 128 + signal.SIGKILL, err
     assert sr.read_record("pid1r") is None
+
+
+def test_pid1_sigterm_right_after_the_spawn_stops_the_server(
+    container: dict[str, Any]
+) -> None:
+    """One SIGTERM (docker stop) the moment vLLM exists, before the record is written: PID 1
+    has no default action for it, so unless it is held for the supervisor it is lost."""
+    box = container["start"]("pid1w", env={})
+    children = Path(f"/proc/{box.pid1}/task/{box.pid1}/children")
+
+    def vllm_spawned() -> bool:  # vLLM leads a session of its own; probes run in ours
+        with contextlib.suppress(OSError):
+            return any(os.getsid(int(pid)) == int(pid) for pid in children.read_text().split())
+        return box.unshare.poll() is not None
+
+    assert wait_until(vllm_spawned, timeout=30, interval=0.001)
+    os.kill(box.pid1, signal.SIGTERM)
+    _, _, err = box.wait(timeout=60)
+    assert "Serving 'pid1w' in the foreground" in err  # it got as far as supervising
+    assert sr.read_record("pid1w") is None  # stopped like `cmw-vllm stop`: nothing on record

@@ -7,6 +7,7 @@ same promises is in test_serving_real.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -456,6 +457,97 @@ def test_foreground_refuses_a_server_already_running(fake_engine: Path,
     code, _, err = run("start", str(model_dir), "--name", "bg", "--port", str(port),
                        "--foreground")
     assert code == 6 and "already runs" in err
+
+
+def _signal_from_spawn(proc: subprocess.Popen[Any], sig: int, timeout: float = 60.0) -> int:
+    """Send ``sig`` to ``proc`` again and again from the moment vLLM appears under it (its
+    child in a session of its own; probes of the engine run in ours) until ``proc`` exits:
+    whatever the timing, one lands between the spawn and the handlers of its supervisor.
+
+    Returns:
+        vLLM's pid (it leads vLLM's process group).
+    """
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + timeout
+    child = None
+    while child is None and proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error, OSError):
+            child = next((c.pid for c in parent.children() if os.getsid(c.pid) == c.pid),
+                         None)
+    assert child is not None, "vLLM did not appear"
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(sig)  # send_signal does nothing once proc has exited
+        time.sleep(0.005)
+    return child
+
+
+def _group_left(pgid: int) -> list[int]:
+    """Live processes of the process group ``pgid``."""
+    import psutil
+
+    left = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(process.pid)
+        except (OSError, psutil.Error):
+            continue
+    return left
+
+
+def _kill_group(pgid: int) -> None:
+    for pid in _group_left(pgid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_stop_signal_right_after_the_spawn_stops_the_server(
+    fake_engine: Path, model_dir: Path, sig: int
+) -> None:
+    proc = _foreground(model_dir, "fw", free_port())
+    vllm = None
+    try:
+        vllm = _signal_from_spawn(proc, sig)
+        proc.communicate(timeout=60)
+        assert proc.returncode >= 0, "cmw-vllm was killed by the signal, not stopped by it"
+        assert wait_until(lambda: not _group_left(vllm), timeout=15), _group_left(vllm)
+        assert read_record("fw") is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if vllm is not None:
+            _kill_group(vllm)
+
+
+def test_background_supervisor_stop_signal_right_after_the_spawn_stops_vllm(
+    isolated_home: Path,
+) -> None:
+    """A SIGTERM (``cmw-vllm stop``) to the supervisor before its handlers are installed."""
+    from cmw_vllm import paths
+
+    paths.ensure_dir(paths.state_dir())
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cmw_vllm.supervisor", "--name", "bw", "--", *sleeper],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    vllm = None
+    try:
+        vllm = _signal_from_spawn(proc, signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode >= 0, "the supervisor was killed by SIGTERM, not stopped by it"
+        assert wait_until(lambda: not _group_left(vllm), timeout=15), _group_left(vllm)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if vllm is not None:
+            _kill_group(vllm)
 
 
 def test_supervision_variables_are_documented() -> None:
