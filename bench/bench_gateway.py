@@ -1,7 +1,7 @@
 """What the gateway adds in front of real vLLM: latency, time to first token, throughput.
 
     CMW_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/bench_gateway.py \\
-        [--requests 300] [--streams 64] [--rounds 5] [--router PATH/TO/vllm-router]
+        [--requests 300] [--streams 64] [--rounds 9] [--router PATH/TO/vllm-router]
 
 One tiny random-model vLLM server (tests/tiny_model.py, CPU build unless CMW_VLLM_PYTHON
 points elsewhere) is started once; `cmw-vllm gateway` runs in front of it (a separate
@@ -276,7 +276,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--ttft-runs", type=int, default=50)
     parser.add_argument("--streams", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--router", default=shutil.which("vllm-router"),
                         help="vllm-router binary to compare (default: on PATH, if any; "

@@ -373,6 +373,7 @@ def start(
         "drain": drain,
         "restart": restart_policy,
     }
+    _refuse_gateway(target, name, saved)
     if saved:
         from cmw_vllm.systemd_unit import load_definition
 
@@ -556,6 +557,44 @@ def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None
     result, elapsed = _run_start(do_restart, name, quiet=as_json or no_wait)
     _warn_exposed(result.record.host, result.api_key)
     _report_start(result, as_json, elapsed)
+
+
+def _refuse_gateway(target: str, name: str | None, saved: bool) -> None:
+    """``start`` of a gateway's name (``--saved``, or no ``--name``): say how a gateway runs.
+
+    Raises:
+        GatewayNotServerError: ``target`` is a gateway by its record or last run, or (with
+            ``--saved``) the default gateway's name with no saved server of that name.
+    """
+    import shlex
+
+    from cmw_vllm.errors import GatewayNotServerError
+    from cmw_vllm.server_manager import ServerManager
+    from cmw_vllm.vocab import is_valid_name
+
+    if (name is not None and not saved) or not is_valid_name(target):
+        return  # a model to serve under another name, or a model path or Hub id
+    from cmw_vllm.gateway.service import find_gateway
+    from cmw_vllm.gateway.settings import DEFAULT_NAME
+
+    known = find_gateway(target)
+    if known is None:
+        from cmw_vllm.systemd_unit import definition_path
+
+        if not (saved and target == DEFAULT_NAME and not definition_path(target).exists()):
+            return
+        command = "cmw-vllm gateway"
+    else:
+        command = shlex.join(["cmw-vllm", "gateway", *known.settings.cli_args()])
+    if known is None:
+        hint = f"its systemd unit: cmw-vllm enable {target}"
+    elif known.record is not None and ServerManager().get_status(
+            target, check_health=False).running:
+        hint = f"it already runs (pid {known.record.pid}); `cmw-vllm stop {target}` stops it"
+    else:
+        hint = f"`cmw-vllm restart {target}` runs it in the background with its last settings"
+    raise GatewayNotServerError(
+        f"{target!r} is a gateway, not a vLLM server: run it with `{command}`", hint=hint)
 
 
 def _run_foreground(manager: Any, config: Any, auto_port: bool, force: bool) -> None:

@@ -58,6 +58,11 @@ class ConflictError(CmwVllmError):
     exit_code = EXIT_CONFLICT
 
 
+class GatewayNotServerError(UsageError):
+    """A command or call for vLLM servers was given a gateway's name (by its record or the
+    settings of its last run)."""
+
+
 class InsufficientResourcesError(CmwVllmError):
     """Not enough disk, RAM or GPU memory for what was asked."""
 

@@ -21,6 +21,7 @@ from cmw_vllm.errors import (
     CmwVllmError,
     ConflictError,
     EnvironmentProblem,
+    GatewayNotServerError,
     ServerNotRunningError,
     ServerStartError,
     StartTimeoutError,
@@ -56,7 +57,7 @@ from cmw_vllm.server_status import (
     list_status,
     observe,
 )
-from cmw_vllm.vocab import State, validate_name
+from cmw_vllm.vocab import GATEWAY_TASK, State, validate_name
 
 __all__ = [  # re-exported: callers find the server's processes and ports here too
     "ServerManager", "ServerStatus", "ServerRecord", "StartResult", "StopResult",
@@ -716,6 +717,7 @@ class ServerManager:
 
         Raises:
             ServerNotRunningError: ``name`` was never started here.
+            GatewayNotServerError: ``name`` is a gateway (its record or kept settings say so).
             UsageError: Its record is unreadable, or the kept settings no longer validate.
             EnvironmentProblem: The kept API key cannot be read.
         """
@@ -737,6 +739,13 @@ class ServerManager:
             raise ServerNotRunningError(
                 f"no managed server named {name!r}",
                 hint=f"start it first: cmw-vllm start MODEL --name {name}",
+            )
+        task = record.task if record is not None else settings.get("task")
+        if task == GATEWAY_TASK:
+            raise GatewayNotServerError(
+                f"cannot restart {name!r} as a vLLM server: it is a gateway",
+                hint=f"`cmw-vllm restart {name}` runs it again (in Python: "
+                "cmw_vllm.gateway.service.restart)",
             )
         try:
             config = ServerConfig(**settings)

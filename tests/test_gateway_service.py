@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from cmw_vllm.gateway.service import shutdown_budget
+from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_record import read_record, record_names
 from cmw_vllm.systemd_unit import STOP_SLACK_S
 from tests.conftest import alive_pids, free_port
@@ -245,3 +246,65 @@ def test_test_of_a_gateway_with_keys_needs_one(unit_dirs: tuple[Path, Path],
     code, out, err = run("test", "gw")
     assert code == 0 and "Test of gateway 'gw' passed" in out, err
     assert run("stop", "gw")[0] == 0
+
+
+# ------------------------------------------------------------------ a gateway's name elsewhere
+
+
+def _keep_gateway(name: str) -> GatewaySettings:
+    """Keep settings of a gateway's last run, as ``cmw-vllm gateway --name NAME`` does."""
+    from cmw_vllm import last_start
+    from cmw_vllm.vocab import GATEWAY_TASK
+
+    settings = GatewaySettings(name=name, port=free_port())
+    last_start.save(name, {"task": GATEWAY_TASK, **settings.public()}, None)
+    return settings
+
+
+def test_core_restart_of_a_gateway_says_it_is_one() -> None:
+    from cmw_vllm.errors import GatewayNotServerError
+    from cmw_vllm.server_manager import ServerManager
+
+    _keep_gateway("edge")
+    with pytest.raises(GatewayNotServerError, match="cannot restart 'edge' as a vLLM "
+                       "server: it is a gateway") as caught:
+        ServerManager().restart("edge")
+    assert caught.value.hint is not None and "cmw-vllm restart edge" in caught.value.hint
+
+
+@pytest.mark.parametrize("args", [("gateway", "--saved"), ("gateway",), ("edge", "--saved"),
+                                  ("edge",)])
+def test_start_of_a_kept_gateway_says_how_to_run_it(args: tuple[str, ...]) -> None:
+    name = args[0]
+    settings = _keep_gateway(name)
+    code, out, err = run("start", *args)
+    assert code == 2, err
+    line, hint = err.strip().splitlines()
+    assert line.startswith(f"Error: {name!r} is a gateway, not a vLLM server: run it with "
+                           f"`cmw-vllm gateway --name {name} --host 127.0.0.1 "
+                           f"--port {settings.port} "), line
+    assert "enable" not in err and "saved settings" not in err
+    assert f"cmw-vllm restart {name}" in hint
+    assert read_record(name) is None  # nothing was started
+
+
+def test_start_gateway_saved_with_nothing_run_before_points_at_the_gateway() -> None:
+    code, _, err = run("start", "gateway", "--saved")
+    assert code == 2
+    assert err.splitlines()[0] == ("Error: 'gateway' is a gateway, not a vLLM server: run it "
+                                   "with `cmw-vllm gateway`")
+
+
+def test_start_of_a_running_gateway_says_it_runs() -> None:
+    from cmw_vllm.gateway.service import remove_record, write_record
+
+    settings = GatewaySettings(name="front", port=free_port())
+    write_record(settings, foreground=False)  # this process, as the gateway
+    try:
+        code, _, err = run("start", "front", "--saved")
+    finally:
+        remove_record(settings)  # never let the cleanup stop this process
+    assert code == 2
+    assert "'front' is a gateway, not a vLLM server: run it with `cmw-vllm gateway --name " \
+        "front" in err
+    assert f"it already runs (pid {os.getpid()})" in err
