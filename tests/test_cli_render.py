@@ -66,8 +66,10 @@ def test_list_fits_the_terminal_and_never_cuts_an_alias(terminal, width: int) ->
 
 
 def test_status_fits_the_terminal_and_never_cuts_a_name(
-    terminal, fake_engine: Path, model_dir: Path
+    terminal, fake_engine: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A probe that times out on a loaded machine makes status exit 1; layout is the point.
+    monkeypatch.setenv("CMW_VLLM_HEALTH_TIMEOUT", "20")
     names = ["qwen3-embedding-0.6b", "qwen3-embedding-4b", "qwen3-embedding-8b"]
     for name in names:
         assert run_cli("start", str(model_dir), "--name", name, "--port", str(free_port()),
