@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -247,3 +248,12 @@ def wait_for_state(name: str, state: str, timeout: float = 10.0) -> ServerStatus
 
     wait_until(reached, timeout, interval=0.1)
     return seen[-1]
+
+
+def notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    """A bound ``$NOTIFY_SOCKET`` receiver (datagrams, 30 s timeout) and its path."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    return sock, path

@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import pytest
 import requests
 
 from cmw_vllm import server_record as sr
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, notify_socket, wait_until
 
 
 @cache
@@ -175,14 +174,6 @@ def container(fake_engine: Path, model_dir: Path) -> Iterator[dict[str, Any]]:
             path.unlink(missing_ok=True)
 
 
-def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(30)
-    return sock, path
-
-
 def _port_of(name: str) -> int:
     record = sr.read_record(name)
     assert record is not None
@@ -192,7 +183,7 @@ def _port_of(name: str) -> int:
 def test_pid1_reaps_an_orphan_then_drains_on_sigterm(
     container: dict[str, Any], tmp_path: Path, isolated_home: Path
 ) -> None:
-    sock, notify_path = _notify_socket(tmp_path)
+    sock, notify_path = notify_socket(tmp_path)
     orphan_file = tmp_path / "orphan"
     box = container["start"]("pid1", "--drain", "20", env={
         "NOTIFY_SOCKET": notify_path,
@@ -241,7 +232,7 @@ def test_pid1_reaps_an_orphan_then_drains_on_sigterm(
 def test_pid1_reaps_a_crashed_runs_engine_while_it_waits_to_restart(
     container: dict[str, Any], tmp_path: Path
 ) -> None:
-    sock, notify_path = _notify_socket(tmp_path)
+    sock, notify_path = notify_socket(tmp_path)
     box = container["start"]("pid1r", "--restart", "on-failure", env={
         "NOTIFY_SOCKET": notify_path,
         "CMW_VLLM_RESTART_BACKOFF": "120",  # a long wait before the relaunch

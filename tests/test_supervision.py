@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import requests
 
 from cmw_vllm.server_manager import ServerManager, group_members, read_record
 from cmw_vllm.supervisor import Backoff
-from tests.conftest import alive_pids, free_port, wait_for_state, wait_until
+from tests.conftest import alive_pids, free_port, notify_socket, wait_for_state, wait_until
 from tests.conftest import run_cli as run
 
 
@@ -361,14 +360,6 @@ def test_a_long_ready_run_resets_the_backoff(fake_engine: Path, model_dir: Path,
 # --------------------------------------------------------------------------- foreground
 
 
-def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(30)
-    return sock, path
-
-
 def _foreground(model_dir: Path, name: str, port: int, *extra: str,
                 env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     def default_signals() -> None:
@@ -387,7 +378,7 @@ def _foreground(model_dir: Path, name: str, port: int, *extra: str,
 def test_foreground_notifies_systemd_and_drains_on_signal(
     fake_engine: Path, model_dir: Path, tmp_path: Path, isolated_home: Path, sig: int
 ) -> None:
-    sock, path = _notify_socket(tmp_path)
+    sock, path = notify_socket(tmp_path)
     port = free_port()
     proc = _foreground(model_dir, "fg", port, env={"NOTIFY_SOCKET": path})
     try:
