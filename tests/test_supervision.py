@@ -77,7 +77,6 @@ def test_stop_lets_a_request_in_flight_finish(fake_engine: Path, model_dir: Path
             replies[key] = reply.status_code
         except requests.RequestException as exc:
             replies[key] = exc
-        replies[key + "_at"] = time.monotonic()
 
     first = threading.Thread(target=ask, args=("in_flight",))
     first.start()
@@ -85,8 +84,8 @@ def test_stop_lets_a_request_in_flight_finish(fake_engine: Path, model_dir: Path
     stopped: dict[str, Any] = {}
 
     def stop() -> None:
+        stopped["in_flight_then"] = "in_flight" not in replies
         stopped["result"] = ServerManager().stop("d")
-        stopped["at"] = time.monotonic()
 
     stopper = threading.Thread(target=stop)
     stopper.start()
@@ -101,7 +100,9 @@ def test_stop_lets_a_request_in_flight_finish(fake_engine: Path, model_dir: Path
     assert replies["in_flight"] == 200  # finished although the stop came first
     assert replies["late"] != 200  # nothing new is served during the drain
     assert not stopped["result"].forced
-    assert stopped["at"] >= replies["in_flight_at"]
+    # In flight when the stop began, and answered: the stop waited for it. (When this client
+    # read the reply says nothing: on a loaded machine it may read it after the stop returned.)
+    assert stopped["in_flight_then"]
     assert not alive_pids(everything)
     assert read_record("d") is None
 
