@@ -308,3 +308,28 @@ def test_start_of_a_running_gateway_says_it_runs() -> None:
     assert "'front' is a gateway, not a vLLM server: run it with `cmw-vllm gateway --name " \
         "front" in err
     assert f"it already runs (pid {os.getpid()})" in err
+
+
+@pytest.mark.parametrize(("key", "value", "why"), [
+    ("port", "4000", "port is '4000'"),
+    ("port", 70000, "port 70000 is not in 1-65535"),
+    ("adopt", 1, "adopt is 1"),
+    ("idle_timeout", None, "idle_timeout is None"),
+    ("queue_limit", 2.5, "queue_limit is 2.5"),
+])
+def test_kept_gateway_settings_of_the_wrong_kind_are_one_line_errors(
+        unit_dirs: tuple[Path, Path], key: str, value: object, why: str) -> None:
+    from cmw_vllm import last_start
+    from cmw_vllm.vocab import GATEWAY_TASK
+
+    settings = GatewaySettings(name="edge", port=free_port())
+    last_start.save("edge", {"task": GATEWAY_TASK, **settings.public(), key: value}, None)
+    for command in (("restart", "edge"), ("enable", "edge")):
+        code, out, err = run(*command)
+        assert code == 2, (command, out, err)
+        assert err.splitlines()[0] == ("Error: the kept settings of gateway 'edge' are "
+                                       f"invalid: {why}"), command
+        assert "Traceback" not in err
+    assert read_record("edge") is None
+    user_units, _ = unit_dirs
+    assert not list(user_units.glob("*.service"))  # no unit was written

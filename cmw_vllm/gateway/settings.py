@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cmw_vllm.errors import ConfigError
+from cmw_vllm.vocab import validate_name
 
 KEYS_ENV = "CMW_VLLM_GATEWAY_API_KEYS"
 KEY_FILE_ENV = "CMW_VLLM_GATEWAY_API_KEY_FILE"
@@ -85,12 +86,19 @@ class GatewaySettings:
         Raises:
             ConfigError: ``data`` does not hold gateway settings.
         """
-        known = {f.name for f in fields(cls)} - {"name", "api_keys", "upstream_key"}
-        try:
-            return cls(name=name, **{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise ConfigError(f"the kept settings of gateway {name!r} are invalid: {exc}") \
-                from None
+        validate_name(name)
+        defaults = {f.name: f.default for f in fields(cls)
+                    if f.name not in ("name", "api_keys", "upstream_key")}
+        kept = {k: v for k, v in data.items() if k in defaults}
+        for key, value in kept.items():
+            if not _same_kind(defaults[key], value):
+                raise ConfigError(f"the kept settings of gateway {name!r} are invalid: "
+                                  f"{key} is {value!r}")
+        port = kept.get("port", DEFAULT_PORT)
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"the kept settings of gateway {name!r} are invalid: "
+                              f"port {port} is not in 1-65535")
+        return cls(name=name, **kept)
 
     def cli_args(self) -> list[str]:
         """The ``cmw-vllm gateway`` options that run a gateway with these settings."""
@@ -105,6 +113,17 @@ class GatewaySettings:
         if self.api_key_file:
             args += ["--api-key-file", self.api_key_file]
         return args
+
+
+def _same_kind(default: object, value: object) -> bool:
+    """True when a kept ``value`` has the type of the setting whose default is ``default``."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if default is None:  # api_key_file: a path or nothing
+        return value is None or isinstance(value, str)
+    return isinstance(value, type(default))
 
 
 def read_key_file(path: Path) -> frozenset[str]:
