@@ -31,6 +31,7 @@ from cmw_vllm.vocab import (
     RestartPolicy,
     Runner,
     Task,
+    client_url,
     is_valid_name,
     parse_int,
 )
@@ -167,12 +168,7 @@ class ServerConfig(BaseModel):
 
     def base_url(self) -> str:
         """The HTTP address clients use (loopback when bound to all interfaces)."""
-        host = self.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return client_url(self.host, self.port)
 
     def served_name(self) -> str:
         """The model name clients put in requests (the first name vLLM answers to)."""

@@ -177,6 +177,15 @@ def parse_port(value: str | int) -> int:
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+def client_url(host: str, port: int) -> str:
+    """The HTTP address clients use for a listener (loopback when bound to all interfaces)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 # --------------------------------------------------------------------------- sizes
 
 KiB = 1024

@@ -12,6 +12,7 @@ from cmw_vllm.vocab import (
     GiB,
     State,
     Task,
+    client_url,
     format_bytes,
     format_gib,
     format_size,
@@ -80,3 +81,22 @@ def test_resolve_infers_the_task_unless_given() -> None:
     # A registry entry's own flags already agree with its task: they are not re-read.
     entry = {"task": "score", "vllm_args": ["--runner", "pooling"]}
     assert resolve_server_config("/m", entry_settings=entry).task == "score"
+
+
+@pytest.mark.parametrize(("host", "url"), [
+    ("0.0.0.0", "http://127.0.0.1:8000"),
+    ("::", "http://127.0.0.1:8000"),
+    ("", "http://127.0.0.1:8000"),
+    ("10.0.0.5", "http://10.0.0.5:8000"),
+    ("::1", "http://[::1]:8000"),
+    ("[fe80::1]", "http://[fe80::1]:8000"),
+])
+def test_client_url_of_servers_and_gateways(host: str, url: str) -> None:
+    from cmw_vllm.gateway.service import base_url
+    from cmw_vllm.gateway.settings import GatewaySettings
+    from cmw_vllm.server_config import ServerConfig
+
+    assert client_url(host, 8000) == url
+    assert base_url(GatewaySettings(host=host, port=8000)) == url
+    if host:  # a server's settings refuse an empty host
+        assert ServerConfig(name="m", model="m", host=host, port=8000).base_url() == url

@@ -33,7 +33,7 @@ from cmw_vllm.server_record import (
     read_record,
     record_path,
 )
-from cmw_vllm.vocab import GATEWAY_TASK
+from cmw_vllm.vocab import GATEWAY_TASK, client_url
 
 if TYPE_CHECKING:
     from cmw_vllm.systemd_unit import UnitFiles
@@ -46,12 +46,7 @@ START_TIMEOUT_S = 120.0  # the unit's TimeoutStartSec: imports, then listening
 
 def base_url(settings: GatewaySettings) -> str:
     """Where clients reach the gateway (loopback when bound to every interface)."""
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    return client_url(settings.host, settings.port)
 
 
 def _check_free(settings: GatewaySettings) -> None:
