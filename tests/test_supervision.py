@@ -495,24 +495,31 @@ def _kill_group(pgid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_foreground_stop_signal_right_after_the_spawn_stops_the_server(
-    fake_engine: Path, model_dir: Path, sig: int
-) -> None:
-    proc = _foreground(model_dir, "fw", free_port())
+def _stops_with_its_vllm(proc: subprocess.Popen[Any], sig: int) -> None:
+    """Signal ``proc`` from vLLM's spawn on; it must exit on its own, taking vLLM with it.
+
+    Whatever the outcome, nothing of ``proc`` or of vLLM's group is left behind.
+    """
     vllm = None
     try:
         vllm = _signal_from_spawn(proc, sig)
         proc.communicate(timeout=60)
-        assert proc.returncode >= 0, "cmw-vllm was killed by the signal, not stopped by it"
+        assert proc.returncode >= 0, "killed by the signal, not stopped by it"
         assert wait_until(lambda: not _group_left(vllm), timeout=15), _group_left(vllm)
-        assert read_record("fw") is None
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
         if vllm is not None:
             _kill_group(vllm)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_stop_signal_right_after_the_spawn_stops_the_server(
+    fake_engine: Path, model_dir: Path, sig: int
+) -> None:
+    _stops_with_its_vllm(_foreground(model_dir, "fw", free_port()), sig)
+    assert read_record("fw") is None
 
 
 def test_background_supervisor_stop_signal_right_after_the_spawn_stops_vllm(
@@ -528,18 +535,7 @@ def test_background_supervisor_stop_signal_right_after_the_spawn_stops_vllm(
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    vllm = None
-    try:
-        vllm = _signal_from_spawn(proc, signal.SIGTERM)
-        proc.communicate(timeout=60)
-        assert proc.returncode >= 0, "the supervisor was killed by SIGTERM, not stopped by it"
-        assert wait_until(lambda: not _group_left(vllm), timeout=15), _group_left(vllm)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        if vllm is not None:
-            _kill_group(vllm)
+    _stops_with_its_vllm(proc, signal.SIGTERM)
 
 
 def test_supervision_variables_are_documented() -> None:
