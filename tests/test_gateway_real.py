@@ -171,9 +171,12 @@ def test_client_disconnect_stops_the_generation(gw: RealGateway) -> None:
         time.sleep(0.2)
         running = gw.metric(vllm_metrics, "vllm:num_requests_running")
     assert running == 0
-    # vLLM aborted the request: far fewer tokens than it was asked for.
+    # vLLM aborted the request: with ignore_eos, a completion run to its end makes exactly
+    # n * max_tokens tokens, and the counters are updated with the running count. How many
+    # it made before the abort depends on the machine's speed (17,241 of 28,000 seen once
+    # on a busy 2-core CI run), so only "fewer than all" is a proof.
     made = gw.metric(vllm_metrics, "vllm:generation_tokens_total") - generated
-    assert made < n * max_tokens / 2, made
+    assert made < n * max_tokens, made
 
 
 def test_idle_stop_leaves_no_process(gw: RealGateway) -> None:
