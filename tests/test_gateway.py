@@ -159,14 +159,11 @@ def test_eviction_stops_the_least_recently_used_idle_server(gateway_factory: Any
     assert _chat(gw.url, "b").status_code == 200
     assert _chat(gw.url, "a").status_code == 200  # b is now the least recently used
     b_pids = [p.pid for p in _group("b")]
-    # An eviction's stop can take the whole drain plus margin (60 s): on a loaded machine a
-    # stand-in server was seen, about once in 10-20 runs, to outlive its stop until the
-    # supervisor's SIGKILL. That is followed up on its own; this test is about the order.
-    assert _chat(gw.url, "c", timeout=150).status_code == 200
+    assert _chat(gw.url, "c").status_code == 200
     assert sorted(_live_servers()) == ["a", "c"]
     assert not alive_pids(b_pids)
     assert gw.metrics.evictions == {"b": 1}
-    assert _chat(gw.url, "b", timeout=150).status_code == 200  # and now a goes (c is newer)
+    assert _chat(gw.url, "b").status_code == 200  # and now a goes (c is newer)
     assert sorted(_live_servers()) == ["b", "c"]
 
 

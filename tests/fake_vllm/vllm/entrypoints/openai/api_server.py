@@ -195,9 +195,15 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr.write("INFO:     Application startup complete.\n")
     sys.stderr.flush()
 
+    stopping = [False]
+
     def on_term(_signum: int, _frame: object) -> None:
-        if draining.is_set():
-            return  # like vLLM: a second SIGTERM is ignored
+        # Like vLLM, a second SIGTERM is ignored. Python may run this handler again inside
+        # itself (at any call), so the check and the mark come first and call nothing: a
+        # nested run inside draining.set() would wait forever for the lock set() holds.
+        if stopping[0]:
+            return
+        stopping[0] = True
         draining.set()
         log(f"[shutdown] stopping engine client mode="
             f"{'drain' if args.shutdown_timeout else 'abort'} timeout={args.shutdown_timeout}s")

@@ -67,7 +67,14 @@ def main(argv: list[str] | None = None) -> None:
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
 
+    stopping = [False]
+
     def term(*_: Any) -> None:
+        # A second SIGTERM may run this again inside engine.wait(): it must return at once
+        # (Popen.wait holds a lock a nested wait() would wait for forever).
+        if stopping[0]:
+            return
+        stopping[0] = True
         engine.terminate()
         engine.wait()
         os._exit(0)
