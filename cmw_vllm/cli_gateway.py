@@ -8,6 +8,7 @@ import click
 
 from cmw_vllm.cli_common import echo_err, echo_json
 from cmw_vllm.errors import CmwVllmError, UsageError
+from cmw_vllm.vocab import PORT_MAX, PORT_MIN
 
 if TYPE_CHECKING:
     from cmw_vllm.gateway.service import BackgroundResult
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=click.IntRange(1, 65535), default=4000, show_default=True,
+@click.option("--port", type=click.IntRange(PORT_MIN, PORT_MAX), default=4000, show_default=True,
               help="Port to listen on.")
 @click.option("--name", default="gateway", show_default=True,
               help="Its name in `status` and `stop`.")

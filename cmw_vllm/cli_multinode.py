@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from cmw_vllm.vocab import PORT_MAX, PORT_MIN
+
 # (option names, dest, click type, help) in the order --help shows them.
 _OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--nnodes",), "nnodes", click.IntRange(min=1),
@@ -14,7 +16,7 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--node-rank",), "node_rank", click.IntRange(min=0),
      "This machine's rank: 0 serves the API, the others run headless."),
     (("--master-addr",), "master_addr", str, "The rank-0 machine's address."),
-    (("--master-port",), "master_port", click.IntRange(1, 65535),
+    (("--master-port",), "master_port", click.IntRange(PORT_MIN, PORT_MAX),
      "Its rendezvous port (vLLM's default 29501)."),
     (("-dp", "--data-parallel-size"), "data_parallel_size", click.IntRange(min=1),
      "Model copies in all (data parallel)."),
@@ -22,7 +24,7 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
      "Copies on this machine."),
     (("--data-parallel-address",), "data_parallel_address", str,
      "The DP leader's address (data parallel over machines)."),
-    (("--data-parallel-rpc-port",), "data_parallel_rpc_port", click.IntRange(1, 65535),
+    (("--data-parallel-rpc-port",), "data_parallel_rpc_port", click.IntRange(PORT_MIN, PORT_MAX),
      "The DP leader's port (vLLM's default 29550)."),
     (("--data-parallel-start-rank",), "data_parallel_start_rank", click.IntRange(min=0),
      "First DP rank on this machine; above 0 makes it a headless follower."),
@@ -73,7 +75,7 @@ def ray() -> None:
 @click.argument("ray_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- RAY_FLAGS...]")
 @click.option("--head", is_flag=True, help="Start the cluster's head node.")
 @click.option("--address", help="Join the cluster whose head is HOST:PORT.")
-@click.option("--port", type=click.IntRange(1, 65535), default=6379, show_default=True,
+@click.option("--port", type=click.IntRange(PORT_MIN, PORT_MAX), default=6379, show_default=True,
               help="The head's port.")
 @click.option("--node-ip-address", help="This machine's address in the cluster (default: "
               "the one that routes to the head; on the head, its only non-loopback one).")

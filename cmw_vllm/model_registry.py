@@ -30,6 +30,8 @@ from cmw_vllm.server_config import MANAGED_FLAGS
 from cmw_vllm.vllm_flags import serve_flags
 from cmw_vllm.vocab import (
     NAME_RULE,
+    PORT_MAX,
+    PORT_MIN,
     Convert,
     Dtype,
     RestartPolicy,
@@ -176,7 +178,7 @@ class ModelEntry(BaseModel):
     model: str = Field(min_length=1)
     # Vocabulary words arrive as strings from TOML: only they are read leniently.
     task: Task = Field(Task.GENERATE, strict=False)
-    port: int = Field(ge=1, le=65535)
+    port: int = Field(ge=PORT_MIN, le=PORT_MAX)
     description: str = ""
     size_gb: float | None = Field(None, gt=0)
     max_model_len: int | None = Field(None, ge=1)

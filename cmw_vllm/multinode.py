@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cmw_vllm.errors import ConfigError, EnvironmentProblem
+from cmw_vllm.vocab import PORT_MAX, PORT_MIN
 
 if TYPE_CHECKING:
     from cmw_vllm.server_config import ServerConfig
@@ -113,11 +114,11 @@ class Distributed(BaseModel):
     nnodes: int = Field(1, ge=1, le=4096)
     node_rank: int = Field(0, ge=0)
     master_addr: str | None = None
-    master_port: int | None = Field(None, ge=1, le=65535)
+    master_port: int | None = Field(None, ge=PORT_MIN, le=PORT_MAX)
     data_parallel_size: int | None = Field(None, ge=1, le=4096)
     data_parallel_size_local: int | None = Field(None, ge=0, le=4096)
     data_parallel_address: str | None = None
-    data_parallel_rpc_port: int | None = Field(None, ge=1, le=65535)
+    data_parallel_rpc_port: int | None = Field(None, ge=PORT_MIN, le=PORT_MAX)
     data_parallel_start_rank: int | None = Field(None, ge=0)
     executor_backend: Literal["mp", "ray"] | None = None
     host_ip: str | None = None

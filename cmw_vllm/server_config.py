@@ -26,6 +26,8 @@ from cmw_vllm.settings import SERVER_ENV_VARS
 from cmw_vllm.vllm_flags import flag_value
 from cmw_vllm.vocab import (
     NAME_RULE,
+    PORT_MAX,
+    PORT_MIN,
     Convert,
     Dtype,
     RestartPolicy,
@@ -95,7 +97,7 @@ class ServerConfig(BaseModel):
     model: str = Field(min_length=1)
     served_model_name: str | None = None
     host: str = DEFAULT_HOST
-    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    port: int = Field(DEFAULT_PORT, ge=PORT_MIN, le=PORT_MAX)
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)

@@ -57,7 +57,7 @@ from cmw_vllm.server_status import (
     list_status,
     observe,
 )
-from cmw_vllm.vocab import GATEWAY_TASK, State, validate_name
+from cmw_vllm.vocab import GATEWAY_TASK, PORT_MAX, State, validate_name
 
 __all__ = [  # re-exported: callers find the server's processes and ports here too
     "ServerManager", "ServerStatus", "ServerRecord", "StartResult", "StopResult",
@@ -349,7 +349,7 @@ class ServerManager:
                     hint="choose another with --port, or pass --auto-port",
                 )
             port += 1
-            if port > 65535:
+            if port > PORT_MAX:
                 break
         raise ConflictError(f"no free port found from {config.port}")
 

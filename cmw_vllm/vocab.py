@@ -150,11 +150,16 @@ def validate_name(name: str) -> str:
 
 # --------------------------------------------------------------------------- ports
 
+# Every TCP port a setting may name: the pydantic fields, the CLI options and the kept
+# settings all check this one range.
+PORT_MIN, PORT_MAX = 1, 65535
+PORT_RANGE = f"{PORT_MIN}-{PORT_MAX}"
+
 
 def parse_int(value: str | int, option: str) -> int:
     """Read an integer given as text (a CLI option, an env var), e.g. a port.
 
-    Only the type is checked here; ranges (a port's 1-65535) are checked with the rest of
+    Only the type is checked here; ranges (a port's :data:`PORT_RANGE`) are checked with the rest of
     the server's settings.
 
     Raises:

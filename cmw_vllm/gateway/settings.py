@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cmw_vllm.errors import ConfigError
-from cmw_vllm.vocab import validate_name
+from cmw_vllm.vocab import PORT_MAX, PORT_MIN, PORT_RANGE, validate_name
 
 KEYS_ENV = "CMW_VLLM_GATEWAY_API_KEYS"
 KEY_FILE_ENV = "CMW_VLLM_GATEWAY_API_KEY_FILE"
@@ -95,9 +95,9 @@ class GatewaySettings:
                 raise ConfigError(f"the kept settings of gateway {name!r} are invalid: "
                                   f"{key} is {value!r}")
         port = kept.get("port", DEFAULT_PORT)
-        if not 1 <= port <= 65535:
+        if not PORT_MIN <= port <= PORT_MAX:
             raise ConfigError(f"the kept settings of gateway {name!r} are invalid: "
-                              f"port {port} is not in 1-65535")
+                              f"port {port} is not in {PORT_RANGE}")
         return cls(name=name, **kept)
 
     def cli_args(self) -> list[str]:
