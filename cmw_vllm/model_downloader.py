@@ -521,8 +521,18 @@ def _cancel_on_sigint(event: threading.Event) -> Iterator[None]:
         yield
         return
 
+    busy = [False]
+
     def handler(signum: int, frame: object) -> None:
-        event.set()
+        # Python may run this again inside event.set(), which holds a lock a nested set()
+        # would wait for forever: a Ctrl-C that comes meanwhile is the same request.
+        if busy[0]:
+            return
+        busy[0] = True
+        try:
+            event.set()
+        finally:
+            busy[0] = False
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, handler)
