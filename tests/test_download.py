@@ -441,6 +441,39 @@ def test_ctrl_c_leaves_cache_consistent_and_next_run_completes(hub: FakeHub) -> 
     assert CliRunner().invoke(cli, ["verify", REPO, "--full"]).exit_code == EXIT_OK
 
 
+NESTED_CTRL_C = """
+import os, signal, threading
+from cmw_vllm.model_downloader import _cancel_on_sigint
+
+class NestingEvent(threading.Event):
+    # A second Ctrl-C lands while the first handler's set() holds the event's lock: the
+    # interpreter runs the handler again right after os.kill returns, inside the lock.
+    def set(self):
+        with self._cond:
+            if not getattr(self, "nested", False):
+                self.nested = True
+                os.kill(os.getpid(), signal.SIGINT)
+            self._flag = True
+            self._cond.notify_all()
+
+event = NestingEvent()
+try:
+    with _cancel_on_sigint(event):
+        os.kill(os.getpid(), signal.SIGINT)
+        threading.Event().wait(30)
+except KeyboardInterrupt:
+    print("interrupted, event set:", event.is_set())
+"""
+
+
+def test_a_second_ctrl_c_inside_the_first_handler_does_not_hang() -> None:
+    # A handler that Python re-enters inside Event.set() would wait forever for its lock.
+    proc = subprocess.run([sys.executable, "-c", NESTED_CTRL_C], capture_output=True,
+                          text=True, timeout=20,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.strip() == "interrupted, event set: True", proc.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # Real vLLM serves what was downloaded, with the Hub switched off
 
