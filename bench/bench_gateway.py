@@ -16,7 +16,11 @@ the same requests sent directly and through each proxy, interleaved:
   round shows each proxy's share of the direct figure, so the noise is in plain sight,
   and the table gives the median of those shares and their range;
 - CPU per request and per streamed token of each proxy process (its own CPU time, from
-  /proc: unlike latency, this hardly moves when the machine is busy).
+  /proc: unlike latency, this hardly moves when the machine is busy);
+- client disconnect: a stream of --disconnect-tokens is closed by the client after its first
+  token; the time until vLLM's ``num_requests_running`` is 0 again, and the tokens vLLM
+  made after the close (from its ``generation_tokens_total``). Direct, that is vLLM's own
+  abort; through a proxy, what the proxy adds before vLLM sees the client gone.
 Figures, not pass/fail. The table is printed in Markdown, as in the README. Takes about
 three minutes after the server is up.
 """
@@ -30,6 +34,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -249,6 +254,75 @@ def report(paths: list[Route], args: argparse.Namespace) -> None:
           f"sequential request and per streamed token)")
 
 
+def vllm_counters(port: int) -> tuple[float, float]:
+    """vLLM's requests running now and generation tokens so far (from /metrics)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    running = tokens = 0.0
+    for line in text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            running += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:generation_tokens_total"):
+            tokens += float(line.rsplit(" ", 1)[1])
+    return running, tokens
+
+
+def disconnect_once(port: int, vllm_port: int, tokens: int) -> tuple[float, float]:
+    """Close a stream after its first token: (seconds until vLLM runs no request, tokens
+    vLLM made after the close)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", chat_body(tokens, True),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.status
+    while True:
+        line = resp.readline()
+        if not line:
+            raise SystemExit("a stream ended before its first token")
+        if line.startswith(b"data: ") and b'"content"' in line:
+            break
+    before = vllm_counters(vllm_port)[1]
+    closed = time.perf_counter()
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    resp.close()
+    conn.close()
+    while True:
+        running, made = vllm_counters(vllm_port)
+        if running == 0:
+            return time.perf_counter() - closed, made - before
+        if time.perf_counter() - closed > 120:
+            raise SystemExit("vLLM still ran the request 120 s after the client left")
+        time.sleep(0.005)
+
+
+def report_disconnects(paths: list[Route], vllm_port: int, args: argparse.Namespace) -> None:
+    """The client-disconnect table: each path in turn, ``args.disconnects`` times."""
+    seconds: dict[str, list[float]] = {p.label: [] for p in paths}
+    made: dict[str, list[float]] = {p.label: [] for p in paths}
+    for _ in range(args.disconnects):
+        for path in paths:
+            took, tokens = disconnect_once(path.port, vllm_port, args.disconnect_tokens)
+            seconds[path.label].append(took)
+            made[path.label].append(tokens)
+    direct = statistics.median(seconds[paths[0].label])
+    print("\n| path | client gone to vLLM idle, p50 ms | max ms | added p50 "
+          "| tokens made after the close, p50 (max) |")
+    print("|---|---|---|---|---|")
+    for path in paths:
+        label = path.label
+        p50 = statistics.median(seconds[label])
+        added = "" if path.pid is None else f"{(p50 - direct) * 1e3:+.1f}"
+        print(f"| {label} | {p50 * 1e3:.1f} | {max(seconds[label]) * 1e3:.1f} | {added} "
+              f"| {statistics.median(made[label]):.0f} ({max(made[label]):.0f}) |")
+    print(f"\n({args.disconnects} streams of {args.disconnect_tokens} tokens per path, "
+          f"closed after the first token; vLLM's /metrics polled every 5 ms)")
+
+
 def start_gateway(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen([*cli_cmd(), "gateway", "--port", str(port), "--idle-timeout", "0"],
@@ -278,6 +352,10 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
+    parser.add_argument("--disconnects", type=int, default=20,
+                        help="client disconnects per path (0: none)")
+    parser.add_argument("--disconnect-tokens", type=int, default=3500,
+                        help="tokens asked for in a stream the client closes")
     parser.add_argument("--router", default=shutil.which("vllm-router"),
                         help="vllm-router binary to compare (default: on PATH, if any; "
                         "'' for none)")
@@ -296,7 +374,7 @@ def main() -> None:
         env.pop("CMW_VLLM_GATEWAY_API_KEYS", None)
         vllm_port = free_port()
         subprocess.run([*cli_cmd(), "start", model, "--name", MODEL, "--port", str(vllm_port),
-                        "--max-model-len", "1024", "--timeout", "900"],
+                        "--max-model-len", "4096", "--timeout", "900"],
                        env=env, check=True, stdout=subprocess.DEVNULL)
         procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -311,6 +389,8 @@ def main() -> None:
             else:
                 print("vllm-router: not found (pass --router PATH)")
             report(routes, args)
+            if args.disconnects:
+                report_disconnects(routes, vllm_port, args)
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
