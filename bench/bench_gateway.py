@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_cli import cli_cmd, machine  # noqa: E402
 from bench.bench_lifecycle import free_port, health_ok  # noqa: E402
+from cmw_vllm.health_check import scrape_metrics  # noqa: E402
 
 MODEL = "tiny"
 
@@ -254,23 +255,6 @@ def report(paths: list[Route], args: argparse.Namespace) -> None:
           f"sequential request and per streamed token)")
 
 
-def vllm_counters(port: int) -> tuple[float, float]:
-    """vLLM's requests running now and generation tokens so far (from /metrics)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    running = tokens = 0.0
-    for line in text.splitlines():
-        if line.startswith("vllm:num_requests_running"):
-            running += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("vllm:generation_tokens_total"):
-            tokens += float(line.rsplit(" ", 1)[1])
-    return running, tokens
-
-
 def disconnect_once(port: int, vllm_port: int, tokens: int) -> tuple[float, float]:
     """Close a stream after its first token: (seconds until vLLM runs no request, tokens
     vLLM made after the close)."""
@@ -285,16 +269,17 @@ def disconnect_once(port: int, vllm_port: int, tokens: int) -> tuple[float, floa
             raise SystemExit("a stream ended before its first token")
         if line.startswith(b"data: ") and b'"content"' in line:
             break
-    before = vllm_counters(vllm_port)[1]
+    metrics = f"http://127.0.0.1:{vllm_port}"
+    before = scrape_metrics(metrics, timeout=30).generation_tokens or 0.0
     closed = time.perf_counter()
     assert conn.sock is not None
     conn.sock.shutdown(socket.SHUT_RDWR)
     resp.close()
     conn.close()
     while True:
-        running, made = vllm_counters(vllm_port)
-        if running == 0:
-            return time.perf_counter() - closed, made - before
+        snap = scrape_metrics(metrics, timeout=30)
+        if snap.requests_running == 0:
+            return time.perf_counter() - closed, (snap.generation_tokens or 0.0) - before
         if time.perf_counter() - closed > 120:
             raise SystemExit("vLLM still ran the request 120 s after the client left")
         time.sleep(0.005)

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     served = served_names[0]
     counter = [0]  # completions served, for the token counters in /metrics
     in_flight = [0]
-    draining = threading.Event()
+    # Set on SIGTERM; a plain flag, not an Event: the handler must take no lock (see on_term).
+    draining = [False]
     gen_seconds = float(os.environ.get("FAKE_VLLM_GEN_SECONDS", "0"))
 
     class Handler(BaseHTTPRequestHandler):
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                 request = {}
             if mode == "hang_post":
                 time.sleep(3600)
-            if draining.is_set():
+            if draining[0]:
                 self._send(503, {"error": "shutting down"})
                 return
             in_flight[0] += 1
@@ -195,16 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr.write("INFO:     Application startup complete.\n")
     sys.stderr.flush()
 
-    stopping = [False]
-
     def on_term(_signum: int, _frame: object) -> None:
         # Like vLLM, a second SIGTERM is ignored. Python may run this handler again inside
         # itself (at any call), so the check and the mark come first and call nothing: a
-        # nested run inside draining.set() would wait forever for the lock set() holds.
-        if stopping[0]:
+        # nested run that took a lock the outer run holds would wait for it forever.
+        if draining[0]:
             return
-        stopping[0] = True
-        draining.set()
+        draining[0] = True
         log(f"[shutdown] stopping engine client mode="
             f"{'drain' if args.shutdown_timeout else 'abort'} timeout={args.shutdown_timeout}s")
         deadline = time.monotonic() + args.shutdown_timeout
