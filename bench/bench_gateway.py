@@ -21,7 +21,7 @@ the same requests sent directly and through each proxy, interleaved:
   token; the time until vLLM's ``num_requests_running`` is 0 again, and the tokens vLLM
   made after the close (from its ``generation_tokens_total``). Direct, that is vLLM's own
   abort; through a proxy, what the proxy adds before vLLM sees the client gone.
-Figures, not pass/fail. The table is printed in Markdown, as in the README. Takes about
+Figures, not pass/fail. The table is printed in Markdown, as in docs/performance.md. Takes about
 three minutes after the server is up.
 """
 
@@ -218,7 +218,7 @@ def stream_rounds(paths: list[Route], args: argparse.Namespace
 
 
 def report(paths: list[Route], args: argparse.Namespace) -> None:
-    """Measure every path and print the table (Markdown, as in the README)."""
+    """Measure every path and print the table (Markdown, as in docs/performance.md)."""
     lat = interleaved(paths, args.requests, Client.latency)
     cpu_req = {p.label: p.cpu / args.requests for p in paths}
     ttft = interleaved(paths, args.ttft_runs, Client.ttft)

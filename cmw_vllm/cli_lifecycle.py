@@ -342,7 +342,7 @@ def start(
 
     \b
     Several machines: the rank-0 node (--node-rank 0) serves the API, the others run
-    headless and are ready once they joined it (README: "Several machines").
+    headless and are ready once they joined it (docs/multinode.md).
 
     \b
     Examples:

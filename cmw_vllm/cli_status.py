@@ -24,7 +24,7 @@ from cmw_vllm.vocab import STATE_EXIT_CODES, State
 if TYPE_CHECKING:
     from cmw_vllm.server_status import ServerStatus
 
-# status: the worst server's exit code wins (documented in the README).
+# status: the worst server's exit code wins (documented in docs/commands.md).
 _EXIT_RANK = {EXIT_OK: 0, EXIT_STARTING: 1, EXIT_FAILURE: 2}
 
 # Columns status adds per server (see :func:`load_cells`).

@@ -1,8 +1,8 @@
 """The package's error hierarchy and the exit codes the CLI maps them to.
 
 Core modules raise these; ``cli.py`` catches :class:`CmwVllmError` once and turns it into a
-one-line message on stderr and the error's ``exit_code``. Exit codes are documented in the
-README and must not change meaning.
+one-line message on stderr and the error's ``exit_code``. Exit codes are documented in
+docs/commands.md and must not change meaning.
 """
 
 from __future__ import annotations

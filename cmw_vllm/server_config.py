@@ -40,7 +40,7 @@ from cmw_vllm.vocab import (
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-# Seconds in-flight requests get to finish on stop (vLLM's --shutdown-timeout); see README.
+# Seconds in-flight requests get to finish on stop (vLLM's --shutdown-timeout); see docs/serving.md.
 DEFAULT_DRAIN = 30
 
 # Flags that cmw-vllm sets itself from ServerConfig fields; extra args must not repeat them.

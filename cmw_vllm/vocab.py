@@ -109,7 +109,7 @@ class RestartPolicy(_Word):
 RESTART_POLICIES: tuple[str, ...] = tuple(p.value for p in RestartPolicy)
 
 # The exit code of each state, the same from every command that reports one (``status``,
-# ``test``); the README's exit-code table documents it. A server with no record at all is
+# ``test``); docs/commands.md's exit-code table documents it. A server with no record at all is
 # ``EXIT_NOT_RUNNING`` (3); an exited one is 1, as LSB's "dead and the pid file exists".
 STATE_EXIT_CODES = {
     State.HEALTHY: EXIT_OK,

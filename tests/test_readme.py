@@ -1,10 +1,11 @@
-"""Every example in README.md is run or checked, so the README cannot drift from the program.
+"""Every example in README.md and docs/*.md is run or checked, so they cannot drift from
+the program; every relative link in them leads to a file and heading that exist.
 
 Code blocks are found automatically (indented and fenced); a new example is picked up
 without touching this file. What each kind of example gets:
 
 - ``cmw-vllm ...`` commands are parsed by the real command (options, choices, arguments),
-  and then, in README order:
+  and then, in page order (README.md first, then docs/*.md by name):
   - **run** against the stand-in engine (tests/fake_vllm) in a temp state dir: everything
     that needs no real model (``status``, ``stop``, ``restart``, ``logs``, ``list``,
     ``gpus``, ``disk``, ``setup``, ``start ./DIR``, ``--help``). Servers an example names
@@ -44,18 +45,21 @@ from tests.conftest import REPO_ROOT, free_port, spawn_cli
 from tests.shell_examples import cmw_vllm_commands, simple_commands
 
 README = REPO_ROOT / "README.md"
+DOCS_DIR = REPO_ROOT / "docs"
+PAGES = [README, *sorted(DOCS_DIR.glob("*.md"))]  # the README and the pages it links to
 
 
 @dataclass
 class Block:
-    """One code block of the README."""
+    """One code block of the README or a docs page."""
 
+    file: str  # the page, relative to the repository root
     line: int  # 1-based line of its first line
     lang: str | None  # the fence's language; None for an indented block
     text: str
 
 
-def code_blocks(text: str) -> list[Block]:
+def code_blocks(text: str, file: str = "README.md") -> list[Block]:
     """Fenced blocks (with their language) and indented blocks (4 spaces after a blank)."""
     blocks: list[Block] = []
     lines = text.splitlines()
@@ -67,7 +71,7 @@ def code_blocks(text: str) -> list[Block]:
             end = i + 1
             while end < len(lines) and not lines[end].lstrip().startswith("```"):
                 end += 1
-            blocks.append(Block(i + 2, fence.group(1) or "", "\n".join(lines[i + 1:end])))
+            blocks.append(Block(file, i + 2, fence.group(1) or "", "\n".join(lines[i + 1:end])))
             i = end + 1
             continue
         if line.startswith("    ") and line.strip() and (i == 0 or not lines[i - 1].strip()):
@@ -75,7 +79,7 @@ def code_blocks(text: str) -> list[Block]:
             while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
                 end += 1
             body = [x[4:] for x in lines[i:end]]
-            blocks.append(Block(i + 1, None, "\n".join(body).rstrip()))
+            blocks.append(Block(file, i + 1, None, "\n".join(body).rstrip()))
             i = end
             continue
         i += 1
@@ -83,7 +87,7 @@ def code_blocks(text: str) -> list[Block]:
 
 
 def shell_lines(block: Block) -> list[tuple[int, str]]:
-    """The block's command lines (continuations joined), each with its README line."""
+    """The block's command lines (continuations joined), each with its line in the page."""
     out: list[tuple[int, str]] = []
     pending = ""
     start = block.line
@@ -100,7 +104,8 @@ def shell_lines(block: Block) -> list[tuple[int, str]]:
     return out
 
 
-BLOCKS = code_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = [block for page in PAGES for block in
+          code_blocks(page.read_text(encoding="utf-8"), page.relative_to(REPO_ROOT).as_posix())]
 SHELL_BLOCKS = [b for b in BLOCKS if b.lang in (None, "", "sh", "bash", "shell")]
 OUTPUT_LANGS = ("text", "console", "output")  # what a command prints: nothing to run
 FILE_BLOCKS = [b for b in BLOCKS if b not in SHELL_BLOCKS and b.lang not in OUTPUT_LANGS]
@@ -108,19 +113,19 @@ FILE_BLOCKS = [b for b in BLOCKS if b not in SHELL_BLOCKS and b.lang not in OUTP
 
 @dataclass
 class Example:
-    """One ``cmw-vllm`` command of the README."""
+    """One ``cmw-vllm`` command of the README or a docs page."""
 
-    line: int
+    where: str  # page:line
     env: dict[str, str]
     args: list[str]
 
     @property
     def id(self) -> str:
-        return f"L{self.line}: cmw-vllm {shlex.join(self.args)}"[:80]
+        return f"{self.where}: cmw-vllm {shlex.join(self.args)}"[:80]
 
 
-EXAMPLES = [Example(line, env, args) for b in SHELL_BLOCKS for line, text in shell_lines(b)
-            for env, args in cmw_vllm_commands(text)]
+EXAMPLES = [Example(f"{b.file}:{line}", env, args) for b in SHELL_BLOCKS
+            for line, text in shell_lines(b) for env, args in cmw_vllm_commands(text)]
 
 
 def _without_env(words: list[str]) -> list[str]:
@@ -129,7 +134,7 @@ def _without_env(words: list[str]) -> list[str]:
     return words
 
 
-OTHER_COMMANDS = [(line, _without_env(words)) for b in SHELL_BLOCKS
+OTHER_COMMANDS = [(f"{b.file}:{line}", _without_env(words)) for b in SHELL_BLOCKS
                   for line, text in shell_lines(b) for words in simple_commands(text)
                   if _without_env(words)[:1] != ["cmw-vllm"]]
 
@@ -256,7 +261,7 @@ def _dry_start(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyP
 def test_readme_command(example: Example, stand_in: Path,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     args = example.args
-    assert args, f"README line {example.line}: `cmw-vllm` without a command"
+    assert args, f"{example.where}: `cmw-vllm` without a command"
     if "--help" not in args and "-h" not in args:
         _context(args)  # parses: options, choices and arguments all exist
     mode, why = _mode(args)
@@ -278,7 +283,7 @@ def test_readme_command(example: Example, stand_in: Path,
         assert "Traceback" not in output
         return
     result = CliRunner().invoke(cli, args, env=example.env or None)
-    assert result.exit_code == 0, f"README line {example.line} ({why}): {result.output}"
+    assert result.exit_code == 0, f"{example.where} ({why}): {result.output}"
     assert "Traceback" not in result.output
     if "--json" in args:
         json.loads(result.stdout)
@@ -288,27 +293,27 @@ def test_readme_command(example: Example, stand_in: Path,
 # other commands and file examples
 
 
-@pytest.mark.parametrize("line,words", OTHER_COMMANDS,
-                         ids=[f"L{line}: {shlex.join(w)}"[:60] for line, w in OTHER_COMMANDS])
-def test_readme_other_command(line: int, words: list[str]) -> None:
+@pytest.mark.parametrize("where,words", OTHER_COMMANDS,
+                         ids=[f"{where}: {shlex.join(w)}"[:70] for where, w in OTHER_COMMANDS])
+def test_readme_other_command(where: str, words: list[str]) -> None:
     program = words[0]
     if program == "bash":
         script = REPO_ROOT / words[1]
-        assert script.is_file(), f"README line {line}: no {words[1]}"
+        assert script.is_file(), f"{where}: no {words[1]}"
         assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     elif program.endswith(("python", "python3")) and len(words) > 1 and words[1].endswith(".py"):
         script = REPO_ROOT / words[1]
-        assert script.is_file(), f"README line {line}: no {words[1]}"
+        assert script.is_file(), f"{where}: no {words[1]}"
         done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
                               text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
-            assert flag in done.stdout, f"README line {line}: {words[1]} has no {flag}"
+            assert flag in done.stdout, f"{where}: {words[1]} has no {flag}"
     else:  # pip install and other programs: not ours to run here
         pytest.skip(f"{program}: not a command of this repository")
 
 
-@pytest.mark.parametrize("block", FILE_BLOCKS, ids=lambda b: f"L{b.line}: {b.lang}")
+@pytest.mark.parametrize("block", FILE_BLOCKS, ids=lambda b: f"{b.file}:{b.line}: {b.lang}")
 def test_readme_file_example(block: Block, isolated_home: Path) -> None:
     check_file_example(block, isolated_home)
 
@@ -316,18 +321,18 @@ def test_readme_file_example(block: Block, isolated_home: Path) -> None:
 def test_file_example_checks_catch_broken_files(isolated_home: Path) -> None:
     import configparser
 
-    check_file_example(Block(1, "ini", "[Service]\nExecStart=x\nEnvironment=A=1\n"
+    check_file_example(Block("x.md", 1, "ini", "[Service]\nExecStart=x\nEnvironment=A=1\n"
                                        "Environment=B=2"), isolated_home)
     with pytest.raises(configparser.Error):
-        check_file_example(Block(1, "ini", "ExecStart=x"), isolated_home)
+        check_file_example(Block("x.md", 1, "ini", "ExecStart=x"), isolated_home)
     with pytest.raises(json.JSONDecodeError):
-        check_file_example(Block(1, "json", "{'a': 1}"), isolated_home)
+        check_file_example(Block("x.md", 1, "json", "{'a': 1}"), isolated_home)
     with pytest.raises(AssertionError):
-        check_file_example(Block(1, "dotenv", "HF_HOME = /x"), isolated_home)
+        check_file_example(Block("x.md", 1, "dotenv", "HF_HOME = /x"), isolated_home)
     with pytest.raises(AssertionError):  # an alias that does not load
-        check_file_example(Block(1, "toml", "[models.x]\nport = 'no'"), isolated_home)
+        check_file_example(Block("x.md", 1, "toml", "[models.x]\nport = 'no'"), isolated_home)
     with pytest.raises(pytest.fail.Exception):
-        check_file_example(Block(1, "yaml", "a: 1"), isolated_home)
+        check_file_example(Block("x.md", 1, "yaml", "a: 1"), isolated_home)
 
 
 def check_file_example(block: Block, isolated_home: Path) -> None:
@@ -337,7 +342,7 @@ def check_file_example(block: Block, isolated_home: Path) -> None:
 
         parser = configparser.ConfigParser(strict=False, interpolation=None)
         parser.read_string(block.text)
-        assert parser.sections(), f"README line {block.line}: no [section]"
+        assert parser.sections(), f"{block.file} line {block.line}: no [section]"
         return
     if block.lang == "json":
         json.loads(block.text)
@@ -348,7 +353,7 @@ def check_file_example(block: Block, isolated_home: Path) -> None:
                 r"\s*(export\s+)?[A-Za-z_][A-Za-z0-9_]*=.*", line), line
         return
     if block.lang != "toml":
-        pytest.fail(f"README line {block.line}: no check for ```{block.lang} blocks yet; "
+        pytest.fail(f"{block.file} line {block.line}: no check for ```{block.lang} blocks yet; "
                     "add one to tests/test_readme.py (test_readme_file_example)")
     import tomllib
 
@@ -363,7 +368,7 @@ def check_file_example(block: Block, isolated_home: Path) -> None:
 
 
 def test_readme_status_json_keys_are_the_real_ones(fake_engine: Path, model_dir: Path) -> None:
-    text = README.read_text(encoding="utf-8")
+    text = (DOCS_DIR / "commands.md").read_text(encoding="utf-8")
     start = text.index("`status --json` prints")
     documented = set(re.findall(r"[a-z_]+", text[start:text.index("\n\n", start)]))
     result = CliRunner().invoke(cli, ["start", str(model_dir), "--name", "keys", "--port",
@@ -371,7 +376,7 @@ def test_readme_status_json_keys_are_the_real_ones(fake_engine: Path, model_dir:
     assert result.exit_code == 0, result.output
     server = json.loads(CliRunner().invoke(cli, ["status", "--json"]).stdout)["servers"][0]
     keys = set(server) | set(server.get("load") or {})
-    assert keys <= documented, f"README lacks {sorted(keys - documented)}"
+    assert keys <= documented, f"docs/commands.md lacks {sorted(keys - documented)}"
 
 
 def test_readme_names_the_tasks_that_test_and_start_accept() -> None:
@@ -380,5 +385,73 @@ def test_readme_names_the_tasks_that_test_and_start_accept() -> None:
     text = README.read_text(encoding="utf-8")
     row = next(line for line in text.splitlines() if line.startswith("| `test NAME"))
     assert set(re.findall(r"`(\w+)`", row)) >= set(TASKS), row
-    for task in re.findall(r"--task[ =]([a-z]\w*)", text):  # not the placeholder T
-        assert task in TASKS, f"README: --task {task} is not one of {TASKS}"
+    for page in PAGES:
+        for task in re.findall(r"--task[ =]([a-z]\w*)", page.read_text(encoding="utf-8")):
+            assert task in TASKS, f"{page.name}: --task {task} is not one of {TASKS}"  # not T
+
+
+# --------------------------------------------------------------------------------------------
+# links between the pages, and what the pages must list
+
+LINK = re.compile(r"(?<!!)\[[^\]\n]*\]\(([^)\s]+)\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings (code blocks left out)."""
+    anchors: set[str] = set()
+    in_fence = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+            continue
+        heading = None if in_fence else re.match(r"^#{1,6}\s+(.*?)\s*$", line)
+        if heading:
+            anchors.add(re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-"))
+    return anchors
+
+
+def broken_links(page: Path, text: str) -> list[str]:
+    """Relative links of ``text`` (the page at ``page``) whose file or heading is missing."""
+    prose = re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.M | re.S)  # fenced blocks
+    prose = "\n".join(x for x in prose.splitlines() if not x.startswith("    "))  # indented
+    prose = re.sub(r"`[^`\n]*`", "", prose)  # code spans
+    broken = []
+    for target in LINK.findall(prose):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:: not checked here
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target}: no file {path}")
+        elif anchor and file.suffix == ".md" and anchor not in heading_anchors(
+                file.read_text(encoding="utf-8")):
+            broken.append(f"{target}: no heading #{anchor} in {file.name}")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO_ROOT).as_posix())
+def test_relative_links_lead_somewhere(page: Path) -> None:
+    assert broken_links(page, page.read_text(encoding="utf-8")) == []
+
+
+def test_link_check_catches_a_missing_file_or_heading() -> None:
+    text = ("[ok](docs/serving.md#restart-policies) [self](#quick-start) `[code](nope.md)`\n"
+            "[gone](docs/nope.md) [no heading](docs/serving.md#nope) [web](https://x.org/a)\n")
+    assert broken_links(README, text) == ["docs/nope.md: no file docs/nope.md",
+                                          "docs/serving.md#nope: no heading #nope in serving.md"]
+
+
+def test_every_page_is_linked_from_the_readme() -> None:
+    text = README.read_text(encoding="utf-8")
+    for page in PAGES[1:]:
+        assert f"](docs/{page.name})" in text, f"README.md does not link to docs/{page.name}"
+
+
+def test_docs_list_every_key_a_models_file_may_set() -> None:
+    from cmw_vllm.model_registry import _NOT_IN_FILE, ModelEntry
+
+    text = (DOCS_DIR / "models.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(\w+)` \|", text, flags=re.M))
+    allowed = set(ModelEntry.model_fields) - set(_NOT_IN_FILE)
+    assert documented == allowed, (f"docs/models.md lacks {sorted(allowed - documented)}, "
+                                   f"lists unknown {sorted(documented - allowed)}")

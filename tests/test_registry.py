@@ -316,7 +316,9 @@ def test_two_servers_on_one_port_are_refused_at_start(fake_engine: Path,
 
 
 def _readme_toml_examples() -> list[str]:
-    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    root = Path(__file__).parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
     return re.findall(r"^```toml\n(.*?)^```", text, flags=re.M | re.S)
 
 
@@ -324,7 +326,7 @@ def test_readme_models_file_examples_load(running: dict[str, list[str]]) -> None
     from cmw_vllm.cli import cli
 
     examples = _readme_toml_examples()
-    assert examples, "the README shows no models.toml example"
+    assert examples, "README.md and docs/ show no models.toml example"
     for example in examples:
         path = _write_models(example)
         entries = load_user_entries(path)
