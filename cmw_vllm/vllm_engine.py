@@ -15,6 +15,8 @@ from pathlib import Path
 from cmw_vllm.errors import EnvironmentProblem
 
 PYTHON_ENV = "CMW_VLLM_PYTHON"
+# vLLM's own env beside the checkout, made by scripts/install.sh.
+LOCAL_ENGINE_VENV = ".venv-vllm"
 # ``vllm serve`` without the console script (broken in the CPU wheel); see that file.
 SERVE_ENTRY = Path(__file__).resolve().parent / "engine_entry" / "vllm_serve.py"
 READY_LINE = "Application startup complete."
@@ -30,8 +32,10 @@ def find_engine_python() -> str:
     """Find the Python interpreter that has vLLM installed.
 
     Order: ``$CMW_VLLM_PYTHON``; this interpreter when it can import vllm (checked with
-    ``find_spec``, no import); the interpreter named in the shebang of ``vllm`` on PATH
-    (``#!/usr/bin/env python3`` is looked up on PATH like ``env`` would).
+    ``find_spec``, no import); ``.venv-vllm/bin/python`` beside the source tree this package
+    runs from (what ``scripts/install.sh`` makes, see :func:`checkout_engine_python`); the
+    interpreter named in the shebang of ``vllm`` on PATH (``#!/usr/bin/env python3`` is
+    looked up on PATH like ``env`` would).
 
     Raises:
         EnvironmentProblem: vLLM cannot be found.
@@ -44,12 +48,36 @@ def find_engine_python() -> str:
         return path
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
+    beside = checkout_engine_python()
+    if beside is not None:
+        return beside
     script = shutil.which("vllm")
     if script:
         interp = _shebang_interpreter(Path(script))
         if interp is not None:
             return interp
     raise EnvironmentProblem("vLLM is not installed", hint=INSTALL_HINT)
+
+
+def checkout_engine_python() -> str | None:
+    """``.venv-vllm/bin/python`` of the source tree this package runs from, if there is one.
+
+    ``scripts/install.sh`` installs cmw-vllm from its checkout (editable, into ``.venv``)
+    and vLLM into ``.venv-vllm`` beside it: that is the vLLM meant, with no variable set.
+    A package installed into site-packages has no checkout (no ``pyproject.toml`` above
+    it), so nothing is found there.
+
+    Returns:
+        The interpreter's path (not resolved: a venv's python is a link out of the venv),
+        or None.
+    """
+    import cmw_vllm
+
+    root = Path(cmw_vllm.__file__).resolve().parent.parent
+    python = root / LOCAL_ENGINE_VENV / "bin" / "python"
+    if (root / "pyproject.toml").is_file() and python.is_file() and os.access(python, os.X_OK):
+        return str(python)
+    return None
 
 
 def _shebang_interpreter(script: Path) -> str | None:

@@ -161,6 +161,20 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in source checkout that cmw-vllm runs from (``cmw_vllm.__file__`` points into
+    it): a ``pyproject.toml`` and no ``.venv-vllm``, so the real checkout's vLLM is not found.
+    """
+    import cmw_vllm
+
+    root = tmp_path / "checkout"
+    (root / "cmw_vllm").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("[project]\nname = 'cmw-vllm'\n")
+    monkeypatch.setattr(cmw_vllm, "__file__", str(root / "cmw_vllm" / "__init__.py"))
+    return root
+
+
+@pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     """A directory that passes for a model (a config.json); enough for the stand-in engine."""
     import json

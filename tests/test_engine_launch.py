@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from cmw_vllm.errors import EnvironmentProblem
 from cmw_vllm.vllm_engine import (
     INSTALL_HINT,
     SERVE_ENTRY,
     VLLM_MISSING_EXIT,
     build_command,
+    checkout_engine_python,
     diagnose,
     diagnose_start,
     failure_excerpt,
@@ -84,7 +86,7 @@ def test_python_without_vllm_is_exit_8_with_install_hint(model_dir: Path,
     assert not (isolated_home / "servers" / "novllm.json").exists()
 
 
-def test_vllm_found_through_an_env_shebang(tmp_path: Path,
+def test_vllm_found_through_an_env_shebang(tmp_path: Path, checkout: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -99,6 +101,42 @@ def test_vllm_found_through_an_env_shebang(tmp_path: Path,
     assert find_engine_python() == str(python)  # not /usr/bin/env
     script.write_text("#!/usr/bin/env -S python3 -u\n")
     assert find_engine_python() == str(python)
+
+
+def _venv_python(venv: Path) -> Path:
+    """A venv's ``bin/python`` that runs this interpreter (a link, as ``venv`` makes it)."""
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.symlink_to(sys.executable)
+    return python
+
+
+def test_vllm_found_in_the_venv_beside_the_checkout(checkout: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/install.sh puts vLLM in .venv-vllm beside the checkout: found with no variable
+    set and no vllm on PATH (the Quick start's follow-up commands need nothing more)."""
+    monkeypatch.delenv("CMW_VLLM_PYTHON", raising=False)
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(EnvironmentProblem, match="vLLM is not installed"):
+        find_engine_python()  # no .venv-vllm yet
+    python = _venv_python(checkout / ".venv-vllm")
+    assert find_engine_python() == str(python)  # the venv's path, not the link's target
+    monkeypatch.setenv("CMW_VLLM_PYTHON", sys.executable)  # the variable still comes first
+    assert find_engine_python() == sys.executable
+
+
+def test_no_checkout_no_venv_beside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed into site-packages (no pyproject.toml above the package): a .venv-vllm
+    there is not taken for vLLM's."""
+    import cmw_vllm
+
+    site = tmp_path / "site-packages"
+    (site / "cmw_vllm").mkdir(parents=True)
+    _venv_python(site / ".venv-vllm")
+    monkeypatch.setattr(cmw_vllm, "__file__", str(site / "cmw_vllm" / "__init__.py"))
+    assert checkout_engine_python() is None
 
 
 def test_cpu_memory_failure_shows_the_cause_not_traceback_frames() -> None:

@@ -80,7 +80,7 @@ def test_disk_full_when_writing_the_record(fake_engine: Path, model_dir: Path,
     assert not processes_with(str(model_dir))  # the launched server was taken down again
 
 
-def test_vllm_not_installed(model_dir: Path, tmp_path: Path,
+def test_vllm_not_installed(model_dir: Path, tmp_path: Path, checkout: Path,
                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CMW_VLLM_PYTHON", raising=False)
     empty = tmp_path / "empty-bin"
