@@ -150,15 +150,21 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 self._send(404, {"error": "not found"})
 
-        def _stream(self, tokens: int) -> None:
+        def _stream(self, tokens: int, usage: bool = False) -> None:
             """An SSE answer of ``tokens`` chunks, as vLLM streams a chat (no length: the
-            end of the stream is the end of the connection)."""
+            end of the stream is the end of the connection); with ``usage``
+            (``stream_options.include_usage``) a last chunk with the token counts."""
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
             for _ in range(tokens):
                 self.wfile.write(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
                 self.wfile.flush()
+            if usage:
+                counts = {"prompt_tokens": 3, "completion_tokens": tokens,
+                          "total_tokens": 3 + tokens}
+                self.wfile.write(b"data: " + json.dumps({"choices": [], "usage": counts})
+                                 .encode() + b"\n\n")
             self.wfile.write(b"data: [DONE]\n\n")
 
         def do_POST(self) -> None:  # noqa: N802
@@ -183,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                 in_flight[0] -= 1
             counter[0] += 1
             if request.get("stream"):
-                self._stream(int(request.get("max_tokens") or 16))
+                options = request.get("stream_options")
+                self._stream(int(request.get("max_tokens") or 16),
+                             isinstance(options, dict) and bool(options.get("include_usage")))
                 return
             seen = {k.lower(): v for k, v in self.headers.items()
                     if k.lower() in ("authorization", "x-api-key")}
