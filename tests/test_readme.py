@@ -30,6 +30,7 @@ without touching this file. What each kind of example gets:
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -47,6 +48,9 @@ from tests.shell_examples import cmw_vllm_commands, simple_commands
 README = REPO_ROOT / "README.md"
 DOCS_DIR = REPO_ROOT / "docs"
 PAGES = [README, *sorted(DOCS_DIR.glob("*.md"))]  # the README and the pages it links to
+DEMO = REPO_ROOT / "scripts" / "demo.sh"
+DEMO_MODEL_DIR = re.search(r'MODEL_DIR="\$\{MODEL_DIR:-\$PWD/([^}]+)\}"',
+                           DEMO.read_text(encoding="utf-8")).group(1)  # type: ignore[union-attr]
 
 
 @dataclass
@@ -199,14 +203,15 @@ def _swap_ports(args: list[str]) -> list[str]:
 
 @pytest.fixture
 def stand_in(fake_engine: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The current directory with ./my-model (a stub model) and a small CPU KV cache;
-    systemd units (``enable``) go to temp dirs, never to the user's."""
+    """The current directory with ./my-model and .cache/tiny-model (where scripts/demo.sh
+    makes its model), stub models, and a small CPU KV cache; systemd units (``enable``) go
+    to temp dirs, never to the user's."""
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(Path.cwd() / "config"))
     monkeypatch.setenv("CMW_VLLM_SYSTEM_UNIT_DIR", str(Path.cwd() / "system-units"))
-    model = Path.cwd() / "my-model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    for model in (Path.cwd() / DEMO_MODEL_DIR, Path.cwd() / "my-model"):
+        model.mkdir(parents=True)
+        (model / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
     return model
 
 
@@ -455,3 +460,79 @@ def test_docs_list_every_key_a_models_file_may_set() -> None:
     allowed = set(ModelEntry.model_fields) - set(_NOT_IN_FILE)
     assert documented == allowed, (f"docs/models.md lacks {sorted(allowed - documented)}, "
                                    f"lists unknown {sorted(documented - allowed)}")
+
+
+# --------------------------------------------------------------------------------------------
+# after the demo: the README's next commands
+
+
+def test_the_readme_serves_the_demo_model_as_the_demo_does() -> None:
+    demo = DEMO.read_text(encoding="utf-8")
+    text = README.read_text(encoding="utf-8")
+    assert "source .venv/bin/activate" in text and "`.venv/bin/cmw-vllm`" in text
+    starts = [e.args for e in EXAMPLES if e.where.startswith("README.md:")
+              and e.args[:2] == ["start", DEMO_MODEL_DIR]]
+    assert starts, f"README.md does not start the demo's model ({DEMO_MODEL_DIR})"
+    port = re.search(r'PORT="\$\{PORT:-(\d+)\}"', demo).group(1)  # type: ignore[union-attr]
+    demo_start = next(line for line in demo.splitlines() if line.startswith("$CMW start "))
+    for args in starts:  # the demo's name, port and context, so the demo's words apply
+        assert args[args.index("--port") + 1] == port, args
+        for option in ("--name", "--max-model-len"):
+            value = args[args.index(option) + 1]
+            assert re.search(rf"{option} {value}(\s|$)", demo_start), (option, value, demo_start)
+
+
+def _stub(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+def _run_demo(root: Path, cpu_build: bool, env: dict[str, str] | None = None) -> str:
+    """scripts/demo.sh in a copy of the checkout whose installer, cmw-vllm, curl and vLLM
+    interpreter are stand-ins (the real ones take minutes and a download)."""
+    (root / "scripts").mkdir(parents=True, exist_ok=True)
+    (root / "scripts" / "demo.sh").write_text(DEMO.read_text(encoding="utf-8"))
+    _stub(root / "scripts" / "install.sh", "exit 0")
+    _stub(root / ".venv" / "bin" / "cmw-vllm", 'echo "cmw-vllm $*" >> calls')
+    _stub(root / ".venv-vllm" / "bin" / "python", f"exit {0 if cpu_build else 1}")
+    _stub(root / "bin" / "curl", "exit 0")
+    model = root / ".cache" / "tiny-model"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text("{}")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("CMW_VLLM_PYTHON", "VLLM_CPU_KVCACHE_SPACE", "MODEL_DIR", "PORT")}
+    base["PATH"] = f"{root / 'bin'}:{base.get('PATH', '/usr/bin:/bin')}"
+    done = subprocess.run(["bash", str(root / "scripts" / "demo.sh")], cwd=root, text=True,
+                          capture_output=True, timeout=60, env={**base, **(env or {})},
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_demo_keeps_the_cpu_kv_cache_in_dotenv_for_the_next_commands(
+        tmp_path: Path) -> None:
+    from dotenv import dotenv_values
+
+    out = _run_demo(tmp_path, cpu_build=True)
+    assert "Wrote VLLM_CPU_KVCACHE_SPACE=1 to ./.env" in out
+    assert dotenv_values(tmp_path / ".env") == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert "cmw-vllm start .cache/tiny-model --name tiny" not in out  # absolute in the hint
+    assert f"cmw-vllm start {tmp_path}/.cache/tiny-model --name tiny" in out
+    _run_demo(tmp_path, cpu_build=True, env={"VLLM_CPU_KVCACHE_SPACE": "4"})
+    assert dotenv_values(tmp_path / ".env") == {"VLLM_CPU_KVCACHE_SPACE": "1"}  # kept, once
+
+
+def test_the_demo_leaves_dotenv_alone_on_the_gpu_build_and_keeps_what_is_there(
+        tmp_path: Path) -> None:
+    from dotenv import dotenv_values
+
+    _run_demo(tmp_path / "gpu", cpu_build=False)
+    assert not (tmp_path / "gpu" / ".env").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ".env").write_text("HF_HOME=/data/hf\nexport VLLM_CPU_KVCACHE_SPACE=8")
+    _run_demo(mine, cpu_build=True)
+    assert dotenv_values(mine / ".env") == {"HF_HOME": "/data/hf", "VLLM_CPU_KVCACHE_SPACE": "8"}
+    _run_demo(tmp_path / "shell", cpu_build=True, env={"VLLM_CPU_KVCACHE_SPACE": "3"})
+    assert dotenv_values(tmp_path / "shell" / ".env") == {"VLLM_CPU_KVCACHE_SPACE": "3"}
