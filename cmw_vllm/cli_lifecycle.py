@@ -513,13 +513,23 @@ def stop(names: tuple[str, ...], stop_all: bool, drain: float | None, now: bool,
 @click.option("--drain", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Let requests in flight finish for at most this long (default: the "
               "server's --drain).")
+@click.option("--force", is_flag=True,
+              help="Skip the memory check (the other checks still run).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None,
-            as_json: bool) -> None:
-    """Restart a server with the settings of its last start (also after `stop`).
+            force: bool, as_json: bool) -> None:
+    """Restart a server as its last start ran it (also after `stop`).
 
-    The API key is VLLM_API_KEY when set, else the one the server was started with (kept
-    in a private file). The previous log is kept as NAME.log.1 beside the new one.
+    It keeps the settings, the vLLM interpreter and the VLLM_*, CMW_VLLM_*, HF_* (and
+    CUDA_VISIBLE_DEVICES) variables of the last start; they win over this shell's, which it
+    names when they differ. To change them: `cmw-vllm stop NAME`, then `cmw-vllm start`
+    with the new ones. The API key is VLLM_API_KEY when set, else the one the server was
+    started with (kept in a private file). The previous log is kept as NAME.log.1 beside
+    the new one.
+
+    Before it stops the server it checks that the interpreter has vLLM, the model is found
+    and fits (the memory check of `start`), and the port is free; when one fails, the
+    running server is left as it was.
 
     A gateway is run again in the background with the settings of its last run; one that
     runs in the foreground (a terminal, its systemd unit) is refused: restart it there.
@@ -552,7 +562,8 @@ def restart(name: str, no_wait: bool, timeout: float | None, drain: float | None
 
     def do_restart(on_progress: Any) -> StartResult:
         return manager.restart(name, wait=not no_wait, timeout=timeout, on_progress=on_progress,
-                               drain=drain)
+                               drain=drain, check_resources=not force,
+                               on_notice=on_progress.note)
 
     result, elapsed = _run_start(do_restart, name, quiet=as_json or no_wait)
     _warn_exposed(result.record.host, result.api_key)

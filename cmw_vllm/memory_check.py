@@ -98,13 +98,18 @@ def cpu_memory() -> tuple[int, int]:
     return total, available
 
 
-def ram_target(environ: Mapping[str, str] | None = None) -> MemoryTarget:
-    """RAM as the target of the CPU build, measured the way vLLM measures it."""
+def ram_target(environ: Mapping[str, str] | None = None, ram_freed: int = 0) -> MemoryTarget:
+    """RAM as the target of the CPU build, measured the way vLLM measures it.
+
+    Args:
+        environ: The environment vLLM gets (default ``os.environ``).
+        ram_freed: Bytes that count as available too (held by a server a restart stops).
+    """
     total, available = cpu_memory()
     return MemoryTarget(
         device="cpu",
         memory_total=total,
-        memory_free=available,
+        memory_free=min(total, available + max(0, ram_freed)),
         devices=1,
         description="RAM",
         cpu_kv_space=cpu_kv_space(environ if environ is not None else os.environ),
@@ -268,9 +273,11 @@ def machine_target(
     *,
     gpus: Sequence[GpuInfo] | None = None,
     gpu_memory_gb: float | None = None,
+    ram_freed: int = 0,
 ) -> MemoryTarget:
     """What ``config`` would run on: its GPUs (``--gpus``, else ``CUDA_VISIBLE_DEVICES``, else
-    the first ones), a GPU of ``gpu_memory_gb`` GiB, or, without GPUs, RAM.
+    the first ones), a GPU of ``gpu_memory_gb`` GiB, or, without GPUs, RAM (with
+    ``ram_freed`` bytes more available).
 
     Raises:
         InsufficientResourcesError: Fewer GPUs than tensor-parallel ranks.
@@ -284,7 +291,7 @@ def machine_target(
 
         gpus = query_gpus(match_servers=False).gpus
     if not gpus:
-        return ram_target(environ)
+        return ram_target(environ, ram_freed)
     wanted = config.gpus or environ.get("CUDA_VISIBLE_DEVICES") or None
     visible = visible_gpus(gpus, wanted)
     # Over several machines each node checks its own share: its GPUs (TP x PP / nnodes, times
@@ -300,6 +307,7 @@ def check_config(
     gpu_memory_gb: float | None = None,
     environ: Mapping[str, str] | None = None,
     concurrency_context: int | None = None,
+    ram_freed: int = 0,
 ) -> MemoryEstimate:
     """Estimate ``config`` on this machine: the one computation of `estimate` and `start`.
 
@@ -309,6 +317,7 @@ def check_config(
         gpu_memory_gb: Check against an empty GPU of this size instead of the machine.
         environ: The environment (default ``os.environ``); ``config.env`` goes on top.
         concurrency_context: Tokens per request for the concurrency figure.
+        ram_freed: Bytes of RAM that count as available too (see :func:`ram_target`).
 
     Raises:
         NotFoundError: The model does not exist (not on disk, not on the Hub).
@@ -323,7 +332,8 @@ def check_config(
     spec = load_model_spec(config.model, revision=revision)
     if config.task != Task.GENERATE:
         spec.pooling = True
-    target = machine_target(config, env, gpus=gpus, gpu_memory_gb=gpu_memory_gb)
+    target = machine_target(config, env, gpus=gpus, gpu_memory_gb=gpu_memory_gb,
+                            ram_freed=ram_freed)
     return estimate(spec, settings, target)
 
 
@@ -364,6 +374,7 @@ def preflight(
     *,
     gpus: Sequence[GpuInfo] | None = None,
     environ: Mapping[str, str] | None = None,
+    ram_freed: int = 0,
 ) -> PreflightResult:
     """Check that ``config`` fits this machine before vLLM spends minutes loading it.
 
@@ -377,6 +388,8 @@ def preflight(
         config: The server about to be started.
         gpus: The machine's GPUs (default: asked from NVML).
         environ: The environment (default ``os.environ``); ``config.env`` goes on top.
+        ram_freed: Bytes of RAM that count as available too: what a server that a restart
+            stops first holds (GPU memory it holds is counted free in ``gpus``).
 
     Returns:
         ``ok``, or ``skipped`` with the reason when the estimate cannot model the model's
@@ -392,7 +405,7 @@ def preflight(
             integer, a GPU that does not exist).
     """
     try:
-        est = check_config(config, gpus=gpus, environ=environ)
+        est = check_config(config, gpus=gpus, environ=environ, ram_freed=ram_freed)
     except ConfigError:
         raise
     except UsageError as exc:

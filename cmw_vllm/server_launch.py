@@ -27,8 +27,17 @@ logger = logging.getLogger(__name__)
 IS_WINDOWS = os.name == "nt"
 
 
-def engine_command(config: ServerConfig, api_key: str | None) -> tuple[list[str], dict[str, str]]:
+def engine_command(config: ServerConfig, api_key: str | None, *, python: str | None = None,
+                   environ: Mapping[str, str] | None = None
+                   ) -> tuple[list[str], dict[str, str]]:
     """vLLM's command line and environment for ``config`` (the key only in the environment).
+
+    Args:
+        config: The server.
+        api_key: The key vLLM requires from clients, or None.
+        python: The interpreter with vLLM (default: found by
+            :func:`cmw_vllm.vllm_engine.find_engine_python`).
+        environ: The environment to start from (default ``os.environ``).
 
     Raises:
         EnvironmentProblem: No interpreter with vLLM.
@@ -36,10 +45,10 @@ def engine_command(config: ServerConfig, api_key: str | None) -> tuple[list[str]
     from cmw_vllm.settings import engine_environ
     from cmw_vllm.vllm_engine import build_command, check_engine_python, find_engine_python
 
-    python = find_engine_python()
+    python = python or find_engine_python()
     check_engine_python(python)
     command = build_command(python, config.model, config.vllm_cli_args())
-    env = engine_environ(os.environ)
+    env = engine_environ(os.environ if environ is None else environ)
     env.pop("VLLM_API_KEY", None)
     if api_key:
         env["VLLM_API_KEY"] = api_key

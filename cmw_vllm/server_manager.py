@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,6 +203,8 @@ class ServerManager:
         api_key: str | None = None,
         requested: Collection[str] = (),
         foreground: bool = False,
+        python: str | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -225,6 +228,10 @@ class ServerManager:
                 supervises it (:func:`cmw_vllm.supervisor.run_foreground`; from the spawn
                 until then a SIGTERM/SIGINT/SIGHUP to this process is held for it, so call
                 this in the main thread). A server that already runs is a conflict.
+            python: The interpreter with vLLM (default: found as
+                :func:`cmw_vllm.vllm_engine.find_engine_python` finds it).
+            environ: The environment vLLM starts from (default ``os.environ``); what the
+                memory check reads too. Its kept variables are kept for ``restart``.
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
@@ -261,10 +268,11 @@ class ServerManager:
                 if check_resources:
                     from cmw_vllm.memory_check import preflight
 
-                    check = preflight(config)
+                    check = preflight(config, environ=environ)
                     if check.status == "skipped" and on_notice is not None:
                         on_notice(f"memory check skipped: {check.reason}")
-                record, process, env = self._launch(config, api_key, foreground)
+                record, process, env = self._launch(config, api_key, foreground, python=python,
+                                                    environ=environ)
                 already = False
         result = StartResult(
             name=config.name,
@@ -353,10 +361,12 @@ class ServerManager:
                 break
         raise ConflictError(f"no free port found from {config.port}")
 
-    def _launch(self, config: ServerConfig, api_key: str | None, foreground: bool = False
+    def _launch(self, config: ServerConfig, api_key: str | None, foreground: bool = False, *,
+                python: str | None = None, environ: Mapping[str, str] | None = None
                 ) -> tuple[ServerRecord, Any, dict[str, str] | None]:
         """Spawn vLLM under a supervisor (or, in the foreground, as our child); write the
-        record and the restart files.
+        record and the restart files (with the interpreter and the kept variables of
+        ``environ``, default ``os.environ``).
 
         Returns:
             The record; in the foreground also the vLLM ``Popen`` and its environment.
@@ -371,7 +381,8 @@ class ServerManager:
         from cmw_vllm.supervisor import check_settings
 
         check_settings()
-        command, env = engine_command(config, api_key)
+        base = os.environ if environ is None else environ
+        command, env = engine_command(config, api_key, python=python, environ=base)
         from cmw_vllm.multinode import launch_env
 
         network = launch_env(config, env)
@@ -409,7 +420,8 @@ class ServerManager:
         )
         try:
             self._save(record)
-            last_start.save(config.name, record.config, api_key)
+            last_start.save(config.name, record.config, api_key,
+                            last_start.KeptStart(python=command[0], environ=dict(base)))
         except CmwVllmError:
             self._kill_server(record, kill_timeout=5.0)
             _remove(record_path(record.name), pid_path(record.name))
@@ -706,20 +718,42 @@ class ServerManager:
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
         drain: float | None = None,
+        check_resources: bool = True,
+        on_notice: Callable[[str], None] | None = None,
     ) -> StartResult:
-        """Stop ``name`` (if it runs; draining, see :meth:`stop`) and start it again with the
-        settings of its last start.
+        """Stop ``name`` (if it runs; draining, see :meth:`stop`) and start it again as its
+        last start did.
 
-        The settings and the API key of the last start are kept after ``stop``
-        (:mod:`cmw_vllm.last_start`), so a stopped server can be restarted too. The API key
-        is the environment's ``VLLM_API_KEY`` when set, else the one it was started with:
-        a server started with a key never comes back without one.
+        What shaped the last start is kept after ``stop`` (:mod:`cmw_vllm.last_start`), so a
+        stopped server can be restarted too: its settings, the engine interpreter and the
+        ``VLLM_*``/``CMW_VLLM_*``/``HF_*`` variables then in effect, which win over this
+        shell's (as in a systemd unit; new values take a ``stop`` and a ``start``). The API
+        key is the environment's ``VLLM_API_KEY`` when set, else the one it was started
+        with: a server started with a key never comes back without one.
+
+        Everything that can be checked is checked before the server is stopped: the
+        interpreter has vLLM, the port is free (when the server does not hold it), the model
+        can be found and it fits (the memory the running server holds counts as free). A
+        refusal leaves the running server as it was.
+
+        Args:
+            name: Server name.
+            wait: Wait until the new server is ready.
+            timeout: Seconds to wait (default ``CMW_VLLM_START_TIMEOUT``).
+            on_progress: Called with (phase, elapsed seconds) while waiting.
+            drain: Seconds requests in flight may take while it stops (see :meth:`stop`).
+            check_resources: Run the memory check (see :meth:`start`).
+            on_notice: Called with a line the user should see: variables of this shell that
+                the restart does not use, a skipped memory check.
 
         Raises:
             ServerNotRunningError: ``name`` was never started here.
             GatewayNotServerError: ``name`` is a gateway (its record or kept settings say so).
             UsageError: Its record is unreadable, or the kept settings no longer validate.
-            EnvironmentProblem: The kept API key cannot be read.
+            EnvironmentProblem: The kept API key or environment cannot be read; the kept
+                interpreter has no vLLM.
+            InsufficientResourcesError: The memory check refused.
+            ConflictError: The port is held by something else.
         """
         from pydantic import ValidationError
 
@@ -755,11 +789,120 @@ class ServerManager:
                 hint="start it again with cmw-vllm start",
             ) from None
         api_key = last_start.api_key_for_restart(name)
+        python, environ = _restart_environment(name, record, on_notice)
+        self._check_restart(config, record, python, environ, check_resources, on_notice)
         if record is not None:
             self.stop(name, drain=drain)
-        # It ran with these settings before: don't let a stale estimate block the restart.
         return self.start(config, wait=wait, timeout=timeout, on_progress=on_progress,
-                          check_resources=False, api_key=api_key)
+                          check_resources=False, api_key=api_key, python=python,
+                          environ=environ)
+
+    def _check_restart(self, config: ServerConfig, record: ServerRecord | None, python: str,
+                       environ: Mapping[str, str], check_resources: bool,
+                       on_notice: Callable[[str], None] | None) -> None:
+        """What ``start`` would refuse, checked before a restart stops anything.
+
+        Raises:
+            EnvironmentProblem: ``python`` has no vLLM.
+            ConflictError: The port is held by something other than this server.
+            InsufficientResourcesError: The memory check refused.
+            NotFoundError: The model cannot be found.
+            ModelUnavailableError: The model is neither on disk nor cached and the Hub
+                cannot be asked.
+        """
+        from cmw_vllm.vllm_engine import check_engine_python
+
+        check_engine_python(python)
+        status = observe(config.name)
+        running = status.running and status.record is not None
+        if config.role != "follower" and not running:
+            self._choose_port(config, auto_port=False)
+        if not check_resources:
+            return
+        from cmw_vllm.memory_check import preflight
+
+        gpus, ram_freed = _memory_held(status.record if running else None)
+        with _hub_environ(environ):
+            check = preflight(config, gpus=gpus, environ=environ, ram_freed=ram_freed)
+        if check.status == "skipped" and on_notice is not None:
+            on_notice(f"memory check skipped: {check.reason}")
+
+
+def _restart_environment(name: str, record: ServerRecord | None,
+                         on_notice: Callable[[str], None] | None
+                         ) -> tuple[str, dict[str, str]]:
+    """The interpreter and environment a restart of ``name`` uses: those of its last start.
+
+    A start by an older cmw-vllm kept neither: then the record's interpreter (else the one
+    found here) and this environment.
+
+    Raises:
+        EnvironmentProblem: The kept file cannot be read; no interpreter with vLLM.
+    """
+    from cmw_vllm import last_start
+
+    kept = last_start.load_kept(name)
+    if kept is None:
+        from cmw_vllm.vllm_engine import find_engine_python
+
+        python = record.command[0] if record is not None and record.command else None
+        return python or find_engine_python(), dict(os.environ)
+    environ, ignored = last_start.restart_environ(os.environ, kept)
+    if ignored and on_notice is not None:
+        on_notice(
+            f"restart keeps the environment of the last start of {name!r}; not used from "
+            f"here: {', '.join(ignored)} (to apply them: cmw-vllm stop {name}, then "
+            "cmw-vllm start with them)"
+        )
+    return kept.python, environ
+
+
+def _memory_held(record: ServerRecord | None) -> tuple[list[Any] | None, int]:
+    """The GPUs with the memory ``record``'s server holds counted free, and the RAM it holds
+    (private memory of its processes); (None, 0) without a server."""
+    if record is None:
+        return None, 0
+    import dataclasses
+
+    import psutil
+
+    from cmw_vllm.gpu_info import query_gpus
+
+    report = query_gpus([record])
+    gpus = []
+    for gpu in report.gpus:
+        held = sum(p.used_memory or 0 for p in gpu.processes if p.server == record.name)
+        free = gpu.memory_free
+        if held and free is not None:
+            free = min(gpu.memory_total or free + held, free + held)
+        gpus.append(dataclasses.replace(gpu, memory_free=free))
+    ram = 0
+    for proc in ServerManager._server_processes(record):
+        with contextlib.suppress(psutil.Error):
+            info = proc.memory_info()
+            ram += max(0, info.rss - getattr(info, "shared", 0))
+    return gpus, ram
+
+
+@contextlib.contextmanager
+def _hub_environ(environ: Mapping[str, str]) -> Iterator[None]:
+    """Let the Hub settings of ``environ`` (``HF_*``) stand in ``os.environ`` meanwhile, so
+    that the model is looked up in the cache and Hub the engine will use."""
+    names = {k for k in (*os.environ, *environ) if k.startswith(("HF_", "HUGGING_FACE_"))}
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        for key in names:
+            if key in environ:
+                os.environ[key] = environ[key]
+            else:
+                os.environ.pop(key, None)
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _has_api_key(record: ServerRecord) -> bool:

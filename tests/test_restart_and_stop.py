@@ -182,3 +182,75 @@ def test_empty_variables_never_reach_vllm(fake_engine: Path, model_dir: Path,
     for var in ("HF_TOKEN", "VLLM_API_KEY", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
         assert var not in environ, var
     assert environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def _bare_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shell without what shaped the start: no CMW_VLLM_PYTHON, no KV cache size, no token."""
+    for var in ("CMW_VLLM_PYTHON", "VLLM_CPU_KVCACHE_SPACE", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_restart_keeps_the_interpreter_and_environment_of_the_last_start(
+        fake_engine: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        isolated_home: Path) -> None:
+    secret = "hf_kept-do-not-leak-4711"
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("HF_TOKEN", secret)
+    assert run("start", str(model_dir), "--name", "kept", "--port", str(free_port()))[0] == 0
+    _bare_shell(monkeypatch)
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")  # not set at the last start
+    code, out, err = run("restart", "kept")
+    assert code == 0, err
+    record = read_record("kept")
+    assert record is not None and record.command[0] == str(fake_engine)
+    environ = api_env("kept")
+    assert environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert environ["HF_TOKEN"] == secret
+    assert "VLLM_LOGGING_LEVEL" not in environ  # the restart reproduces the last start
+    assert "VLLM_LOGGING_LEVEL" in err and "cmw-vllm stop kept" in err
+    assert secret not in out + err
+    # After stop too, and the file that keeps the token is private.
+    assert run("stop", "kept")[0] == 0
+    code, _, err = run("restart", "kept")
+    assert code == 0, err
+    assert api_env("kept")["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    kept_file = isolated_home / "restart" / "kept.env"
+    assert stat.S_IMODE(kept_file.stat().st_mode) == 0o600
+    for f in isolated_home.rglob("*"):  # no other file holds the token
+        if f.is_file() and f != kept_file:
+            assert secret.encode() not in f.read_bytes(), f
+
+
+def test_restart_whose_check_fails_leaves_the_server_running(
+        fake_engine: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run("start", str(model_dir), "--name", "safe", "--port", str(free_port()))[0] == 0
+    pid = read_record("safe").pid  # type: ignore[union-attr]
+    # The interpreter it ran in has lost vLLM since (the running server is unaffected).
+    fake_engine.write_text("#!/bin/sh\nexit 3\n")
+    _bare_shell(monkeypatch)
+    code, out, err = run("restart", "safe")
+    assert code == 8
+    status = wait_for_state("safe", "healthy")
+    assert (status.state, status.pid) == ("healthy", pid)  # checked before the stop
+    assert err.splitlines()[0] == f"Error: vLLM is not installed in {fake_engine}"
+    assert "Traceback" not in err and out == ""
+
+
+def test_restart_runs_the_memory_check_with_the_kept_settings(
+        fake_engine: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "100000")  # GiB: more than any RAM here
+    code, _, err = run("start", str(tiny_model), "--name", "huge", "--port", str(free_port()),
+                       "--force")
+    assert code == 0, err
+    pid = read_record("huge").pid  # type: ignore[union-attr]
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # this shell's value is not the kept one
+    code, out, err = run("restart", "huge")
+    assert code == 7
+    assert "will not fit in RAM" in err and "--force" in err
+    assert "Traceback" not in err and out == ""
+    status = wait_for_state("huge", "healthy")
+    assert (status.state, status.pid) == ("healthy", pid)
+    code, _, err = run("restart", "huge", "--force")  # the user's call, as for start
+    assert code == 0, err
+    assert api_env("huge")["VLLM_CPU_KVCACHE_SPACE"] == "100000"
+
