@@ -80,7 +80,8 @@ def _state_cell(st: ServerStatus) -> str:
     if st.state == State.RESTARTING and rec is not None and rec.next_restart_at is not None:
         return f"restarting (in {max(0.0, rec.next_restart_at - time.time()):.0f}s)"
     if rec is not None and rec.restart_count and st.running:
-        return f"{st.state} ({rec.restart_count} restarts)"
+        count = rec.restart_count
+        return f"{st.state} ({count} restart{'' if count == 1 else 's'})"
     return str(st.state)
 
 

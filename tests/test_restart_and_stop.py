@@ -254,3 +254,15 @@ def test_restart_runs_the_memory_check_with_the_kept_settings(
     assert code == 0, err
     assert api_env("huge")["VLLM_CPU_KVCACHE_SPACE"] == "100000"
 
+
+def test_status_counts_one_restart_in_the_singular(fake_engine: Path, model_dir: Path) -> None:
+    from cmw_vllm.server_record import update_record
+
+    assert run("start", str(model_dir), "--name", "once", "--port", str(free_port()))[0] == 0
+    record = read_record("once")
+    assert record is not None
+    for count, shown in ((1, "healthy (1 restart)"), (2, "healthy (2 restarts)")):
+        assert update_record("once", record.supervisor_pid, restart_count=count) is not None
+        code, out, _ = run("status", "once")
+        assert code == 0
+        assert shown in out
