@@ -69,6 +69,7 @@ __all__ = [  # re-exported: callers find the server's processes and ports here t
 if TYPE_CHECKING:
     import psutil
 
+    from cmw_vllm.gpu_info import GpuInfo
     from cmw_vllm.server_config import ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -857,7 +858,7 @@ def _restart_environment(name: str, record: ServerRecord | None,
     return kept.python, environ
 
 
-def _memory_held(record: ServerRecord | None) -> tuple[list[Any] | None, int]:
+def _memory_held(record: ServerRecord | None) -> tuple[list[GpuInfo] | None, int]:
     """The GPUs with the memory ``record``'s server holds counted free, and the RAM it holds
     (private memory of its processes); (None, 0) without a server."""
     if record is None:

@@ -266,3 +266,27 @@ def test_status_counts_one_restart_in_the_singular(fake_engine: Path, model_dir:
         code, out, _ = run("status", "once")
         assert code == 0
         assert shown in out
+
+
+def test_restart_counts_the_memory_of_the_running_server_as_free(
+        fake_engine: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmw_vllm import memory_check
+    from cmw_vllm.errors import InsufficientResourcesError
+    from cmw_vllm.server_config import ServerConfig
+    from cmw_vllm.server_manager import _memory_held
+    from cmw_vllm.vocab import GiB
+
+    assert run("start", str(tiny_model), "--name", "held",
+               "--port", str(free_port()), "--force")[0] == 0
+    record = read_record("held")
+    gpus, ram = _memory_held(record)
+    assert gpus == [] and ram > 0  # no GPU here; its processes hold private RAM
+    # 1 GiB of KV space and the runtime (3 GiB) do not fit in 2 GiB available; they do once
+    # the 4 GiB the running server holds count.
+    monkeypatch.setattr(memory_check, "cpu_memory", lambda: (64 * GiB, 2 * GiB))
+    config = ServerConfig(name="held", model=str(tiny_model))
+    environ = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    with pytest.raises(InsufficientResourcesError, match="RAM"):
+        memory_check.preflight(config, gpus=[], environ=environ)
+    assert memory_check.preflight(config, gpus=[], environ=environ,
+                                  ram_freed=4 * GiB).status == "ok"
