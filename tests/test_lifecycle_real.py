@@ -19,8 +19,10 @@ from tests.conftest import run_cli as run
 pytestmark = pytest.mark.vllm
 
 
-def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
-    """start -> healthy -> chat answers -> restart -> SIGKILL API server -> stop: nothing left."""
+def test_real_lifecycle(real_vllm: str, tiny_model: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """start -> healthy -> chat answers -> restart from a shell without the start's settings
+    -> SIGKILL API server -> stop: nothing left."""
     port = free_port()
     code, out, err = run("start", str(tiny_model), "--name", "tiny", "--port", str(port),
                          "--max-model-len", "512", "--timeout", "600", "--test")
@@ -64,10 +66,15 @@ def test_real_lifecycle(real_vllm: str, tiny_model: Path) -> None:
     titles = " ".join(" ".join(p.cmdline()) for p in group_members(first))
     assert "VLLM::EngineCore" in titles
 
+    kv_space = os.environ["VLLM_CPU_KVCACHE_SPACE"]
+    monkeypatch.delenv("CMW_VLLM_PYTHON")  # a shell without what shaped the start
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     code, out, err = run("restart", "tiny", "--timeout", "600")
     assert code == 0, err
     second = read_record("tiny")
     assert second is not None and second.pid != first.pid
+    assert second.command[0] == first.command[0] == real_vllm
+    assert psutil.Process(second.pid).environ()["VLLM_CPU_KVCACHE_SPACE"] == kv_space
     assert not alive_pids([p.pid for p in psutil.Process(os.getpid()).children()
                      if p.pid == first.pid])
     assert requests.get(f"{url}/health", timeout=5).status_code == 200
