@@ -43,9 +43,19 @@ def console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, no_color=no_color(), highlight=False)
 
 
+# In the context's ``meta`` (shared by a command's contexts) once a command printed its object.
+JSON_PRINTED = "cmw_vllm.json_printed"
+
+
 def echo_json(data: Any) -> None:
-    """Print ``data`` as indented JSON on stdout (stable key order as given)."""
+    """Print ``data`` as indented JSON on stdout (stable key order as given).
+
+    A command prints one object: ``CmwGroup`` adds no error object after this one.
+    """
     click.echo(json.dumps(data, indent=2, default=str))
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[JSON_PRINTED] = True
 
 
 def echo_err(message: str) -> None:

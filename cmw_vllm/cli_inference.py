@@ -101,7 +101,7 @@ def run_and_render_test(
         if as_json and not quiet:
             echo_json({"name": record.name, "ok": False, "task": chosen,
                        "model": record.served_model_name, "url": record.base_url,
-                       "error": exc.message, "hint": exc.hint})
+                       "error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code})
         raise
     if as_json and not quiet:
         echo_json({"name": record.name, **result.to_json()})
@@ -146,7 +146,8 @@ def test_cmd(
            score: query, ranking [{index, score, document}], prompt_tokens;
            classify: input, label, num_classes, probs, prompt_tokens}.
           gateway: models [{id, state}].
-          On failure: {name, ok: false, task, model or state, url, error, hint}.
+          On failure: {name, ok: false, task, model or state, url, error, hint,
+          exit_code}.
 
     \b
     Examples:
@@ -171,7 +172,7 @@ def test_cmd(
         )
         if as_json:
             echo_json({"name": name, "ok": False, "task": task, "state": status.state,
-                       "error": err.message, "hint": err.hint})
+                       "error": err.message, "hint": err.hint, "exit_code": err.exit_code})
         raise err
     from cmw_vllm.vocab import GATEWAY_TASK
 
@@ -192,7 +193,8 @@ def _test_gateway(record: ServerRecord, timeout: float, as_json: bool) -> None:
     except CmwVllmError as exc:
         if as_json:
             echo_json({"name": record.name, "ok": False, "task": GATEWAY_TASK,
-                       "url": record.base_url, "error": exc.message, "hint": exc.hint})
+                       "url": record.base_url, "error": exc.message, "hint": exc.hint,
+                       "exit_code": exc.exit_code})
         raise
     if as_json:
         echo_json({"name": record.name, **result.to_json()})

@@ -411,8 +411,6 @@ def start(
     from cmw_vllm.cli_inference import run_and_render_test
 
     if as_json:
-        import json as _json
-
         from cmw_vllm.errors import CmwVllmError
 
         try:
@@ -422,7 +420,7 @@ def start(
             test_json, failure = {"ok": False, "error": exc.message}, exc
         buffer = _start_json(result)
         buffer["test"] = test_json
-        click.echo(_json.dumps(buffer, indent=2, default=str))
+        echo_json(buffer)
         if failure is not None:
             raise failure
         return

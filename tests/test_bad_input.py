@@ -188,3 +188,89 @@ def test_env_example_leaves_optional_variables_commented_out() -> None:
     text = example.read_text()
     for optional in ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "VLLM_API_KEY"):
         assert f"# {optional}=" in text, optional  # documented, but commented out
+
+
+# Every command that has --json, failing: (id, argv, extra env, models.toml text, exit code).
+JSON_CASES: list[tuple[str, list[str], dict[str, str], str | None, int]] = [
+    ("start", ["start", "./nope", "--json"], {}, None, 9),
+    ("stop", ["stop", "../x", "--json"], {}, None, 2),
+    ("restart", ["restart", "nosuch", "--json"], {}, None, 3),
+    ("status", ["status", "--watch", "--json"], {}, None, 2),
+    ("enable", ["enable", "nosuch", "--json"], {}, None, 9),
+    ("list", ["list", "--json"], {}, "[models.x\nmodel = 1\n", 2),
+    ("download-offline", ["download", "Qwen/Qwen3-0.6B", "--json"],
+     {"HF_HUB_OFFLINE": "1"}, None, 8),
+    ("verify", ["verify", "./nope", "--json"], {}, None, 9),
+    ("gpus", ["gpus", "--json"], {"LOG_LEVEL": "bogus"}, None, 2),
+    ("disk", ["disk", "--json", "--bogus"], {}, None, 2),
+    ("setup", ["setup", "--json"], {"LOG_LEVEL": "bogus"}, None, 2),
+    ("estimate", ["estimate", "qwne", "--json"], {}, None, 2),
+    ("test", ["test", "nope", "--json"], {}, None, 3),
+    ("gateway", ["gateway", "--json"], {}, None, 2),
+    ("ray-start", ["ray", "start", "--json"], {}, None, 2),
+    ("ray-status", ["-v", "ray", "status", "--json", "--bogus"], {}, None, 2),
+]
+
+
+@pytest.mark.parametrize(("argv", "env", "models_toml", "code"), [c[1:] for c in JSON_CASES],
+                         ids=[c[0] for c in JSON_CASES])
+def test_json_errors_are_one_object_on_stdout(
+        argv: list[str], env: dict[str, str], models_toml: str | None, code: int,
+        isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if models_toml is not None:
+        isolated_home.mkdir(parents=True, exist_ok=True)
+        (isolated_home / "models.toml").write_text(models_toml)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    data = json.loads(result.stdout)  # one object, nothing else
+    assert data["exit_code"] == code
+    assert data["error"] and data["error"] in result.stderr  # the line on stderr stays
+    assert "hint" in data
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_every_command_with_json_has_an_error_case() -> None:
+    import click
+
+    ctx = click.Context(cli)
+
+    def with_json(cmd: click.Command, path: str) -> list[str]:
+        if isinstance(cmd, click.Group):
+            return [n for sub in cmd.list_commands(ctx)
+                    for n in with_json(cmd.get_command(ctx, sub), f"{path} {sub}".strip())]
+        has = any(isinstance(p, click.Option) and "--json" in p.opts for p in cmd.params)
+        return [path] if has else []
+
+    covered = {" ".join(a for a in c[1] if not a.startswith("-") and a not in ("nope", "nosuch",
+               "qwne", "../x", "./nope", "Qwen/Qwen3-0.6B")) for c in JSON_CASES}
+    assert set(with_json(cli, "")) <= covered
+
+
+def test_json_error_only_for_json(isolated_home: Path) -> None:
+    result = CliRunner().invoke(cli, ["test", "nope"])
+    assert result.exit_code == 3 and result.stdout == ""
+    # --json as the value of --prompt asks for no JSON
+    result = CliRunner().invoke(cli, ["test", "nope", "--prompt", "--json"])
+    assert result.exit_code == 3 and result.stdout == ""
+
+
+def test_a_command_prints_one_object_also_when_it_fails(isolated_home: Path,
+                                                        fake_engine: Path) -> None:
+    """`test` of a server that is not healthy prints its own failure object, and only it."""
+    from cmw_vllm.server_record import RECORD_FORMAT
+
+    servers = isolated_home / "servers"
+    servers.mkdir(parents=True, exist_ok=True)
+    (servers / "gone.json").write_text(json.dumps({  # a process that is not there: stale
+        "format": RECORD_FORMAT, "name": "gone", "pid": 999999, "create_time": 1.0,
+        "supervisor_pid": 999999, "supervisor_create_time": 1.0, "pgid": 999999,
+        "host": "127.0.0.1", "port": 1, "model": "m", "served_model_name": "m",
+        "task": "generate", "base_url": "http://127.0.0.1:1", "command": ["x"],
+        "log_path": str(isolated_home / "x.log"), "started_at": 1.0, "config": {}}))
+    result = CliRunner().invoke(cli, ["test", "gone", "--json"])
+    assert result.exit_code != 0
+    data = json.loads(result.stdout)
+    assert data["name"] == "gone" and data["ok"] is False
+    assert data["exit_code"] == result.exit_code
