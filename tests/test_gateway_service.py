@@ -333,3 +333,25 @@ def test_kept_gateway_settings_of_the_wrong_kind_are_one_line_errors(
     assert read_record("edge") is None
     user_units, _ = unit_dirs
     assert not list(user_units.glob("*.service"))  # no unit was written
+
+
+def test_a_broken_models_file_keeps_the_gateway_from_starting(isolated_home: Path,
+                                                              unit_dirs: tuple[Path, Path]
+                                                              ) -> None:
+    """As `list` and `start` do: one line with the file, line and column; exit 2."""
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "models.toml").write_text('[models.tiny]\nmodel = "a/b"\nbad = \n')
+    port = str(free_port())
+    code, out, err = run("gateway", "--port", port, "--background")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (out, err)
+    assert lines == [f"Error: {isolated_home / 'models.toml'}: invalid TOML: Invalid value "
+                     "(at line 3, column 7)"]
+    assert run("list")[2] == err  # the same words as list's
+    # In the foreground too (also what a systemd unit runs); bounded: it must not serve.
+    proc = subprocess.run([sys.executable, "-m", "cmw_vllm", "gateway", "--port", port],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == lines[0]
+    assert record_names() == []
+    assert not (isolated_home / "logs" / "gateway.log").exists()

@@ -70,6 +70,18 @@ def _check_free(settings: GatewaySettings) -> None:
                             hint="choose another with --port")
 
 
+def _check_registry() -> None:
+    """Refuse to serve without the registry: a broken models file is an error, as for
+    ``list`` and ``start``, not a gateway that knows no models (built-ins included).
+
+    Raises:
+        ConfigError: The models file is invalid (file, line and column in the message).
+    """
+    from cmw_vllm.model_registry import all_entries
+
+    all_entries()
+
+
 def shutdown_budget(environ: Mapping[str, str] | None = None) -> float:
     """Seconds a gateway's shutdown may take after SIGTERM.
 
@@ -233,6 +245,7 @@ def run_foreground(settings: GatewaySettings) -> None:
 
     Raises:
         ConflictError: The name or the port is taken.
+        ConfigError: The models file is invalid.
     """
     from aiohttp import web
 
@@ -240,6 +253,7 @@ def run_foreground(settings: GatewaySettings) -> None:
     from cmw_vllm.supervisor import notify
 
     _check_free(settings)
+    _check_registry()
     foreground = not _in_background(settings)
     _log_to_file(settings)
     # Ours alone: the supervisors of the servers it starts must not notify for its unit.
@@ -297,6 +311,7 @@ def start_background(settings: GatewaySettings, argv: list[str],
 
     Raises:
         ConflictError: The name or the port is taken.
+        ConfigError: The models file is invalid.
         ServerStartError: It exited before serving (the end of its log attached).
     """
     import subprocess
@@ -305,6 +320,7 @@ def start_background(settings: GatewaySettings, argv: list[str],
     from cmw_vllm.vllm_engine import tail_lines
 
     _check_free(settings)
+    _check_registry()
     for d in (paths.state_dir(), paths.servers_dir(), paths.logs_dir()):
         paths.ensure_dir(d)
     log_file = log_path(settings.name)
