@@ -133,8 +133,19 @@ def test_start_failure_reaches_every_waiter_then_next_request_retries(
         gateway_factory: Any, entries: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_VLLM_MODE", "oom")
     gw = gateway_factory()
-    with ThreadPoolExecutor(5) as pool:
-        replies = list(pool.map(lambda _: _chat(gw.url, "a"), range(5)))
+    logged = _Lines()
+    logged.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.getLogger("cmw_vllm").addHandler(logged)
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            replies = list(pool.map(lambda _: _chat(gw.url, "a"), range(5)))
+    finally:
+        logging.getLogger("cmw_vllm").removeHandler(logged)
+    # The gateway's log says it once, on one line: which model, and start's diagnosis.
+    failed = [line for line in logged.lines if "failed" in line]
+    assert len(failed) == 1 and "\n" not in failed[0], logged.lines
+    assert failed[0].startswith("ERROR starting a on demand failed: ")
+    assert "exited during start-up" in failed[0] and "max-model-len 8192" in failed[0]
     assert [r.status_code for r in replies] == [503] * 5
     errors = [r.json()["error"] for r in replies]
     assert all(e["type"] == "ServerStartError" for e in errors)

@@ -216,7 +216,7 @@ def test_restart_test_and_logs_of_a_background_gateway(unit_dirs: tuple[Path, Pa
     assert result["ok"] is True and result["task"] == "gateway"
     assert {"id": "qwen", "state": "startable"} in result["models"]
     code, out, _ = run("logs", "gw", "-n", "5")
-    assert code == 0 and "listening on" in out
+    assert code == 0 and " INFO cmw_vllm.gateway.service: gateway 'gw' listening on " in out
     code, out, _ = run("logs", "gw", "--previous")
     assert code == 0 and "SIGTERM: shutting down" in out  # the run before the restart
 

@@ -333,6 +333,12 @@ class Pool:
             del self._starts[name]
         if not task.cancelled() and task.exception() is not None:
             self.metrics.start_failures[name] += 1
+            exc = task.exception()
+            if isinstance(exc, CmwVllmError):
+                why = exc.message + (f"; {exc.hint}" if exc.hint else "")
+            else:
+                why = f"unexpected {type(exc).__name__}: {exc}"
+            logger.error("starting %s on demand failed: %s", name, " ".join(why.split()))
 
     @staticmethod
     def _config_for(entry: ModelEntry) -> ServerConfig:

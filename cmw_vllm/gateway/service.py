@@ -266,7 +266,7 @@ def run_foreground(settings: GatewaySettings) -> None:
     def on_listening(*_: object) -> None:
         # run_app calls its `print` once, right after the sockets listen.
         url = base_url(settings)
-        logger.warning("gateway %r listening on %s", settings.name, url)
+        logger.info("gateway %r listening on %s", settings.name, url)
         notify(f"READY=1\nSTATUS=gateway serving on {url}", notify_socket)
 
     async def on_shutdown(app: web.Application) -> None:
