@@ -212,20 +212,17 @@ def check_known_name(name: str, server_names: Collection[str]) -> None:
 
     Raises:
         ServerNotRunningError: Neither (with the closest names).
+        ConfigError: The models file is invalid, so whether ``name`` is an entry is unknown
+            (the error of ``list`` and ``start``).
     """
     import difflib
 
     from cmw_vllm import last_start
-    from cmw_vllm.errors import ConfigError
     from cmw_vllm.model_registry import all_entries, find_entry, suggest
 
     if last_start.settings_path(name).exists():
         return
-    try:
-        entries = all_entries()
-    except ConfigError as exc:
-        logger.warning("cannot read the registry to check %r: %s", name, exc.message)
-        return
+    entries = all_entries()
     if find_entry(name, entries) is not None:
         return
     servers = sorted(set(server_names) | set(last_start.names()))

@@ -580,6 +580,7 @@ class ServerManager:
 
         Raises:
             ServerNotRunningError: No server, kept settings or registry entry has that name.
+            ConfigError: No server has that name and the models file is invalid.
             StopError: Processes of the server survived SIGKILL.
         """
         from cmw_vllm.settings import stop_timeout

@@ -111,6 +111,17 @@ def test_bad_input(argv: list[str], env: dict[str, str], models_toml: str | None
     assert _snapshot(tmp_path) == before
 
 
+def test_stop_of_an_unknown_name_with_a_broken_models_file(isolated_home: Path) -> None:
+    """Whether the name is an entry is unknown: the error of `list`, not "not running"."""
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "models.toml").write_text("[models.x\nmodel = 1\n")
+    listed = CliRunner().invoke(cli, ["list"])
+    result = CliRunner().invoke(cli, ["stop", "tinyy"])
+    assert result.exit_code == listed.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stderr == listed.stderr
+    assert "models.toml: invalid TOML" in result.stderr and result.stdout == ""
+
+
 def test_table_is_big_enough() -> None:
     assert len(CASES) >= 30
     assert len({c[0] for c in CASES}) == len(CASES)
