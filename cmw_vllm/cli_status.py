@@ -107,7 +107,7 @@ def _collect_status(
     """
     from cmw_vllm.server_record import record_names
     from cmw_vllm.server_status import list_status
-    from cmw_vllm.vocab import validate_name
+    from cmw_vllm.vocab import did_you_mean, validate_name
 
     if names:
         for n in names:
@@ -117,7 +117,8 @@ def _collect_status(
         statuses = list_status([n for n in names if n in known])
         for n in missing:
             if not quiet:
-                echo_err(f"No managed server named {n!r}.")
+                close = did_you_mean(n, sorted(known))
+                echo_err(f"No managed server named {n!r}{close or '.'}")
         code = EXIT_NOT_RUNNING if missing else _status_exit_code(statuses)
     else:
         statuses = list_status()

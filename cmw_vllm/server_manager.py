@@ -113,8 +113,12 @@ ProgressCallback = Callable[[str, float], None]
 
 
 def _no_such_server(name: str) -> ServerNotRunningError:
-    return ServerNotRunningError(f"no managed server named {name!r}",
-                                 hint="see `cmw-vllm status` for the managed servers")
+    """The error for ``name`` without a record, naming the servers that look like it."""
+    from cmw_vllm.vocab import did_you_mean
+
+    return ServerNotRunningError(
+        f"no managed server named {name!r}{did_you_mean(name, record_names())}",
+        hint="see `cmw-vllm status` for the managed servers")
 
 
 def _remove(*files: Path) -> None:

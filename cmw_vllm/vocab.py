@@ -156,6 +156,14 @@ PORT_MIN, PORT_MAX = 1, 65535
 PORT_RANGE = f"{PORT_MIN}-{PORT_MAX}"
 
 
+def did_you_mean(name: str, names: list[str]) -> str:
+    """``"; did you mean: a, b?"`` with the names in ``names`` close to ``name``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(set(names)), n=3, cutoff=0.6)
+    return f"; did you mean: {', '.join(close)}?" if close else ""
+
+
 def parse_int(value: str | int, option: str) -> int:
     """Read an integer given as text (a CLI option, an env var), e.g. a port.
 

@@ -285,3 +285,20 @@ def test_a_command_prints_one_object_also_when_it_fails(isolated_home: Path,
     data = json.loads(result.stdout)
     assert data["name"] == "gone" and data["ok"] is False
     assert data["exit_code"] == result.exit_code
+
+
+@pytest.mark.parametrize("command", ["status", "test", "stop"])
+def test_a_mistyped_server_name_gets_the_close_names(command: str, isolated_home: Path) -> None:
+    servers = isolated_home / "servers"
+    servers.mkdir(parents=True)
+    for name in ("tiny", "other"):  # records of processes that are gone: stale
+        (servers / f"{name}.json").write_text(json.dumps({
+            "format": 1, "name": name, "pid": 999999, "create_time": 1.0,
+            "supervisor_pid": 999999, "supervisor_create_time": 1.0, "pgid": 999999,
+            "host": "127.0.0.1", "port": 1, "model": "m", "served_model_name": "m",
+            "task": "generate", "base_url": "http://127.0.0.1:1", "command": ["x"],
+            "log_path": str(isolated_home / "x.log"), "started_at": 1.0, "config": {}}))
+    result = CliRunner().invoke(cli, [command, "tinyy"])
+    assert result.exit_code == 3, (result.stdout, result.stderr)
+    assert "'tinyy'; did you mean: tiny?" in result.stderr
+    assert "other" not in result.stderr
