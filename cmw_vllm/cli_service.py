@@ -24,8 +24,12 @@ def enable(name: str, system: bool, as_json: bool) -> None:
     beside it, never into the unit. Prints the systemctl commands to run.
 
     \b
-    JSON: {name, unit, settings, env_file, scope, commands} (settings: null for a gateway,
-          whose settings are the unit's command line).
+    When systemd is not running here (a container, WSL), the unit is still written (for the
+    machine or image that boots with it) and a warning says nothing will start it.
+
+    \b
+    JSON: {name, unit, settings, env_file, scope, commands, systemd_running} (settings: null
+          for a gateway, whose settings are the unit's command line).
 
     \b
     Examples:
@@ -36,6 +40,7 @@ def enable(name: str, system: bool, as_json: bool) -> None:
     from cmw_vllm.gateway.service import enable_unit as enable_gateway_unit
     from cmw_vllm.gateway.service import settings_to_enable
     from cmw_vllm.systemd_unit import enable as enable_unit
+    from cmw_vllm.systemd_unit import systemd_running
     from cmw_vllm.vocab import validate_name
 
     validate_name(name)
@@ -49,12 +54,17 @@ def enable(name: str, system: bool, as_json: bool) -> None:
             echo_err(f"Warning: gateway {name!r} listens on {gateway.host} without an API key "
                      "(set CMW_VLLM_GATEWAY_API_KEYS or --api-key-file, then enable again).")
         files = enable_gateway_unit(gateway, system=system)
+    running = systemd_running()
+    if not running:
+        echo_err("Warning: systemd is not running on this machine (no /run/systemd/system): "
+                 f"the unit is written, but nothing starts {files.name!r} until it boots "
+                 "with systemd.")
     if as_json:
         echo_json({"name": files.name, "unit": str(files.unit_path),
                    "settings": str(files.definition_path) if files.definition_path else None,
                    "env_file": str(files.env_path) if files.env_path else None,
                    "scope": "system" if files.system else "user",
-                   "commands": files.commands})
+                   "commands": files.commands, "systemd_running": running})
         return
     click.echo(f"Wrote {files.unit_path}")
     if files.definition_path is not None:

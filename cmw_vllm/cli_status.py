@@ -193,14 +193,17 @@ def load_cells(load: dict[str, Any] | None) -> list[str]:
 
 # At a narrow terminal: load figures go first, then the rest; MODEL is shortened; NAME and
 # STATE are never cut (users need the exact name for stop, logs and test).
-STATUS_DROP = ("TOK/S", "WAIT", "RUN", "KV", "GPU MEM", "UPTIME", "PID", "PORT")
+STATUS_DROP = ("TOK/S", "WAIT", "RUN", "KV", "ENABLED", "GPU MEM", "UPTIME", "PID", "PORT")
 STATUS_SHRINK = ("MODEL",)
 
 
 def _status_rows(
     statuses: list[ServerStatus], loads: dict[str, dict[str, Any]]
 ) -> tuple[list[str], list[list[str]]]:
-    columns = ["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME", "GPU MEM", *LOAD_COLUMNS]
+    from cmw_vllm.systemd_unit import enabled_scope
+
+    columns = ["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME", "ENABLED", "GPU MEM",
+               *LOAD_COLUMNS]
     rows = []
     for st in statuses:
         rec = st.record
@@ -213,6 +216,7 @@ def _status_rows(
                 str(st.pid) if st.pid else "-",
                 str(rec.port) if rec and rec.port else "-",
                 format_duration(st.uptime) if st.running else "-",
+                enabled_scope(st.name) or "-",
                 format_bytes((loads.get(st.name) or {}).get("gpu_memory_bytes")),
                 *load_cells(loads.get(st.name)),
             ]

@@ -33,6 +33,8 @@ PASS_PREFIXES = ("CMW_VLLM_", "VLLM_", "HF_")
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 STOP_SLACK_S = 15  # systemd's SIGKILL comes this long after cmw-vllm's own deadline
 RESTART_SEC = 10
+# Exists while systemd is the running init (sd_booted(3) checks the same directory).
+SYSTEMD_RUN_DIR = Path("/run/systemd/system")
 
 
 @dataclass
@@ -58,6 +60,12 @@ def unit_dir(system: bool) -> Path:
         return Path(os.environ.get(SYSTEM_UNIT_DIR_ENV) or "/etc/systemd/system")
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "systemd" / "user"
+
+
+def systemd_running() -> bool:
+    """Whether this machine runs systemd (a container or WSL often does not): without it
+    a unit is written, but nothing starts it."""
+    return SYSTEMD_RUN_DIR.is_dir()
 
 
 def services_dir() -> Path:

@@ -90,6 +90,9 @@ def test_enable_a_running_server_writes_a_verified_user_unit(
 
     code, out, _ = run("status", "web", "--json")
     assert json.loads(out)["servers"][0]["enabled"] == "user"
+    code, out, _ = run("status", "web")  # the table says it too
+    header, row = out.splitlines()[:2]
+    assert row.split()[header.split().index("ENABLED")] == "user"
 
     code, out, _ = run("disable", "web")
     assert code == 0
@@ -97,6 +100,9 @@ def test_enable_a_running_server_writes_a_verified_user_unit(
     assert not unit.exists() and not env_file.exists()
     code, out, _ = run("status", "web", "--json")
     assert json.loads(out)["servers"][0]["enabled"] is None
+    code, out, _ = run("status", "web")
+    header, row = out.splitlines()[:2]
+    assert row.split()[header.split().index("ENABLED")] == "-"
     code, _, err = run("disable", "web")
     assert code == 9 and "not enabled" in err
 
@@ -117,6 +123,29 @@ def test_enable_a_registry_entry_as_a_system_unit(tmp_path: Path, unit_dirs: tup
     saved = json.loads((isolated_home / "services" / f"{entry.alias}.json").read_text())
     assert saved["model"] == entry.model and saved["port"] == entry.port
     verify(unit, tmp_path, user=False)
+
+
+@pytest.mark.parametrize("booted", [True, False], ids=["systemd", "no-systemd"])
+def test_enable_says_when_systemd_is_not_running_here(
+        booted: bool, tmp_path: Path, unit_dirs: tuple[Path, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit is written either way (for the machine that boots with it); a warning says
+    when nothing here will start it."""
+    from cmw_vllm import systemd_unit
+    from cmw_vllm.model_registry import builtin_entries
+
+    run_dir = tmp_path / "run-systemd-system"
+    if booted:
+        run_dir.mkdir()
+    monkeypatch.setattr(systemd_unit, "SYSTEMD_RUN_DIR", run_dir)
+    alias = builtin_entries()[0].alias
+    code, out, err = run("enable", alias, "--json")
+    assert code == 0, err
+    assert json.loads(out)["systemd_running"] is booted
+    assert (unit_dirs[0] / f"cmw-vllm-{alias}.service").is_file()
+    warned = "Warning: systemd is not running on this machine (no /run/systemd/system)"
+    assert (warned in err) is not booted
+    assert len(err.splitlines()) == (0 if booted else 1)
 
 
 def test_units_quote_odd_values(tmp_path: Path, model_dir: Path) -> None:
