@@ -222,11 +222,20 @@ def print_table(
     """A rich table fitted to the terminal, or plain aligned columns when piped.
 
     On a terminal the columns in ``drop`` are left out and those in ``shrink`` shortened
-    until the table fits (:func:`fit_columns`); piped output keeps every column whole.
+    until the table fits (:func:`fit_columns`), and a line under it names the columns left
+    out that had something to show; piped output keeps every column whole.
     """
     if stdout_is_tty():
         out = console()
-        out.print(fitted_table(columns, rows, out.width, title, drop, shrink, floor))
+        whole = tuple(c for c in columns if c not in drop and c not in shrink)
+        shown, cells = fit_columns(columns, rows, out.width, drop, shrink, floor)
+        out.print(make_table(shown, cells, title, whole))
+        hidden = [c for i, c in enumerate(columns) if c not in shown
+                  and any(r[i] not in ("-", "") for r in rows)]
+        if hidden:
+            what = "1 column" if len(hidden) == 1 else f"{len(hidden)} columns"
+            click.echo(wrap_text(f"{what} hidden ({', '.join(hidden)}): widen the terminal "
+                                 "or use --json", out.width))
         return
     widths = [len(c) for c in columns]
     for row in rows:

@@ -65,6 +65,23 @@ def test_list_fits_the_terminal_and_never_cuts_an_alias(terminal, width: int) ->
         assert "\u2026" not in out and "TASK" in lines[0]
 
 
+@pytest.mark.parametrize("width", WIDTHS)
+def test_list_says_which_columns_it_left_out(terminal, width: int) -> None:
+    terminal(width)
+    code, out, _ = run_cli("list")
+    assert code == 0
+    header = _lines(out)[0].split()
+    hidden = [c for c in ("TASK", "PORT", "SIZE", "DOWNLOADED") if c not in header]
+    note = re.search(r"(\d+) columns? hidden \(([A-Z, /]+)\): widen the terminal or use "
+                     r"--json", " ".join(out.split()))
+    if hidden:  # RUNNING shows nothing here (no server runs): left out without a word
+        assert note is not None, out
+        assert int(note.group(1)) == len(hidden) and note.group(2).split(", ") == hidden
+    else:
+        assert note is None and "hidden" not in out
+    assert all(len(line) <= width for line in _lines(out))
+
+
 def test_status_fits_the_terminal_and_never_cuts_a_name(
     terminal, fake_engine: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -80,10 +97,13 @@ def test_status_fits_the_terminal_and_never_cuts_a_name(
         assert code == 0
         lines = _lines(out)
         assert all(len(line) <= width for line in lines), "\n".join(lines)
-        assert sorted(line.split()[0] for line in lines[1:]) == names
+        assert sorted(line.split()[0] for line in lines[1:len(names) + 1]) == names
+        if width <= 60:  # NAME, STATE and MODEL leave no room for PID: a line says so
+            assert "hidden (" in out and "widen the terminal or use --json" in " ".join(
+                out.split())
         assert lines[0].split()[:2] == ["NAME", "STATE"]
         if width >= 200:
-            assert "UPTIME" in lines[0] and "\u2026" not in out
+            assert "UPTIME" in lines[0] and "\u2026" not in out and "hidden" not in out
 
 
 def test_wrap_breaks_at_words_and_never_inside_one() -> None:
