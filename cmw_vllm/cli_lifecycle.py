@@ -141,10 +141,7 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
         click.echo(f"Server {result.name!r} has joined ({record.model}, pid {record.pid}, "
                    f"{elapsed:.1f}s).")
     elif result.ready:
-        click.echo(
-            f"Server {result.name!r} is ready ({record.model}, pid {record.pid}, "
-            f"{elapsed:.1f}s)."
-        )
+        click.echo(_ready_line(result.name, record, elapsed))
     else:
         click.echo(f"Server {result.name!r} is starting ({record.model}, pid {record.pid}).")
         click.echo(f"  Log:      {record.log_path}")
@@ -156,6 +153,11 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
     click.echo(f"  Endpoint: {record.base_url}/v1")
     if result.ready:
         click.echo(f"  Try:      {_example_request(record, ' ' * 12, result.api_key)}")
+
+
+def _ready_line(name: str, record: ServerRecord, elapsed: float) -> str:
+    """``Server 'x' is ready (model, pid N, 12.3s).``: the background and foreground starts'."""
+    return f"Server {name!r} is ready ({record.model}, pid {record.pid}, {elapsed:.1f}s)."
 
 
 SECRET_VARS = {"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
@@ -610,12 +612,18 @@ def _run_foreground(manager: Any, config: Any, auto_port: bool, force: bool) -> 
     """Launch under this process and supervise until stopped; exit with its status."""
     from cmw_vllm.supervisor import ignore_stop_signals, run_foreground
 
+    begin = time.monotonic()
     result = manager.start(config, auto_port=auto_port, check_resources=not force,
                            foreground=True)
     record = result.record
     echo_err(f"Serving {result.name!r} in the foreground (vLLM pid {record.pid}, "
              f"{record.base_url}); SIGTERM or Ctrl-C drains and stops it.")
-    status = run_foreground(result.name, result.process, result.env)
+
+    def ready(now: ServerRecord) -> None:  # on stderr: stdout is vLLM's output
+        echo_err(_ready_line(result.name, now, time.monotonic() - begin))
+        echo_err(f"  Endpoint: {now.base_url}/v1")
+
+    status = run_foreground(result.name, result.process, result.env, on_ready=ready)
     ignore_stop_signals()  # stopped: a late SIGTERM must not change the exit status
     raise SystemExit(status)
 

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -215,13 +216,17 @@ class Supervisor:
         env: Environment for relaunches (None: this process's).
         tee: Copy vLLM's output (a pipe) to stdout and the log file (foreground).
         backoff: Restart timing (default: from the environment).
+        on_ready: Called with the record each time a run becomes ready (foreground: the
+            CLI's ready line).
     """
 
     def __init__(self, name: str, proc: subprocess.Popen[bytes], *,
                  env: dict[str, str] | None = None, tee: bool = False,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None,
+                 on_ready: Callable[[sr.ServerRecord], None] | None = None) -> None:
         from cmw_vllm.settings import health_timeout
 
+        self.on_ready = on_ready
         self.name = name
         self.proc = proc
         self.returncode: int | None = None
@@ -396,6 +401,8 @@ class Supervisor:
                 if not ready_at:
                     ready_at.append(time.time())
                     self.update(ready_at=ready_at[0])
+                    if self.on_ready is not None:  # before READY=1: said when it is sent
+                        self.on_ready(record)
                     notify(f"READY=1\nSTATUS=serving on {record.base_url}")
                     if hung_after <= 0:
                         return
@@ -573,14 +580,17 @@ class Supervisor:
             self.log_fh = None
 
 
-def run_foreground(name: str, proc: subprocess.Popen[bytes], env: dict[str, str]) -> int:
+def run_foreground(name: str, proc: subprocess.Popen[bytes], env: dict[str, str],
+                   on_ready: Callable[[sr.ServerRecord], None] | None = None) -> int:
     """Supervise a vLLM process started by ``start --foreground`` in this process.
+
+    ``on_ready`` is called with the record whenever a run becomes ready.
 
     Returns:
         The exit status for cmw-vllm: vLLM's after a requested stop; after an exit nobody
         asked for (policy ``no``, or given up), vLLM's code, or 1 when that was 0.
     """
-    sup = Supervisor(name, proc, env=env, tee=True)
+    sup = Supervisor(name, proc, env=env, tee=True, on_ready=on_ready)
     try:
         status = sup.run()
         if sup.stop_signal is not None:

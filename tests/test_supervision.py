@@ -404,6 +404,9 @@ def test_foreground_notifies_systemd_and_drains_on_signal(
     log = (isolated_home / "logs" / "fg.log").read_text()
     assert "Application startup complete." in log  # ... and in the log file
     assert "in the foreground" in err
+    # The ready line of a background start, with the endpoint (stderr: stdout is vLLM's).
+    assert re.search(r"^Server 'fg' is ready \(.+, pid \d+, [\d.]+s\)\.$", err, re.M), err
+    assert f"\n  Endpoint: http://127.0.0.1:{port}/v1\n" in err
     assert not alive_pids(everything)
     assert read_record("fg") is None
 
