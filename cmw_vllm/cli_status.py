@@ -284,15 +284,18 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     or invalid; 3 no such server / none managed; 4 some starting or restarting (worst wins).
 
     \b
-    JSON: {"servers": [{name, state, model, served_model_name, task, pid, host, port, url,
-           uptime_s, started_at, returncode, orphan_pids, log, error, log_tail, role,
-           node_rank, leader, restart_policy, restarts, last_exit_code, last_exit_at,
-           next_restart_at, drain_left_s, enabled, gpu_memory_bytes, load}]}; log_tail: the
-           log lines that tell why an exited or failed server ended (else []); load is null
-           or {ok, error, requests_running, requests_waiting, kv_cache_usage,
-           prompt_tokens_total, generation_tokens_total, prompt_tokens_per_s,
-           generation_tokens_per_s, rate_interval_s}; a leader also has cluster: {nnodes,
-           data_parallel_size, world_size, rendezvous, followers_seen}.
+    JSON: {"servers": [{name, state, model, served_model_name, served_model_names, task, pid,
+           host, port, url, uptime_s, started_at, returncode, orphan_pids, log, error,
+           log_tail, role, node_rank, leader, restart_policy, restarts, last_exit_code,
+           last_exit_at, next_restart_at, drain_left_s, enabled, gpu_memory_bytes, load}]};
+           served_model_names: every name the server answers to (the model id and the
+           server's name unless --served-model-name), served_model_name the first;
+           log_tail: the log lines that tell why an exited or failed server ended (else
+           []); load is null or {ok, error, requests_running, requests_waiting,
+           kv_cache_usage, prompt_tokens_total, generation_tokens_total,
+           prompt_tokens_per_s, generation_tokens_per_s, rate_interval_s}; a leader also
+           has cluster: {nnodes, data_parallel_size, world_size, rendezvous,
+           followers_seen}.
 
     \b
     Examples:

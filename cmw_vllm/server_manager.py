@@ -411,6 +411,7 @@ class ServerManager:
             port=0 if follower else config.port,
             model=config.model,
             served_model_name=config.served_name(),
+            served_names=config.served_names(),
             task=config.task,
             base_url="" if follower else config.base_url(),
             command=command,

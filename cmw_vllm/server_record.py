@@ -23,7 +23,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import MISSING, asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,8 @@ class ServerRecord:
     kill_at: float | None = None  # when whatever is left gets SIGKILL
     # The last automatic restart: exit_at, detected_at, cleaned_at, launched_at.
     restart_timing: dict[str, float] | None = None
+    # Every name vLLM answers to (served_model_name is the first); empty in older records.
+    served_names: list[str] = field(default_factory=list)
 
     @property
     def drain(self) -> int:

@@ -46,6 +46,8 @@ class ServerStatus:
             "state": self.state,
             "model": rec.model if rec else None,
             "served_model_name": rec.served_model_name if rec else None,
+            "served_model_names": (rec.served_names or [rec.served_model_name])
+            if rec else None,
             "task": rec.task if rec else None,
             "pid": self.pid,
             "host": rec.host if rec else None,

@@ -54,6 +54,9 @@ def test_start_status_stop(fake_engine: Path, model_dir: Path, isolated_home: Pa
     assert code == 0
     servers = json.loads(out)["servers"]
     assert [(s["name"], s["state"], s["port"]) for s in servers] == [("t1", "healthy", port)]
+    # Every name it answers to, as on vLLM's command line; served_model_name the first.
+    assert servers[0]["served_model_names"] == cmdline[flag + 1:flag + 3]
+    assert servers[0]["served_model_name"] == str(model_dir)
 
     members = alive_group("t1")
     assert len(members) >= 2  # API server and engine child, in a session of their own
