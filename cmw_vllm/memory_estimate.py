@@ -514,6 +514,15 @@ def cpu_kv_space_that_fits(target: MemoryTarget, model_bytes: int = 0) -> int:
     return max(0, (free - model_bytes - CPU_RUNTIME_BYTES) // GiB)
 
 
+def cpu_kv_space_wanted(kv: KvCacheLayout, max_model_len: int, block_size: int,
+                        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS) -> int:
+    """Whole GiB of ``VLLM_CPU_KVCACHE_SPACE`` that hold ``max_num_seqs`` requests of
+    ``max_model_len`` tokens at once: as much KV cache as vLLM's scheduler can ever use
+    (rounded up, at least 1), so that a small model is not offered all of RAM."""
+    blocks = _request_blocks(kv, max_model_len, block_size) * max_num_seqs
+    return max(1, _cdiv(blocks * _block_bytes(kv, block_size), GiB))
+
+
 def _settings_problems(spec: ModelSpec, settings: EstimateSettings) -> list[str]:
     """Settings vLLM itself refuses, whatever the memory."""
     tp = settings.tensor_parallel_size
@@ -723,6 +732,10 @@ def _cpu_suggestions(spec: ModelSpec, settings: EstimateSettings,
     probe = _assess(spec, settings, target)
     space = cpu_kv_space_that_fits(target, probe.weight_bytes + probe.activation_bytes)
     if space >= 1:
+        kv = kv_cache_layout(spec, kv_cache_dtype=settings.kv_cache_dtype, dtype=settings.dtype,
+                             tensor_parallel_size=settings.tensor_parallel_size,
+                             max_num_batched_tokens=settings.max_num_batched_tokens)
+        space = min(space, cpu_kv_space_wanted(kv, probe.max_model_len, probe.block_size))
         sized = replace(target, cpu_kv_space=space * GiB)
         if _assess(spec, settings, sized).fits:
             out.append(f"{CPU_KV_SPACE_ENV}={space}")

@@ -285,6 +285,36 @@ def test_cpu_default_follows_vllm_memory_fraction(tiny_model: Path) -> None:
     assert lowered.fits
 
 
+def test_cpu_kv_space_offered_is_proportionate_to_the_model(tiny_model: Path,
+                                                             tmp_path: Path) -> None:
+    """The KV space a refusal offers is what the model can use (its max_model_len at vLLM's
+    default concurrency, whole GiB up), never all that is left for a model of a megabyte;
+    a big model is offered what fits."""
+    # 23.6 GiB with 21.7 available: vLLM's default share (0.92 x RAM) does not fit.
+    tight = me.MemoryTarget(device="cpu", memory_total=int(23.6 * GiB),
+                            memory_free=int(21.7 * GiB))
+    offered: dict[str, int] = {}
+    for label, spec in (("tiny", ms.load_model_spec(str(tiny_model))),
+                        ("llama", ms.load_model_spec(str(write_big_model(tmp_path / "l",
+                                                                         LLAMA8B))))):
+        settings = me.EstimateSettings(max_model_len=4096)
+        est = me.estimate(spec, settings, tight)
+        assert not est.fits
+        kv = [x for x in est.suggestions if x.startswith("VLLM_CPU_KVCACHE_SPACE=")]
+        assert kv, est.suggestions
+        space = int(kv[0].split("=")[1].split()[0])
+        offered[label] = space
+        layout = me.kv_cache_layout(spec)
+        wanted = layout.request_bytes(est.max_model_len) * me.DEFAULT_MAX_NUM_SEQS
+        most = me.cpu_kv_space_that_fits(tight, est.weight_bytes + est.activation_bytes)
+        assert space == min(most, max(1, math.ceil(wanted / GiB)))
+        sized = me.MemoryTarget(device="cpu", memory_total=tight.memory_total,
+                                memory_free=tight.memory_free, cpu_kv_space=space * GiB)
+        assert me.estimate(spec, settings, sized).fits  # what is offered works
+    assert offered["tiny"] == 1  # 0.7 MB of weights: not the 17 GiB that is left
+    assert offered["llama"] > 1  # 256 requests of 4096 tokens want 128 GiB: what fits
+
+
 def test_settings_vllm_refuses_do_not_fit(tmp_path: Path) -> None:
     spec = ms.spec_from_config(LLAMA8B, model="x", source="t")
     target = mc.given_gpu_target(80)
