@@ -340,7 +340,8 @@ def start(
     \b
     JSON: {name, state (healthy, joined for a follower, or starting with --no-wait),
            already_running, model, pid, port, url, log, ready_after_s, role, node_rank,
-           leader}; with --test also test: the object of `cmw-vllm test --json`.
+           leader}; with --test also test: the object of `cmw-vllm test --json` (failed:
+           {ok: false, error, hint, exit_code}).
 
     \b
     Several machines: the rank-0 node (--node-rank 0) serves the API, the others run
@@ -419,7 +420,9 @@ def start(
             test = run_and_render_test(result.record, quiet=True)
             test_json, failure = test.to_json(), None
         except CmwVllmError as exc:
-            test_json, failure = {"ok": False, "error": exc.message}, exc
+            test_json = {"ok": False, "error": exc.message, "hint": exc.hint,
+                         "exit_code": exc.exit_code}
+            failure = exc
         buffer = _start_json(result)
         buffer["test"] = test_json
         echo_json(buffer)

@@ -302,3 +302,23 @@ def test_a_mistyped_server_name_gets_the_close_names(command: str, isolated_home
     assert result.exit_code == 3, (result.stdout, result.stderr)
     assert "'tinyy'; did you mean: tiny?" in result.stderr
     assert "other" not in result.stderr
+
+
+def test_start_test_json_failure_is_one_object_with_the_exit_code(
+        fake_engine: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmw_vllm import inference_check
+    from cmw_vllm.errors import InferenceCheckError
+    from tests.conftest import free_port
+
+    def refused(*_: object, **__: object) -> None:
+        raise InferenceCheckError("the reply was empty", hint="see the log")
+
+    monkeypatch.setattr(inference_check, "run_check", refused)
+    result = CliRunner().invoke(cli, ["start", str(model_dir), "--name", "st", "--port",
+                                      str(free_port()), "--test", "--json"])
+    assert result.exit_code == 1, result.stderr
+    data = json.loads(result.stdout)  # the start's object, and only it
+    assert data["name"] == "st" and data["state"] == "healthy"
+    assert data["test"] == {"ok": False, "error": "the reply was empty", "hint": "see the log",
+                            "exit_code": 1}
+    assert "Error: the reply was empty" in result.stderr
