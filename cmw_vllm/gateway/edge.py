@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from cmw_vllm.errors import GatewayBodyTimeout as BodyTimeout
+
 if TYPE_CHECKING:
     from cmw_vllm.gateway.metrics import Metrics
     from cmw_vllm.gateway.settings import GatewaySettings
@@ -57,13 +59,6 @@ def error_body(status: int, message: str, kind: str | None = None) -> bytes:
     error = {"message": message, "type": kind or _STATUS_KIND.get(status, "APIError"),
              "param": None, "code": status}
     return json.dumps({"error": error}).encode()
-
-
-class BodyTimeout(TimeoutError):
-    """The client sent no body bytes for ``body_timeout`` seconds (answered with a 408).
-
-    A TimeoutError, so that aiohttp's lingering read after the answer ends quietly.
-    """
 
 
 class LineBudget:

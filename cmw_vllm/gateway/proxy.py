@@ -23,6 +23,7 @@ from aiohttp import web
 
 from cmw_vllm.errors import CmwVllmError
 from cmw_vllm.errors import GatewayRefusal as Refusal
+from cmw_vllm.errors import GatewayStreamBroken as StreamBroken
 from cmw_vllm.gateway.edge import EDGE_KEY, SERVER_NAME, BodyTimeout, Edge
 from cmw_vllm.gateway.headers import TrustedProxies, forward_headers, reply_headers
 from cmw_vllm.gateway.metrics import Metrics
@@ -102,15 +103,6 @@ def _reply_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     headers = reply_headers(upstream.headers)
     headers["Server"] = SERVER_NAME
     return headers
-
-
-class _StreamBroken(Exception):
-    """The server's answer broke off after the client got its headers (the stream is cut,
-    and the request counts as a 502, as nginx's error log reports it)."""
-
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__("upstream stream broke off")
-        self.response = response
 
 
 def _json(data: Any) -> web.Response:
@@ -206,9 +198,9 @@ class Handlers:
             status = refusal.status
             return error_response(refusal.status, refusal.message, refusal.kind,
                                   refusal.retry_after)
-        except _StreamBroken as broken:
+        except StreamBroken as broken:
             status = 502
-            return broken.response
+            return broken.response  # type: ignore[return-value]
         except ConnectionError:
             raise  # the client went away: 499
         except Exception as exc:
@@ -284,7 +276,7 @@ class Handlers:
             upstream.close()
             if request.transport is not None:
                 request.transport.close()
-            raise _StreamBroken(response) from None
+            raise StreamBroken(response) from None
         await response.write_eof()
         return response
 
