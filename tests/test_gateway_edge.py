@@ -507,3 +507,13 @@ def test_aiohttp_floor_has_the_request_parser_fixes() -> None:
     assert [v for v in allowed if wanted[0].specifier.contains(v)] == \
         [v for v in allowed if v >= floor]
     assert wanted[0].specifier.contains(version("aiohttp"))
+
+
+def test_the_docs_give_the_default_shutdown_grace() -> None:
+    import re
+
+    from cmw_vllm.gateway.settings import DEFAULT_SHUTDOWN_GRACE
+
+    text = (Path(__file__).parents[1] / "docs" / "gateway.md").read_text()
+    found = re.findall(r"`--shutdown-grace` \(default (\d+) s\)", text)
+    assert found and {float(x) for x in found} == {DEFAULT_SHUTDOWN_GRACE}
