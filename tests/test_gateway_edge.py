@@ -517,3 +517,50 @@ def test_the_docs_give_the_default_shutdown_grace() -> None:
     text = (Path(__file__).parents[1] / "docs" / "gateway.md").read_text()
     found = re.findall(r"`--shutdown-grace` \(default (\d+) s\)", text)
     assert found and {float(x) for x in found} == {DEFAULT_SHUTDOWN_GRACE}
+
+
+def test_stalled_clients_under_a_small_fd_limit_leave_room_for_others(
+        isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 connections with a valid key whose bodies never come, against a gateway limited
+    to 256 open files: another client is still served (one address gets a quarter of the
+    descriptors at most)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CMW_VLLM_GATEWAY_API_KEYS", KEY)
+    port = free_port()
+
+    def small_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    started = subprocess.run(
+        [sys.executable, "-m", "cmw_vllm", "gateway", "--port", str(port), "-d", "--json"],
+        preexec_fn=small_limit, capture_output=True, text=True, timeout=90,
+        env=dict(os.environ), stdin=subprocess.DEVNULL)
+    assert started.returncode == 0, started.stderr
+    info = json.loads(started.stdout)
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                stalled.append(sock)
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                             b"Bearer %s\r\nContent-Length: 100\r\n\r\n{" % KEY.encode())
+            except OSError:
+                continue
+        with socket.socket() as other:
+            other.settimeout(10)
+            other.bind(("127.0.0.2", 0))
+            other.connect(("127.0.0.1", port))
+            other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                          b"%s\r\nConnection: close\r\n\r\n" % KEY.encode())
+            assert other.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in stalled:
+            sock.close()
+        code, _, err = run("stop", "gateway")
+    assert code == 0, err
+    assert not alive_pids([info["pid"]])

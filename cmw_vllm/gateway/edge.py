@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 SERVER_NAME = "cmw-vllm"  # the Server header: no Python or aiohttp version
 KEEPALIVE_S = 75.0  # idle keep-alive connections (nginx's keepalive_timeout)
 LINES_PER_MINUTE = 20  # log lines about bad clients, then one "suppressed" line a minute
-LINGER_S = 2.0  # a refused connection is read (and dropped) this long so the client sees why
+LINGER_S = 1.0  # a refused connection is read (and dropped) this long so the client sees why
+MAX_LINGERING = 16  # beyond this many at once (a flood), refused connections close at once
 
 _STATUS_KIND = {400: "BadRequestError", 408: "RequestTimeoutError", 413: "RequestTooLargeError",
                 414: "RequestTooLargeError", 431: "RequestTooLargeError",
@@ -108,10 +109,11 @@ class Edge:
 
         self.header_timeout = settings.header_timeout
         self.body_timeout = settings.body_timeout
-        self.max_per_client = settings.max_client_connections
+        self.max_per_client = per_client_cap(settings.max_client_connections)
         self.trusted = TrustedProxies(settings.trusted_proxies)
         self.metrics = metrics
         self.connections: dict[str, int] = defaultdict(int)
+        self.lingering = 0
         self.budget = LineBudget()
         self._flush: asyncio.TimerHandle | None = None
 
@@ -154,6 +156,22 @@ class Edge:
             self.connections[addr] = left
         else:
             self.connections.pop(addr, None)
+
+
+def per_client_cap(setting: int) -> int:
+    """Connections one address may hold: the setting, but at most a quarter of the
+    open-files limit, so that one client cannot take every descriptor (0: no cap)."""
+    if setting <= 0:
+        return 0
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return setting
+    if soft == resource.RLIM_INFINITY:
+        return setting
+    return max(1, min(setting, soft // 4))
 
 
 EDGE_KEY: web.AppKey[Edge] = web.AppKey("edge", Edge)
@@ -204,9 +222,18 @@ class EdgeHandler(RequestHandler):
             transport.close()
             return
         tcp.write(_OVER_CAP % len(body) + body)
+        if edge.lingering >= MAX_LINGERING:  # a flood: its descriptors matter more
+            transport.close()
+            return
         with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
             tcp.write_eof()
-        self._loop.call_later(LINGER_S, transport.close)
+        edge.lingering += 1
+
+        def close() -> None:
+            edge.lingering -= 1
+            transport.close()
+
+        self._loop.call_later(LINGER_S, close)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
