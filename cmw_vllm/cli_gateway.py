@@ -41,8 +41,9 @@ if TYPE_CHECKING:
               help="Seconds a request body may send nothing before a 408 (nginx's "
               "client_body_timeout; 0: none).")
 @click.option("--max-client-connections", type=click.IntRange(min=0), default=512,
-              show_default=True, help="Connections one client address may hold; more get a "
-              "503 (0: no cap; trusted proxies are exempt).")
+              show_default=True, help="Connections one client address may hold, at most a "
+              "quarter of the open-files limit; more get a 503 (0: no cap; trusted proxies "
+              "are exempt).")
 @click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDR[/BITS]",
               help="A proxy whose X-Forwarded-For is believed (repeatable; default none: "
               "X-Forwarded-For is the peer's address).")

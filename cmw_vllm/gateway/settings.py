@@ -52,7 +52,8 @@ class GatewaySettings:
         body_timeout: Seconds a request body may send nothing before a 408 (nginx's
             ``client_body_timeout``: between two reads, not for the whole body); 0 none.
         max_client_connections: Connections one client address may hold (trusted proxies
-            exempt); more get a 503 and are closed. 0: no cap.
+            exempt; never more than a quarter of the open-files limit); more get a 503 and
+            are closed. 0: no cap.
         trusted_proxies: Addresses or networks whose ``X-Forwarded-For`` is kept (the
             peer's address is appended); from others it is replaced by the peer's.
         shutdown_grace: Seconds requests in flight get to finish after SIGTERM before
