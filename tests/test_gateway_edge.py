@@ -327,8 +327,9 @@ def test_slow_heads_and_stalled_bodies_are_cut_by_the_timeouts(edge_gateway: Any
             time.sleep(0.1)  # 0.1 s between reads, under the 0.5 s timeout
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
     auth = {"Authorization": f"Bearer {KEY}"}
+    # The half head and the stalled body; a connection that sent nothing is not a request.
     assert _metric(gw.url, 'cmw_vllm_gateway_requests_total{model="unknown",code="408"}',
-                   auth) == 3
+                   auth) == 2
 
 
 def test_one_address_holds_at_most_its_connections(edge_gateway: Any) -> None:
@@ -564,3 +565,15 @@ def test_stalled_clients_under_a_small_fd_limit_leave_room_for_others(
         code, _, err = run("stop", "gateway")
     assert code == 0, err
     assert not alive_pids([info["pid"]])
+
+
+def test_refusals_before_any_server_are_json_and_counted(edge_gateway: Any) -> None:
+    gw = edge_gateway(answer_ok, api_keys=frozenset({KEY}))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for method, path in (("POST", "/sleep"), ("GET", "/v1/chat/completions"),
+                         ("DELETE", "/v1/models")):
+        reply = requests.request(method, f"{gw.url}{path}", headers=auth, timeout=10)
+        assert reply.status_code == 404 and reply.json()["error"]["type"] == "NotFoundError"
+    assert requests.get(f"{gw.url}/v1/models", timeout=10).status_code == 401
+    assert gw.metrics.requests[("unknown", 404)] == 3
+    assert gw.metrics.requests[("unknown", 401)] == 1

@@ -184,7 +184,7 @@ _OVER_CAP = (b"HTTP/1.1 503 Service Unavailable\r\nServer: " + SERVER_NAME.encod
 class EdgeHandler(RequestHandler):
     """aiohttp's per-connection protocol with the gateway's timeouts, cap and error pages."""
 
-    __slots__ = ("edge", "_addr", "_admitted", "_refused", "_last_read", "_watch")
+    __slots__ = ("edge", "_addr", "_admitted", "_refused", "_born", "_last_read", "_watch")
 
     def __init__(self, manager: web.Server, edge: Edge, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -192,7 +192,7 @@ class EdgeHandler(RequestHandler):
         self._addr = ""
         self._admitted = False
         self._refused = False
-        self._last_read = 0.0
+        self._born = self._last_read = 0.0
         self._watch: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -203,7 +203,7 @@ class EdgeHandler(RequestHandler):
             return
         self._admitted = True
         super().connection_made(transport)
-        self._last_read = self._loop.time()
+        self._born = self._last_read = self._loop.time()
         if self.edge.header_timeout > 0:
             self._watch = self._loop.call_later(self.edge.header_timeout, self._tick)
 
@@ -261,9 +261,10 @@ class EdgeHandler(RequestHandler):
             return
         now = self._loop.time()
         if self._request_count == 0:  # aiohttp counts a request once its head is parsed
-            edge.metrics.request_done("unknown", 408, edge.header_timeout)
-            edge.say("client %s sent no request head within %gs: closed", self._addr,
-                     edge.header_timeout)
+            if self._last_read > self._born:  # part of a head: nginx logs a 408 too
+                edge.metrics.request_done("unknown", 408, edge.header_timeout)
+                edge.say("client %s sent no complete request head within %gs: closed",
+                         self._addr, edge.header_timeout)
             self.force_close()
             return
         wait = edge.body_timeout if edge.body_timeout > 0 else KEEPALIVE_S

@@ -337,6 +337,7 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 
 async def _not_forwarded(request: web.Request) -> web.Response:
+    request.app[METRICS_KEY].request_done("unknown", 404, 0.0)
     return error_response(404, f"{request.method} {request.path} is not served by the gateway",
                           "NotFoundError")
 
