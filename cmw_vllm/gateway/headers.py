@@ -93,7 +93,9 @@ def forward_headers(headers: Any, peer: str, upstream_key: str | None,
             prior.append(value)
             continue
         out.append((name, value))
-    out.append(("X-Forwarded-For", ", ".join([*prior, peer]) if peer else ", ".join(prior)))
+    chain = ", ".join([*prior, peer] if peer else prior)
+    if chain:
+        out.append(("X-Forwarded-For", chain))
     if upstream_key:
         out.append(("Authorization", f"Bearer {upstream_key}"))
     return out
