@@ -34,6 +34,25 @@ if TYPE_CHECKING:
 @click.option("--upstream-timeout", type=click.FloatRange(min=0, min_open=True),
               default=600.0, show_default=True,
               help="Seconds a server may send nothing before the request is given up.")
+@click.option("--header-timeout", type=click.FloatRange(min=0), default=60.0,
+              show_default=True, help="Seconds a connection has to send its request head "
+              "(nginx's client_header_timeout; 0: none).")
+@click.option("--body-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds a request body may send nothing before a 408 (nginx's "
+              "client_body_timeout; 0: none).")
+@click.option("--max-client-connections", type=click.IntRange(min=0), default=512,
+              show_default=True, help="Connections one client address may hold, at most a "
+              "quarter of the open-files limit; more get a 503 (0: no cap; trusted proxies "
+              "are exempt).")
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDR[/BITS]",
+              help="A proxy whose X-Forwarded-For is believed (repeatable; default none: "
+              "X-Forwarded-For is the peer's address).")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=10.0,
+              show_default=True, help="Seconds requests in flight get to finish on SIGTERM "
+              "before they are cut.")
+@click.option("--max-log-mb", type=click.FloatRange(min=0, min_open=True), default=16.0,
+              show_default=True, help="Rotate the gateway's log at this size in MiB "
+              "(NAME.log.1 ... .5 are kept).")
 @click.option("--adopt", is_flag=True,
               help="Also idle-stop and evict servers started by hand (default: never touched).")
 @click.option("--api-key-file", type=click.Path(dir_okay=False),
@@ -43,8 +62,10 @@ if TYPE_CHECKING:
               help="Run detached; `cmw-vllm status` shows it, `cmw-vllm stop NAME` stops it.")
 @click.option("--json", "as_json", is_flag=True, help="With --background: print JSON.")
 def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout: float,
-            queue_limit: int, max_body_mb: float, upstream_timeout: float, adopt: bool,
-            api_key_file: str | None, background: bool, as_json: bool) -> None:
+            queue_limit: int, max_body_mb: float, upstream_timeout: float,
+            header_timeout: float, body_timeout: float, max_client_connections: int,
+            trusted_proxies: tuple[str, ...], shutdown_grace: float, max_log_mb: float,
+            adopt: bool, api_key_file: str | None, background: bool, as_json: bool) -> None:
     """Serve every model on one OpenAI-compatible endpoint, starting them on demand.
 
     A request's `model` picks the server: a running server's name or served name, else a
@@ -70,6 +91,12 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
     validate_name(name)
     if as_json and not background:
         raise UsageError("--json goes with --background")
+    from cmw_vllm.gateway.headers import TrustedProxies
+
+    try:
+        TrustedProxies(trusted_proxies)
+    except ValueError as exc:
+        raise UsageError(f"--trusted-proxy: {exc}") from None
     key_file = api_key_file or os.environ.get(KEY_FILE_ENV) or None
     settings = GatewaySettings(
         host=host, port=port, name=name, idle_timeout=idle_timeout,
@@ -77,6 +104,10 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
         max_body_bytes=int(max_body_mb * 1024 * 1024), upstream_timeout=upstream_timeout,
         adopt=adopt, api_keys=load_api_keys(api_key_file), upstream_key=api_key(),
         api_key_file=os.path.abspath(os.path.expanduser(key_file)) if key_file else None,
+        header_timeout=header_timeout, body_timeout=body_timeout,
+        max_client_connections=max_client_connections,
+        trusted_proxies=tuple(p.strip() for p in trusted_proxies),
+        shutdown_grace=shutdown_grace, max_log_bytes=int(max_log_mb * 1024 * 1024),
     )
     if host not in LOOPBACK and not settings.api_keys:
         echo_err(f"Warning: binding to {host} without a gateway API key: anyone who can reach "

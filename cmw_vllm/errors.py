@@ -176,3 +176,23 @@ class GatewayRefusal(CmwVllmError):
         self.status = status
         self.kind = kind
         self.retry_after = retry_after
+
+
+class GatewayBodyTimeout(TimeoutError):
+    """A gateway client sent no body bytes for the body timeout (answered with a 408).
+
+    A TimeoutError, so that aiohttp's lingering read after the answer ends quietly.
+    """
+
+
+class GatewayStreamBroken(Exception):
+    """A server's answer broke off after the gateway's client got its headers: the stream is
+    cut, and the request counts as a 502 (nginx reports it in its error log).
+
+    Args:
+        response: The response whose stream was cut.
+    """
+
+    def __init__(self, response: object) -> None:
+        super().__init__("upstream stream broke off")
+        self.response = response

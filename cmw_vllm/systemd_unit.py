@@ -194,7 +194,7 @@ def _passed_env(environ: dict[str, str]) -> dict[str, str]:
 
 def render(*, description: str, args: list[str], own_stop_s: float, start_s: float,
            system: bool, env_path: Path | None, environ: dict[str, str] | None = None,
-           user: str | None = None) -> str:
+           user: str | None = None, limit_nofile: int | None = None) -> str:
     """The text of a unit that runs ``cmw-vllm ARGS`` in the foreground (``Type=notify``).
 
     Args:
@@ -207,6 +207,8 @@ def render(*, description: str, args: list[str], own_stop_s: float, start_s: flo
         env_path: The 0600 file with secrets, or None.
         environ: Variables to pass on (default ``os.environ``; secrets never).
         user: For system units, the account to run as (default: the invoking user).
+        limit_nofile: The open-files limit (``LimitNOFILE=``), for a process that holds a
+            connection per client (the gateway); None keeps systemd's.
     """
     environ = dict(os.environ if environ is None else environ)
     exec_start = " ".join(_quote(a) for a in [*_command_line(), *args])
@@ -233,6 +235,8 @@ def render(*, description: str, args: list[str], own_stop_s: float, start_s: flo
         "Restart=on-failure",
         f"RestartSec={RESTART_SEC}",
     ]
+    if limit_nofile is not None:
+        lines.append(f"LimitNOFILE={int(limit_nofile)}")
     if system:
         lines.append(f"User={user or _invoking_user()}")
     lines += [_env_line(k, v) for k, v in _passed_env(environ).items()]

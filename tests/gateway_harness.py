@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from cmw_vllm.gateway.edge import EdgeRunner
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.pool import Pool
 from cmw_vllm.gateway.proxy import build_app
@@ -36,7 +37,7 @@ class GatewayThread:
         asyncio.set_event_loop(self.loop)
         self.pool = Pool(self.settings, self.metrics, **self._pool_kwargs)
         app = build_app(self.settings, self.pool, self.metrics)
-        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self.runner = EdgeRunner(app, shutdown_timeout=2.0)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", self.settings.port)
         self.loop.run_until_complete(site.start())

@@ -68,8 +68,12 @@ def test_enable_a_gateway_writes_a_verified_unit_and_keeps_its_keys_out(
     exec_start = values["ExecStart"][0]
     assert exec_start.endswith(
         f"gateway --name gw --host 127.0.0.1 --port {port} --idle-timeout 300.0 "
-        "--start-timeout 600.0 --queue-limit 512 --max-body-mb 1.5 --upstream-timeout 600.0")
-    # The gateway's own shutdown: 10 s for its connections, then its servers' drain + margin.
+        "--start-timeout 600.0 --queue-limit 512 --max-body-mb 1.5 --upstream-timeout 600.0 "
+        "--header-timeout 60.0 --body-timeout 60.0 --max-client-connections 512 "
+        "--shutdown-grace 10.0 --max-log-mb 16.0")
+    assert values["LimitNOFILE"] == ["65536"]
+    # The gateway's own shutdown: 10 s for its requests in flight (--shutdown-grace), then its
+    # servers' drain + margin.
     stop_s = int(values["TimeoutStopSec"][0])
     assert stop_s == int(shutdown_budget() + STOP_SLACK_S) and stop_s >= 10 + 30 + 30
     assert read_record("gw").drain == int(shutdown_budget())  # `stop` waits as long

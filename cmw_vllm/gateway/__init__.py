@@ -8,7 +8,12 @@ they have been idle. Modules:
 - :mod:`.pool`: which servers exist, single-flight starts, idle stop, eviction;
 - :mod:`.metrics`: the gateway's own Prometheus counters and histograms;
 - :mod:`.proxy`: the aiohttp application (routing, auth, streaming pass-through);
+- :mod:`.edge`: its connections before a route runs (read timeouts, per-client cap, JSON
+  answers and short log lines for malformed requests, the server loop);
+- :mod:`.headers`: which headers cross it (hop-by-hop, ``X-Forwarded-For``, trusted proxies);
+- :mod:`.logfile`: its log file, rotated by size, other libraries' lines scrubbed;
 - :mod:`.service`: running it in the foreground or background, its record for ``status``.
 
-aiohttp is imported only by :mod:`.proxy` and :mod:`.service`, never on ``status``'s path.
+aiohttp is imported only by :mod:`.proxy`, :mod:`.edge` and :mod:`.service`, never on
+``status``'s path.
 """

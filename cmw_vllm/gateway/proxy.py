@@ -10,6 +10,7 @@ closes the upstream request at once, and vLLM stops generating for it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -20,7 +21,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from cmw_vllm.errors import CmwVllmError
 from cmw_vllm.errors import GatewayRefusal as Refusal
+from cmw_vllm.errors import GatewayStreamBroken as StreamBroken
+from cmw_vllm.gateway.edge import EDGE_KEY, SERVER_NAME, BodyTimeout, Edge
+from cmw_vllm.gateway.headers import TrustedProxies, forward_headers, reply_headers
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.pool import Backend, Pool
 from cmw_vllm.gateway.settings import GatewaySettings
@@ -39,17 +44,6 @@ FORWARD_PATHS = frozenset({
     "/inference/v1/generate",
 })
 RESPONSE_ID_PATH = re.compile(r"/v1/responses/[A-Za-z0-9_-]{1,200}(/cancel)?")
-# Headers that belong to one connection (RFC 9110 7.6.1), the client's credentials, and
-# those aiohttp computes itself.
-DROP_REQUEST = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
-    "expect",
-})
-DROP_RESPONSE = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "content-length", "server", "date",
-})
 WHOLE_BODY_LIMIT = 1 << 20  # upstream answers up to this size are relayed in one write
 # vLLM closes a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
 # aiohttp would reuse one for 15 s, and a request sent as vLLM closes it fails with a 502.
@@ -68,7 +62,9 @@ def error_response(status: int, message: str, kind: str, retry_after: int | None
     error: dict[str, Any] = {"message": message, "type": kind, "param": None, "code": status}
     if hint:
         error["hint"] = hint
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    headers = {"Server": SERVER_NAME}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     return web.json_response({"error": error}, status=status, headers=headers)
 
 
@@ -78,7 +74,8 @@ def _key_ok(request: web.Request, keys: frozenset[str]) -> bool:
     token = token or request.headers.get("x-api-key", "").strip()
     if not token:
         return False
-    encoded = token.encode()
+    # Header bytes that are not UTF-8 arrive as surrogates: compare them as the bytes they were.
+    encoded = token.encode("utf-8", "surrogateescape")
     return any(hmac.compare_digest(encoded, key.encode()) for key in keys)
 
 
@@ -102,15 +99,14 @@ def _model_of(body: bytes, request: web.Request) -> str | None:
     return request.query.get("model") or None
 
 
-def _forward_headers(request: web.Request, upstream_key: str | None) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in DROP_REQUEST}
-    if upstream_key:
-        headers["Authorization"] = f"Bearer {upstream_key}"
+def _reply_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    headers = reply_headers(upstream.headers)
+    headers["Server"] = SERVER_NAME
     return headers
 
 
-def _reply_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
-    return {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE}
+def _json(data: Any) -> web.Response:
+    return web.json_response(data, headers={"Server": SERVER_NAME})
 
 
 class Handlers:
@@ -121,40 +117,78 @@ class Handlers:
         self.pool = pool
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
+        self.trusted = TrustedProxies(settings.trusted_proxies)
+        # Proxied requests in flight, by id (requests are not hashable), for the drain.
+        self.active: dict[int, web.Request] = {}
 
     async def health(self, request: web.Request) -> web.Response:
         """The gateway's own health: 200 while it serves."""
-        return web.json_response({"status": "ok"})
+        return _json({"status": "ok"})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         """Prometheus metrics of the gateway itself."""
         text = self.metrics.render(self.pool.in_flight(), dict(self.pool.waiting))
-        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"Server": SERVER_NAME})
 
     async def models(self, request: web.Request) -> web.Response:
         """Every model the gateway can serve, with its state."""
-        await self.pool.refresh()
-        return web.json_response({"object": "list", "data": self.pool.listing()})
+        try:
+            await self.pool.refresh()
+        except CmwVllmError as exc:
+            logger.warning("reading the servers for /v1/models failed: %s", exc.message)
+        return _json({"object": "list", "data": self.pool.listing()})
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
-        """Route one request by its model to a server, starting the server when needed."""
+        """Route one request by its model to a server, starting the server when needed.
+
+        Every outcome is a response with an OpenAI-style body when the gateway makes it,
+        counted once in the metrics under the status the client got (499 when the client
+        went away first, as nginx logs it).
+        """
         begin = time.monotonic()
         model: str | None = None
+        self.active[id(request)] = request
         try:
-            body = await self._read_body(request)
-            model = _model_of(body, request)
-            if model is None:
-                sole = self.pool.sole_backend()
-                if sole is None:
-                    raise Refusal(400, "the request names no `model` (body field or ?model=)",
-                                  "BadRequestError")
-                model = sole.names[0]
-            backend = await self.pool.acquire(model)
-        except Refusal as refusal:
-            label = self.pool.label_for(model) if model and refusal.status != 404 else "unknown"
-            self.metrics.request_done(label, refusal.status, time.monotonic() - begin)
-            return error_response(refusal.status, refusal.message, refusal.kind,
-                                  refusal.retry_after, refusal.hint)
+            try:
+                body = await self._read_body(request)
+                model = _model_of(body, request)
+                if model is None:
+                    sole = self.pool.sole_backend()
+                    if sole is None:
+                        raise Refusal(400, "the request names no `model` (body field or "
+                                      "?model=)", "BadRequestError")
+                    model = sole.names[0]
+                backend = await self.pool.acquire(model)
+            except Refusal as refusal:
+                label = self.pool.label_for(model) if model and refusal.status != 404 \
+                    else "unknown"
+                self.metrics.request_done(label, refusal.status, time.monotonic() - begin)
+                return error_response(refusal.status, refusal.message, refusal.kind,
+                                      refusal.retry_after, refusal.hint)
+            except BodyTimeout as exc:
+                self.metrics.request_done("unknown", 408, time.monotonic() - begin)
+                response = error_response(408, str(exc), "RequestTimeoutError")
+                response.force_close()
+                return response
+            except web.RequestPayloadError:  # bad chunked framing, a bad gzip body, ...
+                self.metrics.request_done("unknown", 400, time.monotonic() - begin)
+                response = error_response(400, "the request body is malformed",
+                                          "BadRequestError")
+                response.force_close()
+                return response
+            except ConnectionError:
+                self.metrics.request_done("unknown", 499, time.monotonic() - begin)
+                raise
+            return await self._send(request, backend, body, begin)
+        except Exception as exc:  # a bug: one short line, a JSON 500, counted
+            self.metrics.request_done("unknown", 500, time.monotonic() - begin)
+            return _internal_error(request, exc)
+        finally:
+            self.active.pop(id(request), None)
+
+    async def _send(self, request: web.Request, backend: Backend, body: bytes,
+                    begin: float) -> web.StreamResponse:
         status = 499  # client closed the request (nginx's code) unless we learn otherwise
         try:
             response = await self._forward(request, backend, body)
@@ -164,6 +198,14 @@ class Handlers:
             status = refusal.status
             return error_response(refusal.status, refusal.message, refusal.kind,
                                   refusal.retry_after)
+        except StreamBroken as broken:
+            status = 502
+            return broken.response  # type: ignore[return-value]
+        except ConnectionError:
+            raise  # the client went away: 499
+        except Exception as exc:
+            status = 500
+            return _internal_error(request, exc)
         finally:
             self.pool.release(backend)
             self.metrics.request_done(backend.name, status, time.monotonic() - begin)
@@ -183,7 +225,8 @@ class Handlers:
                        body: bytes) -> web.StreamResponse:
         assert self.session is not None
         url = backend.base_url + request.rel_url.raw_path_qs
-        headers = _forward_headers(request, self.settings.upstream_key)
+        headers = forward_headers(request.headers, request.remote or "",
+                                  self.settings.upstream_key, self.trusted)
         try:
             upstream = await self.session.request(request.method, url, data=body or None,
                                                   headers=headers, allow_redirects=False)
@@ -216,6 +259,9 @@ class Handlers:
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 raise Refusal(504, "the server stopped sending", "GatewayTimeoutError") \
                     from None
+            except aiohttp.ClientError as exc:  # it closed or reset mid-reply (nginx: 502)
+                raise Refusal(502, f"the server broke off its answer: {type(exc).__name__}",
+                              "BadGatewayError") from None
             return web.Response(body=data, status=upstream.status, headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         response.headers["X-Accel-Buffering"] = "no"
@@ -223,26 +269,75 @@ class Handlers:
         try:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
-        except (TimeoutError, aiohttp.ServerTimeoutError, aiohttp.ClientPayloadError):
+        except (TimeoutError, aiohttp.ClientError) as exc:
             # Headers are gone already: all we can do is cut the stream short.
-            logger.warning("upstream stream for %s broke off", request.path)
+            logger.warning("upstream stream for %s broke off: %s", request.path,
+                           type(exc).__name__)
             upstream.close()
             if request.transport is not None:
                 request.transport.close()
-            return response
+            raise StreamBroken(response) from None
         await response.write_eof()
         return response
+
+
+def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
+    """A bug in the gateway: one line with the exception's type and place (its message may
+    hold request bytes), and a JSON 500 that closes the connection."""
+    from cmw_vllm.gateway.edge import where
+
+    logger.error("internal error on %s %s: %s", request.method, request.path, where(exc))
+    response = error_response(500, "internal error in the gateway", "InternalServerError")
+    response.force_close()
+    return response
 
 
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path != "/health" and not _key_ok(request, request.app[SETTINGS_KEY].api_keys):
-        return error_response(401, "a valid gateway API key is required (Authorization: "
-                              "Bearer KEY or x-api-key)", "AuthenticationError")
+        return _unauthorized(request)
     return await handler(request)
 
 
+def _unauthorized(request: web.Request) -> web.Response:
+    request.app[METRICS_KEY].request_done("unknown", 401, 0.0)
+    return error_response(401, "a valid gateway API key is required (Authorization: "
+                          "Bearer KEY or x-api-key)", "AuthenticationError")
+
+
+async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: the client is told to send its body only once its key and
+    its announced size pass (nginx sends 100 when the body is first read, after access
+    checks); otherwise it gets the final answer at once and sends no body."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        request.app[METRICS_KEY].request_done("unknown", 417, 0.0)
+        response = error_response(417, "only `Expect: 100-continue` is supported",
+                                  "ExpectationFailedError")
+        response.force_close()
+        return response
+    settings = request.app[SETTINGS_KEY]
+    response: web.Response | None = None
+    if settings.api_keys and request.path != "/health" and not _key_ok(request,
+                                                                       settings.api_keys):
+        response = _unauthorized(request)
+    elif request.content_length is not None and request.content_length > \
+            settings.max_body_bytes:
+        request.app[METRICS_KEY].request_done("unknown", 413, 0.0)
+        response = error_response(413, f"request body of {request.content_length} bytes is "
+                                  f"over the gateway's limit of {settings.max_body_bytes} "
+                                  "bytes", "RequestTooLargeError")
+    if response is not None:
+        response.force_close()  # the body it announced never comes: no keep-alive
+        return response
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer itself has not begun
+    return None
+
+
 async def _not_forwarded(request: web.Request) -> web.Response:
+    request.app[METRICS_KEY].request_done("unknown", 404, 0.0)
     return error_response(404, f"{request.method} {request.path} is not served by the gateway",
                           "NotFoundError")
 
@@ -266,15 +361,16 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
     app[SETTINGS_KEY] = settings
     app[POOL_KEY] = handlers.pool
     app[METRICS_KEY] = metrics
-    app.router.add_get("/health", handlers.health)
-    app.router.add_get("/metrics", handlers.metrics_text)
-    app.router.add_get("/v1/models", handlers.models)
+    app[EDGE_KEY] = Edge(settings, metrics)
+    route = functools.partial(app.router.add_route, expect_handler=_expect_continue)
+    route("GET", "/health", handlers.health)
+    route("GET", "/metrics", handlers.metrics_text)
+    route("GET", "/v1/models", handlers.models)
     for path in sorted(FORWARD_PATHS):
-        app.router.add_route("POST", path, handlers.proxy)
-    app.router.add_route("GET", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}", handlers.proxy)
-    app.router.add_route("POST", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}/cancel",
-                         handlers.proxy)
-    app.router.add_route("*", "/{tail:.*}", _not_forwarded)
+        route("POST", path, handlers.proxy)
+    route("GET", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}", handlers.proxy)
+    route("POST", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}/cancel", handlers.proxy)
+    route("*", "/{tail:.*}", _not_forwarded)
 
     async def lifecycle(app: web.Application) -> Any:
         connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0,
@@ -282,9 +378,12 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
                                          keepalive_timeout=UPSTREAM_KEEPALIVE)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
                                         sock_read=settings.upstream_timeout)
-        session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                                        skip_auto_headers=("User-Agent",))
+        # No header the client did not send: aiohttp's client would add User-Agent, Accept,
+        # Accept-Encoding and a Content-Type of its own.
+        session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
         handlers.session = session
         app[SESSION_KEY] = session
         pool = handlers.pool
@@ -300,8 +399,35 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
         await pool.shutdown()
         await session.close()
 
+    async def drain(app: web.Application) -> None:
+        await _drain(handlers, settings.shutdown_grace)
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(drain)
     return app
+
+
+async def _drain(handlers: Handlers, grace: float) -> None:
+    """On shutdown, give the requests in flight ``grace`` seconds, then cut the rest.
+
+    aiohttp's own shutdown would wait its timeout twice (once for the handler, once after
+    cancelling it) and cut streams at about twice the documented time. Cutting a request
+    closes its connection: the handler is cancelled and vLLM stops generating for it.
+    """
+    if not handlers.active:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    logger.warning("shutting down: %d request(s) in flight get up to %gs to finish",
+                   len(handlers.active), grace)
+    while handlers.active and loop.time() < deadline:
+        await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0.0)))
+    if handlers.active:
+        logger.warning("shutdown grace of %gs over: cutting %d request(s)", grace,
+                       len(handlers.active))
+        for request in list(handlers.active.values()):
+            if request.transport is not None:
+                request.transport.close()
 
 
 def _exit_once_on_signal() -> None:

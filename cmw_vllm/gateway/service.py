@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cmw_vllm import paths
 from cmw_vllm.errors import ConflictError, EnvironmentProblem, ServerStartError
-from cmw_vllm.gateway.settings import GatewaySettings
+from cmw_vllm.gateway.settings import DEFAULT_SHUTDOWN_GRACE, GatewaySettings
 from cmw_vllm.server_record import (
     ServerRecord,
     log_path,
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from cmw_vllm.systemd_unit import UnitFiles
 
 logger = logging.getLogger(__name__)
-SHUTDOWN_TIMEOUT = 10.0  # seconds the connections get to finish when the gateway stops
+LIMIT_NOFILE = 65536  # the unit's open-files limit: each client and upstream connection is one
 KILL_WAIT_S = 10.0  # ServerManager.stop's wait for the processes after SIGKILL
 START_TIMEOUT_S = 120.0  # the unit's TimeoutStartSec: imports, then listening
 
@@ -82,14 +82,16 @@ def _check_registry() -> None:
     all_entries()
 
 
-def shutdown_budget(environ: Mapping[str, str] | None = None) -> float:
+def shutdown_budget(environ: Mapping[str, str] | None = None,
+                    grace: float = DEFAULT_SHUTDOWN_GRACE) -> float:
     """Seconds a gateway's shutdown may take after SIGTERM.
 
-    Its connections get ``SHUTDOWN_TIMEOUT``; then it stops the servers it started, all at
-    once, each with its drain, ``stop``'s margin and the wait after SIGKILL. The drain is
-    ``CMW_VLLM_DRAIN_TIMEOUT`` when set, else the longest of the registry's entries (at least
-    the default). The gateway's record keeps it as its ``drain``, so ``stop`` waits that long;
-    ``enable`` adds systemd's slack for ``TimeoutStopSec``.
+    Its requests in flight get ``grace`` (its ``shutdown_grace``); then it stops the servers
+    it started, all at once, each with its drain, ``stop``'s margin and the wait after
+    SIGKILL. The drain is ``CMW_VLLM_DRAIN_TIMEOUT`` when set, else the longest of the
+    registry's entries (at least the default). The gateway's record keeps it as its
+    ``drain``, so ``stop`` waits that long; ``enable`` adds systemd's slack for
+    ``TimeoutStopSec``.
     """
     from cmw_vllm.errors import ConfigError
     from cmw_vllm.server_config import DEFAULT_DRAIN, env_overrides
@@ -108,7 +110,7 @@ def shutdown_budget(environ: Mapping[str, str] | None = None) -> float:
         margin = stop_timeout()
     except (ValueError, ConfigError):
         margin = 30.0
-    return SHUTDOWN_TIMEOUT + drain + margin + KILL_WAIT_S
+    return grace + drain + margin + KILL_WAIT_S
 
 
 @dataclass
@@ -189,7 +191,8 @@ def write_record(settings: GatewaySettings, foreground: bool = True) -> ServerRe
         model="cmw-vllm gateway", served_model_name="", task=GATEWAY_TASK,
         base_url=base_url(settings), command=me.cmdline(),
         log_path=str(log_path(settings.name)), started_at=now,
-        config={**settings.public(), "drain": int(shutdown_budget())},
+        config={**settings.public(),
+                "drain": int(shutdown_budget(grace=settings.shutdown_grace))},
         ready_at=now, foreground=foreground,
     )
     for d in (paths.state_dir(), paths.servers_dir(), paths.logs_dir()):
@@ -219,25 +222,19 @@ def _in_background(settings: GatewaySettings) -> bool:
         return False
 
 
-def _log_to_file(settings: GatewaySettings) -> None:
-    """In the foreground, also log to the gateway's log file (``cmw-vllm logs NAME``).
+def _log_to_file(settings: GatewaySettings, background: bool) -> None:
+    """Log to the gateway's log file (``cmw-vllm logs NAME``), rotated by size.
 
-    In the background, stderr already is that file.
+    In the background, stderr already is that file: the log takes it over.
     """
-    from cmw_vllm.logging import FORMAT
+    from cmw_vllm.gateway import logfile
 
     path = log_path(settings.name)
-    if _in_background(settings):
-        return
     paths.ensure_dir(paths.logs_dir())
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
     try:
-        os.close(os.open(path, flags, 0o600))
+        logfile.setup(path, settings.max_log_bytes, background)
     except OSError as exc:
         raise EnvironmentProblem(f"cannot write {path}: {exc.strerror or exc}") from exc
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(FORMAT))
-    logging.getLogger("cmw_vllm").addHandler(handler)
 
 
 def run_foreground(settings: GatewaySettings) -> None:
@@ -249,13 +246,15 @@ def run_foreground(settings: GatewaySettings) -> None:
     """
     from aiohttp import web
 
+    from cmw_vllm.gateway.edge import serve
     from cmw_vllm.gateway.proxy import build_app
     from cmw_vllm.supervisor import notify
 
     _check_free(settings)
     _check_registry()
     foreground = not _in_background(settings)
-    _log_to_file(settings)
+    _log_to_file(settings, background=not foreground)
+    _raise_fd_limit()
     # Ours alone: the supervisors of the servers it starts must not notify for its unit.
     notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
     app = build_app(settings)
@@ -276,16 +275,27 @@ def run_foreground(settings: GatewaySettings) -> None:
         remove_record(settings)
 
     app.on_startup.append(on_startup)
-    app.on_shutdown.append(on_shutdown)
+    app.on_shutdown.insert(0, on_shutdown)  # before the requests in flight are drained
     app.on_cleanup.append(on_cleanup)
     loop = None
     with contextlib.suppress(ImportError):
         import uvloop
 
         loop = uvloop.new_event_loop()
-    web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
-                access_log=None, print=on_listening, shutdown_timeout=SHUTDOWN_TIMEOUT,
-                loop=loop)
+    serve(app, settings.host, settings.port, on_listening, loop=loop)
+
+
+def _raise_fd_limit() -> None:
+    """Raise the soft open-files limit to the hard one, as nginx's ``worker_rlimit_nofile``
+    does: each connection is a file descriptor, and the usual soft limit is 1024."""
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, LIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @dataclass
@@ -323,11 +333,10 @@ def start_background(settings: GatewaySettings, argv: list[str],
     _check_registry()
     for d in (paths.state_dir(), paths.servers_dir(), paths.logs_dir()):
         paths.ensure_dir(d)
+    from cmw_vllm.server_record import rotate_log
+
     log_file = log_path(settings.name)
-    if log_file.is_symlink():
-        raise EnvironmentProblem(f"{log_file} is a symlink; refusing to write through it")
-    if log_file.exists():
-        os.replace(log_file, log_file.with_name(log_file.name + ".1"))
+    rotate_log(log_file)  # refuses a symlink
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(log_file, flags, 0o600)
     try:
@@ -389,7 +398,7 @@ def enable_unit(settings: GatewaySettings, *, system: bool = False) -> UnitFiles
     The unit runs ``cmw-vllm gateway`` with the settings' options; keys come from the 0600
     env file (the environment's ``CMW_VLLM_GATEWAY_API_KEYS``, the upstream ``VLLM_API_KEY``)
     or the key file the options name, never from the unit. ``TimeoutStopSec`` covers
-    :func:`shutdown_budget`.
+    :func:`shutdown_budget`; ``LimitNOFILE`` allows ``LIMIT_NOFILE`` connections.
 
     Raises:
         EnvironmentProblem: The unit directory is not writable (system units need root).
@@ -399,8 +408,9 @@ def enable_unit(settings: GatewaySettings, *, system: bool = False) -> UnitFiles
     env_path = systemd_unit.write_env_file(settings.name, dict(os.environ))
     text = systemd_unit.render(
         description=f"cmw-vllm gateway ({settings.name}, {base_url(settings)})",
-        args=["gateway", *settings.cli_args()], own_stop_s=shutdown_budget(),
-        start_s=START_TIMEOUT_S, system=system, env_path=env_path)
+        args=["gateway", *settings.cli_args()],
+        own_stop_s=shutdown_budget(grace=settings.shutdown_grace),
+        start_s=START_TIMEOUT_S, system=system, env_path=env_path, limit_nofile=LIMIT_NOFILE)
     return systemd_unit.install(settings.name, text, system=system, definition=None,
                                 env_path=env_path)
 

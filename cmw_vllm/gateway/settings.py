@@ -20,6 +20,7 @@ KEYS_ENV = "CMW_VLLM_GATEWAY_API_KEYS"
 KEY_FILE_ENV = "CMW_VLLM_GATEWAY_API_KEY_FILE"
 DEFAULT_PORT = 4000
 DEFAULT_NAME = "gateway"
+DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds requests in flight get after SIGTERM
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,18 @@ class GatewaySettings:
         upstream_key: The key sent to the servers (``VLLM_API_KEY``).
         max_connections: Connection pool cap towards the servers (0: no cap).
         api_key_file: The file the keys were read from, if any (a path, no secret).
+        header_timeout: Seconds a new connection has to send its request head (nginx's
+            ``client_header_timeout``); 0 none.
+        body_timeout: Seconds a request body may send nothing before a 408 (nginx's
+            ``client_body_timeout``: between two reads, not for the whole body); 0 none.
+        max_client_connections: Connections one client address may hold (trusted proxies
+            exempt; never more than a quarter of the open-files limit); more get a 503 and
+            are closed. 0: no cap.
+        trusted_proxies: Addresses or networks whose ``X-Forwarded-For`` is kept (the
+            peer's address is appended); from others it is replaced by the peer's.
+        shutdown_grace: Seconds requests in flight get to finish after SIGTERM before
+            they are cut.
+        max_log_bytes: Size at which the gateway's log is rotated (``NAME.log.1`` ...).
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +76,12 @@ class GatewaySettings:
     upstream_key: str | None = field(default=None, repr=False)
     max_connections: int = 0
     api_key_file: str | None = None
+    header_timeout: float = 60.0
+    body_timeout: float = 60.0
+    max_client_connections: int = 512
+    trusted_proxies: tuple[str, ...] = ()
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    max_log_bytes: int = 16 * 1024 * 1024
 
     def public(self) -> dict[str, object]:
         """The settings without secrets (for the record and ``--json``)."""
@@ -77,6 +96,12 @@ class GatewaySettings:
             "adopt": self.adopt,
             "api_keys": len(self.api_keys),
             "api_key_file": self.api_key_file,
+            "header_timeout": self.header_timeout,
+            "body_timeout": self.body_timeout,
+            "max_client_connections": self.max_client_connections,
+            "trusted_proxies": list(self.trusted_proxies),
+            "shutdown_grace": self.shutdown_grace,
+            "max_log_bytes": self.max_log_bytes,
         }
 
     @classmethod
@@ -94,6 +119,8 @@ class GatewaySettings:
             if not _same_kind(defaults[key], value):
                 raise ConfigError(f"the kept settings of gateway {name!r} are invalid: "
                                   f"{key} is {value!r}")
+        if "trusted_proxies" in kept:
+            kept["trusted_proxies"] = tuple(kept["trusted_proxies"])
         port = kept.get("port", DEFAULT_PORT)
         if not PORT_MIN <= port <= PORT_MAX:
             raise ConfigError(f"the kept settings of gateway {name!r} are invalid: "
@@ -108,6 +135,13 @@ class GatewaySettings:
                 "--queue-limit", str(self.queue_limit),
                 "--max-body-mb", str(self.max_body_bytes / (1024 * 1024)),
                 "--upstream-timeout", str(self.upstream_timeout)]
+        args += ["--header-timeout", str(self.header_timeout),
+                 "--body-timeout", str(self.body_timeout),
+                 "--max-client-connections", str(self.max_client_connections),
+                 "--shutdown-grace", str(self.shutdown_grace),
+                 "--max-log-mb", str(self.max_log_bytes / (1024 * 1024))]
+        for proxy in self.trusted_proxies:
+            args += ["--trusted-proxy", proxy]
         if self.adopt:
             args.append("--adopt")
         if self.api_key_file:
@@ -123,6 +157,8 @@ def _same_kind(default: object, value: object) -> bool:
         return isinstance(value, (int, float))
     if default is None:  # api_key_file: a path or nothing
         return value is None or isinstance(value, str)
+    if isinstance(default, tuple):  # trusted_proxies: JSON keeps it as a list of strings
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
     return isinstance(value, type(default))
 
 
