@@ -202,6 +202,7 @@ class ServerManager:
         api_key: str | None = None,
         requested: Collection[str] = (),
         foreground: bool = False,
+        started_by: str | None = None,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -225,6 +226,8 @@ class ServerManager:
                 supervises it (:func:`cmw_vllm.supervisor.run_foreground`; from the spawn
                 until then a SIGTERM/SIGINT/SIGHUP to this process is held for it, so call
                 this in the main thread). A server that already runs is a conflict.
+            started_by: The name of the gateway that starts the server, kept in its record
+                (a server that already runs keeps its own).
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
@@ -264,7 +267,8 @@ class ServerManager:
                     check = preflight(config)
                     if check.status == "skipped" and on_notice is not None:
                         on_notice(f"memory check skipped: {check.reason}")
-                record, process, env = self._launch(config, api_key, foreground)
+                record, process, env = self._launch(config, api_key, foreground,
+                                                    started_by=started_by)
                 already = False
         result = StartResult(
             name=config.name,
@@ -353,7 +357,8 @@ class ServerManager:
                 break
         raise ConflictError(f"no free port found from {config.port}")
 
-    def _launch(self, config: ServerConfig, api_key: str | None, foreground: bool = False
+    def _launch(self, config: ServerConfig, api_key: str | None, foreground: bool = False,
+                started_by: str | None = None
                 ) -> tuple[ServerRecord, Any, dict[str, str] | None]:
         """Spawn vLLM under a supervisor (or, in the foreground, as our child); write the
         record and the restart files.
@@ -406,6 +411,7 @@ class ServerManager:
             leader=network.get("leader"),
             host_ip=network.get("VLLM_HOST_IP"),
             foreground=foreground,
+            started_by=started_by,
         )
         try:
             self._save(record)

@@ -70,6 +70,9 @@ class ServerRecord:
     kill_at: float | None = None  # when whatever is left gets SIGKILL
     # The last automatic restart: exit_at, detected_at, cleaned_at, launched_at.
     restart_timing: dict[str, float] | None = None
+    # The gateway that started the server (its name), so that a gateway started again under
+    # that name takes it back after a crash; None for a server started by hand.
+    started_by: str | None = None
 
     @property
     def drain(self) -> int:
