@@ -288,8 +288,6 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
         handlers.session = session
         app[SESSION_KEY] = session
         pool = handlers.pool
-        if pool.probe is None:
-            pool.probe = _prober(session)
         await pool.refresh()
         _exit_once_on_signal()  # after aiohttp installed its handlers: replaces them
         tasks = [asyncio.create_task(pool.idle_loop()), asyncio.create_task(pool.health_loop())]
@@ -331,14 +329,3 @@ def _exit_once_on_signal() -> None:
         except (RuntimeError, ValueError, NotImplementedError):
             return  # not the main thread (tests), or no signals here
 
-
-def _prober(session: aiohttp.ClientSession) -> Any:
-    async def probe(base_url: str) -> bool:
-        try:
-            async with session.get(base_url + "/health",
-                                   timeout=aiohttp.ClientTimeout(total=3)) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    return probe

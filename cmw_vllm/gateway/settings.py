@@ -46,6 +46,8 @@ class GatewaySettings:
         upstream_key: The key sent to the servers (``VLLM_API_KEY``).
         max_connections: Connection pool cap towards the servers (0: no cap).
         api_key_file: The file the keys were read from, if any (a path, no secret).
+        start_backoff: Seconds a model is not started again after a failed start; doubles
+            with each failure in a row, up to 5 min (0: no back-off).
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +65,7 @@ class GatewaySettings:
     upstream_key: str | None = field(default=None, repr=False)
     max_connections: int = 0
     api_key_file: str | None = None
+    start_backoff: float = 5.0
 
     def public(self) -> dict[str, object]:
         """The settings without secrets (for the record and ``--json``)."""
