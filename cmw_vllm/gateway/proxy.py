@@ -22,6 +22,7 @@ from aiohttp import web
 
 from cmw_vllm.errors import GatewayRefusal as Refusal
 from cmw_vllm.gateway.metrics import Metrics
+from cmw_vllm.gateway.origin import install as install_web_gate
 from cmw_vllm.gateway.pool import Backend, Pool
 from cmw_vllm.gateway.settings import GatewaySettings
 
@@ -263,6 +264,7 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
                           middlewares=[_auth_middleware] if settings.api_keys else [])
     handlers = Handlers(settings, pool or Pool(settings, metrics), metrics)
     handlers.pool.metrics = metrics
+    install_web_gate(app, settings)
     app[SETTINGS_KEY] = settings
     app[POOL_KEY] = handlers.pool
     app[METRICS_KEY] = metrics

@@ -46,6 +46,11 @@ class GatewaySettings:
         upstream_key: The key sent to the servers (``VLLM_API_KEY``).
         max_connections: Connection pool cap towards the servers (0: no cap).
         api_key_file: The file the keys were read from, if any (a path, no secret).
+        allowed_hosts: Host names served besides IP addresses, localhost, the machine's
+            name and the bound name (comma-separated; ``.example.com`` for its subdomains,
+            ``*`` for any).
+        allowed_origins: Web page origins that may use the gateway (comma-separated
+            ``scheme://host[:port]``, ``*`` for any; none by default).
         start_backoff: Seconds a model is not started again after a failed start; doubles
             with each failure in a row, up to 5 min (0: no back-off).
     """
@@ -65,6 +70,8 @@ class GatewaySettings:
     upstream_key: str | None = field(default=None, repr=False)
     max_connections: int = 0
     api_key_file: str | None = None
+    allowed_hosts: str = ""
+    allowed_origins: str = ""
     start_backoff: float = 5.0
 
     def public(self) -> dict[str, object]:
@@ -80,6 +87,8 @@ class GatewaySettings:
             "adopt": self.adopt,
             "api_keys": len(self.api_keys),
             "api_key_file": self.api_key_file,
+            "allowed_hosts": self.allowed_hosts,
+            "allowed_origins": self.allowed_origins,
         }
 
     @classmethod
@@ -115,6 +124,10 @@ class GatewaySettings:
             args.append("--adopt")
         if self.api_key_file:
             args += ["--api-key-file", self.api_key_file]
+        if self.allowed_hosts:
+            args += ["--allowed-hosts", self.allowed_hosts]
+        if self.allowed_origins:
+            args += ["--allowed-origins", self.allowed_origins]
         return args
 
 
