@@ -97,7 +97,7 @@ class WebGate:
             if origin not in (ANY, "null") and not _ORIGIN.fullmatch(origin):
                 raise ConfigError(f"allowed origin {origin!r} is not an origin "
                                   "(scheme://host[:port], `*` for any)")
-        names = {"localhost", socket.gethostname().lower()}
+        names = {"localhost", "127.0.0.1", "::1", socket.gethostname().lower()}
         bound = split_host(settings.host)
         if bound not in WILDCARD_BINDS:
             names.add(bound)
