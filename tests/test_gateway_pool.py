@@ -99,6 +99,38 @@ def test_a_stalled_loop_does_not_make_a_healthy_server_unhealthy(gateway_factory
     assert _chat(gw.url, "mine").status_code == 200
 
 
+def test_probes_that_fail_while_the_loop_is_blocked_do_not_count() -> None:
+    from cmw_vllm.gateway.metrics import Metrics
+    from cmw_vllm.gateway.pool import Backend, Pool
+
+    async def scenario() -> tuple[dict[str, str], dict[str, str]]:
+        loop = asyncio.get_running_loop()
+
+        async def loop_timed_probe(base_url: str) -> bool:
+            """A probe whose deadline is a loop timer (1 s): a stall of the loop fails it."""
+            begin = loop.time()
+            await asyncio.sleep(0.05)
+            return base_url == "http://ok" and loop.time() - begin < 1.0
+
+        pool = Pool(GatewaySettings(), Metrics(), manager=ServerManager(),
+                    probe=loop_timed_probe)
+        pool.backends = {name: Backend(name, f"http://{name}", (name,), owned=False, pid=1,
+                                       ttl=0) for name in ("ok", "sick")}
+        for _ in range(3):
+            task = asyncio.ensure_future(pool.check_health())
+            await asyncio.sleep(0.01)  # the probes are on their way
+            time.sleep(1.5)  # the gateway's loop is blocked (a slow request)
+            await task
+        during = {name: b.state for name, b in pool.backends.items()}
+        for _ in range(3):
+            await pool.check_health()
+        return during, {name: b.state for name, b in pool.backends.items()}
+
+    during, after = asyncio.run(scenario())
+    assert during == {"ok": "running", "sick": "running"}  # the stalls were the gateway's
+    assert after == {"ok": "running", "sick": "unhealthy"}  # a sick server is still found
+
+
 # ----------------------------------------------------------------------- SIGKILL
 
 

@@ -55,6 +55,8 @@ STARTABLE = "startable"  # an entry with no server (``/v1/models`` only)
 PROBE_TIMEOUT = 3.0  # seconds one health probe may take in all
 UNHEALTHY_AFTER = 3  # failed health probes in a row that make a ready server unhealthy
 PROBE_THREADS = 4
+LAG_TICK = 0.25  # seconds between the loop-lag watcher's wake-ups during a health round
+STALL_EXCUSE = 1.0  # a loop stall this long during a round: its failed probes don't count
 
 
 @dataclass(eq=False)
@@ -121,6 +123,29 @@ def scan_servers(manager: ServerManager) -> list[Scanned]:
         out.append(Scanned(rec.name, rec.base_url, _served_names(rec), rec.pid, state,
                            rec.started_by))
     return out
+
+
+class LoopLag:
+    """The longest the event loop was blocked while it ran (a watcher wakes every
+    :data:`LAG_TICK` seconds and measures how late it woke)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self.worst = 0.0
+        self._task = self._loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(LAG_TICK)
+            now = self._loop.time()
+            self.worst = max(self.worst, now - self._last - LAG_TICK)
+            self._last = now
+
+    def stop(self) -> float:
+        """Stop watching; the worst lag, counting a stall the watcher has not woken from."""
+        self._task.cancel()
+        return max(self.worst, self._loop.time() - self._last - LAG_TICK)
 
 
 _probe_executor: ThreadPoolExecutor | None = None
@@ -549,11 +574,26 @@ class Pool:
 
     async def check_health(self) -> None:
         """Probe ready and unhealthy servers; no new requests go to those that fail
-        :data:`UNHEALTHY_AFTER` probes in a row. One probe that passes makes a server ready."""
+        :data:`UNHEALTHY_AFTER` probes in a row. One probe that passes makes a server ready.
+
+        A failed probe does not count when the gateway's own loop was blocked for
+        :data:`STALL_EXCUSE` seconds or more during the round: the time was the gateway's.
+        """
         targets = [b for b in self.backends.values() if b.state in (READY, UNHEALTHY)]
-        results = await asyncio.gather(*(self.probe(b.base_url) for b in targets))
+        if not targets:
+            return
+        lag = LoopLag()
+        try:
+            results = await asyncio.gather(*(self.probe(b.base_url) for b in targets))
+        finally:
+            stalled = lag.stop()
+        excused = stalled >= STALL_EXCUSE
         for backend, ok in zip(targets, results, strict=True):
             if backend.state not in (READY, UNHEALTHY):
+                continue
+            if not ok and excused:
+                logger.info("health probe of %s failed while the gateway's loop was blocked "
+                            "for %.1fs; not counted", backend.name, stalled)
                 continue
             backend.failed_probes = 0 if ok else backend.failed_probes + 1
             new = READY if ok else (
