@@ -9,7 +9,8 @@ that meets a stopping server waits for the stop to end and then starts the model
 
 Health probes run in threads of their own, each with a total deadline of its own: a stall of
 the event loop (a slow request, a busy CPU) delays their answers but never turns them into
-timeouts, and a server is marked unhealthy only after several failed probes in a row.
+timeouts; a probe that fails while the loop was blocked anyway does not count, and a
+server is marked unhealthy only after several failed probes in a row.
 A server's record names the gateway that started it, so a gateway started again under the
 same name (after a crash) takes back the servers it had started.
 """
