@@ -58,6 +58,14 @@ if TYPE_CHECKING:
 @click.option("--api-key-file", type=click.Path(dir_okay=False),
               help="File of gateway API keys, one per line, mode 0600 (or "
               "CMW_VLLM_GATEWAY_API_KEY_FILE; keys also from CMW_VLLM_GATEWAY_API_KEYS).")
+@click.option("--allowed-hosts", envvar="CMW_VLLM_GATEWAY_ALLOWED_HOSTS", default="",
+              help="Host names to serve besides IP addresses, localhost, this machine's name "
+              "and --host (comma-separated; .example.com for subdomains, * for any). Other "
+              "names get a 403 (DNS rebinding).")
+@click.option("--allowed-origins", envvar="CMW_VLLM_GATEWAY_ALLOWED_ORIGINS", default="",
+              help="Web page origins that may use the gateway from a browser, CORS included "
+              "(comma-separated scheme://host[:port], * for any; default none: cross-site "
+              "browser requests get a 403).")
 @click.option("-d", "--background", is_flag=True,
               help="Run detached; `cmw-vllm status` shows it, `cmw-vllm stop NAME` stops it.")
 @click.option("--json", "as_json", is_flag=True, help="With --background: print JSON.")
@@ -65,7 +73,8 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
             queue_limit: int, max_body_mb: float, upstream_timeout: float,
             header_timeout: float, body_timeout: float, max_client_connections: int,
             trusted_proxies: tuple[str, ...], shutdown_grace: float, max_log_mb: float,
-            adopt: bool, api_key_file: str | None, background: bool, as_json: bool) -> None:
+            adopt: bool, api_key_file: str | None, allowed_hosts: str, allowed_origins: str,
+            background: bool, as_json: bool) -> None:
     """Serve every model on one OpenAI-compatible endpoint, starting them on demand.
 
     A request's `model` picks the server: a running server's name or served name, else a
@@ -108,7 +117,11 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
         max_client_connections=max_client_connections,
         trusted_proxies=tuple(p.strip() for p in trusted_proxies),
         shutdown_grace=shutdown_grace, max_log_bytes=int(max_log_mb * 1024 * 1024),
+        allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
     )
+    from cmw_vllm.gateway.origin import WebGate
+
+    WebGate.from_settings(settings)  # a malformed host or origin: one line, exit code
     if host not in LOOPBACK and not settings.api_keys:
         echo_err(f"Warning: binding to {host} without a gateway API key: anyone who can reach "
                  "this machine can use every model (set CMW_VLLM_GATEWAY_API_KEYS or "

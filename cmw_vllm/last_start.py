@@ -69,7 +69,10 @@ class KeptStart:
 
 def is_kept(key: str) -> bool:
     """Whether variable ``key`` is one a start keeps for restart."""
-    return (key.startswith(KEPT_PREFIXES) or key in KEPT_NAMES) and key not in NOT_KEPT
+    from cmw_vllm.settings import NEVER_TO_ENGINE_PREFIXES
+
+    return ((key.startswith(KEPT_PREFIXES) or key in KEPT_NAMES) and key not in NOT_KEPT
+            and not key.upper().startswith(NEVER_TO_ENGINE_PREFIXES))
 
 
 def kept_variables(environ: Mapping[str, str]) -> dict[str, str]:

@@ -210,6 +210,7 @@ class ServerManager:
         foreground: bool = False,
         python: str | None = None,
         environ: Mapping[str, str] | None = None,
+        started_by: str | None = None,
     ) -> StartResult:
         """Start ``config`` in the background (or join the same server already running).
 
@@ -237,6 +238,8 @@ class ServerManager:
                 :func:`cmw_vllm.vllm_engine.find_engine_python` finds it).
             environ: The environment vLLM starts from (default ``os.environ``); what the
                 memory check reads too. Its kept variables are kept for ``restart``.
+            started_by: The name of the gateway that starts the server, kept in its record
+                (a server that already runs keeps its own).
 
         Raises:
             InsufficientResourcesError: The preflight check refused (numbers in the message).
@@ -277,7 +280,7 @@ class ServerManager:
                     if check.status == "skipped" and on_notice is not None:
                         on_notice(f"memory check skipped: {check.reason}")
                 record, process, env = self._launch(config, api_key, foreground, python=python,
-                                                    environ=environ)
+                                                    environ=environ, started_by=started_by)
                 already = False
         result = StartResult(
             name=config.name,
@@ -367,7 +370,8 @@ class ServerManager:
         raise ConflictError(f"no free port found from {config.port}")
 
     def _launch(self, config: ServerConfig, api_key: str | None, foreground: bool = False, *,
-                python: str | None = None, environ: Mapping[str, str] | None = None
+                python: str | None = None, environ: Mapping[str, str] | None = None,
+                started_by: str | None = None
                 ) -> tuple[ServerRecord, Any, dict[str, str] | None]:
         """Spawn vLLM under a supervisor (or, in the foreground, as our child); write the
         record and the restart files (with the interpreter and the kept variables of
@@ -423,6 +427,7 @@ class ServerManager:
             leader=network.get("leader"),
             host_ip=network.get("VLLM_HOST_IP"),
             foreground=foreground,
+            started_by=started_by,
         )
         try:
             self._save(record)

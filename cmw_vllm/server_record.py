@@ -72,6 +72,9 @@ class ServerRecord:
     restart_timing: dict[str, float] | None = None
     # Every name vLLM answers to (served_model_name is the first); empty in older records.
     served_names: list[str] = field(default_factory=list)
+    # The gateway that started the server (its name), so that a gateway started again under
+    # that name takes it back after a crash; None for a server started by hand.
+    started_by: str | None = None
 
     @property
     def drain(self) -> int:

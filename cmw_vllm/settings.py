@@ -38,6 +38,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Variables whose empty value means "unset" to cmw-vllm. vLLM and huggingface_hub read some
 # of them differently (``HF_HOME=''`` is a relative folder), so empty ones are not passed on.
 _EMPTY_IS_UNSET_PREFIXES = ("HF_", "HUGGING_FACE_", "VLLM_", "CMW_VLLM_")
+# The gateway's own variables (its API keys, its key file): a server it starts must not see
+# them, whoever the server lets read its environment (/proc/PID/environ, a crash dump).
+NEVER_TO_ENGINE_PREFIXES = ("CMW_VLLM_GATEWAY_",)
 
 
 def load_env_file(path: str | os.PathLike[str] | None = None) -> Path | None:
@@ -83,11 +86,13 @@ def source_of(name: str) -> str:
 
 
 def engine_environ(base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` without the empty variables that mean "unset" (the environment for vLLM)."""
+    """``base`` without the empty variables that mean "unset" and without the gateway's
+    variables (its keys): the environment for vLLM."""
     return {
         key: value
         for key, value in base.items()
-        if value != "" or not key.startswith(_EMPTY_IS_UNSET_PREFIXES)
+        if (value != "" or not key.startswith(_EMPTY_IS_UNSET_PREFIXES))
+        and not key.upper().startswith(NEVER_TO_ENGINE_PREFIXES)
     }
 
 

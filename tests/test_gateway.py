@@ -132,7 +132,7 @@ def test_start_timeout_answers_503_and_the_start_goes_on(gateway_factory: Any,
 def test_start_failure_reaches_every_waiter_then_next_request_retries(
         gateway_factory: Any, entries: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_VLLM_MODE", "oom")
-    gw = gateway_factory()
+    gw = gateway_factory(start_backoff=0)  # the back-off: test_gateway_pool.py
     logged = _Lines()
     logged.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.getLogger("cmw_vllm").addHandler(logged)
@@ -336,7 +336,7 @@ def test_body_limit_paths_and_bad_bodies(gateway_factory: Any) -> None:
         assert reply.status_code == 404, path
     # An absolute URI in the request line cannot send the gateway elsewhere.
     with socket.create_connection(("127.0.0.1", gw.settings.port), timeout=10) as sock:
-        sock.sendall(b"GET http://example.com/v1/models HTTP/1.1\r\nHost: example.com\r\n"
+        sock.sendall(b"GET http://example.com/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Connection: close\r\n\r\n")
         head = sock.recv(4096).decode()
     assert head.startswith("HTTP/1.1 200") and "example.com" not in head.split("\r\n\r\n")[1]

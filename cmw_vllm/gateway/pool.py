@@ -6,6 +6,13 @@ the memory preflight) runs in worker threads. Because state only changes on the 
 check and the change it gates happen together: a server is marked ``stopping`` in the same
 step that finds it idle, so no request can slip in between (llama-swap #946), and a request
 that meets a stopping server waits for the stop to end and then starts the model again.
+
+Health probes run in threads of their own, each with a total deadline of its own: a stall of
+the event loop (a slow request, a busy CPU) delays their answers but never turns them into
+timeouts; a probe that fails while the loop was blocked anyway does not count, and a
+server is marked unhealthy only after several failed probes in a row.
+A server's record names the gateway that started it, so a gateway started again under the
+same name (after a crash) takes back the servers it had started.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +33,7 @@ from cmw_vllm.errors import (
     InsufficientResourcesError,
 )
 from cmw_vllm.errors import GatewayRefusal as Refusal
+from cmw_vllm.gateway.backoff import StartBackoff, hide_paths
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.vocab import GATEWAY_TASK
@@ -44,6 +53,12 @@ STOPPING = "stopping"
 UNHEALTHY = "unhealthy"
 STARTABLE = "startable"  # an entry with no server (``/v1/models`` only)
 
+PROBE_TIMEOUT = 3.0  # seconds one health probe may take in all
+UNHEALTHY_AFTER = 3  # failed health probes in a row that make a ready server unhealthy
+PROBE_THREADS = 4
+LAG_TICK = 0.25  # seconds between the loop-lag watcher's wake-ups during a health round
+STALL_EXCUSE = 1.0  # a loop stall this long during a round: its failed probes don't count
+
 
 @dataclass(eq=False)
 class Backend:
@@ -57,6 +72,7 @@ class Backend:
     ttl: float
     state: str = READY
     in_flight: int = 0
+    failed_probes: int = 0  # failed health probes in a row
     last_used: float = field(default_factory=time.monotonic)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
@@ -74,6 +90,7 @@ class Scanned:
     names: tuple[str, ...]
     pid: int
     state: str = READY
+    started_by: str | None = None
 
 
 FitCheck = Callable[["ServerConfig"], Any]
@@ -104,8 +121,56 @@ def scan_servers(manager: ServerManager) -> list[Scanned]:
             continue  # a follower node: no HTTP of its own
         # A stop began (someone ran `cmw-vllm stop`), or the supervisor is relaunching it.
         state = {State.DRAINING: DRAINING, State.RESTARTING: UNHEALTHY}.get(status.state, READY)
-        out.append(Scanned(rec.name, rec.base_url, _served_names(rec), rec.pid, state))
+        out.append(Scanned(rec.name, rec.base_url, _served_names(rec), rec.pid, state,
+                           rec.started_by))
     return out
+
+
+class LoopLag:
+    """The longest the event loop was blocked while it ran (a watcher wakes every
+    :data:`LAG_TICK` seconds and measures how late it woke)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self.worst = 0.0
+        self._task = self._loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(LAG_TICK)
+            now = self._loop.time()
+            self.worst = max(self.worst, now - self._last - LAG_TICK)
+            self._last = now
+
+    def stop(self) -> float:
+        """Stop watching; the worst lag, counting a stall the watcher has not woken from."""
+        self._task.cancel()
+        return max(self.worst, self._loop.time() - self._last - LAG_TICK)
+
+
+_probe_executor: ThreadPoolExecutor | None = None
+
+
+def _probe_threads() -> ThreadPoolExecutor:
+    global _probe_executor
+    if _probe_executor is None:
+        _probe_executor = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="cmw-health")
+    return _probe_executor
+
+
+async def probe_in_thread(base_url: str) -> bool:
+    """True when ``base_url``'s ``/health`` answers 200 within :data:`PROBE_TIMEOUT`.
+
+    The probe runs in a thread with a deadline of its own (blocking sockets, no event-loop
+    timer), so time the gateway's loop spends blocked does not count against the server.
+    """
+    from cmw_vllm.health_check import probe_health
+
+    loop = asyncio.get_running_loop()
+    status = await loop.run_in_executor(_probe_threads(), probe_health, base_url,
+                                        PROBE_TIMEOUT)
+    return status == 200
 
 
 def default_fit_check(config: ServerConfig) -> Any:
@@ -123,7 +188,8 @@ class Pool:
         metrics: Where to count starts, stops, evictions.
         manager: Starts and stops servers (default: a new ServerManager).
         fit_check: Raises InsufficientResourcesError when a config cannot fit now.
-        probe: ``await probe(base_url)`` is True when the server's ``/health`` answers 200.
+        probe: ``await probe(base_url)`` is True when the server's ``/health`` answers 200
+            (default: :func:`probe_in_thread`).
     """
 
     def __init__(self, settings: GatewaySettings, metrics: Metrics, *,
@@ -137,7 +203,8 @@ class Pool:
         self.metrics = metrics
         self.manager = manager
         self.fit_check = fit_check or default_fit_check
-        self.probe = probe
+        self.probe: Probe = probe or probe_in_thread
+        self.backoff = StartBackoff(settings.start_backoff)
         self.backends: dict[str, Backend] = {}
         self.by_model: dict[str, Backend] = {}
         self.entries: dict[str, ModelEntry] = {}
@@ -176,12 +243,14 @@ class Pool:
             if self._forgotten.get(item.name, -1.0) >= scan_began:
                 continue  # stopped while the scan ran: its record was read before that
             state = item.state
-            if state == READY and self.probe is not None and not await self.probe(item.base_url):
+            if state == READY and not await self.probe(item.base_url):
                 state = UNHEALTHY
-            backend = Backend(item.name, item.base_url, item.names, owned=False,
+            owned = item.started_by == self.settings.name
+            backend = Backend(item.name, item.base_url, item.names, owned=owned,
                               pid=item.pid, ttl=self._ttl_for(item.name), state=state)
             self.backends[item.name] = backend
-            logger.info("found server %s at %s (%s)", item.name, item.base_url, backend.state)
+            logger.info("found server %s at %s (%s%s)", item.name, item.base_url,
+                        backend.state, ", started by this gateway" if owned else "")
         for name, backend in list(self.backends.items()):
             gone_by_itself = backend.state in (READY, UNHEALTHY) or (
                 backend.state == DRAINING and not backend.owned)
@@ -312,6 +381,14 @@ class Pool:
                           retry_after=5)
         task = self._starts.get(name)
         if task is None:
+            failure = self.backoff.blocked(name)
+            if failure is not None:
+                self.metrics.rejected[(name, "start_backoff")] += 1
+                wait = failure.retry_after(time.monotonic())
+                raise Refusal(503, f"starting `{model}` failed ({failure.failures} in a row; "
+                              f"next try in {wait}s): {hide_paths(failure.message)}",
+                              "ServerStartError", retry_after=wait,
+                              hint=hide_paths(failure.hint))
             task = asyncio.create_task(self._start(entry))
             self._starts[name] = task
             task.add_done_callback(lambda t: self._start_done(name, t))
@@ -321,8 +398,11 @@ class Pool:
         except Refusal:
             raise
         except CmwVllmError as exc:
-            raise Refusal(503, f"starting `{model}` failed: {exc.message}",
-                          "ServerStartError", retry_after=10, hint=exc.hint) from None
+            failure = self.backoff.blocked(name)
+            wait = failure.retry_after(time.monotonic()) if failure is not None else 1
+            raise Refusal(503, f"starting `{model}` failed: {hide_paths(exc.message)}",
+                          "ServerStartError", retry_after=wait,
+                          hint=hide_paths(exc.hint)) from None
         finally:
             self.waiting[name] -= 1
             if not self.waiting[name]:
@@ -331,14 +411,21 @@ class Pool:
     def _start_done(self, name: str, task: asyncio.Task[Backend]) -> None:
         if self._starts.get(name) is task:
             del self._starts[name]
-        if not task.cancelled() and task.exception() is not None:
-            self.metrics.start_failures[name] += 1
-            exc = task.exception()
-            if isinstance(exc, CmwVllmError):
-                why = exc.message + (f"; {exc.hint}" if exc.hint else "")
-            else:
-                why = f"unexpected {type(exc).__name__}: {exc}"
-            logger.error("starting %s on demand failed: %s", name, " ".join(why.split()))
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self.backoff.succeeded(name)
+            return
+        self.metrics.start_failures[name] += 1
+        if isinstance(exc, CmwVllmError):
+            message, hint = exc.message, exc.hint
+        else:
+            message, hint = f"internal error ({type(exc).__name__}; see the gateway's log)", None
+        failure = self.backoff.failed(name, message, hint)
+        logger.error("starting %s on demand failed: %s%s (%d in a row; no new start for %.0fs)",
+                     name, " ".join(message.split()), f"; {' '.join(hint.split())}" if hint else "",
+                     failure.failures, failure.until - time.monotonic())
 
     @staticmethod
     def _config_for(entry: ModelEntry) -> ServerConfig:
@@ -360,11 +447,15 @@ class Pool:
             await self._make_room(config)
             self.metrics.starts[name] += 1
             result = await asyncio.to_thread(
-                self.manager.start, config, wait=True, auto_port=True, check_resources=False)
+                self.manager.start, config, wait=True, auto_port=True, check_resources=False,
+                started_by=self.settings.name)
             self.metrics.start_duration.observe(name, time.monotonic() - begin)
         record = result.record
+        # A server that already ran is ours when this gateway (or an earlier run of it, under
+        # the same name) started it.
+        owned = not result.already_running or record.started_by == self.settings.name
         backend = Backend(name, record.base_url, tuple(config.served_names()),
-                          owned=not result.already_running, pid=record.pid,
+                          owned=owned, pid=record.pid,
                           ttl=self._ttl_for(name))
         self.backends[name] = backend
         self._reindex()
@@ -483,15 +574,31 @@ class Pool:
                 logger.warning("health round failed: %s", exc.message)
 
     async def check_health(self) -> None:
-        """Probe ready and unhealthy servers; no new requests go to those that fail."""
-        if self.probe is None:
-            return
+        """Probe ready and unhealthy servers; no new requests go to those that fail
+        :data:`UNHEALTHY_AFTER` probes in a row. One probe that passes makes a server ready.
+
+        A failed probe does not count when the gateway's own loop was blocked for
+        :data:`STALL_EXCUSE` seconds or more during the round: the time was the gateway's.
+        """
         targets = [b for b in self.backends.values() if b.state in (READY, UNHEALTHY)]
-        results = await asyncio.gather(*(self.probe(b.base_url) for b in targets))
+        if not targets:
+            return
+        lag = LoopLag()
+        try:
+            results = await asyncio.gather(*(self.probe(b.base_url) for b in targets))
+        finally:
+            stalled = lag.stop()
+        excused = stalled >= STALL_EXCUSE
         for backend, ok in zip(targets, results, strict=True):
             if backend.state not in (READY, UNHEALTHY):
                 continue
-            new = READY if ok else UNHEALTHY
+            if not ok and excused:
+                logger.info("health probe of %s failed while the gateway's loop was blocked "
+                            "for %.1fs; not counted", backend.name, stalled)
+                continue
+            backend.failed_probes = 0 if ok else backend.failed_probes + 1
+            new = READY if ok else (
+                UNHEALTHY if backend.failed_probes >= UNHEALTHY_AFTER else backend.state)
             if new != backend.state:
                 logger.warning("server %s is now %s", backend.name, new)
                 backend.state = new

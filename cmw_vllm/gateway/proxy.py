@@ -27,6 +27,7 @@ from cmw_vllm.errors import GatewayStreamBroken as StreamBroken
 from cmw_vllm.gateway.edge import EDGE_KEY, SERVER_NAME, BodyTimeout, Edge
 from cmw_vllm.gateway.headers import TrustedProxies, forward_headers, reply_headers
 from cmw_vllm.gateway.metrics import Metrics
+from cmw_vllm.gateway.origin import install as install_web_gate
 from cmw_vllm.gateway.pool import Backend, Pool
 from cmw_vllm.gateway.settings import GatewaySettings
 
@@ -358,6 +359,7 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
                           middlewares=[_auth_middleware] if settings.api_keys else [])
     handlers = Handlers(settings, pool or Pool(settings, metrics), metrics)
     handlers.pool.metrics = metrics
+    install_web_gate(app, settings)
     app[SETTINGS_KEY] = settings
     app[POOL_KEY] = handlers.pool
     app[METRICS_KEY] = metrics
@@ -387,8 +389,6 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
         handlers.session = session
         app[SESSION_KEY] = session
         pool = handlers.pool
-        if pool.probe is None:
-            pool.probe = _prober(session)
         await pool.refresh()
         _exit_once_on_signal()  # after aiohttp installed its handlers: replaces them
         tasks = [asyncio.create_task(pool.idle_loop()), asyncio.create_task(pool.health_loop())]
@@ -457,14 +457,3 @@ def _exit_once_on_signal() -> None:
         except (RuntimeError, ValueError, NotImplementedError):
             return  # not the main thread (tests), or no signals here
 
-
-def _prober(session: aiohttp.ClientSession) -> Any:
-    async def probe(base_url: str) -> bool:
-        try:
-            async with session.get(base_url + "/health",
-                                   timeout=aiohttp.ClientTimeout(total=3)) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    return probe

@@ -59,6 +59,13 @@ class GatewaySettings:
         shutdown_grace: Seconds requests in flight get to finish after SIGTERM before
             they are cut.
         max_log_bytes: Size at which the gateway's log is rotated (``NAME.log.1`` ...).
+        allowed_hosts: Host names served besides IP addresses, localhost, the machine's
+            name and the bound name (comma-separated; ``.example.com`` for its subdomains,
+            ``*`` for any).
+        allowed_origins: Web page origins that may use the gateway (comma-separated
+            ``scheme://host[:port]``, ``*`` for any; none by default).
+        start_backoff: Seconds a model is not started again after a failed start; doubles
+            with each failure in a row, up to 5 min (0: no back-off).
     """
 
     host: str = "127.0.0.1"
@@ -82,6 +89,9 @@ class GatewaySettings:
     trusted_proxies: tuple[str, ...] = ()
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     max_log_bytes: int = 16 * 1024 * 1024
+    allowed_hosts: str = ""
+    allowed_origins: str = ""
+    start_backoff: float = 5.0
 
     def public(self) -> dict[str, object]:
         """The settings without secrets (for the record and ``--json``)."""
@@ -102,6 +112,8 @@ class GatewaySettings:
             "trusted_proxies": list(self.trusted_proxies),
             "shutdown_grace": self.shutdown_grace,
             "max_log_bytes": self.max_log_bytes,
+            "allowed_hosts": self.allowed_hosts,
+            "allowed_origins": self.allowed_origins,
         }
 
     @classmethod
@@ -146,6 +158,10 @@ class GatewaySettings:
             args.append("--adopt")
         if self.api_key_file:
             args += ["--api-key-file", self.api_key_file]
+        if self.allowed_hosts:
+            args += ["--allowed-hosts", self.allowed_hosts]
+        if self.allowed_origins:
+            args += ["--allowed-origins", self.allowed_origins]
         return args
 
 
