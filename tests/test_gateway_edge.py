@@ -198,12 +198,12 @@ def _malformed(key: str) -> list[bytes]:
         (b"POST /v1/chat/completions HTTP/1.1\nHost: x\nAuthorization: Bearer %s\n"
          b"Content-Length: 2\n\n{}" % key.encode()),
         # A control character in Authorization.
-        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\x01\r\n"
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\x01\r\n"
          b"Content-Length: 2\r\n\r\n{}" % key.encode()),
         # A space in a header name.
-        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header: %s\r\n\r\n" % key.encode()),
+        (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: %s\r\n\r\n" % key.encode()),
         # Both Content-Length and a bad Transfer-Encoding.
-        (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\n"
+        (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: %s\r\n"
          b"Transfer-Encoding: chunked, identity\r\nContent-Length: 3\r\n\r\nabc" % key.encode()),
     ]
 
@@ -231,7 +231,7 @@ def test_malformed_requests_get_json_400s_a_bounded_log_and_no_key_in_it(
                 sent += 1
         # Bytes that are not UTF-8 in the key: a 401 like any wrong key (was a text 500).
         status, error, _ = _json_error(_raw(
-            port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff%s\r\n"
+            port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff%s\r\n"
             b"Connection: close\r\n\r\n" % leak.encode()))
         assert status == 401 and error["type"] == "AuthenticationError"
         auth = {"Authorization": f"Bearer {KEY}"}
@@ -309,9 +309,9 @@ def test_slow_heads_and_stalled_bodies_are_cut_by_the_timeouts(edge_gateway: Any
     begin = time.monotonic()
     # Nothing at all, then half a head: closed without an answer (as nginx does).
     assert _raw(port, b"") == b""
-    assert _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n") == b""
+    assert _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n") == b""
     # A valid key and a body that never comes: a 408, then the connection is closed.
-    raw = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    raw = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                b"Authorization: Bearer %s\r\nContent-Length: 100\r\n\r\n{\"mo" % KEY.encode())
     status, error, _ = _json_error(raw)
     assert status == 408 and error["type"] == "RequestTimeoutError"
@@ -319,7 +319,7 @@ def test_slow_heads_and_stalled_bodies_are_cut_by_the_timeouts(edge_gateway: Any
     # A slow but moving body is fine: the timeout is between two reads.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         body = json.dumps({"model": "stub", "messages": []}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
                      b"Bearer %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                      % (KEY.encode(), len(body)))
         for i in range(0, len(body), 8):
@@ -389,7 +389,7 @@ def test_a_stream_broken_off_upstream_is_cut_and_counted_as_502(edge_gateway: An
 def test_header_bytes_that_are_not_utf8_are_a_json_400(edge_gateway: Any) -> None:
     gw = edge_gateway(answer_ok)
     body = b'{"model": "stub"}'
-    raw = _raw(gw.settings.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    raw = _raw(gw.settings.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                b"X-Note: caf\xe9\xff\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                % (len(body), body))
     status, error, _ = _json_error(raw)
@@ -401,7 +401,7 @@ def test_header_bytes_that_are_not_utf8_are_a_json_400(edge_gateway: Any) -> Non
 
 def test_forwarded_headers_are_a_proxys(edge_gateway: Any) -> None:
     body = json.dumps({"model": "stub"}).encode()
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                b"Connection: keep-alive, X-Hop-Secret\r\nX-Hop-Secret: s\r\nKeep-Alive: 5\r\n"
                b"TE: trailers\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
                b"X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n"
@@ -429,7 +429,7 @@ def test_forwarded_headers_are_a_proxys(edge_gateway: Any) -> None:
 
 def _expect(port: int, key: str, length: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
                      b"%s\r\nExpect: 100-continue\r\nContent-Length: %d\r\n"
                      b"Connection: close\r\n\r\n" % (key.encode(), length))
         return sock.recv(65536)
@@ -442,7 +442,7 @@ def test_100_continue_comes_only_after_the_key_and_size_checks(edge_gateway: Any
     assert _expect(port, KEY, 5000).startswith(b"HTTP/1.1 413 ")
     body = json.dumps({"model": "stub"}).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
                      b"%s\r\nExpect: 100-continue\r\nContent-Length: %d\r\n"
                      b"Connection: close\r\n\r\n" % (KEY.encode(), len(body)))
         assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -548,7 +548,7 @@ def test_stalled_clients_under_a_small_fd_limit_leave_room_for_others(
             try:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=5)
                 stalled.append(sock)
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
                              b"Bearer %s\r\nContent-Length: 100\r\n\r\n{" % KEY.encode())
             except OSError:
                 continue
@@ -556,7 +556,7 @@ def test_stalled_clients_under_a_small_fd_limit_leave_room_for_others(
             other.settimeout(10)
             other.bind(("127.0.0.2", 0))
             other.connect(("127.0.0.1", port))
-            other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
                           b"%s\r\nConnection: close\r\n\r\n" % KEY.encode())
             assert other.recv(65536).startswith(b"HTTP/1.1 200 ")
     finally:
