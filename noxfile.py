@@ -11,6 +11,8 @@ real-vLLM tests run once, from .ci/run, on the project's own environment.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -63,9 +65,24 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = False
 
 
+@contextlib.contextmanager
+def _one_install_at_a_time():
+    """Hold a lock while pip builds the editable install: ``.ci/run`` runs the versions side
+    by side, and each build writes the same ``*.egg-info`` in the checkout."""
+    lock_dir = ROOT / ".nox"
+    lock_dir.mkdir(exist_ok=True)
+    with (lock_dir / "install.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @nox.session(python=PYTHONS)
 def fast(session: nox.Session) -> None:
     """The tests that need no real vLLM: stand-in engine, fake Hub, fake NVML."""
-    session.install("-q", "-e", ".[test]", "--config-settings", "editable_mode=compat")
+    with _one_install_at_a_time():
+        session.install("-q", "-e", ".[test]", "--config-settings", "editable_mode=compat")
     session.run("python", "-m", "pytest", "-m", "not vllm", "-q", "-p", "no:cacheprovider",
                 *session.posargs)

@@ -51,59 +51,86 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         break
 
 
-def vllm_kv_tokens(python: str, model: Path, log: Path, extra: list[str]) -> int:
-    """Start vLLM on ``model``, read the logged KV-cache token count, stop it."""
+def launch_vllm(python: str, model: Path, log: Path, extra: list[str]
+                ) -> subprocess.Popen[bytes]:
+    """Start vLLM on ``model`` in a session of its own, its output to ``log``."""
     flags = ["--port", str(_free_port()), "--max-model-len", str(MAX_MODEL_LEN), *extra]
     cmd = build_command(python, str(model), flags)
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def logged_kv_tokens(runs: dict[str, tuple[subprocess.Popen[bytes], Path]]
+                     ) -> dict[str, int | str]:
+    """Wait for each run's ``KV cache size`` line, stopping each engine once it has logged.
+
+    Returns:
+        Per run, the token count, or the log's tail when vLLM exited (or hung) without it.
+    """
+    found: dict[str, int | str] = {}
+    deadline = time.monotonic() + ENGINE_DEADLINE_S
     try:
-        deadline = time.monotonic() + ENGINE_DEADLINE_S
-        while time.monotonic() < deadline:
-            match = KV_LINE.search(log.read_text(errors="replace"))
-            if match:
-                return int(match.group(1).replace(",", ""))
-            if proc.poll() is not None:
-                break
+        while len(found) < len(runs) and time.monotonic() < deadline:
+            for key, (proc, log) in runs.items():
+                if key in found:
+                    continue
+                match = KV_LINE.search(log.read_text(errors="replace"))
+                if match:
+                    found[key] = int(match.group(1).replace(",", ""))
+                    _kill_group(proc)  # frees its CPU for the others
+                elif proc.poll() is not None:
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                    found[key] = f"vLLM logged no KV cache size (exit {proc.poll()}):\n{tail}"
             time.sleep(0.5)
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        pytest.fail(f"vLLM logged no KV cache size (exit {proc.poll()}):\n{tail}")
     finally:
-        _kill_group(proc)
+        for proc, _ in runs.values():
+            _kill_group(proc)
+    for key, (_, log) in runs.items():
+        if key not in found:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            found[key] = f"vLLM logged no KV cache size in {ENGINE_DEADLINE_S} s:\n{tail}"
+    return found
 
 
-VARIANTS = [
-    pytest.param({"layers": 2, "heads": 2, "kv_heads": 1, "head_dim": 64,
-                  "dtype": "bfloat16"}, None, id="tiny-bf16"),
-    pytest.param({"layers": 3, "heads": 4, "kv_heads": 2, "head_dim": 128,
-                  "dtype": "bfloat16"}, None, id="gqa-3layers-hd128-bf16"),
-    pytest.param({"layers": 4, "heads": 4, "kv_heads": 4, "head_dim": 64,
-                  "dtype": "float32"}, "float32", id="mha-4layers-fp32"),
-]
+VARIANTS = {
+    "tiny-bf16": ({"layers": 2, "heads": 2, "kv_heads": 1, "head_dim": 64,
+                   "dtype": "bfloat16"}, None),
+    "gqa-3layers-hd128-bf16": ({"layers": 3, "heads": 4, "kv_heads": 2, "head_dim": 128,
+                                "dtype": "bfloat16"}, None),
+    "mha-4layers-fp32": ({"layers": 4, "heads": 4, "kv_heads": 4, "head_dim": 64,
+                          "dtype": "float32"}, "float32"),
+}
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize(("shape", "serve_dtype"), VARIANTS)
-def test_estimate_matches_vllm_kv_cache_size(
-    real_vllm: str, tmp_path: Path, shape: dict[str, object], serve_dtype: str | None
-) -> None:
-    model = make_tiny_model(tmp_path / "model", **shape)  # type: ignore[arg-type]
-    dtype_args = ["--dtype", serve_dtype] if serve_dtype else []
-    result = CliRunner().invoke(
-        cli, ["estimate", str(model), "--max-model-len", str(MAX_MODEL_LEN), "--json",
-              *dtype_args])
-    assert result.exit_code in (0, 7), result.output
-    est = json.loads(result.output)
-    assert est["device"] == "cpu"
-    assert est["kv_space_source"] == "VLLM_CPU_KVCACHE_SPACE"
+def test_estimate_matches_vllm_kv_cache_size(real_vllm: str, tmp_path: Path) -> None:
+    """Every variant at once: three engines side by side take about half as long as one
+    after another on 2 cores, and the KV figure does not depend on the load."""
     kv_space = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB
-    assert est["kv_space"] == kv_space
+    estimates, runs = {}, {}
+    for key, (shape, serve_dtype) in VARIANTS.items():
+        model = make_tiny_model(tmp_path / key / "model", **shape)  # type: ignore[arg-type]
+        dtype_args = ["--dtype", serve_dtype] if serve_dtype else []
+        result = CliRunner().invoke(
+            cli, ["estimate", str(model), "--max-model-len", str(MAX_MODEL_LEN), "--json",
+                  *dtype_args])
+        assert result.exit_code in (0, 7), (key, result.output)
+        est = json.loads(result.output)
+        assert est["device"] == "cpu", key
+        assert est["kv_space_source"] == "VLLM_CPU_KVCACHE_SPACE", key
+        assert est["kv_space"] == kv_space, key
+        estimates[key] = est
+        log = tmp_path / key / "vllm.log"
+        runs[key] = (launch_vllm(real_vllm, model, log, dtype_args), log)
 
-    logged = vllm_kv_tokens(real_vllm, model, tmp_path / "vllm.log", dtype_args)
+    logged = logged_kv_tokens(runs)
 
-    per_token = est["kv_bytes_per_token"]
-    assert est["kv_cache_tokens"] == logged
-    # vLLM hands out whole blocks: N tokens use at most the space, one more block would not fit.
-    assert per_token * logged <= kv_space < per_token * (logged + est["block_size"])
+    for key, est in estimates.items():
+        tokens = logged[key]
+        assert isinstance(tokens, int), f"{key}: {tokens}"
+        per_token = est["kv_bytes_per_token"]
+        assert est["kv_cache_tokens"] == tokens, key
+        # vLLM hands out whole blocks: N tokens use at most the space, one more would not fit.
+        assert per_token * tokens <= kv_space < per_token * (tokens + est["block_size"]), key
