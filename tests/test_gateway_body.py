@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import time
 import zlib
 from collections.abc import Iterator
@@ -136,6 +137,32 @@ def test_json_nesting_and_syntax_limits() -> None:
     assert json_model(tricky) == scan_json_model(tricky) == "last"
     assert scan_json_model(b'{"model": null}') is None
     assert not isinstance(scan_json_model(b'{"model": 7}'), str)
+
+
+def _random_json(rng: random.Random, depth: int) -> Any:
+    pick = rng.random()
+    if depth > 7 or pick < 0.3:
+        return rng.choice([1, -2.5e3, None, True, "model", 'q"u\\o]te}', "\u00e9x", ""])
+    keys = ["model", "k", "model", 'm"o', "[", "x y"]
+    if pick < 0.65:
+        return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+    return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+
+
+def test_the_scan_finds_the_model_json_loads_finds() -> None:
+    rng = random.Random(19)
+    for _ in range(3000):
+        doc = {rng.choice(["model", "a", "b"]): _random_json(rng, 1)
+               for _ in range(rng.randint(0, 5))}
+        if rng.random() < 0.5:
+            doc["model"] = rng.choice(["m1", "mé", 'q"m', None])
+        body = json.dumps(doc, ensure_ascii=rng.random() < 0.5,
+                          indent=rng.choice([None, 1])).encode()
+        want = doc.get("model")
+        if want is None or isinstance(want, str):
+            assert scan_json_model(body) == json_model(body) == want, body
+        else:
+            assert not isinstance(scan_json_model(body), str), body
 
 
 @pytest.mark.parametrize("size", ["small", "big"])

@@ -49,8 +49,27 @@ _LOOKS_JSON = re.compile(_WS + rb"\{")
 # One JSON string, or the rest of the body when a string never ends: every start consumes
 # what it scanned, so removing them all is linear whatever the input.
 _STRING_OR_REST = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.S)
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
 # Whatever stands before the next string or bracket (scalars, commas, colons), then it.
-_TOKEN = re.compile(rb'[^"\[\]{}]*+(?:("[^"\\]*+(?:\\.[^"\\]*+)*+")|([\[\]{}]))', re.S)
+_TOKEN = re.compile(rb'[^"\[\]{}]*+(?:(' + _STRING + rb')|([\[\]{}]))', re.S)
+
+
+def _nested(levels: int) -> bytes:
+    """A pattern for JSON text whose brackets pair up within ``levels`` levels."""
+    inner = _nested(levels - 1) if levels > 1 else None
+    nested = rb"|\[" + inner + rb"\]|\{" + inner + rb"\}" if inner else b""
+    return rb'(?:[^"\[\]{}]++|' + _STRING + nested + rb")*+"
+
+
+SKIP_LEVELS = 4
+_SUBTREE = rb"|\[" + _nested(SKIP_LEVELS - 1) + rb"\]|\{" + _nested(SKIP_LEVELS - 1) + rb"\}"
+# What the scan can pass over in one C call: scalars, strings, and whole arrays and objects
+# up to SKIP_LEVELS deep; in the top-level object, also `"model": "..."` pairs (the group
+# keeps the last) but no other "model" string. Possessive throughout: no backtracking.
+_SKIP_DEEP = re.compile(_nested(SKIP_LEVELS), re.S)
+_SKIP_TOP = re.compile(rb'(?:[^"\[\]{}]++|"(?!model")' + _STRING[1:] + rb'|"model"' + _WS
+                       + rb"+:" + _WS + rb"+(" + _STRING + rb")" + _SUBTREE + rb")*+", re.S)
+SKIP_SPAN = 256 * 1024  # bytes one skip may cover: it holds the GIL while it runs
 _COLON = re.compile(_WS + rb":" + _WS)
 _END = re.compile(_WS + rb"\Z")
 _BRACKETS = b"[]{}"
@@ -245,8 +264,10 @@ def json_model(body: bytes) -> Any:
 def scan_json_model(body: bytes) -> Any:
     """The top-level ``model`` of a JSON object, without building the object.
 
-    Brackets must pair up and nest at most ``MAX_DEPTH`` deep, strings must end; the rest
-    of the syntax is left to the server. The last ``model`` key wins, as with json.loads.
+    Whatever cannot hold the top-level ``model`` is passed over by a regular expression,
+    in spans of ``SKIP_SPAN`` bytes; the rest goes token by token. Brackets must pair up
+    and nest at most ``MAX_DEPTH`` deep, strings must end; the rest of the syntax is left
+    to the server. The last ``model`` key wins, as with json.loads.
 
     Raises:
         Refusal: The body breaks those rules, or ``model`` is not a string or null (400).
@@ -258,8 +279,16 @@ def scan_json_model(body: bytes) -> Any:
     pos = opened.end()
     model: Any = None
     key_seen = False  # the token before was a top-level "model" string
-    token = _TOKEN.match
+    token, size = _TOKEN.match, len(body)
     while stack:
+        if not key_seen and len(stack) + SKIP_LEVELS <= MAX_DEPTH:
+            skip = _SKIP_TOP if len(stack) == 1 else _SKIP_DEEP
+            skipped = skip.match(body, pos, min(pos + SKIP_SPAN, size))
+            assert skipped is not None  # it matches the empty string
+            if skipped.lastindex:  # a "model": "..." pair at the top
+                model = _scanned_value(body, skipped.start(1), skipped.start(1), True,
+                                       skipped.end(1))
+            pos = skipped.end()
         found = token(body, pos)
         if found is None:
             raise bad_body("the request body is not valid JSON")
