@@ -19,7 +19,13 @@ import pytest
 import requests
 
 from cmw_vllm.errors import GatewayRefusal
-from cmw_vllm.gateway.body import MAX_DEPTH, json_model, multipart_model, scan_json_model
+from cmw_vllm.gateway.body import (
+    MAX_DEPTH,
+    big_json_model,
+    json_model,
+    multipart_model,
+    scan_json_model,
+)
 from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_manager import record_names
 from tests.conftest import free_port
@@ -135,6 +141,8 @@ def test_json_nesting_and_syntax_limits() -> None:
     tricky = (b'{"model": "first", "m": [{"model": "inner"}], "s": "\\"]}[{", '
               b'"k": "model", "model" : "last"}')
     assert json_model(tricky) == scan_json_model(tricky) == "last"
+    image = b'{"m": [{"url": "data:,' + b"QUJD" * 100_000 + b'\\"]"}], "model": "m"}'
+    assert big_json_model(image) == scan_json_model(image) == "m"  # json.loads: few strings
     assert scan_json_model(b'{"model": null}') is None
     assert not isinstance(scan_json_model(b'{"model": 7}'), str)
 
