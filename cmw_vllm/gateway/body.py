@@ -6,9 +6,11 @@ Everything here does work linear in the body and never holds the event loop for 
   the body limit, so a small bomb stops at the limit instead of filling memory; other
   encodings are refused (415). The body is forwarded decoded, without ``Content-Encoding``;
 - JSON up to ``INLINE_BYTES`` is parsed with :func:`json.loads` after a nesting check that
-  costs two ``bytes.count`` calls for ordinary bodies; a larger body is scanned in a worker
-  thread, for the top-level ``model`` only, by a tokenizer that respects strings and
-  nesting (a Python loop, so the thread hands the GIL back to the loop every few ms);
+  costs two ``bytes.count`` calls for ordinary bodies. A larger body goes to a worker
+  thread: json.loads when it has few brackets and strings (an image in base64), else a
+  scan for the top-level ``model`` only, which passes over what cannot hold it with one
+  possessive regular expression per ``SKIP_SPAN`` bytes (so the thread hands the GIL back
+  to the loop every few ms) and checks that strings end and brackets pair up;
 - multipart forms are split at their boundary with ``bytes.find`` (no regular expression
   over the whole body), larger ones in the worker thread too.
 
@@ -169,7 +171,7 @@ async def _read_decoded(request: web.Request, limit: int) -> bytes:
                 continue
             if not data and len(piece) < DECODE_PIECE:
                 break
-    if not decoder.eof:
+    if raw and not decoder.eof:  # (an empty body stays empty)
         raise bad_body("the request body's gzip or deflate data ends too early")
     return b"".join(pieces)
 
