@@ -189,23 +189,31 @@ def test_too_deep_json_is_a_400_and_starts_nothing(gateway: Any, entry: str,
     assert gw.metrics.starts == {} and record_names() == []
 
 
-def test_big_json_is_routed_without_stalling_the_gateway(gateway: Any, entry: str) -> None:
-    # The model comes last, after 6 MB of small objects, as the OpenAI SDK orders keys.
-    messages = [{"role": "user", "content": "x"}] * 200_000
-    body = _chat_body("a", extra=messages)
-    gw = gateway()
-    assert _post(gw.url, _chat_body("a")).status_code == 200  # started
+def _slowest_health_while(gw: GatewayThread, body: bytes) -> tuple[requests.Response, float]:
+    """Send ``body`` and probe /health until it is answered: its answer, the slowest probe."""
     with ThreadPoolExecutor(1) as pool:
-        sent = pool.submit(_post, gw.url, body)
+        sent = pool.submit(_post, gw.url, body, "application/json", 60)
         slowest = 0.0
         while not sent.done():
             begin = time.monotonic()
             assert requests.get(gw.url + "/health", timeout=10).status_code == 200
             slowest = max(slowest, time.monotonic() - begin)
-        reply = sent.result()
+        return sent.result(), slowest
+
+
+def test_big_json_is_routed_without_stalling_the_gateway(gateway: Any, entry: str) -> None:
+    gw = gateway()
+    # 24 MB of empty arrays: json.loads on the loop held it about 4 s (the old gateway).
+    dense = b'{"a": [' + b"[]," * 8_000_000 + b'[]], "model": "nope"}'
+    reply, slowest = _slowest_health_while(gw, dense)
+    assert _refused(reply, 404)["message"] == "The model `nope` does not exist."
+    assert slowest < 2.0
+    # The model comes last, after 6 MB of messages, as the OpenAI SDK orders keys.
+    body = _chat_body("a", extra=[{"role": "user", "content": "x"}] * 200_000)
+    reply, slowest = _slowest_health_while(gw, body)
     assert reply.status_code == 200, reply.text[:300]
     assert reply.json()["seen_body"]["bytes"] == len(body)
-    assert slowest < 2.0
+    assert gw.metrics.starts == {"a": 1}
 
 
 # ----------------------------------------------------------------------- gzip (item 5)
