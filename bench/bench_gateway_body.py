@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cmw_vllm.gateway.body import big_json_model, json_model, multipart_model  # noqa: E402
+from cmw_vllm.gateway.body import json_model, multipart_model, scan_json_model  # noqa: E402
 
 OLD_MULTIPART = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,512})\r\n')
 FORM = "multipart/form-data; boundary=XyZ"
@@ -65,8 +65,8 @@ def main() -> None:
                         ("5 M empty arrays", dense)):
         show(f"{label}, json.loads (before, on the loop)", len(body),
              best(lambda b=body: json.loads(b).get("model")))
-        show(f"{label}, big_json_model (now, in a thread)", len(body),
-             best(lambda b=body: big_json_model(b)))
+        show(f"{label}, scan (now, in a thread)", len(body),
+             best(lambda b=body: scan_json_model(b)))
     show("multipart attack, regex (before, on the loop)", len(attack),
          best(lambda: OLD_MULTIPART.search(attack)))
     show("multipart attack, split (now)", len(attack),

@@ -6,11 +6,11 @@ Everything here does work linear in the body and never holds the event loop for 
   the body limit, so a small bomb stops at the limit instead of filling memory; other
   encodings are refused (415). The body is forwarded decoded, without ``Content-Encoding``;
 - JSON up to ``INLINE_BYTES`` is parsed with :func:`json.loads` after a nesting check that
-  costs two ``bytes.count`` calls for ordinary bodies. A larger body goes to a worker
-  thread: json.loads when it has few brackets and strings (an image in base64), else a
-  scan for the top-level ``model`` only, which passes over what cannot hold it with one
-  possessive regular expression per ``SKIP_SPAN`` bytes (so the thread hands the GIL back
-  to the loop every few ms) and checks that strings end and brackets pair up;
+  costs two ``bytes.count`` calls for ordinary bodies. A larger body is scanned in a
+  worker thread for the top-level ``model`` only: what cannot hold it is passed over with
+  one possessive regular expression per ``SKIP_SPAN`` bytes (so the thread hands the GIL
+  back to the loop every few ms), a long string with ``bytes.find``; strings must end and
+  brackets pair up;
 - multipart forms are split at their boundary with ``bytes.find`` (no regular expression
   over the whole body), larger ones in the worker thread too.
 
@@ -73,10 +73,6 @@ _SKIP_DEEP = re.compile(_nested(SKIP_LEVELS), re.S)
 _SKIP_TOP = re.compile(rb'(?:[^"\[\]{}]++|"(?!model")' + _STRING[1:] + rb'|"model"' + _WS
                        + rb"+:" + _WS + rb"+(" + _STRING + rb")" + _SUBTREE + rb")*+", re.S)
 SKIP_SPAN = 256 * 1024  # bytes one skip may cover: it holds the GIL while it runs
-# A big body with few brackets, strings and commas (an image in base64) is parsed by
-# json.loads: its C scanner reads long strings several times faster than a regular
-# expression does, and the commas bound the objects it builds.
-FEW_VALUES = 100_000
 _COLON = re.compile(_WS + rb":" + _WS)
 _END = re.compile(_WS + rb"\Z")
 _BRACKETS = b"[]{}"
@@ -220,7 +216,7 @@ async def find_model(body: bytes, request: web.Request) -> str | None:
     model: Any = None
     if body[:1] == b"{" or (body[:1].isspace() and _LOOKS_JSON.match(body)):
         model = json_model(body) if len(body) <= INLINE_BYTES \
-            else await _off_loop(big_json_model, body)
+            else await _off_loop(scan_json_model, body)
     else:
         content_type = request.headers.get("Content-Type", "")
         if content_type[:19].lower() == "multipart/form-data":
@@ -266,20 +262,6 @@ def json_model(body: bytes) -> Any:
     except (ValueError, RecursionError):
         raise bad_body("the request body is not valid JSON") from None
     return data.get("model") if isinstance(data, dict) else None
-
-
-def big_json_model(body: bytes) -> Any:
-    """The top-level ``model`` of a big JSON body: json.loads when it has few brackets,
-    strings and values (its work then is mostly C-speed string reading), else
-    :func:`scan_json_model`.
-
-    Raises:
-        Refusal: As those do (400).
-    """
-    if body.count(b"{") + body.count(b"[") <= MAX_DEPTH and body.count(b'"') <= FEW_VALUES \
-            and body.count(b",") <= FEW_VALUES:
-        return json_model(body)
-    return scan_json_model(body)
 
 
 def _string_end(body: bytes, start: int) -> int:
