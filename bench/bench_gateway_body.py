@@ -5,14 +5,19 @@
 Times ``cmw_vllm.gateway.body`` (the JSON check and parse on the event loop for small
 bodies, the scan a worker thread runs for big ones, the multipart split) beside what the
 gateway did before (json.loads of the whole body; a regular expression over a multipart
-body), on the same bodies. Figures, not pass/fail; the best of several runs.
+body), on the same bodies. Then sends big bodies to a gateway in this process (no server
+behind it, an empty state dir) and probes its ``/health`` meanwhile: the slowest answer is
+how long the body held the event loop. Figures, not pass/fail; the best of several runs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,5 +78,41 @@ def main() -> None:
          best(lambda: multipart_model(attack, FORM)))
 
 
+def loop_lag() -> None:
+    """The slowest /health answer while each big body is read."""
+    os.environ["CMW_VLLM_HOME"] = tempfile.mkdtemp(prefix="bench-body-")
+    import requests
+
+    from bench.bench_lifecycle import free_port
+    from cmw_vllm.gateway.settings import GatewaySettings
+    from tests.gateway_harness import GatewayThread
+
+    parts = b"".join(b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
+                     for _ in range(1_000_000)) + b"--XyZ--"
+    bodies = {"30 MB of empty arrays": (b'{"a": [' + b"[]," * 10_000_000 + b'[]], "model": "x"}',
+                                        "application/json"),
+              "58 MB form of 1 M parts": (parts, FORM)}
+    gateway = GatewayThread(GatewaySettings(port=free_port()))
+    probe = requests.Session()
+    try:
+        print("\n| body | answer | slowest /health |\n|---|---|---|")
+        for label, (body, content_type) in bodies.items():
+            answers: list[int] = []
+            sender = threading.Thread(target=lambda b=body, c=content_type, a=answers: a.append(
+                requests.post(gateway.url + "/v1/chat/completions", data=b, timeout=300,
+                              headers={"Content-Type": c}).status_code))
+            sender.start()
+            slowest = 0.0
+            while sender.is_alive():
+                began = time.perf_counter()
+                probe.get(gateway.url + "/health", timeout=60)
+                slowest = max(slowest, time.perf_counter() - began)
+            sender.join()
+            print(f"| {label} | {answers[0]} | {slowest * 1e3:.0f} ms |")
+    finally:
+        gateway.close()
+
+
 if __name__ == "__main__":
     main()
+    loop_lag()
