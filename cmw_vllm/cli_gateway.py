@@ -8,6 +8,7 @@ import click
 
 from cmw_vllm.cli_common import echo_err, echo_json
 from cmw_vllm.errors import CmwVllmError, UsageError
+from cmw_vllm.gateway.settings import DEFAULT_MAX_BUFFERED_MB, MAX_BUFFERED_ENV
 from cmw_vllm.vocab import PORT_MAX, PORT_MIN
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
               help="Requests that may wait for one model to start (429 beyond).")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0,
               show_default=True, help="Largest request body in MiB (413 beyond).")
+@click.option("--max-buffered-mb", type=click.FloatRange(min=0),
+              default=float(DEFAULT_MAX_BUFFERED_MB), show_default=True,
+              envvar=MAX_BUFFERED_ENV, show_envvar=True,
+              help="MiB of request bodies held in memory, all together, while their models "
+              "start (503 with Retry-After beyond; 0: no cap).")
 @click.option("--upstream-timeout", type=click.FloatRange(min=0, min_open=True),
               default=600.0, show_default=True,
               help="Seconds a server may send nothing before the request is given up.")
@@ -70,7 +76,8 @@ if TYPE_CHECKING:
               help="Run detached; `cmw-vllm status` shows it, `cmw-vllm stop NAME` stops it.")
 @click.option("--json", "as_json", is_flag=True, help="With --background: print JSON.")
 def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout: float,
-            queue_limit: int, max_body_mb: float, upstream_timeout: float,
+            queue_limit: int, max_body_mb: float, max_buffered_mb: float,
+            upstream_timeout: float,
             header_timeout: float, body_timeout: float, max_client_connections: int,
             trusted_proxies: tuple[str, ...], shutdown_grace: float, max_log_mb: float,
             adopt: bool, api_key_file: str | None, allowed_hosts: str, allowed_origins: str,
@@ -110,7 +117,8 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
     settings = GatewaySettings(
         host=host, port=port, name=name, idle_timeout=idle_timeout,
         start_timeout=start_timeout, queue_limit=queue_limit,
-        max_body_bytes=int(max_body_mb * 1024 * 1024), upstream_timeout=upstream_timeout,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_buffered_bytes=int(max_buffered_mb * 1024 * 1024), upstream_timeout=upstream_timeout,
         adopt=adopt, api_keys=load_api_keys(api_key_file), upstream_key=api_key(),
         api_key_file=os.path.abspath(os.path.expanduser(key_file)) if key_file else None,
         header_timeout=header_timeout, body_timeout=body_timeout,

@@ -68,7 +68,8 @@ def test_enable_a_gateway_writes_a_verified_unit_and_keeps_its_keys_out(
     exec_start = values["ExecStart"][0]
     assert exec_start.endswith(
         f"gateway --name gw --host 127.0.0.1 --port {port} --idle-timeout 300.0 "
-        "--start-timeout 600.0 --queue-limit 512 --max-body-mb 1.5 --upstream-timeout 600.0 "
+        "--start-timeout 600.0 --queue-limit 512 --max-body-mb 1.5 --max-buffered-mb 512.0 "
+        "--upstream-timeout 600.0 "
         "--header-timeout 60.0 --body-timeout 60.0 --max-client-connections 512 "
         "--shutdown-grace 10.0 --max-log-mb 16.0")
     assert values["LimitNOFILE"] == ["65536"]

@@ -7,6 +7,7 @@ they have been idle. Modules:
 - :mod:`.settings`: the gateway's options and API keys (no aiohttp);
 - :mod:`.pool`: which servers exist, single-flight starts, idle stop, eviction;
 - :mod:`.metrics`: the gateway's own Prometheus counters and histograms;
+- :mod:`.body`: reading a request's body (size limit, gzip) and finding its ``model``;
 - :mod:`.proxy`: the aiohttp application (routing, auth, streaming pass-through);
 - :mod:`.edge`: its connections before a route runs (read timeouts, per-client cap, JSON
   answers and short log lines for malformed requests, the server loop);

@@ -25,8 +25,10 @@ HOP_BY_HOP = frozenset({
     "connection", "proxy-connection", "keep-alive", "proxy-authenticate",
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
 })
-# Also not forwarded: the client's credentials, and what aiohttp computes itself.
-DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "expect"}
+# Also not forwarded: the client's credentials, and what aiohttp computes itself; the body
+# goes on decoded (gateway.body), so without its Content-Encoding.
+DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "expect",
+                             "content-encoding"}
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date"}
 # Claims about the client that only a trusted proxy may make.
 FORWARDING = frozenset({"x-forwarded-for", "forwarded", "x-real-ip", "x-forwarded-proto",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import json
 import logging
 import re
 import time
@@ -24,11 +23,12 @@ from aiohttp import web
 from cmw_vllm.errors import CmwVllmError
 from cmw_vllm.errors import GatewayRefusal as Refusal
 from cmw_vllm.errors import GatewayStreamBroken as StreamBroken
+from cmw_vllm.gateway.body import BodyBudget, find_model, read_body
 from cmw_vllm.gateway.edge import EDGE_KEY, SERVER_NAME, BodyTimeout, Edge
 from cmw_vllm.gateway.headers import TrustedProxies, forward_headers, reply_headers
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.origin import install as install_web_gate
-from cmw_vllm.gateway.pool import Backend, Pool
+from cmw_vllm.gateway.pool import READY, Backend, Pool
 from cmw_vllm.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ WHOLE_BODY_LIMIT = 1 << 20  # upstream answers up to this size are relayed in on
 # vLLM closes a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
 # aiohttp would reuse one for 15 s, and a request sent as vLLM closes it fails with a 502.
 UPSTREAM_KEEPALIVE = 3.0
-MULTIPART_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,512})\r\n')
 
 POOL_KEY: web.AppKey[Pool] = web.AppKey("pool", Pool)
 SESSION_KEY: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
@@ -80,26 +79,6 @@ def _key_ok(request: web.Request, keys: frozenset[str]) -> bool:
     return any(hmac.compare_digest(encoded, key.encode()) for key in keys)
 
 
-def _model_of(body: bytes, request: web.Request) -> str | None:
-    """The ``model`` a request names: JSON body, multipart field, or ``?model=``."""
-    if body[:1] == b"{" or body.lstrip()[:1] == b"{":
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise Refusal(400, "the request body is not valid JSON",
-                          "BadRequestError") from None
-        model = data.get("model") if isinstance(data, dict) else None
-        if model is not None and not isinstance(model, str):
-            raise Refusal(400, "`model` must be a string", "BadRequestError")
-        if model:
-            return model
-    elif request.headers.get("Content-Type", "").lower().startswith("multipart/form-data"):
-        found = MULTIPART_MODEL.search(body)
-        if found:
-            return found.group(1).decode("utf-8", errors="replace")
-    return request.query.get("model") or None
-
-
 def _reply_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     headers = reply_headers(upstream.headers)
     headers["Server"] = SERVER_NAME
@@ -121,6 +100,7 @@ class Handlers:
         self.trusted = TrustedProxies(settings.trusted_proxies)
         # Proxied requests in flight, by id (requests are not hashable), for the drain.
         self.active: dict[int, web.Request] = {}
+        self.waiting_bodies = BodyBudget(settings.max_buffered_bytes)
 
     async def health(self, request: web.Request) -> web.Response:
         """The gateway's own health: 200 while it serves."""
@@ -152,15 +132,15 @@ class Handlers:
         self.active[id(request)] = request
         try:
             try:
-                body = await self._read_body(request)
-                model = _model_of(body, request)
+                body = await read_body(request, self.settings.max_body_bytes)
+                model = await find_model(body, request)
                 if model is None:
                     sole = self.pool.sole_backend()
                     if sole is None:
                         raise Refusal(400, "the request names no `model` (body field or "
                                       "?model=)", "BadRequestError")
                     model = sole.names[0]
-                backend = await self.pool.acquire(model)
+                backend = await self._acquire(model, len(body))
             except Refusal as refusal:
                 label = self.pool.label_for(model) if model and refusal.status != 404 \
                     else "unknown"
@@ -211,16 +191,17 @@ class Handlers:
             self.pool.release(backend)
             self.metrics.request_done(backend.name, status, time.monotonic() - begin)
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise Refusal(413, f"request body of {request.content_length} bytes is over the "
-                          f"gateway's limit of {limit} bytes", "RequestTooLargeError")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise Refusal(413, f"request body is over the gateway's limit of {limit} bytes",
-                          "RequestTooLargeError") from None
+    async def _acquire(self, model: str, size: int) -> Backend:
+        """A backend for ``model``; while its server starts, the body counts against the
+        cap on bodies held in memory (503 beyond it)."""
+        ready = self.pool.by_model.get(model)
+        if ready is not None and ready.state == READY:
+            return await self.pool.acquire(model)
+        if not self.waiting_bodies.fits(size):
+            self.metrics.rejected[(self.pool.label_for(model), "body_buffer_full")] += 1
+            raise self.waiting_bodies.full()
+        with self.waiting_bodies.hold(size):
+            return await self.pool.acquire(model)
 
     async def _forward(self, request: web.Request, backend: Backend,
                        body: bytes) -> web.StreamResponse:
@@ -355,8 +336,10 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
     metrics = metrics or (pool.metrics if pool is not None else Metrics())
     # Without keys there is no middleware at all: aiohttp then skips building the
     # middleware chain for every request.
+    # Bodies are decoded by gateway.body, as a stream within the limit, not by the parser.
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[_auth_middleware] if settings.api_keys else [])
+                          middlewares=[_auth_middleware] if settings.api_keys else [],
+                          handler_args={"auto_decompress": False})
     handlers = Handlers(settings, pool or Pool(settings, metrics), metrics)
     handlers.pool.metrics = metrics
     install_web_gate(app, settings)

@@ -18,6 +18,8 @@ from cmw_vllm.vocab import PORT_MAX, PORT_MIN, PORT_RANGE, validate_name
 
 KEYS_ENV = "CMW_VLLM_GATEWAY_API_KEYS"
 KEY_FILE_ENV = "CMW_VLLM_GATEWAY_API_KEY_FILE"
+MAX_BUFFERED_ENV = "CMW_VLLM_GATEWAY_MAX_BUFFERED_MB"
+DEFAULT_MAX_BUFFERED_MB = 512
 DEFAULT_PORT = 4000
 DEFAULT_NAME = "gateway"
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds requests in flight get after SIGTERM
@@ -36,7 +38,9 @@ class GatewaySettings:
             ``idle_timeout`` overrides it for that model.
         start_timeout: Seconds a request waits for its model to start before a 503.
         queue_limit: Requests that may wait for one model's start; more get a 429.
-        max_body_bytes: Largest request body; larger ones get a 413.
+        max_body_bytes: Largest request body (decoded); larger ones get a 413.
+        max_buffered_bytes: Most bytes of request bodies held in memory, all together, while
+            their models start; a request past it gets a 503 with Retry-After (0: no cap).
         upstream_timeout: Seconds without a byte from a server before the request is given
             up (504 before the response started).
         health_interval: Seconds between health checks of the servers (and record scans).
@@ -75,6 +79,7 @@ class GatewaySettings:
     start_timeout: float = 600.0
     queue_limit: int = 512
     max_body_bytes: int = 64 * 1024 * 1024
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_MB * 1024 * 1024
     upstream_timeout: float = 600.0
     health_interval: float = 5.0
     memory_wait: float = 5.0
@@ -102,6 +107,7 @@ class GatewaySettings:
             "start_timeout": self.start_timeout,
             "queue_limit": self.queue_limit,
             "max_body_bytes": self.max_body_bytes,
+            "max_buffered_bytes": self.max_buffered_bytes,
             "upstream_timeout": self.upstream_timeout,
             "adopt": self.adopt,
             "api_keys": len(self.api_keys),
@@ -146,6 +152,7 @@ class GatewaySettings:
                 "--start-timeout", str(self.start_timeout),
                 "--queue-limit", str(self.queue_limit),
                 "--max-body-mb", str(self.max_body_bytes / (1024 * 1024)),
+                "--max-buffered-mb", str(self.max_buffered_bytes / (1024 * 1024)),
                 "--upstream-timeout", str(self.upstream_timeout)]
         args += ["--header-timeout", str(self.header_timeout),
                  "--body-timeout", str(self.body_timeout),

@@ -7,7 +7,7 @@ start with vLLM's KV-cache message), ``ignore_term`` (ignores SIGTERM), ``die_af
 (exits 3 shortly after being ready), ``exit0_after_ready`` (exits 0 then, like vLLM when
 its engine dies), ``hang`` (accepts connections, never answers), ``hang_post`` (healthy,
 but never answers a POST). A POST's answer echoes the ``Authorization`` and ``X-Api-Key``
-headers it got (``seen_headers``).
+headers it got (``seen_headers``), and the size and framing of the body it got (``seen_body``).
 ``FAKE_VLLM_DELAY`` is the load time in seconds, ``FAKE_VLLM_DIE_AFTER`` the seconds of
 readiness before the ``*_after_ready`` exits, ``FAKE_VLLM_GEN_SECONDS`` how long one
 completion takes (when set, each logs ``generating a completion`` once it is in flight).
@@ -169,8 +169,11 @@ def main(argv: list[str] | None = None) -> None:
 
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            seen_body = {"bytes": len(raw), "content_length": self.headers.get("Content-Length"),
+                         "content_encoding": self.headers.get("Content-Encoding")}
             try:
-                request = json.loads(self.rfile.read(length) or b"{}")
+                request = json.loads(raw or b"{}")
             except ValueError:
                 request = {}
             if not isinstance(request, dict):
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                     if k.lower() in ("authorization", "x-api-key")}
             self._send(200, {"choices": [{"message": {"role": "assistant", "content": "hi"}}],
                              "usage": {"prompt_tokens": 3, "completion_tokens": 1},
-                             "seen_headers": seen})
+                             "seen_headers": seen, "seen_body": seen_body})
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     log(f"Starting vLLM server on http://{args.host}:{args.port}")
