@@ -198,7 +198,8 @@ def _malformed(key: str) -> list[bytes]:
         (b"POST /v1/chat/completions HTTP/1.1\nHost: x\nAuthorization: Bearer %s\n"
          b"Content-Length: 2\n\n{}" % key.encode()),
         # A control character in Authorization.
-        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\x01\r\n"
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+         b"Authorization: Bearer %s\x01\r\n"
          b"Content-Length: 2\r\n\r\n{}" % key.encode()),
         # A space in a header name.
         (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: %s\r\n\r\n" % key.encode()),
@@ -231,7 +232,8 @@ def test_malformed_requests_get_json_400s_a_bounded_log_and_no_key_in_it(
                 sent += 1
         # Bytes that are not UTF-8 in the key: a 401 like any wrong key (was a text 500).
         status, error, _ = _json_error(_raw(
-            port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff%s\r\n"
+            port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Authorization: Bearer \xff%s\r\n"
             b"Connection: close\r\n\r\n" % leak.encode()))
         assert status == 401 and error["type"] == "AuthenticationError"
         auth = {"Authorization": f"Bearer {KEY}"}
@@ -319,7 +321,8 @@ def test_slow_heads_and_stalled_bodies_are_cut_by_the_timeouts(edge_gateway: Any
     # A slow but moving body is fine: the timeout is between two reads.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         body = json.dumps({"model": "stub", "messages": []}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: "
                      b"Bearer %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                      % (KEY.encode(), len(body)))
         for i in range(0, len(body), 8):
@@ -429,7 +432,8 @@ def test_forwarded_headers_are_a_proxys(edge_gateway: Any) -> None:
 
 def _expect(port: int, key: str, length: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer "
                      b"%s\r\nExpect: 100-continue\r\nContent-Length: %d\r\n"
                      b"Connection: close\r\n\r\n" % (key.encode(), length))
         return sock.recv(65536)
@@ -442,7 +446,8 @@ def test_100_continue_comes_only_after_the_key_and_size_checks(edge_gateway: Any
     assert _expect(port, KEY, 5000).startswith(b"HTTP/1.1 413 ")
     body = json.dumps({"model": "stub"}).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer "
                      b"%s\r\nExpect: 100-continue\r\nContent-Length: %d\r\n"
                      b"Connection: close\r\n\r\n" % (KEY.encode(), len(body)))
         assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -548,7 +553,8 @@ def test_stalled_clients_under_a_small_fd_limit_leave_room_for_others(
             try:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=5)
                 stalled.append(sock)
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Authorization: "
                              b"Bearer %s\r\nContent-Length: 100\r\n\r\n{" % KEY.encode())
             except OSError:
                 continue
@@ -556,7 +562,8 @@ def test_stalled_clients_under_a_small_fd_limit_leave_room_for_others(
             other.settimeout(10)
             other.bind(("127.0.0.2", 0))
             other.connect(("127.0.0.1", port))
-            other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+            other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Authorization: Bearer "
                           b"%s\r\nConnection: close\r\n\r\n" % KEY.encode())
             assert other.recv(65536).startswith(b"HTTP/1.1 200 ")
     finally:
