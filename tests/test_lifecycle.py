@@ -299,11 +299,20 @@ def test_an_empty_command_line_during_an_exec_is_read_again(
     try:
         proc = psutil.Process(child.pid)
         real = proc.cmdline()
-        reads = iter([[], [], real])
-        monkeypatch.setattr(psutil.Process, "cmdline", lambda self: next(reads))
+        real_cmdline = psutil.Process.cmdline
+        empty_reads = [2]
+
+        def cmdline(self: psutil.Process) -> list[str]:
+            if self.pid == child.pid and empty_reads[0]:
+                empty_reads[0] -= 1
+                return []
+            return real_cmdline(self)
+
+        monkeypatch.setattr(psutil.Process, "cmdline", cmdline)
         found = process_group.verified_process(child.pid, proc.create_time(),
                                                lambda cmdline: cmdline == real)
         assert found is not None and found.pid == child.pid
+        assert empty_reads == [0]
     finally:
         child.kill()
         child.wait()
