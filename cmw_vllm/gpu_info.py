@@ -357,13 +357,91 @@ def _vllm_title(proc: Any) -> str | None:
     return name if name.startswith(VLLM_TITLE_PREFIX) else None
 
 
+# Processes that adopt orphans: pid 1 and the usual subreapers (systemd --user, container
+# inits, podman's conmon). A VLLM:: process whose parent is one of these was re-parented.
+REAPER_NAMES = frozenset({
+    "systemd", "init", "tini", "tini-static", "dumb-init", "docker-init", "catatonit",
+    "s6-svscan", "runsvdir", "conmon", "containerd-shim", "containerd-shim-runc-v2",
+})
+
+
+def _looks_like_vllm(proc: Any) -> bool:
+    """True when a process's command line names vLLM or cmw-vllm (an API server)."""
+    import psutil
+
+    try:
+        return "vllm" in " ".join(proc.cmdline()).lower()
+    except psutil.Error:
+        return False
+
+
+def _is_reaper(proc: Any) -> bool:
+    """True for pid 1 or a known subreaper that is not itself a vLLM server (a container
+    whose pid 1 is vLLM's API server is that server, alive)."""
+    import psutil
+
+    try:
+        if proc.pid != 1 and proc.name() not in REAPER_NAMES:
+            return False
+    except psutil.Error:
+        return False
+    return not _looks_like_vllm(proc)
+
+
+def is_orphaned(proc: Any) -> bool:
+    """True when a ``VLLM::`` process has provably lost its API server.
+
+    Its chain of ``VLLM::`` ancestors (a worker's EngineCore) must end in a process that was
+    re-parented to pid 1 or a subreaper, and the leader of its process group (vLLM's API
+    server, or the shell that started it) must be gone too. A live parent that is anything
+    else (the API server, a script using vLLM offline, ``cmw-vllm``) means the engine is in
+    use, and so does anything that cannot be read: those are never called leftovers.
+    """
+    import psutil
+
+    try:
+        top = proc
+        parent = proc.parent()
+        while parent is not None and _vllm_title(parent) is not None:
+            top, parent = parent, parent.parent()
+        if parent is not None and not _is_reaper(parent):
+            return False
+        pgid = os.getpgid(top.pid)
+    except (psutil.Error, OSError):
+        return False
+    if pgid in (top.pid, proc.pid):
+        return True
+    try:
+        leader = psutil.Process(pgid)
+        if leader.status() == psutil.STATUS_ZOMBIE:
+            return True
+        # A leader younger than the process is a reused group id, not its API server.
+        return leader.create_time() > top.create_time() + 0.05 or _is_reaper(leader)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def _is_mine(proc: Any) -> bool:
+    """True when the process runs as this user (only those may be named to kill)."""
+    import psutil
+
+    try:
+        return bool(proc.uids().real == os.getuid())
+    except (psutil.Error, AttributeError):  # gone, or no uids (Windows)
+        return False
+
+
 def orphan_vllm_processes(
     report: GpuReport | None = None, records: Iterable[ServerRecord] | None = None
 ) -> list[OrphanProcess]:
-    """``VLLM::`` processes that belong to no managed server (leftovers of crashes).
+    """This user's ``VLLM::`` processes that belong to no managed server and whose API
+    server is gone (leftovers of crashes): see :func:`is_orphaned`.
 
-    With GPUs, those holding GPU memory; without GPUs (the CPU build), every
-    ``VLLM::EngineCore`` / ``VLLM::Worker`` process on the machine.
+    With GPUs, those holding GPU memory; without GPUs (the CPU build), every such
+    ``VLLM::EngineCore`` / ``VLLM::Worker`` process on the machine. The processes of a live
+    server (started by hand, by another tool, by another user) are never listed.
 
     Args:
         report: A GPU report already queried (default: ask NVML now).
@@ -383,10 +461,11 @@ def orphan_vllm_processes(
             if gp.server is not None:
                 continue
             try:
-                title = _vllm_title(psutil.Process(gp.pid))
-            except psutil.Error:  # the pid lives in another pid namespace or is gone
-                title = gp.name if gp.name and gp.name.startswith(VLLM_TITLE_PREFIX) else None
-            if title is None:
+                proc = psutil.Process(gp.pid)
+                title = _vllm_title(proc)
+            except psutil.Error:  # in another pid namespace or gone: nothing to tell
+                continue
+            if title is None or not _is_mine(proc) or not is_orphaned(proc):
                 continue
             orphan = found.setdefault(gp.pid, OrphanProcess(gp.pid, title, 0))
             orphan.gpu_memory = (orphan.gpu_memory or 0) + (gp.used_memory or 0)
@@ -395,6 +474,8 @@ def orphan_vllm_processes(
     for proc in psutil.process_iter():
         title = _vllm_title(proc)
         if title is None or not title.startswith(("VLLM::EngineCore", "VLLM::Worker")):
+            continue
+        if not _is_mine(proc) or not is_orphaned(proc):
             continue
         if owner_of(proc.pid, record_list) is None:
             found[proc.pid] = OrphanProcess(proc.pid, title)

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from cmw_vllm.server_record import ServerRecord
 
 IS_WINDOWS = os.name == "nt"
+# The module the supervisor runs as (``python -m cmw_vllm.supervisor ... -- COMMAND``).
+SUPERVISOR_MODULE = "cmw_vllm.supervisor"
+# How long a command line may read empty while its process execs (a wrapper's exec).
+EXEC_WINDOW_S = 1.0
 
 
 def process(pid: int, create_time: float) -> psutil.Process | None:
@@ -54,10 +58,17 @@ def verified_process(pid: int, create_time: float, matches: Callable[[list[str]]
     proc = process(pid, create_time)
     if proc is None:
         return None
-    try:
-        cmdline = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
+    deadline = time.monotonic() + EXEC_WINDOW_S
+    while True:
+        try:
+            cmdline = proc.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+        # A process in the middle of an exec (a wrapper that execs the interpreter) shows an
+        # empty command line for a moment: read it again rather than call it someone else.
+        if cmdline or time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)
     return proc if matches(cmdline) else None
 
 
@@ -65,16 +76,22 @@ def command_matches(cmdline: list[str], command: list[str]) -> bool:
     """True when a process's command line is the command that was recorded for it.
 
     The recorded arguments must end the command line exactly. Only the program may show
-    differently: a ``#!`` script runs as ``python SCRIPT ARGS``, and a wrapper that execs
-    the interpreter (``exec python "$@"``) replaces it; so before the arguments there is
-    one word, or two. vLLM renames its EngineCore and worker children (``VLLM::EngineCore``)
-    but not the API server, the process a record names.
+    differently, as one word or several: a ``#!`` script runs as ``python SCRIPT ARGS``, a
+    wrapper that execs the interpreter (``exec python "$@"``) replaces it, and shims that
+    exec through other programs first (pyenv: ``bash .../pyenv exec python3 ARGS``, then
+    ``python3 ARGS``; ``/usr/bin/env bash SHIM ARGS``) show each stage in turn. The one
+    command line that ends with the arguments but is not the command is our supervisor's
+    (``python -m cmw_vllm.supervisor ... -- COMMAND``), which its child shows between fork
+    and exec. vLLM renames its EngineCore and worker children (``VLLM::EngineCore``) but not
+    the API server, the process a record names.
     """
     if not command:
         return False
     args = command[1:]
     head = len(cmdline) - len(args)
-    return head in (1, 2) and cmdline[head:] == args
+    if head < 1 or cmdline[head:] != args:
+        return False
+    return SUPERVISOR_MODULE not in cmdline[:head]
 
 
 def supervisor_process(record: ServerRecord) -> psutil.Process | None:

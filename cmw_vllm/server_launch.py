@@ -90,6 +90,7 @@ def spawn(name: str, command: list[str], env: dict[str, str], log_file: Path
 
     import psutil
 
+    from cmw_vllm.process_group import SUPERVISOR_MODULE
     from cmw_vllm.vllm_engine import tail_lines
 
     flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
@@ -97,7 +98,7 @@ def spawn(name: str, command: list[str], env: dict[str, str], log_file: Path
         log_fd = os.open(log_file, flags)
     except OSError as exc:
         raise EnvironmentProblem(f"cannot write {log_file}: {exc.strerror or exc}") from exc
-    supervisor_cmd = [sys.executable, "-m", "cmw_vllm.supervisor", "--name", name, "--",
+    supervisor_cmd = [sys.executable, "-m", SUPERVISOR_MODULE, "--name", name, "--",
                       *command]
     popen_kwargs: dict[str, Any] = {}
     if IS_WINDOWS:

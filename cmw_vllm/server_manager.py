@@ -129,7 +129,11 @@ def _remove(*files: Path) -> None:
 
 def _remove_server_files(name: str) -> None:
     """Remove the record, PID and exit files of ``name``, and temp files of a writer that was
-    killed mid-write (the supervisor, when a failed start or a stop SIGKILLs it)."""
+    killed mid-write (the supervisor, when a failed start or a stop SIGKILLs it); and the
+    shared-memory segments its processes left (see :mod:`cmw_vllm.shm_segments`)."""
+    from cmw_vllm.shm_segments import remove_leftovers
+
+    remove_leftovers(name)
     files = [record_path(name), pid_path(name), exit_path(name)]
     temps = [t for f in files for t in f.parent.glob(f".{f.name}.*.tmp")]
     _remove(*files, *temps)
@@ -509,6 +513,11 @@ class ServerManager:
     def _mark_ready(self, record: ServerRecord) -> None:
         if record.ready_at is not None:
             return
+        # vLLM has made its shared memory by now; the supervisor notes it too, but a crash
+        # right after the start could come before its next look.
+        from cmw_vllm.shm_segments import note
+
+        note(record.name, [p.pid for p in group_members(record)])
         record.ready_at = time.time()
         with contextlib.suppress(CmwVllmError):
             update_record(record.name, record.supervisor_pid, ready_at=record.ready_at,
@@ -706,6 +715,10 @@ class ServerManager:
             send_signal(sup, sigkill)
             killed.append(sup.pid)
             remaining += wait_gone([sup], kill_timeout)
+        # What the processes map is noted now: after the SIGKILL nothing tells it any more.
+        from cmw_vllm.shm_segments import note
+
+        note(record.name, [p.pid for p in self._server_processes(record)])
         # Two sweeps: children forked between the listing and the kill are caught by the second.
         for _sweep in range(2):
             alive = [p for p in self._server_processes(record) if p.pid not in killed]

@@ -133,6 +133,11 @@ def exit_path(name: str) -> Path:
     return paths.servers_dir() / f"{name}.exit"
 
 
+def shm_path(name: str) -> Path:
+    """The list of shared-memory segments server ``name``'s processes were seen to map."""
+    return paths.servers_dir() / f"{name}.shm"
+
+
 def log_path(name: str) -> Path:
     """The log file of server ``name``."""
     return paths.logs_dir() / f"{name}.log"

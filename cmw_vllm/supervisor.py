@@ -42,6 +42,7 @@ from typing import IO, TYPE_CHECKING, Any
 from cmw_vllm import paths
 from cmw_vllm import process_group as pg
 from cmw_vllm import server_record as sr
+from cmw_vllm import shm_segments as shm
 
 if TYPE_CHECKING:
     from cmw_vllm.server_record import ServerRecord
@@ -50,6 +51,10 @@ PREFIX = "cmw-vllm supervisor:"
 HEALTH_POLL_S = 0.5  # readiness probes while loading
 HANG_POLL_S = 5.0  # health probes of a ready server when hang detection is on
 PORT_WAIT_S = 60.0
+# How often the shared memory of vLLM's processes is noted: while loading (vLLM makes its
+# segments then), and once ready (a scan of a few /proc/PID/maps).
+SHM_NOTE_LOADING_S = 1.0
+SHM_NOTE_READY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -334,6 +339,8 @@ class Supervisor:
         probe.start()
         kill_at: float | None = None
         killed = False
+        next_note = time.monotonic() + SHM_NOTE_LOADING_S
+        noted_ready = False  # one note once ready: the segments are all made by then
         try:
             while True:
                 if self.stop_signal is not None and kill_at is None:
@@ -341,6 +348,12 @@ class Supervisor:
                 rc = self._reap()
                 if rc is not None:
                     break
+                if kill_at is None and (time.monotonic() >= next_note
+                                        or (ready_at and not noted_ready)):
+                    noted_ready = bool(ready_at)
+                    self._note_segments()
+                    next_note = time.monotonic() + (
+                        SHM_NOTE_READY_S if ready_at else SHM_NOTE_LOADING_S)
                 if (self.hung and not killed) or (
                         kill_at is not None and not killed and time.monotonic() >= kill_at):
                     self.say(f"vLLM (pid {self.proc.pid}) is hung: {self.hung}; killing it"
@@ -527,14 +540,25 @@ class Supervisor:
                 os.kill(self.proc.pid, signal.SIGTERM)
 
     def _kill_leftovers(self, record: ServerRecord) -> None:
-        """SIGKILL what is left of a run's process group (an orphaned EngineCore holds the GPU)."""
+        """SIGKILL what is left of a run's process group (an orphaned EngineCore holds the GPU),
+        then remove the shared memory the run's processes left."""
         members = pg.group_members(record)
+        shm.note(self.name, [p.pid for p in members])
         for proc in members:
             pg.send_signal(proc, signal.SIGKILL)
         alive = pg.wait_gone(members, 10.0)
         if alive:
             self.say(f"processes survived SIGKILL: {', '.join(str(p.pid) for p in alive)}")
         self._reap()
+        removed = shm.remove_leftovers(self.name)
+        if removed:
+            self.say(f"removed shared memory left in /dev/shm: {', '.join(removed)}")
+
+    def _note_segments(self) -> None:
+        """Note the shared memory the current run's processes map (see ``shm_segments``)."""
+        record = self.record()
+        if record is not None:
+            shm.note(self.name, [p.pid for p in pg.group_members(record)])
 
     def _wait_port(self, record: ServerRecord) -> bool:
         deadline = time.monotonic() + PORT_WAIT_S

@@ -155,6 +155,24 @@ time.sleep(120)
 """
 
 
+# An API server started by hand: EngineCore its child, a worker the engine's child.
+LIVE_SERVER_SCRIPT = """
+import subprocess, sys, time
+engine = subprocess.Popen(["bash", "-c", "exec -a VLLM::EngineCore bash -c "
+                           "'exec -a VLLM::Worker sleep 120 & echo $!; wait'"],
+                          stdout=subprocess.PIPE)
+print(engine.pid, int(engine.stdout.readline()), flush=True)
+time.sleep(120)
+"""
+
+
+def true_orphan(title: str) -> int:
+    """A titled process whose parent exited (re-parented to pid 1 or a subreaper)."""
+    shell = subprocess.run(["bash", "-c", f"(exec -a {title} sleep 120 <&- >&- 2>&- & echo $!)"],
+                           capture_output=True, text=True, check=True, start_new_session=True)
+    return int(shell.stdout.split()[-1])
+
+
 @pytest.fixture
 def server_tree(spawn: list[subprocess.Popen[bytes]]) -> Iterator[SimpleNamespace]:
     """A managed server's processes as vLLM leaves them, plus strangers.
@@ -162,7 +180,10 @@ def server_tree(spawn: list[subprocess.Popen[bytes]]) -> Iterator[SimpleNamespac
     - ``api``: the API server, leader of its own process group;
     - ``engine``: an EngineCore in the api's group whose parent is not the api (orphaned);
     - ``worker``: a child of the api that moved to its own session (found by ancestry);
-    - ``foreign``: an unrelated process; ``orphan``: a VLLM::EngineCore of no server;
+    - ``foreign``: an unrelated process; ``orphan``: a VLLM::EngineCore of no server, whose
+      parent is gone (re-parented);
+    - ``live``: a vLLM API server started by hand (no record), with its ``live_engine`` and
+      ``live_worker``, all alive;
     - ``gone``: a pid that no longer exists.
     """
     api = start(spawn, [sys.executable, "-c", API_SCRIPT], stdout=subprocess.PIPE,
@@ -170,20 +191,31 @@ def server_tree(spawn: list[subprocess.Popen[bytes]]) -> Iterator[SimpleNamespac
     assert api.stdout is not None
     worker_pid, engine_pid = (int(x) for x in api.stdout.readline().split())
     foreign = start(spawn, ["sleep", "120"])
-    orphan = start(spawn, titled("VLLM::EngineCore"), start_new_session=True)
-    for pid, title in ((engine_pid, "VLLM::EngineCore"), (orphan.pid, "VLLM::EngineCore"),
-                       (worker_pid, "VLLM::Worker")):
+    orphan = true_orphan("VLLM::EngineCore")
+    # A server started by hand, alive: its engine and worker are no leftovers.
+    live = start(spawn, [sys.executable, "-c", LIVE_SERVER_SCRIPT,
+                         "vllm.entrypoints.openai.api_server"], stdout=subprocess.PIPE,
+                 start_new_session=True)
+    assert live.stdout is not None
+    live_engine, live_worker = (int(x) for x in live.stdout.readline().split())
+    for pid, title in ((engine_pid, "VLLM::EngineCore"), (orphan, "VLLM::EngineCore"),
+                       (worker_pid, "VLLM::Worker"), (live_engine, "VLLM::EngineCore"),
+                       (live_worker, "VLLM::Worker")):
         wait_title(pid, title)
     gone = subprocess.Popen(["true"])
     gone.wait()
     yield SimpleNamespace(api=api, engine=engine_pid, worker=worker_pid,
-                          foreign=foreign.pid, orphan=orphan.pid, gone=gone.pid,
+                          foreign=foreign.pid, orphan=orphan, gone=gone.pid,
+                          live=live.pid, live_engine=live_engine, live_worker=live_worker,
                           record=make_record("alpha", api))
     # The engine and worker live outside what ``spawn`` cleans up.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(api.pid, 9)
+    for pid in (worker_pid, orphan):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
     with contextlib.suppress(ProcessLookupError):
-        os.kill(worker_pid, 9)
+        os.killpg(live.pid, 9)
 
 
 @pytest.fixture
@@ -192,7 +224,7 @@ def fake_gpus(server_tree: SimpleNamespace) -> list[FakeGpu]:
     return [
         FakeGpu("NVIDIA H100 80GB HBM3", 80 * GiB, 70 * GiB,
                 procs=[(t.engine, 30 * GiB), (t.worker, 20 * GiB), (t.foreign, 5 * GiB),
-                       (t.orphan, 7 * GiB)]),
+                       (t.orphan, 7 * GiB), (t.live_engine, 9 * GiB)]),
         FakeGpu(b"NVIDIA A10", 24 * GiB, 3 * GiB, procs=[(t.worker, 2 * GiB), (t.gone, None)],
                 power_mw=None),
         FakeGpu("NVIDIA L4", 24 * GiB, 0, fail={"processes"}),
@@ -269,9 +301,38 @@ def test_orphans_without_gpu_are_found_by_title(
     pids = {o.pid for o in gpu_info.orphan_vllm_processes(records=[t.record])}
     assert t.orphan in pids
     assert t.engine not in pids and t.worker not in pids
-    # Without the record, the server's own engine and worker are leftovers too.
+    # Without the record, the server's API server is still alive: its engine and worker are
+    # not leftovers either, and neither are those of the server started by hand.
     loose = {o.pid for o in gpu_info.orphan_vllm_processes(records=[])}
-    assert {t.engine, t.worker, t.orphan} <= loose
+    assert t.orphan in loose
+    assert not {t.engine, t.worker, t.live_engine, t.live_worker} & loose
+
+
+def test_orphans_of_other_users_are_not_listed(
+    monkeypatch: pytest.MonkeyPatch, server_tree: SimpleNamespace
+) -> None:
+    install(monkeypatch, make_fake_nvml([], init_error="Driver Not Loaded"))
+    t = server_tree
+    assert t.orphan in {o.pid for o in gpu_info.orphan_vllm_processes(records=[])}
+    monkeypatch.setattr(os, "getuid", lambda: os.geteuid() + 4242)  # as another user sees it
+    assert gpu_info.orphan_vllm_processes(records=[]) == []
+
+
+def test_a_live_server_in_a_container_as_pid_1_is_no_reaper() -> None:
+    class Proc:
+        def __init__(self, pid: int, name: str, cmdline: list[str]) -> None:
+            self.pid, self._name, self._cmdline = pid, name, cmdline
+
+        def name(self) -> str:
+            return self._name
+
+        def cmdline(self) -> list[str]:
+            return self._cmdline
+
+    assert gpu_info._is_reaper(Proc(1, "tini", ["tini", "--", "sh"]))
+    assert gpu_info._is_reaper(Proc(812, "systemd", ["/lib/systemd/systemd", "--user"]))
+    assert not gpu_info._is_reaper(Proc(1, "python3", ["python3", "-m", "vllm", "serve"]))
+    assert not gpu_info._is_reaper(Proc(812, "python3", ["python3", "job.py"]))
 
 
 @pytest.mark.parametrize("error", ["Driver Not Loaded", "NVML Shared Library Not Found"])

@@ -277,9 +277,86 @@ def test_command_matches_the_record_across_launch_styles() -> None:
     assert not command_matches(["/venv/bin/python", *args[:-1], "8001"],
                                ["/venv/bin/python", *args])
     assert not command_matches(["VLLM::EngineCore"], ["/venv/bin/python", *args])
-    assert not command_matches(["sh", "-c", "x", "/venv/bin/python", *args],
-                               ["/venv/bin/python", *args])
+    # Shims that exec through other programs show each stage in turn (pyenv, env).
+    assert command_matches(["bash", "/root/.pyenv/libexec/pyenv", "exec", "python3", *args],
+                           ["/tmp/engine-python", *args])
+    assert command_matches(["/usr/bin/env", "bash", "/root/.pyenv/shims/python3", *args],
+                           ["/tmp/engine-python", *args])
+    # The supervisor's child between fork and exec still shows the supervisor's line.
+    assert not command_matches(
+        [sys.executable, "-m", "cmw_vllm.supervisor", "--name", "x", "--",
+         "/venv/bin/python", *args], ["/venv/bin/python", *args])
+    assert not command_matches(args, ["/venv/bin/python", *args])
     assert not command_matches([], ["/venv/bin/python", *args])
+
+
+def test_an_empty_command_line_during_an_exec_is_read_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a wrapper execs the interpreter, its command line reads empty for a moment."""
+    from cmw_vllm import process_group
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        proc = psutil.Process(child.pid)
+        real = proc.cmdline()
+        real_cmdline = psutil.Process.cmdline
+        empty_reads = [2]
+
+        def cmdline(self: psutil.Process) -> list[str]:
+            if self.pid == child.pid and empty_reads[0]:
+                empty_reads[0] -= 1
+                return []
+            return real_cmdline(self)
+
+        monkeypatch.setattr(psutil.Process, "cmdline", cmdline)
+        found = process_group.verified_process(child.pid, proc.create_time(),
+                                               lambda cmdline: cmdline == real)
+        assert found is not None and found.pid == child.pid
+        assert empty_reads == [0]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_wrapper_that_execs_through_a_shim_starts(
+        fake_engine: Path, model_dir: Path, isolated_home: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pyenv-like shim: the wrapper execs a shell that later execs the interpreter.
+
+    The start is made to look at the process while the shell stage runs (its command line
+    has three words before vLLM's arguments), the moment a start used to call "vLLM exited
+    during start-up".
+    """
+    shim = isolated_home.parent / "shim-python"
+    shim.write_text(
+        "#!/bin/sh\n"
+        "sleep 0.3\n"
+        f'exec /bin/sh -c \'sleep 2; exec "$0" "$@"\' "{fake_engine}" "$@"\n')
+    shim.chmod(0o755)
+    monkeypatch.setenv("CMW_VLLM_PYTHON", str(shim))
+    original = ServerManager.wait_ready
+
+    def wait_ready_in_the_shell_stage(self: ServerManager, record, *args, **kwargs):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cmdline = psutil.Process(record.pid).cmdline()
+            if cmdline[:2] == ["/bin/sh", "-c"]:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the shim's shell stage was not seen")
+        return original(self, record, *args, **kwargs)
+
+    monkeypatch.setattr(ServerManager, "wait_ready", wait_ready_in_the_shell_stage)
+    code, out, err = run("start", str(model_dir), "--name", "shim", "--port", str(free_port()))
+    try:
+        assert code == 0, err
+        assert "is ready" in out
+        record = read_record("shim")
+        assert record is not None
+        assert run("status", "shim")[0] == 0
+    finally:
+        assert run("stop", "shim")[0] == 0
 
 
 @pytest.mark.parametrize(

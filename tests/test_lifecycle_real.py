@@ -11,6 +11,7 @@ import psutil
 import pytest
 import requests
 
+from cmw_vllm import shm_segments
 from cmw_vllm.server_manager import group_members
 from cmw_vllm.server_record import read_record
 from tests.conftest import alive_pids, free_port, wait_for_state
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.vllm
 def test_real_lifecycle(real_vllm: str, tiny_model: Path,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     """start -> healthy -> chat answers -> restart from a shell without the start's settings
-    -> SIGKILL API server -> stop: nothing left."""
+    -> SIGKILL API server -> stop: nothing left (no process, no shared memory in /dev/shm)."""
     port = free_port()
     code, out, err = run("start", str(tiny_model), "--name", "tiny", "--port", str(port),
                          "--max-model-len", "512", "--timeout", "600", "--test")
@@ -83,6 +84,9 @@ def test_real_lifecycle(real_vllm: str, tiny_model: Path,
     # SIGKILL of the API server alone orphans EngineCore and the worker (vLLM #55510) ...
     members = [p.pid for p in group_members(second)]
     assert len(members) >= 3
+    # vLLM's shared memory (psm_*, sem.mp-*), which a SIGKILL leaves in /dev/shm.
+    segments = shm_segments.segments_of(members)
+    assert segments, "vLLM's processes map no psm_* / sem.mp-* file"
     os.kill(second.pid, signal.SIGKILL)
     status = wait_for_state("tiny", "exited", timeout=15)
     assert status.state == "exited"
@@ -91,6 +95,8 @@ def test_real_lifecycle(real_vllm: str, tiny_model: Path,
     code, out, err = run("stop", "tiny")
     assert code == 0, err
     assert not alive_pids(members)
+    left = [s.name for s in segments if (shm_segments.SHM_DIR / s.name).exists()]
+    assert not left, f"stop left vLLM's shared memory in /dev/shm: {left}"
     code, _, _ = run("status", "tiny")
     assert code == 3
 

@@ -242,9 +242,17 @@ def _titled(title: str, **kw: object) -> subprocess.Popen[bytes]:
 
 
 def test_setup_lists_leftover_engines_with_the_kill_command() -> None:
-    orphan = _titled("VLLM::EngineCore", start_new_session=True)
+    from tests.test_gpu_info import LIVE_SERVER_SCRIPT, true_orphan
+
+    orphan = true_orphan("VLLM::EngineCore")
     managed = _titled("VLLM::Worker", start_new_session=True)
+    # A vLLM started by hand and alive: neither its engine nor its worker is a leftover.
+    live = subprocess.Popen([sys.executable, "-c", LIVE_SERVER_SCRIPT,
+                             "vllm.entrypoints.openai.api_server"], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
     try:
+        assert live.stdout is not None
+        live_pids = [int(x) for x in live.stdout.readline().split()]
         created = psutil.Process(managed.pid).create_time()
         record = ServerRecord(
             name="kept", pid=managed.pid, create_time=created, supervisor_pid=managed.pid,
@@ -256,17 +264,26 @@ def test_setup_lists_leftover_engines_with_the_kill_command() -> None:
         code, out = run("setup", "--json")
         data = json.loads(out)
         foreign = sorted(o["pid"] for o in data["orphans"] if o["server"] is None)
-        assert orphan.pid in foreign
+        assert orphan in foreign
         assert managed.pid not in foreign
+        assert not set(live_pids) & set(foreign)
         leftovers = checks_by_name(data)["leftover vLLM processes"]
         assert leftovers["status"] == "warn"
         assert f"kill {' '.join(str(p) for p in foreign)}" in leftovers["fix"]
-        os.kill(orphan.pid, 15)
-        orphan.wait()
+        named = {int(w) for w in re.findall(r"\d+", leftovers["fix"])}
+        assert not named & {*live_pids, live.pid}
+        os.kill(orphan, 15)
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(orphan) and time.monotonic() < deadline:
+            time.sleep(0.02)
         data = json.loads(run("setup", "--json")[1])
-        assert orphan.pid not in {o["pid"] for o in data["orphans"]}
+        assert orphan not in {o["pid"] for o in data["orphans"]}
     finally:
-        for proc in (orphan, managed):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, 9)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(live.pid, 9)
+        for proc in (managed, live):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()

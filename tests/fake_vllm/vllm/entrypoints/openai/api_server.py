@@ -14,6 +14,11 @@ completion takes (when set, each logs ``generating a completion`` once it is in 
 Like vLLM, ``--shutdown-timeout N`` makes SIGTERM let completions in flight finish for up to
 N seconds (new ones get 503) before it exits 0 (or ``FAKE_VLLM_TERM_EXIT``, to tell its
 code from a default).
+``FAKE_VLLM_SHM=1`` makes shared memory as vLLM does (a ``SharedMemory``, ``psm_*``, and a
+multiprocessing lock, ``sem.mp-*``) and logs their /dev/shm names (``shared memory: psm_x
+sem.mp-y``). It takes them off Python's resource tracker, which would remove them at a
+normal exit, and after a SIGKILL only when it happened to outlive the others: so they are
+left behind on every exit, and only cmw-vllm's clean-up removes them.
 ``FAKE_VLLM_ORPHAN=PATH`` leaves an orphan once ready: a grandchild whose parent exits at
 once; re-parented, it writes ``PID PPID`` (as it sees them) to PATH and exits, so that its
 new parent must reap it (PID 1 in a container, where cmw-vllm is that parent).
@@ -87,6 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     engine = subprocess.Popen(["VLLM::EngineCore", "-c", child_code], executable=sys.executable)
     time.sleep(delay / 2)
     log("Loading weights took 0.01 seconds")
+    if os.environ.get("FAKE_VLLM_SHM"):
+        from multiprocessing import get_context, resource_tracker, shared_memory
+
+        segment = shared_memory.SharedMemory(create=True, size=4096)
+        lock = get_context("spawn").Lock()
+        resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+        resource_tracker.unregister(lock._semlock.name, "semaphore")
+        held = (segment, lock)  # noqa: F841  (kept mapped while the server runs)
+        log(f"shared memory: {segment.name} sem{lock._semlock.name.replace('/', '.')}")
     if mode == "oom":
         log("EngineCore failed to start.", "ERROR", "EngineCore")
         log("Traceback (most recent call last):", "ERROR", "EngineCore")
