@@ -41,6 +41,7 @@ LAZY_COMMANDS = {
     "test": "cli_inference",
     "gateway": "cli_gateway",
     "ray": "cli_multinode",
+    "export": "cli_export",
 }
 
 

@@ -209,7 +209,8 @@ def _run_start(start: Any, name: str, quiet: bool) -> tuple[StartResult, float]:
     return result, time.monotonic() - begin
 
 
-def _misplaced_vllm_flags(command: click.Command, args: list[str]) -> UsageError | None:
+def _misplaced_vllm_flags(command: click.Command, args: list[str],
+                          prefix: tuple[str, ...] = ("cmw-vllm", "start")) -> UsageError | None:
     """The error for vLLM flags given before ``--`` (``start DIR --enforce-eager``), if any.
 
     Without this, click answers an unknown option with the closest of ours, and
@@ -241,7 +242,7 @@ def _misplaced_vllm_flags(command: click.Command, args: list[str]) -> UsageError
     import shlex
 
     names = [t.split("=", 1)[0] for t in moved if normalize_flag(t) is not None]
-    fixed = ["cmw-vllm", "start", *kept, "--", *moved, *args[split + 1:]]
+    fixed = [*prefix, *kept, "--", *moved, *args[split + 1:]]
     return UsageError(
         f"{', '.join(names)} "
         + ("is a vLLM flag, not a cmw-vllm option" if len(names) == 1
@@ -252,14 +253,16 @@ def _misplaced_vllm_flags(command: click.Command, args: list[str]) -> UsageError
 
 
 class _StartCommand(click.Command):
-    """``start``: vLLM flags given before ``--`` get a clear error, never a look-alike."""
+    """``start`` (and ``export``): vLLM flags given before ``--`` get a clear error, never a
+    look-alike."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         """Parse as click does; on an unknown option, check it against vLLM's flags."""
         try:
             return super().parse_args(ctx, list(args))
         except click.NoSuchOption:
-            error = _misplaced_vllm_flags(self, list(args))
+            error = _misplaced_vllm_flags(self, list(args),
+                                          ("cmw-vllm", *ctx.command_path.split()[1:]))
             if error is not None:
                 raise error from None
             raise
