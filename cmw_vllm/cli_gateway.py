@@ -72,6 +72,10 @@ if TYPE_CHECKING:
               help="Web page origins that may use the gateway from a browser, CORS included "
               "(comma-separated scheme://host[:port], * for any; default none: cross-site "
               "browser requests get a 403).")
+@click.option("--upstream", "upstreams", multiple=True, metavar="NAME[,NAME...]=URL",
+              help="A fixed server and the model names it serves (repeatable). With it, "
+              "these are the only servers: none is started, stopped or found among the "
+              "records (for Kubernetes, which runs them: `cmw-vllm export k8s --gateway`).")
 @click.option("-d", "--background", is_flag=True,
               help="Run detached; `cmw-vllm status` shows it, `cmw-vllm stop NAME` stops it.")
 @click.option("--json", "as_json", is_flag=True, help="With --background: print JSON.")
@@ -81,7 +85,7 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
             header_timeout: float, body_timeout: float, max_client_connections: int,
             trusted_proxies: tuple[str, ...], shutdown_grace: float, max_log_mb: float,
             adopt: bool, api_key_file: str | None, allowed_hosts: str, allowed_origins: str,
-            background: bool, as_json: bool) -> None:
+            upstreams: tuple[str, ...], background: bool, as_json: bool) -> None:
     """Serve every model on one OpenAI-compatible endpoint, starting them on demand.
 
     A request's `model` picks the server: a running server's name or served name, else a
@@ -95,12 +99,18 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
       cmw-vllm gateway
       cmw-vllm gateway --port 4000 --idle-timeout 300 -d
       CMW_VLLM_GATEWAY_API_KEYS=sk-mine cmw-vllm gateway --host 0.0.0.0
+      cmw-vllm gateway --upstream qwen=http://10.0.0.5:8000
       curl localhost:4000/v1/models
     """
     import logging
     import os
 
-    from cmw_vllm.gateway.settings import KEY_FILE_ENV, GatewaySettings, load_api_keys
+    from cmw_vllm.gateway.settings import (
+        KEY_FILE_ENV,
+        GatewaySettings,
+        load_api_keys,
+        parse_upstream,
+    )
     from cmw_vllm.settings import api_key
     from cmw_vllm.vocab import LOOPBACK, validate_name
 
@@ -113,6 +123,8 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
         TrustedProxies(trusted_proxies)
     except ValueError as exc:
         raise UsageError(f"--trusted-proxy: {exc}") from None
+    for upstream in upstreams:
+        parse_upstream(upstream)  # a malformed one: one line, exit code
     key_file = api_key_file or os.environ.get(KEY_FILE_ENV) or None
     settings = GatewaySettings(
         host=host, port=port, name=name, idle_timeout=idle_timeout,
@@ -126,6 +138,7 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
         trusted_proxies=tuple(p.strip() for p in trusted_proxies),
         shutdown_grace=shutdown_grace, max_log_bytes=int(max_log_mb * 1024 * 1024),
         allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
+        upstreams=tuple(u.strip() for u in upstreams),
     )
     from cmw_vllm.gateway.origin import WebGate
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 MANAGED_BY = "cmw-vllm"
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 GATEWAY_PORT = 4000
+GATEWAY_NAME = "cmw-vllm-gateway"
 
 # LWS's variables (injected into every container of a group) in vLLM's multi-node flags.
 LWS_FLAGS = {"--nnodes": "$(LWS_GROUP_SIZE)", "--node-rank": "$(LWS_WORKER_INDEX)",
@@ -390,16 +391,26 @@ def _lws_manifests(config: ServerConfig, name: str, options: ExportOptions
                           config.port, options)]
 
 
-def gateway_manifests(backends: Iterable[tuple[str, ServerConfig]], options: ExportOptions
+def gateway_manifests(backends: list[tuple[str, ServerConfig]], options: ExportOptions
                       ) -> list[dict[str, Any]]:
     """A Deployment of ``cmw-vllm gateway`` routing to ``backends`` ((object name, config))
-    through their Services, and its Service; it starts nothing (Kubernetes does)."""
-    name = "cmw-vllm-gateway"
+    through their Services, and its Service.
+
+    The gateway gets them as ``--upstream``: it starts, stops and evicts nothing (Kubernetes
+    runs the servers). Its shutdown grace is the longest drain, so a request in flight
+    through it finishes as one sent to the server would.
+    """
+    name = GATEWAY_NAME
     labels = labels_for(name, "gateway")
-    args = ["gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--allowed-hosts",
-            "*"]
+    drain = max((config.drain for _, config in backends), default=0)
+    hosts = [name, ".svc", ".cluster.local"]
+    if options.namespace:
+        hosts.insert(1, f"{name}.{options.namespace}")
+    args = ["gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+            "--shutdown-grace", str(drain), "--allowed-hosts", ",".join(hosts)]
     for svc, config in backends:
         args += ["--upstream", f"{','.join(config.served_names())}=http://{svc}:{config.port}"]
+    get = {"path": "/health", "port": "http"}
     container = {
         "name": "gateway",
         "image": options.gateway_image,
@@ -408,12 +419,10 @@ def gateway_manifests(backends: Iterable[tuple[str, ServerConfig]], options: Exp
         "env": [_secret_env("CMW_VLLM_GATEWAY_API_KEYS", GATEWAY_SECRET),
                 _secret_env("VLLM_API_KEY", API_KEY_SECRET)],
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
-        "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10,
-                          "failureThreshold": 6},
+        "readinessProbe": {"httpGet": get, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": get, "periodSeconds": 10, "failureThreshold": 6},
         "lifecycle": _pre_stop(),
     }
-    drain = max((config.drain for _, config in backends), default=0)
     return [
         {"apiVersion": "apps/v1", "kind": "Deployment",
          "metadata": _metadata(name, labels, options),
@@ -551,10 +560,15 @@ def manifest_problems(docs: list[dict[str, Any]]) -> list[str]:
     """Every rule of :func:`check_manifests` that ``docs`` break, as ``kind/name: what``."""
     problems: list[str] = []
     pod_labels: list[dict[str, str]] = []
+    seen: set[tuple[Any, ...]] = set()
     for doc in docs:
         meta = doc.get("metadata") or {}
         name = str(meta.get("name", ""))
         where = f"{doc.get('kind')}/{name}"
+        key = (doc.get("kind"), meta.get("namespace"), name)
+        if key in seen:
+            problems.append(f"{where}: two objects of this kind have this name")
+        seen.add(key)
 
         def bad(what: str, where: str = where) -> None:
             problems.append(f"{where}: {what}")

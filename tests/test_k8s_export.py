@@ -337,6 +337,44 @@ def test_nnodes_with_a_shared_claim(models_file: Path) -> None:
         assert vllm_container(lwt[part])["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
+# ------------------------------------------------------------------------------ gateway
+
+
+def test_gateway_routes_to_the_service_and_runs_with_these_arguments(models_file: Path
+                                                                     ) -> None:
+    from cmw_vllm.gateway.settings import parse_upstream
+
+    docs, stderr = export("k8s", "chat", "--gateway", "--namespace", "ai")
+    validate_k8s(docs)
+    assert "Note: the gateway runs image cmw-vllm:" in stderr
+    gateway = next(d for d in docs if d["kind"] == "Deployment"
+                   and d["metadata"]["name"] == "cmw-vllm-gateway")
+    container = vllm_container(gateway["spec"]["template"])
+    args = container["args"]
+    assert container["command"] == ["cmw-vllm"] and args[0] == "gateway"
+    # `cmw-vllm gateway` itself accepts them.
+    command = cli.get_command(None, "gateway")  # type: ignore[arg-type]
+    ctx = command.make_context("gateway", list(args[1:]))
+    assert ctx.params["host"] == "0.0.0.0"
+    assert ctx.params["shutdown_grace"] == 90  # the server's drain
+    (upstream,) = ctx.params["upstreams"]
+    name, url, names = parse_upstream(upstream)
+    server = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "chat")
+    assert url == f"http://chat:{server['spec']['ports'][0]['port']}"  # the server's Service
+    assert names == ("Org/Chat-7B", "chat")  # what vLLM answers to
+    grace = gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= 90 + 15
+    assert "cmw-vllm-gateway.ai" in ctx.params["allowed_hosts"].split(",")
+    assert {e["name"] for e in container["env"]} == {"CMW_VLLM_GATEWAY_API_KEYS",
+                                                    "VLLM_API_KEY"}
+    assert all("secretKeyRef" in e["valueFrom"] for e in container["env"])
+
+
+def test_a_server_named_like_the_gateway_is_refused() -> None:
+    code, line = fails("k8s", "Org/Chat-7B", "--name", "cmw-vllm-gateway", "--gateway")
+    assert code == 2 and "two objects of this kind have this name" in line
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

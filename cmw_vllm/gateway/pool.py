@@ -126,6 +126,17 @@ def scan_servers(manager: ServerManager) -> list[Scanned]:
     return out
 
 
+def upstream_servers(upstreams: tuple[str, ...]) -> list[Scanned]:
+    """The fixed servers of ``--upstream`` (no process of ours: pid 0)."""
+    from cmw_vllm.gateway.settings import parse_upstream
+
+    out = []
+    for text in upstreams:
+        name, url, names = parse_upstream(text)
+        out.append(Scanned(name, url, names, 0))
+    return out
+
+
 class LoopLag:
     """The longest the event loop was blocked while it ran (a watcher wakes every
     :data:`LAG_TICK` seconds and measures how late it woke)."""
@@ -228,8 +239,11 @@ class Pool:
     async def refresh(self) -> None:
         """Re-read the records: add servers started elsewhere, drop those that are gone."""
         scan_began = time.monotonic()
-        scanned = await asyncio.to_thread(scan_servers, self.manager)
-        await self._reload_entries()
+        if self.settings.upstreams:  # fixed servers: no records, nothing to start
+            scanned = upstream_servers(self.settings.upstreams)
+        else:
+            scanned = await asyncio.to_thread(scan_servers, self.manager)
+            await self._reload_entries()
         seen = set()
         for item in scanned:
             seen.add(item.name)
@@ -499,6 +513,8 @@ class Pool:
             await asyncio.sleep(0.25)
 
     def _may_manage(self, backend: Backend) -> bool:
+        if self.settings.upstreams:
+            return False  # fixed servers belong to whoever runs them (Kubernetes)
         return backend.owned or self.settings.adopt
 
     def _pick_victim(self, exclude: str) -> Backend | None:

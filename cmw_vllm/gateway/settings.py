@@ -70,6 +70,9 @@ class GatewaySettings:
             ``scheme://host[:port]``, ``*`` for any; none by default).
         start_backoff: Seconds a model is not started again after a failed start; doubles
             with each failure in a row, up to 5 min (0: no back-off).
+        upstreams: Fixed servers, each ``NAME[,NAME...]=URL`` (the model names it serves,
+            the first its name); when given, they are the only servers: none is found among
+            the records, started, stopped or evicted (what Kubernetes runs is its to manage).
     """
 
     host: str = "127.0.0.1"
@@ -97,6 +100,7 @@ class GatewaySettings:
     allowed_hosts: str = ""
     allowed_origins: str = ""
     start_backoff: float = 5.0
+    upstreams: tuple[str, ...] = ()
 
     def public(self) -> dict[str, object]:
         """The settings without secrets (for the record and ``--json``)."""
@@ -120,6 +124,7 @@ class GatewaySettings:
             "max_log_bytes": self.max_log_bytes,
             "allowed_hosts": self.allowed_hosts,
             "allowed_origins": self.allowed_origins,
+            "upstreams": list(self.upstreams),
         }
 
     @classmethod
@@ -137,8 +142,9 @@ class GatewaySettings:
             if not _same_kind(defaults[key], value):
                 raise ConfigError(f"the kept settings of gateway {name!r} are invalid: "
                                   f"{key} is {value!r}")
-        if "trusted_proxies" in kept:
-            kept["trusted_proxies"] = tuple(kept["trusted_proxies"])
+        for key in ("trusted_proxies", "upstreams"):
+            if key in kept:
+                kept[key] = tuple(kept[key])
         port = kept.get("port", DEFAULT_PORT)
         if not PORT_MIN <= port <= PORT_MAX:
             raise ConfigError(f"the kept settings of gateway {name!r} are invalid: "
@@ -169,7 +175,30 @@ class GatewaySettings:
             args += ["--allowed-hosts", self.allowed_hosts]
         if self.allowed_origins:
             args += ["--allowed-origins", self.allowed_origins]
+        for upstream in self.upstreams:
+            args += ["--upstream", upstream]
         return args
+
+
+def parse_upstream(text: str) -> tuple[str, str, tuple[str, ...]]:
+    """``NAME[,NAME...]=URL`` (``--upstream``) as (name, base URL, every model name).
+
+    Raises:
+        ConfigError: No ``=``, an empty name, or a URL that is not ``http(s)://HOST[:PORT]``.
+    """
+    import re
+
+    names_text, sep, url = text.partition("=")
+    names = tuple(n.strip() for n in names_text.split(","))
+    url = url.strip().rstrip("/")
+    if not sep or not all(names):
+        raise ConfigError(f"invalid --upstream {text!r}: use NAME[,NAME...]=URL, e.g. "
+                          "qwen=http://qwen:8000")
+    if not re.fullmatch(r"https?://[A-Za-z0-9._-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\]"
+                        r"(:\d{1,5})?", url):
+        raise ConfigError(f"invalid --upstream {text!r}: the URL must be http(s)://HOST[:PORT] "
+                          "(no path)")
+    return names[0], url, names
 
 
 def _same_kind(default: object, value: object) -> bool:
