@@ -88,6 +88,16 @@ def _resolve(target: str, params: dict[str, Any], vllm_args: tuple[str, ...]) ->
     return config, kube_name(config.name, explicit=params.get("name") is not None)
 
 
+def _flag_notes(config: Any) -> list[str]:
+    from cmw_vllm.k8s_export import PINNED_VLLM, serve_args, unknown_flags
+
+    unknown = unknown_flags(serve_args(config)[1:])
+    if not unknown:
+        return []
+    return [f"vLLM {PINNED_VLLM} has no {', '.join(unknown)}: the pods fail to start unless "
+            "the image's vLLM has it"]
+
+
 def _export_settings(image: str | None, storage: str, replicas: int, namespace: str | None,
                      gateway: bool = False, gateway_image: str | None = None
                      ) -> tuple[Any, list[str]]:
@@ -187,6 +197,7 @@ def export_k8s(target: str, vllm_args: tuple[str, ...], namespace: str | None, r
                          hint="use --storage pvc:NAME (a ReadWriteMany claim) or "
                          "hostpath:DIR")
     docs = k8s_export.k8s_manifests(config, name, options)
+    notes += _flag_notes(config)
     if config.distributed is not None and config.distributed.nnodes > 1:
         notes.append("needs the LeaderWorkerSet controller (LWS) in the cluster")
     if as_json:
@@ -228,6 +239,7 @@ def export_compose(target: str, vllm_args: tuple[str, ...], image: str | None, s
     config, name = _resolve(target, params, vllm_args)
     options, notes = _export_settings(image, storage, 1, None)
     doc = k8s_export.compose_document(config, name, options)
+    notes += _flag_notes(config)
     if as_json:
         echo_json({"objects": [doc], "image": options.image, "notes": notes})
         return

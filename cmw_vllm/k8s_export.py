@@ -186,6 +186,15 @@ def serve_args(config: ServerConfig, *, worker: bool = False) -> list[str]:
     return [config.model, *(str(a) for a in args)]  # str: the task's words are StrEnums
 
 
+def unknown_flags(args: list[str]) -> list[str]:
+    """The flags among ``args`` that vLLM's list (the version cmw-vllm ships it for) lacks."""
+    from cmw_vllm.vllm_flags import normalize_flag, serve_flags
+
+    known = serve_flags()
+    return [a.split("=", 1)[0] for a in args
+            if normalize_flag(a) is not None and normalize_flag(a) not in known]
+
+
 def flag_int(args: list[str], *flags: str, default: int = 1) -> int | None:
     """The integer value of the last of ``flags`` in ``args``; ``default`` when absent, None
     when its value is no integer (an LWS variable)."""

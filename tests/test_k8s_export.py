@@ -402,6 +402,21 @@ def test_a_local_directory_is_refused(model_dir: Path) -> None:
     assert code == 2 and "do not see" in line
 
 
+def test_a_flag_vllm_does_not_know_gets_a_note() -> None:
+    _, stderr = export("k8s", "Org/Chat-7B", "--", "--enable-turbo", "--enforce-eager")
+    assert "Note: vLLM 0.32.0 has no --enable-turbo:" in stderr
+    assert "--enforce-eager" not in stderr
+    _, stderr = export("compose", "Org/Chat-7B", "--", "--enable-turbo")
+    assert "has no --enable-turbo" in stderr
+
+
+def test_json_errors_are_one_object() -> None:
+    result = CliRunner().invoke(cli, ["export", "k8s", "nosuchmodel", "--json"])
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)
+    assert "unknown model" in error["error"] and error["exit_code"] == 2
+
+
 def test_a_misplaced_vllm_flag_gets_the_export_command_line() -> None:
     result = CliRunner().invoke(cli, ["export", "k8s", "Org/Chat-7B", "--enforce-eager"])
     assert "Hint: cmw-vllm export k8s Org/Chat-7B -- --enforce-eager" in result.stderr
