@@ -472,8 +472,8 @@ def compose_document(config: ServerConfig, name: str, options: ExportOptions
         raise UsageError("export compose runs one machine; --nnodes needs `export k8s`",
                          hint="several nodes are exported as a LeaderWorkerSet")
     gpus = config.local_device_count()
-    env = {"HF_HOME": HF_HOME, "HF_TOKEN": "${HF_TOKEN:-}",
-           "VLLM_API_KEY": "${VLLM_API_KEY:-}"}
+    # No value: taken from the environment of `docker compose` when set there, else unset.
+    env: dict[str, str | None] = {"HF_HOME": HF_HOME, "HF_TOKEN": None, "VLLM_API_KEY": None}
     env.update({k: v for k, v in sorted(config.env.items())
                 if k not in ("CUDA_VISIBLE_DEVICES", "HF_HOME")})
     service: dict[str, Any] = {
