@@ -220,6 +220,8 @@ JSON_CASES: list[tuple[str, list[str], dict[str, str], str | None, int]] = [
     ("gateway", ["gateway", "--json"], {}, None, 2),
     ("ray-start", ["ray", "start", "--json"], {}, None, 2),
     ("ray-status", ["-v", "ray", "status", "--json", "--bogus"], {}, None, 2),
+    ("export-k8s", ["export", "k8s", "nosuch", "--json"], {}, None, 2),
+    ("export-compose", ["export", "compose", "nope", "--json"], {}, None, 2),
 ]
 
 
