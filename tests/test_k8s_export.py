@@ -370,6 +370,22 @@ def test_gateway_routes_to_the_service_and_runs_with_these_arguments(models_file
     assert all("secretKeyRef" in e["valueFrom"] for e in container["env"])
 
 
+def test_data_parallel_on_one_node_and_a_gateway_before_several_nodes(models_file: Path
+                                                                     ) -> None:
+    docs, _ = export("k8s", "chat", "-tp", "2", "-dp", "2")
+    container = vllm_container(kinds(docs)["Deployment"]["spec"]["template"])
+    assert flag(container["args"], "--data-parallel-size") == "2"
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "4"}  # TP x DP
+    docs, _ = export("k8s", "chat", "-tp", "2", "--nnodes", "2", "--replicas", "3",
+                     "--gateway")
+    validate_k8s(docs)
+    assert kinds(docs)["LeaderWorkerSet"]["spec"]["replicas"] == 3
+    gateway = next(d for d in docs if d["metadata"]["name"] == "cmw-vllm-gateway"
+                   and d["kind"] == "Deployment")
+    args = vllm_container(gateway["spec"]["template"])["args"]
+    assert flag(args, "--upstream").endswith("=http://chat:8100")  # the leaders' Service
+
+
 def test_a_server_named_like_the_gateway_is_refused() -> None:
     code, line = fails("k8s", "Org/Chat-7B", "--name", "cmw-vllm-gateway", "--gateway")
     assert code == 2 and "two objects of this kind have this name" in line
