@@ -109,6 +109,50 @@ class StopResult:
 ProgressCallback = Callable[[str, float], None]
 
 
+# Seconds a stop of an idle server waits for vLLM's engine to say it had nothing to drain
+# (it says so within milliseconds of the SIGTERM); after that the stop is a plain drain.
+IDLE_CONFIRM_S = 5.0
+
+
+def _idle(record: ServerRecord) -> bool:
+    """True when the server's ``/metrics`` says no request is running or waiting."""
+    from cmw_vllm.health_check import scrape_metrics
+
+    try:
+        snap = scrape_metrics(record.base_url, timeout=1.0)
+    except CmwVllmError as exc:  # loading, hung or not vLLM: no shortcut
+        logger.debug("%s: no load figures (%s): stopping with a drain", record.name, exc)
+        return False
+    return snap.requests_running == 0 and snap.requests_waiting == 0
+
+
+def _log_size(record: ServerRecord) -> int:
+    try:
+        return Path(record.log_path).stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_log_from(record: ServerRecord, offset: int, limit: int = 1 << 20) -> str:
+    try:
+        with open(record.log_path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(limit).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _is_engine_core(proc: psutil.Process) -> bool:
+    """vLLM titles its engine processes ``VLLM::EngineCore`` (one per data-parallel rank;
+    the kernel's name keeps 15 characters of it)."""
+    import psutil
+
+    try:
+        return "EngineCor" in proc.name() or "EngineCore" in " ".join(proc.cmdline()[:1])
+    except psutil.Error:
+        return False
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -661,6 +705,10 @@ class ServerManager:
             t = time.time()
             update_record(record.name, record.supervisor_pid, stop_requested_at=t,
                           drain_until=t + drain_s, kill_at=t + grace)
+        # Checked once the record says draining (the gateway sends it nothing more); see
+        # _skip_idle_teardown for why a request that comes in after the check is safe.
+        watch = _log_size(record) if main is not None and drain_s > 0 and not now \
+            and record.task != GATEWAY_TASK and _idle(record) else None
         if not now:
             # The supervisor forwards SIGTERM too (vLLM ignores the second one); telling it
             # first keeps it from taking the exit for a crash, and ends a backoff wait.
@@ -670,14 +718,54 @@ class ServerManager:
             if main is not None:
                 send_signal(main, signal.SIGTERM)
         deadline = time.monotonic() + grace
+        watch_until = time.monotonic() + min(grace, IDLE_CONFIRM_S)
         alive = self._server_processes(record)
         while alive and time.monotonic() < deadline:
+            if watch is not None and main is not None and (
+                    self._skip_idle_teardown(record, main, watch) is not None
+                    or time.monotonic() >= watch_until):
+                watch = None
             time.sleep(0.05)
             alive = self._server_processes(record)
         if not alive:
             return False, [], []
         killed, remaining = self._kill_server(record, kill_timeout)
         return True, killed, remaining
+
+    @staticmethod
+    def _skip_idle_teardown(record: ServerRecord, main: psutil.Process, offset: int
+                            ) -> bool | None:
+        """On an idle server, end vLLM's engine once it confirms it has nothing to drain.
+
+        With ``--shutdown-timeout`` > 0 vLLM's EngineCore tears down its workers gracefully
+        after a drain, which takes seconds even when nothing was in flight. ``/metrics``
+        said idle before the SIGTERM, but a request may come in between that check and
+        the signal (or be counted late: the gauges change once per engine step). So the
+        engine's own word decides: once the SIGTERM reaches it, it answers every new
+        request with an abort, and it logs whether it had requests in flight then. Only
+        when it had none are EngineCore and its workers SIGKILLed, which is what vLLM
+        does itself without a drain timeout (SIGTERM, then the kill of its process tree);
+        a request that came in meanwhile is drained as on a busy server.
+
+        Returns:
+            True: the engine had nothing in flight and was killed; False: it is draining
+            requests; None: it has not said yet.
+        """
+        import signal
+
+        from cmw_vllm.vllm_engine import nothing_to_drain
+
+        engine = [p for p in group_members(record) if p.pid != main.pid]
+        verdict = nothing_to_drain(_read_log_from(record, offset),
+                                   sum(1 for p in engine if _is_engine_core(p)))
+        if verdict is True:
+            logger.info("%s: no request was in flight: skipping vLLM's engine teardown",
+                        record.name)
+            for proc in engine:
+                send_signal(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
+        elif verdict is False:
+            logger.info("%s: requests came in before the stop: draining them", record.name)
+        return verdict
 
     @staticmethod
     def _server_processes(record: ServerRecord) -> list[psutil.Process]:

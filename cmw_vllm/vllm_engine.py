@@ -152,6 +152,31 @@ def detect_phase(text: str, current: str = "starting vLLM") -> str:
     return phase
 
 
+# What vLLM 0.32's EngineCore logs once a stop's SIGTERM reached it (from then on it answers
+# every new request with an abort): "draining" only when requests were in flight then, and
+# "complete" once none is left and its (slow: seconds) resource teardown begins.
+SHUTDOWN_DRAINING = "[shutdown] EngineCore: draining in-flight requests"
+SHUTDOWN_COMPLETE = "[shutdown] EngineCore: request processing complete"
+
+
+def nothing_to_drain(text: str, engines: int = 1) -> bool | None:
+    """What the engine said, in the log written since a stop's SIGTERM, about its drain.
+
+    Args:
+        text: The log text written since the SIGTERM.
+        engines: How many EngineCore processes must have said so (data parallel: one each).
+
+    Returns:
+        True: every engine had nothing in flight when the stop reached it (only teardown is
+        left); False: an engine is draining requests; None: not said (yet).
+    """
+    if SHUTDOWN_DRAINING in text:
+        return False
+    if text.count(SHUTDOWN_COMPLETE) >= max(1, engines):
+        return True
+    return None
+
+
 # What huggingface_hub and its HTTP clients log when the Hub cannot be reached at all.
 OFFLINE_PATTERN = (
     r"Failed to resolve '[^']*huggingface\.co'|Temporary failure in name resolution|"

@@ -107,6 +107,85 @@ def test_stop_lets_a_request_in_flight_finish(fake_engine: Path, model_dir: Path
     assert read_record("d") is None
 
 
+def _stop_while_asking(name: str, port: int) -> tuple[Any, Any]:
+    """Stop ``name`` while one completion is in flight; (the reply's status, StopResult)."""
+    replies: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            replies["code"] = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                            json={"messages": []}, timeout=30).status_code
+        except requests.RequestException as exc:
+            replies["code"] = exc
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    log = Path(os.environ["CMW_VLLM_HOME"]) / "logs" / f"{name}.log"
+    assert wait_until(lambda: "generating a completion" in log.read_text(), timeout=10)
+    result = ServerManager().stop(name)
+    asker.join(30)
+    return replies.get("code"), result
+
+
+def test_stop_of_an_idle_server_skips_the_engine_teardown(
+        fake_engine: Path, model_dir: Path, isolated_home: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # /metrics says what is in flight; the stand-in's EngineCore takes 10 s to tear down
+    # after a drain, as vLLM's workers take seconds.
+    monkeypatch.setenv("FAKE_VLLM_LOAD", "live")
+    monkeypatch.setenv("FAKE_VLLM_TEARDOWN", "10")
+    assert run("start", str(model_dir), "--name", "idle", "--port", str(free_port()),
+               "--drain", "30")[0] == 0
+    everything = _everything("idle")
+    result = ServerManager().stop("idle")
+    log = (isolated_home / "logs" / "idle.log").read_text()
+    # The engine said it had nothing to drain, then was SIGKILLed in its teardown (as vLLM
+    # does without a drain timeout), instead of being waited for.
+    assert "request processing complete" in log
+    assert "draining in-flight requests" not in log
+    assert "EngineCore exited with -9" in log
+    assert not result.forced  # the API server itself exited on its SIGTERM
+    assert not alive_pids(everything)
+    assert read_record("idle") is None
+
+
+def test_stop_of_a_busy_server_still_drains(fake_engine: Path, model_dir: Path,
+                                            isolated_home: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_LOAD", "live")
+    monkeypatch.setenv("FAKE_VLLM_GEN_SECONDS", "2")
+    monkeypatch.setenv("FAKE_VLLM_TEARDOWN", "0.5")
+    port = free_port()
+    assert run("start", str(model_dir), "--name", "busy", "--port", str(port),
+               "--drain", "30")[0] == 0
+    code, result = _stop_while_asking("busy", port)
+    log = (isolated_home / "logs" / "busy.log").read_text()
+    assert code == 200  # in flight when the stop came, and answered
+    assert "draining in-flight requests count=1" in log
+    assert "EngineCore exited with 0" in log  # its teardown ran: nothing cut it short
+    assert not result.forced
+
+
+def test_a_request_the_idle_check_missed_is_drained(fake_engine: Path, model_dir: Path,
+                                                    isolated_home: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # /metrics says idle although a request is in flight: a request that came in right after
+    # the check, or one that vLLM's gauges (updated once per engine step) do not show yet.
+    # The engine's own word at the SIGTERM wins: it drains, and it is not killed.
+    monkeypatch.setenv("FAKE_VLLM_LOAD", "0,0")
+    monkeypatch.setenv("FAKE_VLLM_GEN_SECONDS", "2")
+    monkeypatch.setenv("FAKE_VLLM_TEARDOWN", "0.5")
+    port = free_port()
+    assert run("start", str(model_dir), "--name", "late", "--port", str(port),
+               "--drain", "30")[0] == 0
+    code, result = _stop_while_asking("late", port)
+    log = (isolated_home / "logs" / "late.log").read_text()
+    assert code == 200
+    assert "draining in-flight requests count=1" in log
+    assert "EngineCore exited with 0" in log
+    assert not result.forced
+
+
 def test_stop_now_aborts_at_once(fake_engine: Path, model_dir: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_VLLM_GEN_SECONDS", "20")

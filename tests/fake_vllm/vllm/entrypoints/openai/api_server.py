@@ -13,7 +13,12 @@ readiness before the ``*_after_ready`` exits, ``FAKE_VLLM_GEN_SECONDS`` how long
 completion takes (when set, each logs ``generating a completion`` once it is in flight).
 Like vLLM, ``--shutdown-timeout N`` makes SIGTERM let completions in flight finish for up to
 N seconds (new ones get 503) before it exits 0 (or ``FAKE_VLLM_TERM_EXIT``, to tell its
-code from a default).
+code from a default), and logs what vLLM 0.32's EngineCore logs on the way (``draining
+in-flight requests`` when some were, then ``request processing complete``). Its EngineCore
+then takes ``FAKE_VLLM_TEARDOWN`` seconds to exit (vLLM's teardown of its workers); the
+server logs ``EngineCore exited with N`` (-9 when something SIGKILLed it meanwhile).
+``FAKE_VLLM_LOAD`` is what /metrics says is running and waiting: ``R,W`` (default ``1,2``),
+or ``live`` for the completions in flight and none waiting.
 ``FAKE_VLLM_SHM=1`` makes shared memory as vLLM does (a ``SharedMemory``, ``psm_*``, and a
 multiprocessing lock, ``sem.mp-*``) and logs their /dev/shm names (``shared memory: psm_x
 sem.mp-y``). It takes them off Python's resource tracker, which would remove them at a
@@ -84,9 +89,13 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log(f"Starting to load model {args.model}...")
     # Like VLLM::EngineCore: a child in our process group that holds the model.
-    child_code = "import signal,time\n"
+    child_code = "import signal,sys,time\n"
     if mode == "ignore_term":
         child_code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    else:
+        teardown = float(os.environ.get("FAKE_VLLM_TEARDOWN", "0"))
+        child_code += ("signal.signal(signal.SIGTERM, "
+                       f"lambda *_: (time.sleep({teardown}), sys.exit(0)))\n")
     child_code += "time.sleep(3600)"
     # Titled like vLLM's (setproctitle): argv[0] is what `ps` and psutil show.
     engine = subprocess.Popen(["VLLM::EngineCore", "-c", child_code], executable=sys.executable)
@@ -147,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
                                           for n in served_names]})
             elif self.path == "/metrics":
                 label = f'{{model_name="{served}"}}'
+                load = os.environ.get("FAKE_VLLM_LOAD", "1,2")
+                running, waiting = (in_flight[0], 0) if load == "live" else load.split(",")
                 text = (
-                    f"vllm:num_requests_running{label} 1.0\n"
-                    f"vllm:num_requests_waiting{label} 2.0\n"
+                    f"vllm:num_requests_running{label} {float(running)}\n"
+                    f"vllm:num_requests_waiting{label} {float(waiting)}\n"
                     f"vllm:kv_cache_usage_perc{label} 0.25\n"
                     f"vllm:prompt_tokens_total{label} {3 * counter[0]}.0\n"
                     f"vllm:generation_tokens_total{label} {counter[0]}.0\n"
@@ -230,11 +241,19 @@ def main(argv: list[str] | None = None) -> None:
         draining[0] = True
         log(f"[shutdown] stopping engine client mode="
             f"{'drain' if args.shutdown_timeout else 'abort'} timeout={args.shutdown_timeout}s")
-        deadline = time.monotonic() + args.shutdown_timeout
+        timeout = args.shutdown_timeout
+        log(f"[shutdown] EngineCore: start mode={'drain' if timeout else 'abort'} "
+            f"timeout={timeout}s", proc="EngineCore")
+        if in_flight[0] and timeout:
+            log(f"[shutdown] EngineCore: draining in-flight requests count={in_flight[0]} "
+                f"timeout={timeout}s", proc="EngineCore")
+        deadline = time.monotonic() + timeout
         while in_flight[0] and time.monotonic() < deadline:
             time.sleep(0.02)
+        log("[shutdown] EngineCore: request processing complete; starting resource teardown",
+            proc="EngineCore")
         engine.terminate()
-        engine.wait()
+        log(f"EngineCore exited with {engine.wait()}")
         os._exit(int(os.environ.get("FAKE_VLLM_TERM_EXIT", "0")))
 
     if mode != "ignore_term":
