@@ -388,7 +388,13 @@ def launch_env(config: ServerConfig, env: dict[str, str]) -> dict[str, str]:
         ConfigError: See :func:`node_network`.
         EnvironmentProblem: No route leads to the leader.
     """
-    from cmw_vllm.engine_entry.cmw_leader_watch import JOIN_TIMEOUT_ENV, WATCH_ENV
+    from cmw_vllm.engine_entry.cmw_leader_watch import (
+        JOIN_TIMEOUT_ENV,
+        RENDEZVOUS_ENV,
+        TCPSTORE,
+        WATCH_ENV,
+        ZMQ,
+    )
 
     dist = config.distributed
     if dist is None or dist.role == SINGLE:
@@ -402,6 +408,7 @@ def launch_env(config: ServerConfig, env: dict[str, str]) -> dict[str, str]:
         if dist.role == FOLLOWER:
             env[WATCH_ENV] = out["leader"]
             env[JOIN_TIMEOUT_ENV] = f"{dist.join_timeout:g}"
+            env[RENDEZVOUS_ENV] = TCPSTORE if dist.nnodes > 1 else ZMQ
     return out
 
 

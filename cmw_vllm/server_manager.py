@@ -569,6 +569,7 @@ class ServerManager:
 
     def _fail_start(self, record: ServerRecord) -> None:
         """vLLM exited during start-up: reap what is left, remove the record, say why."""
+        from cmw_vllm.engine_entry.cmw_leader_watch import EXIT_LEADER_UNREACHABLE
         from cmw_vllm.vllm_engine import (
             INSTALL_HINT,
             VLLM_MISSING_EXIT,
@@ -605,9 +606,13 @@ class ServerManager:
         if rc == VLLM_MISSING_EXIT and "No module named 'vllm'" in text:
             raise EnvironmentProblem(f"vLLM is not installed in {record.command[0]}{left}",
                                      hint=INSTALL_HINT)
+        hint = diagnose_start(text, record.model)
+        if rc == EXIT_LEADER_UNREACHABLE and hint and "the leader" in hint:
+            # The follower's leader watch gave up: its one line says it all.
+            raise ServerStartError(f"{hint}; log: {log_file}{left}")
         raise ServerStartError(
             f"vLLM exited during start-up{rc_text}; log: {log_file}{left}",
-            hint=diagnose_start(text, record.model),
+            hint=hint,
             log_tail="\n".join(failure_excerpt(text)),
         )
 

@@ -5,8 +5,12 @@ The real thing (two network-namespace hosts, real vLLM) is in test_multinode_rea
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -199,6 +203,77 @@ def test_follower_with_a_wrong_master_fails_fast(fake_engine: Path, model_dir: P
     assert took < 20
     code, _, _ = run_cli("status", "fol")
     assert code == 3  # failed start: nothing left, no record
+
+
+@contextlib.contextmanager
+def _impostor(behaviour: str) -> Iterator[int]:
+    """A listener on a loopback port that is no rendezvous: it accepts and says nothing
+    (``silent``) or sends back what it gets, then garbage (``echo``). Yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    done = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not done.is_set() and (data := conn.recv(1024)):
+                conn.sendall(data + b"\x00garbage\xff")
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conns.append(conn)
+            if behaviour == "echo":
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        done.set()
+        thread.join(5)
+        for conn in conns:
+            conn.close()
+        server.close()
+
+
+@pytest.mark.parametrize("behaviour", ["silent", "echo"])
+def test_a_port_that_answers_but_not_as_a_rendezvous_is_no_leader(
+        fake_engine: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        behaviour: str) -> None:
+    monkeypatch.setenv("CMW_VLLM_LEADER_PROBE_INTERVAL", "0.2")
+    with _impostor(behaviour) as port:
+        _, follower = _pair(model_dir, port, "--join-timeout", "2")
+        begin = time.monotonic()
+        code, out, err = run_cli(*follower)
+        took = time.monotonic() - begin
+    assert code == 1
+    assert err.startswith(f"Error: cannot reach the leader at 127.0.0.1:{port} after 2s: "
+                          "something answers on that port, but not as vLLM's rendezvous "
+                          "(torch TCPStore) does")
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert took < 30  # the join timeout, not torch's 10 minutes
+    assert run_cli("status", "fol")[0] == 3  # failed start: nothing left, no record
+
+
+def test_the_rendezvous_probe_knows_a_tcpstore_from_other_listeners() -> None:
+    from cmw_vllm.engine_entry.cmw_leader_watch import TCPSTORE, ZMQ, rendezvous_answers
+    from tests.fake_vllm.vllm.entrypoints.cli.main import _listen
+
+    port = free_port()
+    _listen("127.0.0.1", port)  # the stand-in's TCPStore (real torch: test_multinode_real)
+    assert rendezvous_answers("127.0.0.1", port, TCPSTORE, timeout=2) is None
+    for behaviour in ("silent", "echo"):
+        with _impostor(behaviour) as other:
+            for kind in (TCPSTORE, ZMQ):
+                reason = rendezvous_answers("127.0.0.1", other, kind, timeout=0.5)
+                assert reason is not None and "not as vLLM's rendezvous" in reason
+    assert "connection refused" in (rendezvous_answers("127.0.0.1", free_port()) or "")
 
 
 def test_joined_lines_from_real_vllm_logs() -> None:

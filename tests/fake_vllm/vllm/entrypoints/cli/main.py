@@ -5,9 +5,11 @@ stand-in server of :mod:`vllm.entrypoints.openai.api_server`, which holds the be
 
 Several machines: with ``--nnodes N --node-rank 0`` it also listens on
 ``--master-addr:--master-port`` (the leader's rendezvous) and keeps the connections open,
-as the TCPStore does. With ``--headless`` it is a follower: it starts a worker child,
-connects to the master until that answers, logs vLLM's "assigned as" line (it has joined)
-and then waits forever, as vLLM's headless node does when its leader is gone.
+as the TCPStore does, answering its ping (the nonce back). With ``--headless`` it is a
+follower: it starts a worker child, connects to the master until that answers as a TCPStore
+does (something else on the port keeps it waiting, as torch does), logs vLLM's "assigned
+as" line (it has joined) and then waits forever, as vLLM's headless node does when its
+leader is gone.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -26,16 +29,47 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
+STORE_VALIDATE, STORE_PING, STORE_MAGIC = 0, 13, 0x3C85F7CE  # torch's TCPStore protocol
+
+
+def _serve_store_client(conn: socket.socket) -> None:
+    """Answer VALIDATE (checks the magic) and PING (sends the nonce back), as the TCPStore."""
+    while True:
+        try:
+            kind = conn.recv(1)
+            value = conn.recv(4) if kind else b""
+        except OSError:
+            return
+        if len(value) < 4 or kind[0] not in (STORE_VALIDATE, STORE_PING) or (
+                kind[0] == STORE_VALIDATE and struct.unpack("<I", value)[0] != STORE_MAGIC):
+            conn.close()  # the client went, or it is not a TCPStore client
+            return
+        if kind[0] == STORE_PING:
+            conn.sendall(value)
+
+
 def _listen(host: str, port: int) -> None:
     server = socket.create_server((host, port))
 
     def accept() -> None:  # like the TCPStore, keep the clients' connections open
-        clients = []
         while True:
             conn, _ = server.accept()
-            clients.append(conn)
+            threading.Thread(target=_serve_store_client, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
+
+
+def _store_connect(host: str, port: int) -> socket.socket | None:
+    """A connection to the TCPStore at host:port once it answers a ping, else None."""
+    try:
+        store = socket.create_connection((host, port), timeout=1)
+        store.sendall(struct.pack("<BIBI", STORE_VALIDATE, STORE_MAGIC, STORE_PING, 77))
+        if store.recv(4) == struct.pack("<I", 77):
+            return store
+        store.close()
+    except OSError:
+        pass
+    return None
 
 
 def _follower(args: argparse.Namespace) -> None:
@@ -44,11 +78,10 @@ def _follower(args: argparse.Namespace) -> None:
     log(f"Launching vLLM (v0.0.0) headless multiproc executor, with head node address "
         f"{args.master_addr}:{args.master_port} for torch.distributed process group.")
     while True:  # like the TCPStore client, keep the connection open
-        try:
-            store = socket.create_connection((args.master_addr, args.master_port), timeout=1)
+        store = _store_connect(args.master_addr, args.master_port)
+        if store is not None:
             break
-        except OSError:
-            time.sleep(0.2)
+        time.sleep(0.2)
     log(f"world_size={args.nnodes} rank={args.node_rank} local_rank=0 "
         f"distributed_init_method=tcp://{args.master_addr}:{args.master_port} backend=gloo")
     log(f"rank {args.node_rank} in world size {args.nnodes} is assigned as DP rank 0, "
