@@ -392,11 +392,13 @@ def start(
         requested.add("vllm_args")
     _warn_exposed(config.host, bool(api_key()))
     if config.distributed and config.distributed.executor_backend == "ray":
-        from cmw_vllm.ray_node import ray_address
+        from cmw_vllm.ray_node import driver_env, ray_address, read_node
 
         cluster = ray_address()  # this machine's managed Ray node (`cmw-vllm ray start`)
         if cluster:
             os.environ.setdefault("RAY_ADDRESS", cluster)
+            for key, value in driver_env(read_node()).items():  # its token auth mode
+                os.environ.setdefault(key, value)
     manager = ServerManager()
     if foreground:
         if no_wait or run_test or as_json:

@@ -114,18 +114,21 @@ def ray_start(ray_args: tuple[str, ...], head: bool, address: str | None, port: 
 def ray_status(ctx: click.Context, as_json: bool) -> None:
     """Show this machine's Ray node and every node of its cluster.
 
-    Exit codes: 0 running; 1 exited; 3 no Ray node here.
+    Exit codes: 0 running; 1 exited; 3 no Ray node here; 8 it runs but its cluster could
+    not be asked (the reason on stderr and in "error").
 
     \b
     JSON: {state, role, pid, node_ip, address, log, nodes: [{node_ip, alive, cpus, gpus}],
            error}
     """
     from cmw_vllm.cli_common import echo_err, echo_json, print_table
-    from cmw_vllm.errors import EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK
+    from cmw_vllm.errors import EXIT_ENVIRONMENT, EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK
     from cmw_vllm.ray_node import node_status
 
     status = node_status()
     code = {"running": EXIT_OK, "exited": EXIT_FAILURE}.get(status.state, EXIT_NOT_RUNNING)
+    if status.error:
+        code = EXIT_ENVIRONMENT
     if as_json:
         echo_json(status.to_json())
         ctx.exit(code)

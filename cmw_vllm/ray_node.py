@@ -11,6 +11,13 @@ processes (GCS, raylet, agents) stay in its process group, so ``stop`` sends SIG
 else (``ray stop`` would end every Ray process of the machine). State: ``ray/node.json``
 (a :class:`~cmw_vllm.server_record.ServerRecord`) and ``logs/ray.log``; the head's session
 files go in ``/tmp/cmw-ray-<hash of the state dir>``, removed by ``stop``.
+
+Token authentication (Ray 2.5x and later): ``ray start`` turns it on by itself when a token
+is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), but a
+driver given an explicit address (``ray status``'s query, vLLM with ``RAY_ADDRESS``) never
+does, and is refused. So the node is started with ``RAY_AUTH_MODE`` set (the user's, or
+``token`` when a token is at hand, else ``disabled``), the record keeps it, and every
+driver of ours runs with the same mode.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ NAME = "ray"
 DEFAULT_PORT = 6379
 READY_LINE = "Ray runtime started"
 INSTALL_HINT = "install Ray: pip install 'cmw-vllm[ray]' (and `pip install ray` in vLLM's env)"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 @dataclass
@@ -145,6 +153,28 @@ def _node_ip(head: bool, address: str | None, given: str | None) -> str:
                       f"({', '.join(outside) or 'none'})")
 
 
+def auth_mode(environ: dict[str, str] | None = None) -> str:
+    """The ``RAY_AUTH_MODE`` a node started now gets: the one set, else what ``ray start``
+    would pick by itself (``token`` when a token is at hand, else ``disabled``)."""
+    env = os.environ if environ is None else environ
+    mode = (env.get(AUTH_MODE_ENV) or "").strip().lower()
+    if mode:
+        return mode
+    token_file = env.get("RAY_AUTH_TOKEN_PATH")
+    has_token = bool((env.get("RAY_AUTH_TOKEN") or "").strip()) or (
+        Path(token_file).is_file() if token_file
+        else (Path.home() / ".ray" / "auth_token").is_file())
+    return "token" if has_token else "disabled"
+
+
+def driver_env(record: ServerRecord | None = None) -> dict[str, str]:
+    """What a Ray driver of this node's cluster needs besides the address: the node's
+    authentication mode (recorded at its start; nodes of older versions: as it would be
+    picked now)."""
+    mode = (record.config.get("auth_mode") if record is not None else None) or auth_mode()
+    return {AUTH_MODE_ENV: str(mode)}
+
+
 def _temp_dir() -> str:
     # Ray puts unix sockets under it: keep the path short (a socket path has 107 bytes).
     digest = hashlib.sha1(str(paths.state_dir().resolve()).encode()).hexdigest()[:10]
@@ -188,12 +218,12 @@ def start_node(*, head: bool, address: str | None = None, port: int = DEFAULT_PO
     cmd += list(ray_args or [])
     for d in (paths.state_dir(), _dir(), paths.logs_dir()):
         paths.ensure_dir(d)
-    record = _spawn(cmd, role, ip, cluster)
+    record = _spawn(cmd, role, ip, cluster, auth_mode())
     _wait_started(record, timeout)
     return record, False
 
 
-def _spawn(cmd: list[str], role: str, ip: str, cluster: str) -> ServerRecord:
+def _spawn(cmd: list[str], role: str, ip: str, cluster: str, mode: str) -> ServerRecord:
     import psutil
 
     log = log_file()
@@ -201,7 +231,7 @@ def _spawn(cmd: list[str], role: str, ip: str, cluster: str) -> ServerRecord:
         raise EnvironmentProblem(f"{log} is a symlink; refusing to write through it")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(log, flags, 0o600)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", AUTH_MODE_ENV: mode}
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fd,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -213,7 +243,8 @@ def _spawn(cmd: list[str], role: str, ip: str, cluster: str) -> ServerRecord:
         name=NAME, pid=proc.pid, create_time=created, supervisor_pid=proc.pid,
         supervisor_create_time=created, pgid=proc.pid, host=ip,
         port=int(cluster.rsplit(":", 1)[1]), model="ray", served_model_name="", task=RAY_TASK,
-        base_url="", command=cmd, log_path=str(log), started_at=time.time(), config={},
+        base_url="", command=cmd, log_path=str(log), started_at=time.time(),
+        config={"auth_mode": mode},
         role=role, leader=cluster, host_ip=ip,
     )
     paths.write_private(record_file(), json.dumps(asdict(record), indent=2) + "\n")
@@ -254,7 +285,7 @@ def cluster_nodes(record: ServerRecord, timeout: float = 60.0) -> list[dict[str,
         "  'cpus': n['Resources'].get('CPU', 0), 'gpus': n['Resources'].get('GPU', 0)}\n"
         "  for n in ray.nodes()]))\n"
     )
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **driver_env(record)}
     try:
         proc = subprocess.run([python, "-c", code], capture_output=True, text=True,
                               timeout=timeout, env=env, check=False)
@@ -265,7 +296,11 @@ def cluster_nodes(record: ServerRecord, timeout: float = 60.0) -> list[dict[str,
     if proc.returncode != 0 or not lines:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise EnvironmentProblem(f"cannot ask the Ray cluster at {record.leader}: {last}")
-    nodes = json.loads(lines[-1])
+    try:
+        nodes = json.loads(lines[-1])
+    except ValueError:
+        raise EnvironmentProblem(f"cannot ask the Ray cluster at {record.leader}: "
+                                 f"unexpected answer {lines[-1][:200]!r}") from None
     return sorted(nodes, key=lambda n: (not n["alive"], n["node_ip"]))
 
 
