@@ -9,8 +9,10 @@ unless CMW_VLLM_PYTHON points elsewhere. Prints, with the machine:
   returning;
 - exit -> report: from vLLM's exit during start-up (bad flag; the supervisor's exit
   record) to `start` returning its error;
-- stop: graceful `stop` until no process of the server is left; and `stop --timeout 2`
-  of a server frozen with SIGSTOP (ignores SIGTERM) until all are gone;
+- stop: graceful `stop` of an idle server (started with the default drain) until `stop`
+  returns and until no process of the server is left, a few times (``--stop-runs``; with
+  ``--only-idle-stop`` nothing else); and `stop --timeout 2` of a server frozen with SIGSTOP
+  (ignores SIGTERM) until all are gone;
 - start overhead: `cmw-vllm start` to healthy minus the same vLLM command launched by hand
   and polled every 100 ms (each run separately, alternating).
 Takes several minutes (each vLLM start is about a minute on 2 cores). Figures, not pass/fail.
@@ -141,6 +143,10 @@ def main() -> None:
     parser.add_argument("--overhead-runs", type=int, default=2)
     parser.add_argument("--only-overhead", action="store_true",
                         help="skip the latency and stop figures")
+    parser.add_argument("--only-idle-stop", action="store_true",
+                        help="only the stop of an idle server")
+    parser.add_argument("--stop-runs", type=int, default=2,
+                        help="idle stops to time (one vLLM start each)")
     args = parser.parse_args()
     print(machine())
     python = os.environ.get("CMW_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
@@ -154,8 +160,12 @@ def main() -> None:
         env = {**os.environ, "CMW_VLLM_HOME": str(tmp / "home"), "CMW_VLLM_PYTHON": python,
                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
 
+        if args.only_idle_stop:
+            idle_stop(env, model, args.stop_runs)
+            return
         if not args.only_overhead:
             latencies(env, model)
+            idle_stop(env, model, args.stop_runs)
         overhead(env, python, model, args.overhead_runs)
 
 
@@ -183,11 +193,7 @@ def latencies(env: dict[str, str], model: Path) -> None:
     total, lag = cmw_start(env, model, "tiny", port)
     print(f"start -> ready: {total:.1f}s; first 200 of /health -> start returned: "
           f"{lag:.3f}s")
-    pgid = record(env, "tiny")["pgid"]
-    t0 = time.time()
     subprocess.run(cli_cmd("stop", "tiny"), env=env, check=True, capture_output=True)
-    gone = wait_group_gone(pgid)
-    print(f"stop (graceful): every process gone after {gone - t0:.2f}s")
 
     # A server that ignores SIGTERM (frozen with SIGSTOP): stop --timeout 2.
     port = free_port()
@@ -200,6 +206,23 @@ def latencies(env: dict[str, str], model: Path) -> None:
     gone = wait_group_gone(rec["pgid"])
     print(f"stop --timeout 2 of a server ignoring SIGTERM: gone after {gone - t0:.2f}s")
 
+
+
+def idle_stop(env: dict[str, str], model: Path, runs: int) -> None:
+    """`stop` of a ready server with nothing in flight (launched with the default drain)."""
+    returned, gone_after = [], []
+    for i in range(runs):
+        name = f"idle{i}"
+        cmw_start(env, model, name, free_port(), watch=False)
+        rec = record(env, name)
+        t0 = time.time()
+        subprocess.run(cli_cmd("stop", name), env=env, check=True, capture_output=True)
+        returned.append(time.time() - t0)
+        gone_after.append(wait_group_gone(rec["pgid"]) - t0)
+    drain = rec["config"].get("drain")
+    print(f"stop of an idle server (drain {drain}s): `stop` returned after "
+          f"{' '.join(f'{x:.2f}' for x in returned)}s; every process gone after "
+          f"{' '.join(f'{x:.2f}' for x in gone_after)}s ({runs} runs)")
 
 
 def overhead(env: dict[str, str], python: str, model: Path, runs: int) -> None:

@@ -750,7 +750,9 @@ class ServerManager:
         request with an abort, and it logs whether it had requests in flight then. Only
         when it had none are EngineCore and its workers SIGKILLed, which is what vLLM
         does itself without a drain timeout (SIGTERM, then the kill of its process tree);
-        a request that came in meanwhile is drained as on a busy server.
+        a request that came in meanwhile is drained as on a busy server. The shared memory
+        the killed processes map (their teardown would have removed it) is noted first, so
+        that the stop removes it once they are gone (:mod:`cmw_vllm.shm_segments`).
 
         Returns:
             True: the engine had nothing in flight and was killed; False: it is draining
@@ -766,6 +768,9 @@ class ServerManager:
         if verdict is True:
             logger.info("%s: no request was in flight: skipping vLLM's engine teardown",
                         record.name)
+            from cmw_vllm.shm_segments import note
+
+            note(record.name, [p.pid for p in engine])
             for proc in engine:
                 send_signal(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
         elif verdict is False:

@@ -48,9 +48,10 @@ def test_bench_download_smoke() -> None:
 def test_bench_lifecycle_smoke(fake_engine: Path, model_dir: Path) -> None:
     """On the stand-in engine: each real vLLM start costs a minute, and the bench makes five
     (run it on real vLLM for the figures; the suite's real tests cover the same paths)."""
-    out = bench("bench_lifecycle.py", "--overhead-runs", "1", "--model", str(model_dir),
+    out = bench("bench_lifecycle.py", "--overhead-runs", "1", "--stop-runs", "1",
+                "--model", str(model_dir),
                 env={"CMW_VLLM_DRAIN_TIMEOUT": "1"})  # the frozen server's stop: no 30 s drain
-    for figure in ("exit -> report", "first 200 of /health", "stop (graceful)",
+    for figure in ("exit -> report", "first 200 of /health", "stop of an idle server",
                    "ignoring SIGTERM", "start overhead"):
         assert figure in out
 

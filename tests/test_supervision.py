@@ -134,16 +134,22 @@ def test_stop_of_an_idle_server_skips_the_engine_teardown(
     # after a drain, as vLLM's workers take seconds.
     monkeypatch.setenv("FAKE_VLLM_LOAD", "live")
     monkeypatch.setenv("FAKE_VLLM_TEARDOWN", "10")
+    monkeypatch.setenv("FAKE_VLLM_ENGINE_SHM", "1")  # its engine maps a /dev/shm file
     assert run("start", str(model_dir), "--name", "idle", "--port", str(free_port()),
                "--drain", "30")[0] == 0
     everything = _everything("idle")
+    log_file = isolated_home / "logs" / "idle.log"
+    assert wait_until(lambda: "shared memory /dev/shm/" in log_file.read_text(), timeout=10)
+    shm = Path(re.findall(r"shared memory (/dev/shm/\S+)", log_file.read_text())[0])
+    assert shm.exists()
     result = ServerManager().stop("idle")
-    log = (isolated_home / "logs" / "idle.log").read_text()
+    log = log_file.read_text()
     # The engine said it had nothing to drain, then was SIGKILLed in its teardown (as vLLM
     # does without a drain timeout), instead of being waited for.
     assert "request processing complete" in log
     assert "draining in-flight requests" not in log
     assert "EngineCore exited with -9" in log
+    assert not shm.exists()  # what its teardown would have removed is gone all the same
     assert not result.forced  # the API server itself exited on its SIGTERM
     assert not alive_pids(everything)
     assert read_record("idle") is None

@@ -19,6 +19,8 @@ then takes ``FAKE_VLLM_TEARDOWN`` seconds to exit (vLLM's teardown of its worker
 server logs ``EngineCore exited with N`` (-9 when something SIGKILLed it meanwhile).
 ``FAKE_VLLM_LOAD`` is what /metrics says is running and waiting: ``R,W`` (default ``1,2``),
 or ``live`` for the completions in flight and none waiting.
+``FAKE_VLLM_ENGINE_SHM=1``: its EngineCore maps a file in /dev/shm (``psm_cmwfake_PID``,
+logged as ``shared memory /dev/shm/...``) that its teardown removes and a SIGKILL leaves.
 ``FAKE_VLLM_SHM=1`` makes shared memory as vLLM does (a ``SharedMemory``, ``psm_*``, and a
 multiprocessing lock, ``sem.mp-*``) and logs their /dev/shm names (``shared memory: psm_x
 sem.mp-y``). It takes them off Python's resource tracker, which would remove them at a
@@ -63,6 +65,26 @@ os.replace(sys.argv[1] + ".tmp", sys.argv[1])
 """
 
 
+# With FAKE_VLLM_ENGINE_SHM=1, like vLLM's EngineCore and its message queues: a file in /dev/shm
+# that it maps, and that its teardown removes (a SIGKILL leaves it behind).
+ENGINE_SHM_CODE = """
+import mmap, os
+cleanup = lambda: None
+if os.environ.get("FAKE_VLLM_ENGINE_SHM") == "1" and os.path.isdir("/dev/shm"):
+    shm_path = f"/dev/shm/psm_cmwfake_{os.getpid()}"
+    fd = os.open(shm_path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(fd, 4096)
+    shm_map = mmap.mmap(fd, 4096)
+    sys.stderr.write(f"(EngineCore pid={os.getpid()}) INFO shared memory {shm_path}\\n")
+    sys.stderr.flush()
+    def cleanup():
+        try:
+            os.unlink(shm_path)
+        except OSError:
+            pass
+"""
+
+
 def leave_orphan(path: str) -> None:
     """Start a process that forks and exits: its child is an orphan that exits soon after."""
     subprocess.run([sys.executable, "-c", ORPHAN_CODE, path], check=True)
@@ -89,13 +111,13 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log(f"Starting to load model {args.model}...")
     # Like VLLM::EngineCore: a child in our process group that holds the model.
-    child_code = "import signal,sys,time\n"
+    child_code = "import signal,sys,time\n" + ENGINE_SHM_CODE
     if mode == "ignore_term":
         child_code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
     else:
         teardown = float(os.environ.get("FAKE_VLLM_TEARDOWN", "0"))
         child_code += ("signal.signal(signal.SIGTERM, "
-                       f"lambda *_: (time.sleep({teardown}), sys.exit(0)))\n")
+                       f"lambda *_: (time.sleep({teardown}), cleanup(), sys.exit(0)))\n")
     child_code += "time.sleep(3600)"
     # Titled like vLLM's (setproctitle): argv[0] is what `ps` and psutil show.
     engine = subprocess.Popen(["VLLM::EngineCore", "-c", child_code], executable=sys.executable)
