@@ -142,6 +142,15 @@ def _read_log_from(record: ServerRecord, offset: int, limit: int = 1 << 20) -> s
         return ""
 
 
+def _is_resource_tracker(proc: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return any("multiprocessing.resource_tracker" in arg for arg in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _is_engine_core(proc: psutil.Process) -> bool:
     """vLLM titles its engine processes ``VLLM::EngineCore`` (one per data-parallel rank;
     the kernel's name keeps 15 characters of it)."""
@@ -762,7 +771,10 @@ class ServerManager:
 
         from cmw_vllm.vllm_engine import nothing_to_drain
 
-        engine = [p for p in group_members(record) if p.pid != main.pid]
+        # multiprocessing's resource trackers stay: once the processes they track are gone
+        # they remove what those left registered (semaphores, shared memory) and exit.
+        engine = [p for p in group_members(record)
+                  if p.pid != main.pid and not _is_resource_tracker(p)]
         verdict = nothing_to_drain(_read_log_from(record, offset),
                                    sum(1 for p in engine if _is_engine_core(p)))
         if verdict is True:
