@@ -210,7 +210,7 @@ def latencies(env: dict[str, str], model: Path) -> None:
 
 def idle_stop(env: dict[str, str], model: Path, runs: int) -> None:
     """`stop` of a ready server with nothing in flight (launched with the default drain)."""
-    returned, gone_after = [], []
+    returned, gone_after, skipped = [], [], []
     for i in range(runs):
         name = f"idle{i}"
         cmw_start(env, model, name, free_port(), watch=False)
@@ -219,10 +219,14 @@ def idle_stop(env: dict[str, str], model: Path, runs: int) -> None:
         subprocess.run(cli_cmd("stop", name), env=env, check=True, capture_output=True)
         returned.append(time.time() - t0)
         gone_after.append(wait_group_gone(rec["pgid"]) - t0)
+        # vLLM logs this at the end of its engine's teardown, which the idle stop skips.
+        log = Path(rec["log_path"]).read_text(errors="replace")
+        skipped.append("no" if "all workers exited gracefully" in log else "yes")
     drain = rec["config"].get("drain")
     print(f"stop of an idle server (drain {drain}s): `stop` returned after "
           f"{' '.join(f'{x:.2f}' for x in returned)}s; every process gone after "
-          f"{' '.join(f'{x:.2f}' for x in gone_after)}s ({runs} runs)")
+          f"{' '.join(f'{x:.2f}' for x in gone_after)}s; engine teardown skipped: "
+          f"{' '.join(skipped)} ({runs} runs)")
 
 
 def overhead(env: dict[str, str], python: str, model: Path, runs: int) -> None:

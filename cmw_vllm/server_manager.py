@@ -119,7 +119,7 @@ def _idle(record: ServerRecord) -> bool:
     from cmw_vllm.health_check import scrape_metrics
 
     try:
-        snap = scrape_metrics(record.base_url, timeout=1.0)
+        snap = scrape_metrics(record.base_url, timeout=2.0)
     except CmwVllmError as exc:  # loading, hung or not vLLM: no shortcut
         logger.debug("%s: no load figures (%s): stopping with a drain", record.name, exc)
         return False
