@@ -23,6 +23,7 @@ IS_WINDOWS = os.name == "nt"
 SUPERVISOR_MODULE = "cmw_vllm.supervisor"
 # How long a command line may read empty while its process execs (a wrapper's exec).
 EXEC_WINDOW_S = 1.0
+EXEC_MIN_READS = 5
 
 
 def process(pid: int, create_time: float) -> psutil.Process | None:
@@ -59,14 +60,18 @@ def verified_process(pid: int, create_time: float, matches: Callable[[list[str]]
     if proc is None:
         return None
     deadline = time.monotonic() + EXEC_WINDOW_S
+    reads = 0
     while True:
         try:
             cmdline = proc.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
+        reads += 1
         # A process in the middle of an exec (a wrapper that execs the interpreter) shows an
         # empty command line for a moment: read it again rather than call it someone else.
-        if cmdline or time.monotonic() >= deadline:
+        # A few reads at least, whatever the clock says: on a loaded machine this process may
+        # get no CPU for the whole window.
+        if cmdline or (time.monotonic() >= deadline and reads >= EXEC_MIN_READS):
             break
         time.sleep(0.005)
     return proc if matches(cmdline) else None

@@ -18,7 +18,7 @@ import pytest
 from cmw_vllm.errors import EXIT_INTERRUPTED
 from cmw_vllm.server_manager import ServerManager, group_members
 from cmw_vllm.server_record import read_record
-from tests.conftest import alive_pids, free_port, spawn_cli, wait_for_state
+from tests.conftest import alive_pids, free_port, spawn_cli, wait_for_state, wait_until
 from tests.conftest import run_cli as run
 
 
@@ -290,14 +290,30 @@ def test_command_matches_the_record_across_launch_styles() -> None:
     assert not command_matches([], ["/venv/bin/python", *args])
 
 
+@pytest.mark.parametrize("starved", [False, True], ids=["idle", "starved-of-cpu"])
 def test_an_empty_command_line_during_an_exec_is_read_again(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a wrapper execs the interpreter, its command line reads empty for a moment."""
+        monkeypatch: pytest.MonkeyPatch, starved: bool) -> None:
+    """While a wrapper execs the interpreter, its command line reads empty for a moment.
+
+    Starved: each read seems to take longer than the whole window (a loaded machine gives
+    this process no CPU for a second; seen once in CI), yet a few reads are still made.
+    """
     from cmw_vllm import process_group
+
+    if starved:
+        clock = [0.0]
+
+        def monotonic() -> float:
+            clock[0] += 2 * process_group.EXEC_WINDOW_S
+            return clock[0]
+
+        monkeypatch.setattr(process_group.time, "monotonic", monotonic)
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         proc = psutil.Process(child.pid)
+        # Right after the exec the child's own command line may read empty too.
+        assert wait_until(proc.cmdline, timeout=10, interval=0.001)
         real = proc.cmdline()
         real_cmdline = psutil.Process.cmdline
         empty_reads = [2]
