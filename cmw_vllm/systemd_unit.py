@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -338,9 +339,27 @@ def enable(name: str, *, system: bool = False) -> UnitFiles:
     """
     config = definition_for(name)
     definition = save_definition(config.name, config.model_dump(mode="json"))
-    env_path = write_env_file(config.name, dict(os.environ))
-    text = render_unit(config, system=system, env_path=env_path)
+    environ = start_environ(config.name)
+    env_path = write_env_file(config.name, environ)
+    text = render_unit(config, system=system, env_path=env_path, environ=environ)
     return install(config.name, text, system=system, definition=definition, env_path=env_path)
+
+
+def start_environ(name: str, current: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a server's unit starts it with: ``current`` (default ``os.environ``)
+    with the interpreter and settings the last start of ``name`` kept in place of the shell's,
+    as ``restart`` does; ``current`` as it is for a server never started.
+    """
+    from cmw_vllm import last_start
+    from cmw_vllm.vllm_engine import PYTHON_ENV
+
+    environ = dict(os.environ if current is None else current)
+    kept = last_start.load_kept(name)
+    if kept is None:
+        return environ
+    environ, _ = last_start.restart_environ(environ, kept)
+    environ.setdefault(PYTHON_ENV, kept.python)
+    return environ
 
 
 def disable(name: str) -> list[Path]:

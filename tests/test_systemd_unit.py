@@ -201,3 +201,23 @@ def test_the_unit_command_runs_in_the_foreground_and_notifies(
             proc.kill()
         receiver.close()
     assert proc.returncode == 0
+
+
+def test_enable_from_a_bare_shell_keeps_what_the_last_start_used(
+    fake_engine: Path, model_dir: Path, tmp_path: Path, unit_dirs: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Like restart, the unit starts the server as it was last started: its interpreter and
+    its VLLM_* settings, not those of the shell that runs `enable`."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    assert run("start", str(model_dir), "--name", "kept", "--port", str(free_port()))[0] == 0
+    monkeypatch.delenv("CMW_VLLM_PYTHON")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")  # set here only: not the last start's
+    code, _, err = run("enable", "kept")
+    assert code == 0, err
+    text = (unit_dirs[0] / "cmw-vllm-kept.service").read_text()
+    assert 'Environment="VLLM_CPU_KVCACHE_SPACE=3"' in text
+    assert f'Environment="CMW_VLLM_PYTHON={fake_engine}"' in text
+    assert "VLLM_LOGGING_LEVEL" not in text
+    verify(unit_dirs[0] / "cmw-vllm-kept.service", tmp_path, user=True)
