@@ -64,6 +64,9 @@ if TYPE_CHECKING:
 @click.option("--api-key-file", type=click.Path(dir_okay=False),
               help="File of gateway API keys, one per line, mode 0600 (or "
               "CMW_VLLM_GATEWAY_API_KEY_FILE; keys also from CMW_VLLM_GATEWAY_API_KEYS).")
+@click.option("--admin-key-file", type=click.Path(dir_okay=False),
+              help="File of the dashboard's admin key (/ui/ and /api/), mode 0600, separate "
+              "from the API keys (or CMW_VLLM_GATEWAY_ADMIN_KEY_FILE).")
 @click.option("--allowed-hosts", envvar="CMW_VLLM_GATEWAY_ALLOWED_HOSTS", default="",
               help="Host names to serve besides IP addresses, localhost, this machine's name "
               "and --host (comma-separated; .example.com for subdomains, * for any). Other "
@@ -84,8 +87,9 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
             upstream_timeout: float,
             header_timeout: float, body_timeout: float, max_client_connections: int,
             trusted_proxies: tuple[str, ...], shutdown_grace: float, max_log_mb: float,
-            adopt: bool, api_key_file: str | None, allowed_hosts: str, allowed_origins: str,
-            upstreams: tuple[str, ...], background: bool, as_json: bool) -> None:
+            adopt: bool, api_key_file: str | None, admin_key_file: str | None,
+            allowed_hosts: str, allowed_origins: str, upstreams: tuple[str, ...],
+            background: bool, as_json: bool) -> None:
     """Serve every model on one OpenAI-compatible endpoint, starting them on demand.
 
     A request's `model` picks the server: a running server's name or served name, else a
@@ -101,13 +105,17 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
       CMW_VLLM_GATEWAY_API_KEYS=sk-mine cmw-vllm gateway --host 0.0.0.0
       cmw-vllm gateway --upstream qwen=http://10.0.0.5:8000
       curl localhost:4000/v1/models
+
+    The dashboard is at /ui/ (its control API under /api/, with the admin key).
     """
     import logging
     import os
 
     from cmw_vllm.gateway.settings import (
+        ADMIN_KEY_FILE_ENV,
         KEY_FILE_ENV,
         GatewaySettings,
+        load_admin_keys,
         load_api_keys,
         parse_upstream,
     )
@@ -126,12 +134,14 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
     for upstream in upstreams:
         parse_upstream(upstream)  # a malformed one: one line, exit code
     key_file = api_key_file or os.environ.get(KEY_FILE_ENV) or None
+    admin_file = admin_key_file or os.environ.get(ADMIN_KEY_FILE_ENV) or None
+    api_keys = load_api_keys(api_key_file)
     settings = GatewaySettings(
         host=host, port=port, name=name, idle_timeout=idle_timeout,
         start_timeout=start_timeout, queue_limit=queue_limit,
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         max_buffered_bytes=int(max_buffered_mb * 1024 * 1024), upstream_timeout=upstream_timeout,
-        adopt=adopt, api_keys=load_api_keys(api_key_file), upstream_key=api_key(),
+        adopt=adopt, api_keys=api_keys, upstream_key=api_key(),
         api_key_file=os.path.abspath(os.path.expanduser(key_file)) if key_file else None,
         header_timeout=header_timeout, body_timeout=body_timeout,
         max_client_connections=max_client_connections,
@@ -139,6 +149,8 @@ def gateway(host: str, port: int, name: str, idle_timeout: float, start_timeout:
         shutdown_grace=shutdown_grace, max_log_bytes=int(max_log_mb * 1024 * 1024),
         allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
         upstreams=tuple(u.strip() for u in upstreams),
+        admin_keys=load_admin_keys(admin_file, api_keys=api_keys),
+        admin_key_file=os.path.abspath(os.path.expanduser(admin_file)) if admin_file else None,
     )
     from cmw_vllm.gateway.origin import WebGate
 
@@ -164,9 +176,10 @@ def render_background(result: BackgroundResult, as_json: bool) -> None:
     """Say where a gateway started in the background serves (``gateway -d``, ``restart``)."""
     if as_json:
         echo_json({"name": result.name, "pid": result.pid, "url": result.url,
-                   "log": result.log_path})
+                   "dashboard": f"{result.url}/ui/", "log": result.log_path})
         return
     click.echo(f"Gateway {result.name!r} is running (pid {result.pid}) on {result.url}/v1")
+    click.echo(f"  Dashboard: {result.url}/ui/")
     click.echo(f"  Log:  {result.log_path}")
     click.echo(f"  Stop: cmw-vllm stop {result.name}")
 

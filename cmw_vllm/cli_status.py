@@ -19,7 +19,7 @@ from cmw_vllm.cli_common import (
     print_table,
 )
 from cmw_vllm.errors import EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK, EXIT_STARTING, UsageError
-from cmw_vllm.vocab import STATE_EXIT_CODES, State
+from cmw_vllm.vocab import GATEWAY_TASK, STATE_EXIT_CODES, State
 
 if TYPE_CHECKING:
     from cmw_vllm.server_status import ServerStatus
@@ -83,6 +83,22 @@ def _state_cell(st: ServerStatus) -> str:
         count = rec.restart_count
         return f"{st.state} ({count} restart{'' if count == 1 else 's'})"
     return str(st.state)
+
+
+def _pins_of(st: ServerStatus) -> list[str]:
+    """The servers a gateway keeps pinned (its record's ``pins``, noted by its dashboard)."""
+    pins = st.record.config.get("pins") if st.record is not None else None
+    return [p for p in pins if isinstance(p, str)] if isinstance(pins, list) else []
+
+
+def gateway_pins(statuses: list[ServerStatus]) -> dict[str, list[str]]:
+    """Server name -> the running gateways that keep it pinned."""
+    out: dict[str, list[str]] = {}
+    for st in statuses:
+        if st.running and st.record is not None and st.record.task == GATEWAY_TASK:
+            for name in _pins_of(st):
+                out.setdefault(name, []).append(st.name)
+    return out
 
 
 def _status_exit_code(statuses: list[ServerStatus]) -> int:
@@ -287,7 +303,9 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     JSON: {"servers": [{name, state, model, served_model_name, served_model_names, task, pid,
            host, port, url, uptime_s, started_at, returncode, orphan_pids, log, error,
            log_tail, role, node_rank, leader, restart_policy, restarts, last_exit_code,
-           last_exit_at, next_restart_at, drain_left_s, enabled, gpu_memory_bytes, load}]};
+           last_exit_at, next_restart_at, drain_left_s, enabled, gpu_memory_bytes, load,
+           pinned_by}]}; pinned_by: the running gateways that keep it pinned (a gateway
+           also has pins: the servers it keeps pinned);
            served_model_names: every name the server answers to (the model id and the
            server's name unless --served-model-name), served_model_name the first;
            log_tail: the log lines that tell why an exited or failed server ended (else
@@ -311,10 +329,14 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         return
     statuses, code, loads = _collect_status(names, quiet=as_json)
     views = cluster_views(statuses)
+    pins = gateway_pins(statuses)
     if as_json:
         servers = []
         for st in statuses:
             data = st.to_json()
+            data["pinned_by"] = pins.get(st.name, [])
+            if st.record is not None and st.record.task == GATEWAY_TASK:
+                data["pins"] = _pins_of(st)
             if st.record is not None and st.record.role == "leader":
                 data["cluster"] = views.get(st.name)
             extra = dict(loads.get(st.name) or {})
@@ -330,6 +352,11 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
         print_table(columns, rows, drop=STATUS_DROP, shrink=STATUS_SHRINK)
         for line in role_notes(statuses, views):
             click.echo(line)
+        for st in statuses:
+            if st.running and st.record is not None and st.record.task == GATEWAY_TASK \
+                    and _pins_of(st):
+                click.echo(f"{st.name}: pinned (never idle-stopped nor evicted): "
+                           f"{', '.join(_pins_of(st))}")
         for st in statuses:
             if st.state == State.FAILED and st.log_tail:
                 echo_err(f"{st.name}: gave up after repeated crashes; the end of its log:")

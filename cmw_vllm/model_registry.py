@@ -169,6 +169,8 @@ class ModelEntry(BaseModel):
         drain: Seconds ``stop`` lets requests in flight finish (``start --drain``).
         idle_timeout: Seconds the gateway lets a server it started sit idle before stopping
             it (0 never); None uses the gateway's ``--idle-timeout``.
+        preload: The gateway starts the model when it starts, not on the first request.
+        pin: The gateway never idle-stops nor evicts the model's server.
         source: ``built-in`` or the models file the entry (or its override) came from.
     """
 
@@ -196,6 +198,8 @@ class ModelEntry(BaseModel):
     restart: RestartPolicy | None = Field(None, strict=False)
     drain: int | None = Field(None, ge=0, le=86400)
     idle_timeout: float | None = Field(None, ge=0)
+    preload: bool = False
+    pin: bool = False
     source: str = BUILTIN_SOURCE
 
     @field_validator("alias")

@@ -28,6 +28,19 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
   fi
 fi
 
+# The dashboard's browser test drives Debian's chromium with Playwright (no browser
+# download: `playwright install` is never run).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null \
+           && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } \
+      || echo "warning: could not install chromium (for the dashboard's browser test)" >&2
+  else
+    echo "warning: /usr/bin/chromium is missing; install the chromium package" >&2
+  fi
+fi
+
 has_vllm() { [ -x "$1" ] && "$1" -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("vllm") is None)'; }
 
 if [ -n "${CMW_VLLM_PYTHON:-}" ] && has_vllm "$CMW_VLLM_PYTHON"; then

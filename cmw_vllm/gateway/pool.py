@@ -34,6 +34,7 @@ from cmw_vllm.errors import (
 )
 from cmw_vllm.errors import GatewayRefusal as Refusal
 from cmw_vllm.gateway.backoff import StartBackoff, hide_paths
+from cmw_vllm.gateway.history import StartHistory, StartProgress
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.vocab import GATEWAY_TASK
@@ -226,6 +227,15 @@ class Pool:
         self._entries_mtime: float | None = -1.0
         self._forgotten: dict[str, float] = {}
         self._closing = False
+        self.pins: dict[str, bool] = {}  # set at run time; else the entry's ``pin``
+        self.history = StartHistory()
+        self.progress: dict[str, StartProgress] = {}  # models starting now
+
+    def pinned(self, name: str) -> bool:
+        """Whether server or entry ``name`` is pinned: never idle-stopped nor evicted."""
+        if name in self.pins:
+            return self.pins[name]
+        return bool(getattr(self.entries.get(name), "pin", False))
 
     # ----------------------------------------------------------------- routing table
 
@@ -403,6 +413,7 @@ class Pool:
                               f"next try in {wait}s): {hide_paths(failure.message)}",
                               "ServerStartError", retry_after=wait,
                               hint=hide_paths(failure.hint))
+            self.progress[name] = StartProgress(time.monotonic(), self.history.expected(name))
             task = asyncio.create_task(self._start(entry))
             self._starts[name] = task
             task.add_done_callback(lambda t: self._start_done(name, t))
@@ -425,6 +436,7 @@ class Pool:
     def _start_done(self, name: str, task: asyncio.Task[Backend]) -> None:
         if self._starts.get(name) is task:
             del self._starts[name]
+            self.progress.pop(name, None)
         if task.cancelled():
             return
         exc = task.exception()
@@ -460,10 +472,14 @@ class Pool:
             begin = time.monotonic()
             await self._make_room(config)
             self.metrics.starts[name] += 1
+            progress = self.progress.get(name) or StartProgress(begin)
+            launched = time.monotonic()
             result = await asyncio.to_thread(
                 self.manager.start, config, wait=True, auto_port=True, check_resources=False,
-                started_by=self.settings.name)
+                started_by=self.settings.name, on_progress=progress.seen)
             self.metrics.start_duration.observe(name, time.monotonic() - begin)
+            if not result.already_running:
+                await asyncio.to_thread(self.history.add, name, time.monotonic() - launched)
         record = result.record
         # A server that already ran is ours when this gateway (or an earlier run of it, under
         # the same name) started it.
@@ -520,7 +536,7 @@ class Pool:
     def _pick_victim(self, exclude: str) -> Backend | None:
         candidates = [b for b in self.backends.values()
                       if self._may_manage(b) and b.name != exclude
-                      and b.state in (READY, UNHEALTHY)]
+                      and b.state in (READY, UNHEALTHY) and not self.pinned(b.name)]
         if not candidates:
             return None
         # Idle ones first, then least recently used.
@@ -547,7 +563,7 @@ class Pool:
         now = time.monotonic() if now is None else now
         chosen = []
         for backend in list(self.backends.values()):
-            if not self._may_manage(backend) or backend.ttl <= 0:
+            if not self._may_manage(backend) or backend.ttl <= 0 or self.pinned(backend.name):
                 continue
             if backend.state not in (READY, UNHEALTHY) or backend.in_flight:
                 continue
@@ -649,9 +665,13 @@ class Pool:
             if alias in listed:
                 continue
             state = STARTING if alias in self._starts else STARTABLE
-            out.append({"id": alias, "object": "model", "created": created,
-                        "owned_by": "cmw-vllm", "state": state, "aliases": [entry.model],
-                        "task": str(entry.task)})
+            row = {"id": alias, "object": "model", "created": created,
+                   "owned_by": "cmw-vllm", "state": state, "aliases": [entry.model],
+                   "task": str(entry.task)}
+            progress = self.progress.get(alias)
+            if state == STARTING and progress is not None:
+                row.update(progress.to_json())
+            out.append(row)
         return out
 
     def in_flight(self) -> dict[str, int]:

@@ -24,6 +24,8 @@ from cmw_vllm.errors import CmwVllmError
 from cmw_vllm.errors import GatewayRefusal as Refusal
 from cmw_vllm.errors import GatewayStreamBroken as StreamBroken
 from cmw_vllm.gateway.body import BodyBudget, find_model, read_body
+from cmw_vllm.gateway.control import install as install_control
+from cmw_vllm.gateway.control import is_control_path
 from cmw_vllm.gateway.edge import EDGE_KEY, SERVER_NAME, BodyTimeout, Edge
 from cmw_vllm.gateway.headers import TrustedProxies, forward_headers, reply_headers
 from cmw_vllm.gateway.metrics import Metrics
@@ -276,7 +278,8 @@ def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
 
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.path != "/health" and not _key_ok(request, request.app[SETTINGS_KEY].api_keys):
+    if request.path != "/health" and not is_control_path(request.path) \
+            and not _key_ok(request, request.app[SETTINGS_KEY].api_keys):
         return _unauthorized(request)
     return await handler(request)
 
@@ -300,8 +303,8 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
         return response
     settings = request.app[SETTINGS_KEY]
     response: web.Response | None = None
-    if settings.api_keys and request.path != "/health" and not _key_ok(request,
-                                                                       settings.api_keys):
+    if settings.api_keys and request.path != "/health" \
+            and not is_control_path(request.path) and not _key_ok(request, settings.api_keys):
         response = _unauthorized(request)
     elif request.content_length is not None and request.content_length > \
             settings.max_body_bytes:
@@ -355,6 +358,7 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
         route("POST", path, handlers.proxy)
     route("GET", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}", handlers.proxy)
     route("POST", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}/cancel", handlers.proxy)
+    install_control(app, settings, handlers.pool)  # /api/ and /ui/: the dashboard
     route("*", "/{tail:.*}", _not_forwarded)
 
     async def lifecycle(app: web.Application) -> Any:

@@ -266,6 +266,7 @@ def run_foreground(settings: GatewaySettings) -> None:
         # run_app calls its `print` once, right after the sockets listen.
         url = base_url(settings)
         logger.info("gateway %r listening on %s", settings.name, url)
+        logger.info("dashboard: %s/ui/", url)
         notify(f"READY=1\nSTATUS=gateway serving on {url}", notify_socket)
 
     async def on_shutdown(app: web.Application) -> None:

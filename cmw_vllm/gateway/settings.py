@@ -18,6 +18,7 @@ from cmw_vllm.vocab import PORT_MAX, PORT_MIN, PORT_RANGE, validate_name
 
 KEYS_ENV = "CMW_VLLM_GATEWAY_API_KEYS"
 KEY_FILE_ENV = "CMW_VLLM_GATEWAY_API_KEY_FILE"
+ADMIN_KEY_FILE_ENV = "CMW_VLLM_GATEWAY_ADMIN_KEY_FILE"
 MAX_BUFFERED_ENV = "CMW_VLLM_GATEWAY_MAX_BUFFERED_MB"
 DEFAULT_MAX_BUFFERED_MB = 512
 DEFAULT_PORT = 4000
@@ -73,6 +74,10 @@ class GatewaySettings:
         upstreams: Fixed servers, each ``NAME[,NAME...]=URL`` (the model names it serves,
             the first its name); when given, they are the only servers: none is found among
             the records, started, stopped or evicted (what Kubernetes runs is its to manage).
+        admin_keys: Keys of the dashboard and its control API (``/ui/``, ``/api/``),
+            separate from ``api_keys`` (none: only a keyless loopback gateway serves them,
+            to loopback clients).
+        admin_key_file: The file the admin keys were read from, if any.
     """
 
     host: str = "127.0.0.1"
@@ -101,6 +106,8 @@ class GatewaySettings:
     allowed_origins: str = ""
     start_backoff: float = 5.0
     upstreams: tuple[str, ...] = ()
+    admin_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
+    admin_key_file: str | None = None
 
     def public(self) -> dict[str, object]:
         """The settings without secrets (for the record and ``--json``)."""
@@ -125,6 +132,8 @@ class GatewaySettings:
             "allowed_hosts": self.allowed_hosts,
             "allowed_origins": self.allowed_origins,
             "upstreams": list(self.upstreams),
+            "admin_keys": len(self.admin_keys),
+            "admin_key_file": self.admin_key_file,
         }
 
     @classmethod
@@ -136,7 +145,7 @@ class GatewaySettings:
         """
         validate_name(name)
         defaults = {f.name: f.default for f in fields(cls)
-                    if f.name not in ("name", "api_keys", "upstream_key")}
+                    if f.name not in ("name", "api_keys", "upstream_key", "admin_keys")}
         kept = {k: v for k, v in data.items() if k in defaults}
         for key, value in kept.items():
             if not _same_kind(defaults[key], value):
@@ -177,6 +186,8 @@ class GatewaySettings:
             args += ["--allowed-origins", self.allowed_origins]
         for upstream in self.upstreams:
             args += ["--upstream", upstream]
+        if self.admin_key_file:
+            args += ["--admin-key-file", self.admin_key_file]
         return args
 
 
@@ -207,7 +218,7 @@ def _same_kind(default: object, value: object) -> bool:
         return isinstance(default, bool) and isinstance(value, bool)
     if isinstance(default, float):
         return isinstance(value, (int, float))
-    if default is None:  # api_key_file: a path or nothing
+    if default is None:  # api_key_file, admin_key_file: a path or nothing
         return value is None or isinstance(value, str)
     if isinstance(default, tuple):  # trusted_proxies: JSON keeps it as a list of strings
         return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
@@ -257,3 +268,28 @@ def load_api_keys(key_file: str | None = None, environ: dict[str, str] | None = 
         if any(c.isspace() for c in key) or not key.isprintable():
             raise ConfigError("a gateway API key holds whitespace or control characters")
     return frozenset(keys)
+
+
+def load_admin_keys(key_file: str | None = None, environ: dict[str, str] | None = None,
+                    api_keys: frozenset[str] = frozenset()) -> frozenset[str]:
+    """The dashboard's admin keys: from ``key_file``, else
+    ``$CMW_VLLM_GATEWAY_ADMIN_KEY_FILE`` (a 0600 file, one key per line); none when neither
+    is set.
+
+    Raises:
+        ConfigError: The file is unusable, a key holds whitespace, or an admin key is also
+            an inference key (``api_keys``): the two must stay separate.
+    """
+    env = os.environ if environ is None else environ
+    file_name = key_file or env.get(ADMIN_KEY_FILE_ENV)
+    if not file_name:
+        return frozenset()
+    keys = read_key_file(Path(file_name).expanduser())
+    for key in keys:
+        if any(c.isspace() for c in key) or not key.isprintable():
+            raise ConfigError("an admin key holds whitespace or control characters")
+    if keys & api_keys:
+        raise ConfigError(f"admin key file {file_name} holds a gateway API key: the admin key "
+                          "must differ from every inference key",
+                          hint="put a key of its own in the admin key file")
+    return keys
