@@ -8,7 +8,8 @@ Routes (JSON, OpenAI-style error bodies):
 - ``GET /api/events``: one server-sent event stream (``state``, ``sample``, ``log``);
 - ``POST /api/models/NAME/load``, ``/unload`` (drains), ``/pin`` (``{"pinned": bool}``);
 - ``GET /api/models/NAME/logs?n=``: the end of the server's log;
-- ``POST /api/login`` (``{"key": ...}`` or a form) and ``POST /api/logout``.
+- ``POST /api/login`` (``{"key": ...}`` or a form) and ``POST /api/logout``;
+- ``GET /api/session``: whether the caller has access (the page asks this first).
 
 Access: with an admin key (:attr:`GatewaySettings.admin_keys`) every ``/api/`` call needs it,
 as ``Authorization: Bearer`` or the session cookie that ``/api/login`` sets (HttpOnly,
@@ -576,6 +577,19 @@ def _admin(request: web.Request, *, changes: bool = False) -> web.Response | Non
     return None
 
 
+async def session(request: web.Request) -> web.Response:
+    """``GET /api/session``: whether the caller has access (200 either way, no data), so
+    that the page asks for the key without an error in the browser's console."""
+    control = _control(request)
+    try:
+        check_access(request, control.settings)
+    except Denied as denied:
+        body = json.loads(denied.response.body)  # type: ignore[arg-type]
+        return _ok({"access": False, "login": bool(control.settings.admin_keys),
+                    "message": body["error"]["message"], "hint": body["error"].get("hint")})
+    return _ok({"access": True, "login": bool(control.settings.admin_keys)})
+
+
 async def state(request: web.Request) -> web.Response:
     """``GET /api/state``."""
     refused = _admin(request)
@@ -805,6 +819,7 @@ def install(app: web.Application, settings: GatewaySettings, pool: Pool) -> Cont
     control = Control(settings, pool)
     app[CONTROL_KEY] = control
     add = app.router.add_route
+    add("GET", "/api/session", session)
     add("GET", "/api/state", state)
     add("GET", "/api/events", events)
     add("POST", "/api/models/{name}/load", load)

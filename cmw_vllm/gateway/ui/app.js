@@ -45,17 +45,19 @@ function setConn(kind) {
 async function start() {
   let resp;
   try {
+    // Asked first: it answers 200 with or without access (no error in the console).
+    const session = await (await fetch("/api/session", { credentials: "same-origin", cache: "no-store" })).json();
+    if (!session.access) {
+      showLogin(session.login ? "" : `${session.message}${session.hint ? " — " + session.hint : ""}`, session.login);
+      return;
+    }
     resp = await fetch("/api/state", { credentials: "same-origin", cache: "no-store" });
   } catch (err) {
     setConn("disconnected");
     scheduleRetry();
     return;
   }
-  if (resp.status === 401 || resp.status === 403) {
-    const body = await resp.json().catch(() => ({}));
-    showLogin(resp.status === 403 ? (body.error && body.error.message) : "");
-    return;
-  }
+  if (resp.status === 401) { showLogin("", true); return; }
   if (!resp.ok) { setConn("disconnected"); scheduleRetry(); return; }
   showDashboard(await resp.json());
   connect();
@@ -66,14 +68,15 @@ function scheduleRetry() {
   view.retry = setTimeout(start, 2000);
 }
 
-function showLogin(note) {
+function showLogin(note, canLogIn) {
   if (view.source) { view.source.close(); view.source = null; }
   $("dashboard").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
+  $("login-form").hidden = canLogIn === false;
   setConn("disconnected");
   if (note) $("login-note").textContent = note;
-  $("key").focus();
+  if (canLogIn !== false) $("key").focus();
 }
 
 function showDashboard(state) {
@@ -102,7 +105,7 @@ async function login(event) {
 
 async function logout() {
   await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => null);
-  showLogin("");
+  showLogin("", true);
 }
 
 // ------------------------------------------------------------------------------ events
@@ -136,7 +139,7 @@ async function act(name, what, body) {
     headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {}),
   }).catch(() => null);
   if (!resp) { $("action-error").textContent = `${what} ${name}: the gateway does not answer`; return; }
-  if (resp.status === 401) { showLogin(""); return; }
+  if (resp.status === 401) { showLogin("", true); return; }
   if (!resp.ok) {
     const data = await resp.json().catch(() => ({}));
     const err = data.error || {};
