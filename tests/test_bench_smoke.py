@@ -74,3 +74,8 @@ def test_bench_gateway_smoke(fake_engine: Path, model_dir: Path) -> None:
     gateway = [cell.strip() for cell in rows[2]]
     assert float(gateway[8]) > 0  # tok/s through the gateway
     assert float(gateway[10]) > 0 and float(gateway[11]) > 0  # its CPU per request, token
+
+
+def test_bench_dashboard_smoke() -> None:
+    out = bench("bench_dashboard.py", "--servers", "3", "--requests", "20", "--loads", "1")
+    assert "| GET /api/state p99 |" in out and "page first" in out

@@ -140,45 +140,39 @@ def loopback_open(settings: GatewaySettings) -> bool:
     return host == "localhost" or _loopback(host)
 
 
-class Denied(Exception):
-    """The caller may not use the control API (the response says why)."""
+def check_access(request: web.Request, settings: GatewaySettings
+                 ) -> tuple[web.Response | None, bool]:
+    """Whether the caller is an admin.
 
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
-
-
-def check_access(request: web.Request, settings: GatewaySettings) -> bool:
-    """Let an admin through; True when the session cookie (not a header) let them in.
-
-    Raises:
-        Denied: No admin key (401), an inference key (403), no admin key configured (403).
+    Returns:
+        (None, whether the session cookie, not a header, let them in), or (the refusal,
+        False): no admin key 401, an inference key 403, no admin key configured 403.
     """
     token = _token(request)
+    inference = bool(token) and bool(settings.api_keys) and _matches(token, settings.api_keys)
     if settings.admin_keys:
         if token:
             if _matches(token, settings.admin_keys):
-                return False
-            if settings.api_keys and _matches(token, settings.api_keys):
-                raise Denied(_error(403, "an inference API key cannot use the control API",
-                                    "PermissionDeniedError",
-                                    hint="use the gateway's admin key"))
-            raise Denied(_error(401, "the admin key is wrong", "AuthenticationError"))
+                return None, False
+            if inference:
+                return _error(403, "an inference API key cannot use the control API",
+                              "PermissionDeniedError", hint="use the gateway's admin key"), False
+            return _error(401, "the admin key is wrong", "AuthenticationError"), False
         cookie = request.cookies.get(COOKIE)
         if cookie and session_ok(cookie, settings.admin_keys):
-            return True
-        raise Denied(_error(401, "the control API needs the gateway's admin key "
-                            "(Authorization: Bearer KEY, or log in at /ui/)",
-                            "AuthenticationError"))
+            return None, True
+        return _error(401, "the control API needs the gateway's admin key "
+                      "(Authorization: Bearer KEY, or log in at /ui/)",
+                      "AuthenticationError"), False
     if loopback_open(settings) and _loopback(request.remote):
-        return False
-    if token and settings.api_keys and _matches(token, settings.api_keys):
-        raise Denied(_error(403, "an inference API key cannot use the control API",
-                            "PermissionDeniedError", hint="give the gateway an admin key"))
-    raise Denied(_error(403, "the control API is off: this gateway has no admin key",
-                        "PermissionDeniedError",
-                        hint="start it with --admin-key-file (or "
-                        "CMW_VLLM_GATEWAY_ADMIN_KEY_FILE), a 0600 file holding the key"))
+        return None, False
+    if inference:
+        return _error(403, "an inference API key cannot use the control API",
+                      "PermissionDeniedError", hint="give the gateway an admin key"), False
+    return _error(403, "the control API is off: this gateway has no admin key",
+                  "PermissionDeniedError",
+                  hint="start it with --admin-key-file (or CMW_VLLM_GATEWAY_ADMIN_KEY_FILE), "
+                  "a 0600 file holding the key"), False
 
 
 def same_origin(request: web.Request, by_cookie: bool) -> bool:
@@ -567,10 +561,9 @@ def _control(request: web.Request) -> Control:
 def _admin(request: web.Request, *, changes: bool = False) -> web.Response | None:
     """None when the caller may go on, else the refusal."""
     control = _control(request)
-    try:
-        by_cookie = check_access(request, control.settings)
-    except Denied as denied:
-        return denied.response
+    refused, by_cookie = check_access(request, control.settings)
+    if refused is not None:
+        return refused
     if changes and not same_origin(request, by_cookie):
         return _error(403, "cross-site requests may not change the gateway (Origin is not "
                       "the gateway's own)", "PermissionDeniedError")
@@ -581,10 +574,9 @@ async def session(request: web.Request) -> web.Response:
     """``GET /api/session``: whether the caller has access (200 either way, no data), so
     that the page asks for the key without an error in the browser's console."""
     control = _control(request)
-    try:
-        check_access(request, control.settings)
-    except Denied as denied:
-        body = json.loads(denied.response.body)  # type: ignore[arg-type]
+    refused, _ = check_access(request, control.settings)
+    if refused is not None:
+        body = json.loads(refused.body)  # type: ignore[arg-type]
         return _ok({"access": False, "login": bool(control.settings.admin_keys),
                     "message": body["error"]["message"], "hint": body["error"].get("hint")})
     return _ok({"access": True, "login": bool(control.settings.admin_keys)})
