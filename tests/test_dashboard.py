@@ -406,3 +406,30 @@ def test_the_event_stream_follows_changes_and_survives_a_gateway_restart(
         assert second.pool is not None
     finally:
         client.close()
+
+
+def test_the_cli_prints_the_dashboard_and_keeps_the_admin_key_file(tmp_path: Path,
+                                                                   isolated_home: Path) -> None:
+    from cmw_vllm.server_record import log_path
+
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(ADMIN + "\n")
+    key_file.chmod(0o600)
+    port = free_port()
+    code, out, err = run("gateway", "--name", "gw", "--port", str(port), "--admin-key-file",
+                         str(key_file), "--background")
+    assert code == 0, err
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert f"Dashboard: {url}/ui/" in out
+        assert requests.get(f"{url}/api/state", headers=_bearer(ADMIN), timeout=10) \
+            .status_code == 200
+        assert requests.get(f"{url}/api/state", timeout=10).status_code == 401
+        assert wait_until(lambda: f"dashboard: {url}/ui/" in log_path("gw").read_text(), 10)
+        # A restart runs it with the same admin key file.
+        code, out, err = run("restart", "gw")
+        assert code == 0, err
+        assert requests.get(f"{url}/api/state", headers=_bearer(ADMIN), timeout=10) \
+            .status_code == 200
+    finally:
+        run("stop", "gw")

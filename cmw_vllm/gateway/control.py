@@ -343,7 +343,7 @@ class Control:
         self._last_state = ""
         self._log_offsets: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._recorded_pins: list[str] | None = None
+        self._recorded_pins: list[str] = []  # what the record says (nothing at first)
 
     # ------------------------------------------------------------------ state
 
@@ -542,9 +542,8 @@ class Control:
         self.pool.release(backend)
 
     async def preload(self) -> None:
-        """Start the entries marked ``preload`` (after the first scan of the servers)."""
-        with contextlib.suppress(CmwVllmError):
-            await self.pool.refresh()
+        """Start the entries marked ``preload`` (the app's start-up scanned the servers and
+        read the entries already)."""
         for alias, entry in sorted(self.pool.entries.items()):
             if entry.preload and alias not in self.pool.by_model:
                 logger.info("preloading %s", alias)
