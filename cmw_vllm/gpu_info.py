@@ -66,8 +66,30 @@ class GpuInfo:
     temperature_c: int | None = None
     power_w: float | None = None
     power_limit_w: float | None = None
+    pci_bus_id: str | None = None
     processes: list[GpuProcess] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+
+# How two GPUs are linked, fastest first, with nvidia-smi's names (`nvidia-smi topo -m`):
+# NVLink, one PCIe switch, several switches, one host bridge, one NUMA node, across nodes.
+LINK_NAMES = ("NVLINK", "PIX", "PXB", "PHB", "NODE", "SYS")
+# NVML's nvmlGpuTopologyLevel_t values -> the names above.
+_TOPOLOGY_LEVELS = {0: "PIX", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
+
+
+def link_rank(link: str | None) -> int:
+    """0 for the fastest link (NVLink), higher for slower ones; unknown links rank last."""
+    return LINK_NAMES.index(link) if link in LINK_NAMES else len(LINK_NAMES)
+
+
+@dataclass
+class GpuLink:
+    """How two GPUs reach each other (``link`` is one of :data:`LINK_NAMES`)."""
+
+    a: int
+    b: int
+    link: str
 
 
 @dataclass
@@ -87,6 +109,14 @@ class GpuReport:
     driver_version: str | None = None
     cuda_version: str | None = None
     reason: str | None = None
+    links: list[GpuLink] = field(default_factory=list)
+
+    def link(self, a: int, b: int) -> str | None:
+        """The link between GPUs ``a`` and ``b`` (None when NVML did not say)."""
+        for item in self.links:
+            if {item.a, item.b} == {a, b}:
+                return item.link
+        return None
 
     def to_json(self) -> dict[str, Any]:
         """Stable JSON shape for ``gpus --json``."""
@@ -102,6 +132,7 @@ class GpuReport:
             "driver_version": self.driver_version,
             "cuda_version": self.cuda_version,
             "gpus": gpus,
+            "links": [asdict(link) for link in self.links],
         }
 
     def processes(self) -> Iterable[tuple[GpuInfo, GpuProcess]]:
@@ -190,13 +221,15 @@ def process_title(pid: int) -> str | None:
 
 
 def query_gpus(
-    records: Iterable[ServerRecord] | None = None, *, match_servers: bool = True
+    records: Iterable[ServerRecord] | None = None, *, match_servers: bool = True,
+    topology: bool = False,
 ) -> GpuReport:
     """Ask NVML about every GPU and match their processes to managed servers.
 
     Args:
         records: Server records to match processes against (default: every record on disk).
         match_servers: Skip matching (and reading records) when False.
+        topology: Also ask how each pair of GPUs is linked (:attr:`GpuReport.links`).
 
     Returns:
         The report; ``available`` is False (with a reason) when there is no driver or no GPU.
@@ -213,7 +246,10 @@ def query_gpus(
     except OSError as exc:
         return GpuReport(available=False, reason=f"{NO_GPU} ({exc})")
     try:
-        return _collect(pynvml, nvml_error, records, match_servers)
+        report = _collect(pynvml, nvml_error, records, match_servers)
+        if topology and len(report.gpus) > 1:
+            report.links = _links(pynvml, nvml_error, len(report.gpus))
+        return report
     finally:
         try:
             pynvml.nvmlShutdown()
@@ -254,6 +290,9 @@ def _collect(pynvml: Any, nvml_error: type[BaseException],
         gpu.name = _text(name) if name is not None else None
         uuid = safe(pynvml.nvmlDeviceGetUUID, handle, errors=errors, what="uuid")
         gpu.uuid = _text(uuid) if uuid is not None else None
+        pci = safe(getattr(pynvml, "nvmlDeviceGetPciInfo", lambda _h: None), handle)
+        bus = getattr(pci, "busId", None)
+        gpu.pci_bus_id = _text(bus) if bus is not None else None
         mem = safe(pynvml.nvmlDeviceGetMemoryInfo, handle, errors=errors, what="memory")
         if mem is not None:
             gpu.memory_total, gpu.memory_used, gpu.memory_free = (
@@ -295,6 +334,39 @@ def _collect(pynvml: Any, nvml_error: type[BaseException],
         report.gpus.append(gpu)
     report.available = bool(report.gpus)
     return report
+
+
+def _links(pynvml: Any, nvml_error: type[BaseException], count: int) -> list[GpuLink]:
+    """How each pair of GPUs is linked: NVLink when NVML says peer-to-peer over NVLink is
+    possible, else the closest common PCIe ancestor (``nvmlDeviceGetTopologyCommonAncestor``).
+    Pairs NVML cannot answer for are left out."""
+    nvlink_index = getattr(pynvml, "NVML_P2P_CAPS_INDEX_NVLINK", 2)
+    status_ok = getattr(pynvml, "NVML_P2P_STATUS_OK", 0)
+    p2p = getattr(pynvml, "nvmlDeviceGetP2PStatus", None)
+    ancestor = getattr(pynvml, "nvmlDeviceGetTopologyCommonAncestor", None)
+    handles = []
+    for index in range(count):
+        try:
+            handles.append(pynvml.nvmlDeviceGetHandleByIndex(index))
+        except nvml_error:
+            handles.append(None)
+    out = []
+    for a in range(count):
+        for b in range(a + 1, count):
+            ha, hb = handles[a], handles[b]
+            if ha is None or hb is None:
+                continue
+            link = None
+            try:
+                if p2p is not None and p2p(ha, hb, nvlink_index) == status_ok:
+                    link = "NVLINK"
+                elif ancestor is not None:
+                    link = _TOPOLOGY_LEVELS.get(int(ancestor(ha, hb)))
+            except nvml_error as exc:
+                logger.debug("no topology for GPUs %d and %d: %s", a, b, _text(exc))
+            if link is not None:
+                out.append(GpuLink(a, b, link))
+    return out
 
 
 def server_gpu_memory(records: Iterable[ServerRecord],

@@ -22,10 +22,13 @@ from cmw_vllm.errors import (
 )
 from cmw_vllm.memory_estimate import (
     CPU_KV_SPACE_ENV,
+    DEFAULT_AUTO_CONCURRENCY,
     Device,
     EstimateSettings,
     MemoryEstimate,
     MemoryTarget,
+    ModelSpec,
+    auto_utilization,
     estimate,
 )
 from cmw_vllm.model_spec import load_model_spec
@@ -239,11 +242,12 @@ def settings_from_config(config: ServerConfig) -> tuple[EstimateSettings, str | 
         ConfigError: An extra flag's value cannot be read.
     """
     args = list(config.vllm_args)
+    util = config.gpu_memory_utilization
     settings = EstimateSettings(
         max_model_len=config.max_model_len,
         tensor_parallel_size=config.tensor_parallel_size,
         dtype=config.dtype,
-        gpu_memory_utilization=config.gpu_memory_utilization,
+        gpu_memory_utilization=util if isinstance(util, float) else None,
     )
     try:
         if (value := flag_value(args, "--kv-cache-dtype")) is not None:
@@ -257,6 +261,32 @@ def settings_from_config(config: ServerConfig) -> tuple[EstimateSettings, str | 
     except ValueError as exc:
         raise ConfigError(f"cannot read an extra vLLM flag: {exc}") from None
     return settings, flag_value(args, "--revision")
+
+
+def auto_concurrency(config: ServerConfig) -> int:
+    """Full-length requests ``--gpu-memory-utilization auto`` sizes the KV cache for: vLLM's
+    ``--max-num-seqs`` when given, else :data:`DEFAULT_AUTO_CONCURRENCY`."""
+    raw = flag_value(list(config.vllm_args), "--max-num-seqs")
+    try:
+        return max(1, int(raw)) if raw is not None else DEFAULT_AUTO_CONCURRENCY
+    except ValueError:
+        return DEFAULT_AUTO_CONCURRENCY
+
+
+def sized(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget,
+          config: ServerConfig) -> tuple[EstimateSettings, float | None]:
+    """``settings`` with the share ``auto`` chooses on ``target`` when ``config`` asks for it
+    (and the KV bytes that go with it); also that share (None off a GPU)."""
+    from dataclasses import replace
+
+    from cmw_vllm.vocab import AUTO
+
+    if target.device != "gpu":
+        return settings, None
+    share, kv_bytes = auto_utilization(spec, settings, target, auto_concurrency(config))
+    if config.gpu_memory_utilization != AUTO:
+        return settings, share
+    return replace(settings, gpu_memory_utilization=share, kv_cache_memory_bytes=kv_bytes), share
 
 
 def server_environ(config: ServerConfig, environ: Mapping[str, str] | None = None
@@ -334,7 +364,10 @@ def check_config(
         spec.pooling = True
     target = machine_target(config, env, gpus=gpus, gpu_memory_gb=gpu_memory_gb,
                             ram_freed=ram_freed)
-    return estimate(spec, settings, target)
+    settings, share = sized(spec, settings, target, config)
+    est = estimate(spec, settings, target)
+    est.gpu_memory_utilization_auto = share
+    return est
 
 
 def refusal_hint(est: MemoryEstimate, *, force: bool = True) -> str:

@@ -426,6 +426,8 @@ class MemoryEstimate:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    # The share `--gpu-memory-utilization auto` chooses on this target (GPU only).
+    gpu_memory_utilization_auto: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Stable JSON shape for ``estimate --json``."""
@@ -574,6 +576,54 @@ def estimate(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) 
     if not est.fits:
         est.suggestions = suggestions(spec, settings, target, est)
     return est
+
+
+def assess(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) -> MemoryEstimate:
+    """Whether ``spec`` fits ``target`` with ``settings``, without looking for settings that
+    would (cheaper than :func:`estimate`; the placement tries many targets).
+
+    Raises:
+        UsageError: Settings the estimate cannot model.
+    """
+    return _assess(spec, settings, target)
+
+
+# Full-length requests `--gpu-memory-utilization auto` makes room for when vLLM's
+# --max-num-seqs is not given.
+DEFAULT_AUTO_CONCURRENCY = 4
+
+
+def auto_utilization(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget,
+                     concurrency: int = DEFAULT_AUTO_CONCURRENCY) -> tuple[float, int]:
+    """The share of ``target`` that ``--gpu-memory-utilization auto`` gives a server, and
+    the KV cache bytes that go with it (``--kv-cache-memory-bytes``).
+
+    The share holds the weights, activations, the runtime and the KV cache of
+    ``concurrency`` requests of ``max_model_len`` tokens, rounded up to 0.01. When what is
+    free cannot hold that much, the share is what is free (the fit check then says whether
+    one request still fits).
+    """
+    tp = settings.tensor_parallel_size
+    kv = kv_cache_layout(spec, kv_cache_dtype=settings.kv_cache_dtype, dtype=settings.dtype,
+                         tensor_parallel_size=tp,
+                         max_num_batched_tokens=settings.max_num_batched_tokens)
+    block = settings.block_size or GPU_BLOCK_SIZE
+    weights = _cdiv(weight_bytes(spec, settings.dtype), tp)
+    acts = activation_bytes(spec, dtype=settings.dtype, tensor_parallel_size=tp,
+                            max_num_batched_tokens=settings.max_num_batched_tokens)
+    max_len = settings.max_model_len or spec.derived_max_model_len
+    kv_wanted = settings.kv_cache_memory_bytes or (
+        _request_blocks(kv, max_len, block) * _block_bytes(kv, block) * max(1, concurrency))
+    fixed = weights + acts + GPU_RUNTIME_BYTES
+    if not target.memory_total:
+        return 0.0, 0
+    share = math.ceil((fixed + kv_wanted) / target.memory_total * 100 - 1e-9) / 100
+    share = min(share, gpu_utilization_cap(target.memory_total, target.memory_free))
+    share = max(0.01, share)
+    kv_bytes = int(target.memory_total * share) - fixed
+    if settings.kv_cache_memory_bytes is not None:
+        kv_bytes = min(kv_bytes, settings.kv_cache_memory_bytes)
+    return share, max(0, kv_bytes)
 
 
 def _assess(spec: ModelSpec, settings: EstimateSettings, target: MemoryTarget) -> MemoryEstimate:

@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -154,7 +154,10 @@ class ModelEntry(BaseModel):
         description: One line for ``list``.
         size_gb: Approximate download size of the weights in GB (10^9 bytes).
         max_model_len: Context length to serve (``--max-model-len``).
-        gpu_memory_utilization: This server's fraction of the GPU's total memory.
+        gpu_memory_utilization: This server's fraction of the GPU's total memory, or
+            ``auto`` (sized from the estimate, so that small models share a GPU).
+        gpus: GPU indices or UUIDs (``0,1``), or ``auto`` (the default: placed where it
+            fits).
         dtype: Weight dtype (``--dtype``); None leaves vLLM's ``auto``.
         tensor_parallel_size: GPUs per server; None means one.
         tool_call_parser: vLLM tool-call parser name.
@@ -184,7 +187,8 @@ class ModelEntry(BaseModel):
     description: str = ""
     size_gb: float | None = Field(None, gt=0)
     max_model_len: int | None = Field(None, ge=1)
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] | None = None
+    gpus: str | None = None
     dtype: Dtype | None = Field(None, strict=False)
     tensor_parallel_size: int | None = Field(None, ge=1, le=64)
     tool_call_parser: str | None = None
@@ -279,7 +283,7 @@ class ModelEntry(BaseModel):
 
         Returns:
             ``name`` (the alias), ``port``, ``task``, ``vllm_args`` and whichever of
-            ``max_model_len``, ``gpu_memory_utilization``, ``dtype``,
+            ``max_model_len``, ``gpu_memory_utilization``, ``gpus``, ``dtype``,
             ``tensor_parallel_size``, ``restart`` and ``drain`` the entry sets (unset ones are
             left out).
         """
@@ -289,6 +293,7 @@ class ModelEntry(BaseModel):
             "task": self.task,
             "max_model_len": self.max_model_len,
             "gpu_memory_utilization": self.gpu_memory_utilization,
+            "gpus": self.gpus,
             "dtype": self.dtype,
             "tensor_parallel_size": self.tensor_parallel_size,
             "restart": self.restart,

@@ -25,6 +25,7 @@ from cmw_vllm.errors import ConfigError
 from cmw_vllm.settings import SERVER_ENV_VARS
 from cmw_vllm.vllm_flags import flag_value
 from cmw_vllm.vocab import (
+    AUTO,
     NAME_RULE,
     PORT_MAX,
     PORT_MIN,
@@ -99,9 +100,11 @@ class ServerConfig(BaseModel):
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_PORT, ge=PORT_MIN, le=PORT_MAX)
     tensor_parallel_size: int = Field(1, ge=1, le=64)
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    # A fraction of each GPU's total, or ``auto`` (sized from the estimate at placement).
+    gpu_memory_utilization: float | str | None = None
     max_model_len: int | None = Field(None, ge=1)
     dtype: Dtype = Dtype.AUTO
+    # GPU indices or UUIDs; None (``auto``) lets the placement choose.
     gpus: str | None = None
     task: Task = Task.GENERATE
     vllm_args: list[str] = Field(default_factory=list)
@@ -124,10 +127,27 @@ class ServerConfig(BaseModel):
             raise ValueError("must be a host name or IP address")
         return value
 
+    @field_validator("gpu_memory_utilization", mode="before")
+    @classmethod
+    def _check_utilization(cls, value: Any) -> float | str | None:
+        if value is None or value == "":
+            return None
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        if isinstance(value, bool):
+            raise ValueError("must be a number in (0, 1] or auto")
+        try:
+            share = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be a number in (0, 1] or auto") from None
+        if not 0 < share <= 1:
+            raise ValueError("must be a number in (0, 1] or auto")
+        return share
+
     @field_validator("gpus")
     @classmethod
     def _check_gpus(cls, value: str | None) -> str | None:
-        if value is None or value == "":
+        if value is None or value == "" or value.strip().lower() == AUTO:
             return None
         parts = [p.strip() for p in value.split(",")]
         for part in parts:
@@ -193,7 +213,7 @@ class ServerConfig(BaseModel):
         args += ["--served-model-name", *self.served_names()]
         if self.tensor_parallel_size != 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
-        if self.gpu_memory_utilization is not None:
+        if isinstance(self.gpu_memory_utilization, float):
             args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
         if self.max_model_len is not None:
             args += ["--max-model-len", str(self.max_model_len)]

@@ -55,6 +55,8 @@ def engine_command(config: ServerConfig, api_key: str | None, *, python: str | N
     env.update(config.env)
     if config.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = config.gpus
+        # --gpus and the placement speak NVML's indices, which CUDA's match in this order.
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return command, env
 

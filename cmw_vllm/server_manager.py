@@ -330,14 +330,15 @@ class ServerManager:
                     self._cleanup_dead(config.name, existing)
                 if config.role != "follower":  # a follower has no HTTP port
                     config, port_changed_from = self._choose_port(config, auto_port)
-                if check_resources:
-                    from cmw_vllm.memory_check import preflight
+                from cmw_vllm.placement import placement_lock
 
-                    check = preflight(config, environ=environ)
-                    if check.status == "skipped" and on_notice is not None:
-                        on_notice(f"memory check skipped: {check.reason}")
-                record, process, env = self._launch(config, api_key, foreground, python=python,
-                                                    environ=environ, started_by=started_by)
+                # Placement and the record that reserves its share are one step: a start
+                # beside this one sees the reservation.
+                with placement_lock():
+                    config = self._place(config, environ, check_resources, on_notice)
+                    record, process, env = self._launch(
+                        config, api_key, foreground, python=python, environ=environ,
+                        started_by=started_by)
                 already = False
         result = StartResult(
             name=config.name,
@@ -353,6 +354,36 @@ class ServerManager:
             result.ready_after_s = self.wait_ready(record, timeout, on_progress)
             result.ready = True
         return result
+
+    @staticmethod
+    def _place(config: ServerConfig, environ: Mapping[str, str] | None, check_resources: bool,
+               on_notice: Callable[[str], None] | None) -> ServerConfig:
+        """Choose the GPUs (``--gpus auto``) and size an ``auto`` share; check the fit.
+
+        Without GPUs the RAM check of the CPU build applies (an ``auto`` share is then
+        vLLM's default).
+
+        Raises:
+            InsufficientResourcesError: It fits nowhere (each GPU considered, and why).
+        """
+        from cmw_vllm.memory_check import preflight
+        from cmw_vllm.placement import place
+        from cmw_vllm.vocab import AUTO
+
+        env = dict(os.environ if environ is None else environ)
+        env.update(config.env)
+        placed = place(config, env, check=check_resources)
+        if placed is None:
+            if config.gpu_memory_utilization == AUTO:
+                config = config.model_copy(update={"gpu_memory_utilization": None})
+            if check_resources:
+                check = preflight(config, environ=environ)
+                if check.status == "skipped" and on_notice is not None:
+                    on_notice(f"memory check skipped: {check.reason}")
+            return config
+        if placed.status == "skipped" and on_notice is not None:
+            on_notice(f"memory check skipped: {placed.skipped}")
+        return placed.config
 
     @staticmethod
     def _check_joinable(existing: ServerStatus, foreground: bool) -> None:

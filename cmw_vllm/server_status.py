@@ -71,6 +71,9 @@ class ServerStatus:
             if rec and self.state == State.RESTARTING else None,
             "drain_left_s": self.drain_left(),
             "enabled": _enabled_scope(self.name),
+            "gpus": record_gpus(rec) if rec else None,
+            "gpu_memory_utilization": (rec.config or {}).get("gpu_memory_utilization")
+            if rec else None,
         }
         return out
 
@@ -148,6 +151,15 @@ def _was_ready(record: ServerRecord) -> bool:
             return READY_LINE.encode() in fh.read(64 * 1024 * 1024)
     except OSError:
         return False
+
+
+def record_gpus(record: ServerRecord) -> list[int | str] | None:
+    """The GPUs a server runs on (NVML indices; UUIDs as given), None when not set (a
+    server without GPUs, or one started before placement existed)."""
+    raw = (record.config or {}).get("gpus")
+    if not raw:
+        return None
+    return [int(p) if p.isdigit() else p for p in str(raw).split(",")]
 
 
 def observe(name: str) -> ServerStatus:

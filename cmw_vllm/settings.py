@@ -168,3 +168,21 @@ def stop_timeout() -> float:
 def health_timeout() -> float:
     """Seconds one health request may take (``CMW_VLLM_HEALTH_TIMEOUT``, default 2)."""
     return env_float("CMW_VLLM_HEALTH_TIMEOUT", 2.0)
+
+
+PLACEMENT_POLICIES = ("pack", "spread")
+
+
+def placement_policy() -> str:
+    """How ``--gpus auto`` chooses among GPUs that fit (``CMW_VLLM_PLACEMENT``): ``pack``
+    (the fullest GPU that fits first, the default) or ``spread`` (the emptiest first).
+
+    Raises:
+        ConfigError: Another value.
+    """
+    raw = (env("CMW_VLLM_PLACEMENT") or "pack").strip().lower()
+    if raw not in PLACEMENT_POLICIES:
+        raise ConfigError(
+            f"invalid CMW_VLLM_PLACEMENT{source_of('CMW_VLLM_PLACEMENT')}: must be pack or "
+            f"spread (got {raw!r})")
+    return raw

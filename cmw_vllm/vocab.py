@@ -204,6 +204,9 @@ def client_url(host: str, port: int) -> str:
 KiB = 1024
 MiB = 1024**2
 GiB = 1024**3
+# `--gpus auto` (the default: cmw-vllm places the server) and `--gpu-memory-utilization auto`
+# (the share sized from the estimate).
+AUTO = "auto"
 
 
 def format_bytes(n: float | None) -> str:

@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype")
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--tensor-parallel-size", type=int)
+    parser.add_argument("--kv-cache-memory-bytes")
+    parser.add_argument("--max-num-seqs", type=int)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--shutdown-timeout", type=int, default=0)
     parser.add_argument("--runner", choices=["auto", "draft", "generate", "pooling"])
