@@ -9,8 +9,8 @@ on ``PYTHONPATH``; the gateway runs in this process with it in ``sys.path``.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -79,8 +79,9 @@ def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_engine: Path) 
 
 def start(machine: Machine, model: Path, name: str, *extra: str, verbose: bool = False,
           **env: str) -> subprocess.CompletedProcess[str]:
-    return machine.cli(*(["-v"] if verbose else []), "start", str(model), "--name", name, "--port", str(free_port()),
-                       "--auto-port", "--timeout", "60", *extra, **env)
+    return machine.cli(*(["-v"] if verbose else []), "start", str(model), "--name", name,
+                       "--port", str(free_port()), "--auto-port", "--timeout", "60", *extra,
+                       **env)
 
 
 # --------------------------------------------------------------------------- placement
@@ -216,6 +217,7 @@ def gateway(machine: Machine, isolated_home: Path, model_8b: Path) -> Iterator[C
             lines.append(f"[models.{name}]\nmodel = \"{model_8b}\"\nport = {free_port()}\n"
                          "max_model_len = 4096\n"
                          + "".join(f"{k} = {json.dumps(v)}\n" for k, v in extra.items()))
+        isolated_home.mkdir(parents=True, exist_ok=True)
         (isolated_home / "models.toml").write_text("\n".join(lines))
         gw = GatewayThread(GatewaySettings(port=free_port(), health_interval=0.5,
                                            memory_wait=5))

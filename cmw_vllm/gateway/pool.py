@@ -95,6 +95,9 @@ class Scanned:
 
 
 FitCheck = Callable[["ServerConfig"], Any]
+# (config, servers the gateway may evict, least recently used first) -> a RoomPlan (where
+# it goes, whom to evict) or None without GPUs; raises InsufficientResourcesError.
+Planner = Callable[["ServerConfig", list[str]], Any]
 Probe = Callable[[str], Awaitable[bool]]
 
 
@@ -192,6 +195,13 @@ def default_fit_check(config: ServerConfig) -> Any:
     return preflight(config)
 
 
+def default_planner(config: ServerConfig, evictable: list[str]) -> Any:
+    """Placement with per-GPU eviction (:func:`cmw_vllm.placement.plan_room`)."""
+    from cmw_vllm.placement import plan_room
+
+    return plan_room(config, evictable)
+
+
 class Pool:
     """The gateway's view of the servers, and what it does to them.
 
@@ -199,14 +209,17 @@ class Pool:
         settings: The gateway's settings.
         metrics: Where to count starts, stops, evictions.
         manager: Starts and stops servers (default: a new ServerManager).
-        fit_check: Raises InsufficientResourcesError when a config cannot fit now.
+        fit_check: Raises InsufficientResourcesError when a config cannot fit now; given,
+            it replaces the placement (eviction then ignores which GPUs servers use).
+        planner: Where a server goes and whom to evict for it (default
+            :func:`default_planner`); without GPUs the preflight decides.
         probe: ``await probe(base_url)`` is True when the server's ``/health`` answers 200
             (default: :func:`probe_in_thread`).
     """
 
     def __init__(self, settings: GatewaySettings, metrics: Metrics, *,
                  manager: ServerManager | None = None, fit_check: FitCheck | None = None,
-                 probe: Probe | None = None) -> None:
+                 probe: Probe | None = None, planner: Planner | None = None) -> None:
         if manager is None:
             from cmw_vllm.server_manager import ServerManager
 
@@ -214,7 +227,8 @@ class Pool:
         self.settings = settings
         self.metrics = metrics
         self.manager = manager
-        self.fit_check = fit_check or default_fit_check
+        self.fit_check = fit_check
+        self.planner: Planner = planner or default_planner
         self.probe: Probe = probe or probe_in_thread
         self.backoff = StartBackoff(settings.start_backoff)
         self.backends: dict[str, Backend] = {}
@@ -470,12 +484,14 @@ class Pool:
                 raise ConflictError("the gateway is shutting down")
             logger.info("starting %s (%s) on demand", name, config.model)
             begin = time.monotonic()
-            await self._make_room(config)
+            config, placed = await self._make_room(config)
             self.metrics.starts[name] += 1
             progress = self.progress.get(name) or StartProgress(begin)
             launched = time.monotonic()
+            # A placed server is checked again as it starts, under the placement lock: a
+            # start beside the gateway may have taken the room meanwhile.
             result = await asyncio.to_thread(
-                self.manager.start, config, wait=True, auto_port=True, check_resources=False,
+                self.manager.start, config, wait=True, auto_port=True, check_resources=placed,
                 started_by=self.settings.name, on_progress=progress.seen)
             self.metrics.start_duration.observe(name, time.monotonic() - begin)
             if not result.already_running:
@@ -493,17 +509,47 @@ class Pool:
                     time.monotonic() - begin)
         return backend
 
-    async def _make_room(self, config: ServerConfig) -> None:
-        """Evict idle servers the gateway started, least recently used first, until the
-        preflight says ``config`` fits; wait for the memory to come back after each.
+    async def _make_room(self, config: ServerConfig) -> tuple[ServerConfig, bool]:
+        """Find the GPUs for ``config``; evict idle servers the gateway started from those
+        GPUs only (least recently used first) when it does not fit as things are, and wait
+        for their memory to come back.
+
+        A model that sets no share gets ``--gpu-memory-utilization auto``, so that small
+        models share a GPU. Without GPUs (or with a ``fit_check`` given), servers are
+        evicted, least recently used first, until the preflight says it fits.
+
+        Returns:
+            The config to start (its GPUs chosen) and whether it was placed on GPUs.
 
         Raises:
             InsufficientResourcesError: It does not fit and nothing is left to evict.
         """
+        from cmw_vllm.vocab import AUTO
+
+        if config.gpu_memory_utilization is None:
+            config = config.model_copy(update={"gpu_memory_utilization": AUTO})
+        if self.fit_check is None:
+            plan = await asyncio.to_thread(self.planner, config, self._evictable(config.name))
+            if plan is not None:
+                placed = plan.placement.config
+                for name in plan.victims:
+                    victim = self.backends.get(name)
+                    if victim is None:
+                        continue
+                    logger.info("%s does not fit on GPU %s; evicting %s", config.name,
+                                placed.gpus, name)
+                    self.metrics.evictions[name] += 1
+                    await self.stop_backend(victim, "evict")
+                if plan.victims and not await self._wait_fits(placed):
+                    raise InsufficientResourcesError(
+                        f"{config.name} does not fit on GPU {placed.gpus} yet: the memory of "
+                        f"{', '.join(plan.victims)} did not come back within "
+                        f"{self.settings.memory_wait:g}s")
+                return placed, True
         while True:
             try:
-                await asyncio.to_thread(self.fit_check, config)
-                return
+                await asyncio.to_thread(self._fits, config)
+                return config, False
             except InsufficientResourcesError:
                 victim = self._pick_victim(exclude=config.name)
                 if victim is None:
@@ -512,21 +558,43 @@ class Pool:
             self.metrics.evictions[victim.name] += 1
             await self.stop_backend(victim, "evict")
             if await self._wait_fits(config):
+                return config, False
+
+    def _fits(self, config: ServerConfig) -> None:
+        """Raise InsufficientResourcesError when ``config`` does not fit now (on its GPUs,
+        when they are chosen)."""
+        if self.fit_check is not None:
+            self.fit_check(config)
+            return
+        if config.gpus is not None:
+            plan = self.planner(config, [])
+            if plan is not None:
                 return
+        default_fit_check(config)
 
     async def _wait_fits(self, config: ServerConfig) -> bool:
-        """Poll the preflight until it passes or ``memory_wait`` ends (memory comes back
+        """Poll the fit check until it passes or ``memory_wait`` ends (memory comes back
         late on some drivers, after the processes are gone)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.memory_wait
         while True:
             try:
-                await asyncio.to_thread(self.fit_check, config)
+                await asyncio.to_thread(self._fits, config)
                 return True
             except InsufficientResourcesError:
                 if loop.time() >= deadline:
                     return False
             await asyncio.sleep(0.25)
+
+    def _candidates(self, exclude: str) -> list[Backend]:
+        """Servers the gateway may evict, idle ones first, then least recently used."""
+        candidates = [b for b in self.backends.values()
+                      if self._may_manage(b) and b.name != exclude
+                      and b.state in (READY, UNHEALTHY) and not self.pinned(b.name)]
+        return sorted(candidates, key=lambda b: (b.in_flight > 0, b.last_used))
+
+    def _evictable(self, exclude: str) -> list[str]:
+        return [b.name for b in self._candidates(exclude)]
 
     def _may_manage(self, backend: Backend) -> bool:
         if self.settings.upstreams:
@@ -534,13 +602,8 @@ class Pool:
         return backend.owned or self.settings.adopt
 
     def _pick_victim(self, exclude: str) -> Backend | None:
-        candidates = [b for b in self.backends.values()
-                      if self._may_manage(b) and b.name != exclude
-                      and b.state in (READY, UNHEALTHY) and not self.pinned(b.name)]
-        if not candidates:
-            return None
-        # Idle ones first, then least recently used.
-        return min(candidates, key=lambda b: (b.in_flight > 0, b.last_used))
+        candidates = self._candidates(exclude)
+        return candidates[0] if candidates else None
 
     # ----------------------------------------------------------------- stops
 
