@@ -189,10 +189,13 @@ def differing_settings(running: Mapping[str, Any], config: ServerConfig,
     """The ``fields`` of ``config`` whose value differs from the ``running`` settings, each as
     ``--option asked (running: value)``."""
     from cmw_vllm.server_config import OPTION_NAMES
+    from cmw_vllm.vocab import AUTO
 
     asked = config.model_dump(mode="json")
     out = []
     for key in sorted(fields):
+        if asked.get(key) == AUTO or (key == "gpus" and asked.get(key) is None):
+            continue  # `auto` was resolved at the start: whatever it chose matches
         if key in asked and running.get(key) != asked[key]:
             option = OPTION_NAMES.get(key, key)
             out.append(f"{option} {_shown(asked[key])} (running: {_shown(running.get(key))})")

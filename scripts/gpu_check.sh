@@ -10,8 +10,9 @@
 # foreign process holding all but 30 GiB, `estimate` and `start` refusing with a hint that
 # fits what is free, then `start` with that setting; SIGKILL of the API server and
 # `status --json` showing the leftovers' GPU memory; `setup` naming the leftovers;
-# `stop --all` freeing the GPU. Without a GPU it runs the steps that need none, says
-# "no GPU" and exits 0.
+# `stop --all` freeing the GPU; two 8B servers with `--gpu-memory-utilization auto` packed on
+# GPU 0, both healthy, each holding its share and NVML's total within the GPU. Without a GPU
+# it runs the steps that need none, says "no GPU" and exits 0.
 #
 # The wheels such a machine lacks (CPython 3.12), fetched once at the repository root
 # (.whl/ is git-ignored: hand it over explicitly, e.g. as a carried path):

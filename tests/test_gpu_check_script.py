@@ -37,7 +37,10 @@ def test_gpu_check_on_a_simulated_gpu(tmp_path: Path) -> None:
         "PASS estimate 8B with the GPU held", "PASS start 8B refused before launch, with a "
         "hint that fits", "PASS start 8B with the suggested setting",
         "PASS status --json after SIGKILL of g1's API server",
-        "PASS setup names g1's leftovers", "PASS stop --all frees the GPU"], report
+        "PASS setup names g1's leftovers", "PASS stop --all frees the GPU",
+        "PASS start pk1 with --gpu-memory-utilization auto on GPU 0",
+        "PASS start pk2 with --gpu-memory-utilization auto on GPU 0",
+        "PASS two auto-sized servers share GPU 0"], report
     assert report.rstrip().endswith("ALL PASSED")
 
 

@@ -226,6 +226,35 @@ def leftovers(run: Run) -> None:
               f"exit {code}, {took:.1f}s; still on the GPU: {left}; {out.strip()[-200:]}")
 
 
+def pack_two(run: Run, m8: Path) -> None:
+    """Two 8B servers with `--gpu-memory-utilization auto` share GPU 0: both healthy, each
+    holding about its share, and NVML's total within the GPU."""
+    names = ("pk1", "pk2")
+    for n, name in enumerate(names):
+        code, _out, err, took = run.cli("start", str(m8), "--name", name, "--port",
+                                        str(19351 + n), "--auto-port", "--timeout", "180",
+                                        "--gpu-memory-utilization", "auto",
+                                        "--max-model-len", "4096", "--gpus", "0")
+        if not run.check(f"start {name} with --gpu-memory-utilization auto on GPU 0",
+                         code == 0, f"exit {code}, {took:.1f}s {err.strip()[-300:]}"):
+            return
+    servers = [server(run, name) for name in names]
+    gpu = run.json("gpus")["gpus"][0]
+    shares = [s.get("gpu_memory_utilization") or 0 for s in servers]
+    held = [s.get("gpu_memory_bytes") or 0 for s in servers]
+    total = int(gpu["memory_total"])
+    near = all(abs(h - u * total) < 2 * GiB for h, u in zip(held, shares, strict=True))
+    run.check("two auto-sized servers share GPU 0: both healthy, NVML within the GPU",
+              all(s.get("state") == "healthy" and s.get("gpus") == [0] for s in servers)
+              and 0 < sum(shares) < 1 and near and int(gpu["memory_used"]) <= total,
+              f"states {[s.get('state') for s in servers]}, gpus "
+              f"{[s.get('gpus') for s in servers]}, shares {shares}, held "
+              f"{[round(h / GiB, 2) for h in held]} GiB, NVML used "
+              f"{int(gpu['memory_used']) / GiB:.1f} of {total / GiB:.1f} GiB")
+    for name in names:
+        run.cli("stop", name)
+
+
 def main() -> int:
     out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else Path(
         "gpu-check-report")
@@ -253,6 +282,7 @@ def main() -> int:
             foreign.wait()
             foreign = None
         leftovers(run)
+        pack_two(run, m8)
         times = [run.cli("status", "--json")[3] for _ in range(REPEAT)]
         run.say(f"INFO status --json, no servers: {', '.join(f'{t:.2f}s' for t in times)}")
     except Exception as exc:  # report what broke and still clean up

@@ -1,8 +1,9 @@
 """A simulated NVML for the GPU check's own test: one 140 GiB GPU.
 
 Its processes are those of this run (``CMW_GPU_SIM_TOKEN`` in their environment) whose
-command line allocates with ``torch.empty``: the stand-in engine (``int(GIB * 2**30)``) and
-the foreign holder (a byte count). Each also holds a CUDA context of 500 MiB.
+command line allocates with ``torch.empty``: the stand-in engine (``int(GIB * 2**30)``, or
+its share of the total, ``int(SHARE * torch.cuda.mem_get_info()[1])``) and the foreign
+holder (a byte count). Each also holds a CUDA context of 500 MiB.
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ def _procs() -> list[SimpleNamespace]:
         except psutil.Error:
             continue
         gib = re.search(r"torch\.empty\(int\(([\d.]+) \* 2\*\*30\)", cmd)
+        share = re.search(r"torch\.empty\(int\(([\d.]+) \* torch\.cuda\.mem_get_info", cmd)
         count = re.search(r"torch\.empty\((\d+),", cmd)
-        if gib or count:
-            held = int(float(gib.group(1)) * GiB) if gib else int(count.group(1))  # type: ignore[union-attr]
-            out.append(SimpleNamespace(pid=proc.pid, usedGpuMemory=held + CONTEXT))
+        if gib:
+            held = int(float(gib.group(1)) * GiB)
+        elif share:
+            held = int(float(share.group(1)) * TOTAL)
+        elif count:
+            held = int(count.group(1))
+        else:
+            continue
+        out.append(SimpleNamespace(pid=proc.pid, usedGpuMemory=held + CONTEXT))
     return out
 
 

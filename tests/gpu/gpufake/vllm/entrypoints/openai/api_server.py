@@ -1,6 +1,7 @@
 """GPU stand-in for vLLM's API server: a ``VLLM::EngineCore`` child holds real GPU memory.
 
-The child allocates ``GPU_GIB`` GiB (default 4) on cuda:0 with torch and sleeps; this
+The child allocates ``GPU_GIB`` GiB on cuda:0 with torch and sleeps (without ``GPU_GIB``,
+``--gpu-memory-utilization`` of the GPU's total, as vLLM takes its share; else 4 GiB); this
 process then answers ``/health``, ``/v1/models``, ``/version`` and ``/metrics``. SIGTERM ends
 both. SIGKILL of this process leaves the child holding its memory, as vLLM's EngineCore
 does after its API server is killed.
@@ -24,6 +25,14 @@ ENGINE_CODE = (
     "print('ALLOCATED', flush=True)\n"
     "time.sleep(86400)\n"
 )
+SHARE_CODE = (
+    "import torch, time\n"
+    "x = torch.empty(int({share} * torch.cuda.mem_get_info()[1]), dtype=torch.uint8, "
+    "device='cuda')\n"
+    "torch.cuda.synchronize()\n"
+    "print('ALLOCATED', flush=True)\n"
+    "time.sleep(86400)\n"
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,12 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name")
+    parser.add_argument("--gpu-memory-utilization", type=float)
     args, _unknown = parser.parse_known_args(argv)
     gib = float(os.environ.get("GPU_GIB", "4"))
+    share = args.gpu_memory_utilization
+    code = (SHARE_CODE.format(share=share) if share and not os.environ.get("GPU_GIB")
+            else ENGINE_CODE.format(gib=gib))
     print(f"INFO Starting to load model {args.model}...", flush=True)
     # argv[0] is the title (as setproctitle makes it); hand the import paths on.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    engine = subprocess.Popen(["VLLM::EngineCore", "-c", ENGINE_CODE.format(gib=gib)],
+    engine = subprocess.Popen(["VLLM::EngineCore", "-c", code],
                               executable=sys.executable, stdout=subprocess.PIPE, text=True,
                               env=env)
     assert engine.stdout is not None
