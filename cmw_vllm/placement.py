@@ -276,6 +276,7 @@ class _Try:
     kv_bytes: int | None
     est: MemoryEstimate | None
     left: int  # bytes the fullest GPU of the set keeps after this server
+    full: bool = True  # an `auto` share got all it wanted (not squeezed to what is free)
 
 
 def _target(rooms: Sequence[GpuRoom], visible: int) -> MemoryTarget:
@@ -299,6 +300,8 @@ class _Model:
         from cmw_vllm.vocab import Task
 
         self.config = config
+        # (smallest total, least available, GPUs) -> the try: sets alike give one answer.
+        self._tried: dict[tuple[int, int, int, str | None], _Try] = {}
         self.spec: ModelSpec | None = None
         self.settings: EstimateSettings | None = None
         self.skipped: str | None = None
@@ -313,6 +316,16 @@ class _Model:
         self.spec, self.settings = spec, settings
 
     def attempt(self, rooms: Sequence[GpuRoom], visible: int) -> _Try:
+        """Whether the server fits on ``rooms`` (the smallest total and the least available
+        memory of the set decide, so alike sets are computed once)."""
+        smallest = min(rooms, key=lambda r: r.total)
+        key = (smallest.total, min(r.available for r in rooms), len(rooms), smallest.name)
+        found = self._tried.get(key)
+        if found is None or self.skipped is not None:
+            found = self._tried[key] = self._attempt(rooms, visible)
+        return replace(found, gpus=[r.index for r in rooms])
+
+    def _attempt(self, rooms: Sequence[GpuRoom], visible: int) -> _Try:
         from cmw_vllm.errors import UsageError
         from cmw_vllm.memory_check import sized
         from cmw_vllm.memory_estimate import assess
@@ -332,12 +345,18 @@ class _Model:
         try:
             settings, _share = sized(self.spec, self.settings, target, self.config)
             est = assess(self.spec, settings, target)
+            full = True
+            if util == AUTO:
+                wanted, _kv = sized(self.spec, self.settings, replace(target, memory_free=None),
+                                    self.config)
+                full = (settings.gpu_memory_utilization or 0) >= (
+                    wanted.gpu_memory_utilization or 0)
         except UsageError as exc:
             self.skipped, self.spec = exc.message, None
-            return self.attempt(rooms, visible)
+            return self._attempt(rooms, visible)
         share = settings.gpu_memory_utilization or DEFAULT_SHARE
         kv = settings.kv_cache_memory_bytes if util == AUTO else None
-        return _Try(indices, est.fits, share, kv, est, least - int(total * share))
+        return _Try(indices, est.fits, share, kv, est, least - int(total * share), full)
 
 
 def _visible(config: ServerConfig, environ: Mapping[str, str], ledger: Ledger
@@ -377,7 +396,9 @@ def _worst_link(ledger: Ledger, gpus: Sequence[int]) -> int:
 
 def _order(ledger: Ledger, tries: list[_Try], policy: str) -> list[_Try]:
     sign = 1 if policy == "pack" else -1
-    return sorted(tries, key=lambda t: (_worst_link(ledger, t.gpus), sign * t.left, t.gpus))
+    # An `auto` share squeezed to what is free comes last: packing must not starve a server.
+    return sorted(tries, key=lambda t: (not t.full, _worst_link(ledger, t.gpus),
+                                        sign * t.left, t.gpus))
 
 
 def _describe(room: GpuRoom) -> str:

@@ -79,3 +79,11 @@ def test_bench_gateway_smoke(fake_engine: Path, model_dir: Path) -> None:
 def test_bench_dashboard_smoke() -> None:
     out = bench("bench_dashboard.py", "--servers", "3", "--requests", "20", "--loads", "1")
     assert "| GET /api/state p99 |" in out and "page first" in out
+
+
+def test_bench_placement_smoke() -> None:
+    """Placement timings on the simulated NVML (stand-in engines, no GPU)."""
+    out = bench("bench_placement.py", "--gpus", "4", "--servers", "3", "--runs", "2")
+    assert "4 simulated GPUs" in out
+    for tp in (1, 2, 4):
+        assert f"placement TP {tp} (-> GPU " in out
