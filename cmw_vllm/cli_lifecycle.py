@@ -151,6 +151,10 @@ def _report_start(result: StartResult, as_json: bool, elapsed: float) -> None:
         click.echo(f"  Follower: rank {record.node_rank}, {state} the leader at {record.leader}")
         return
     click.echo(f"  Endpoint: {record.base_url}/v1")
+    if (record.config or {}).get("gpus") and not result.already_running:
+        share = record.config.get("gpu_memory_utilization")
+        click.echo(f"  GPUs:     {record.config['gpus']}"
+                   + (f" (share {share:g} of each)" if isinstance(share, float) else ""))
     if result.ready:
         click.echo(f"  Try:      {_example_request(record, ' ' * 12, result.api_key)}")
 

@@ -94,6 +94,7 @@ def test_start_goes_to_a_gpu_that_has_room(machine: Machine, model_8b: Path) -> 
     assert proc.returncode == 0, proc.stderr
     assert machine.status()["m1"]["gpus"] == [1]
     assert "placement: m1 -> GPU 1" in proc.stderr
+    assert "  GPUs:     1\n" in proc.stdout
 
 
 def test_forced_gpu_refusal_names_each_gpu_and_a_set_that_fits(machine: Machine,
