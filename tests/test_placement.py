@@ -252,7 +252,7 @@ def test_gateway_evicts_only_from_the_gpu_the_new_model_uses(machine: Machine,
     assert gw.metrics.evictions == {"b": 1}
     servers = machine.status()
     assert servers["c"]["gpus"] == [1] and servers["a"]["gpus"] == [0]
-    assert "b" not in servers or not servers["b"]["running"]
+    assert "b" not in servers
 
 
 def test_gateway_prefers_a_gpu_that_needs_no_eviction(machine: Machine,
@@ -264,3 +264,17 @@ def test_gateway_prefers_a_gpu_that_needs_no_eviction(machine: Machine,
     assert gw.metrics.evictions == {}
     servers = machine.status()
     assert servers["a"]["gpus"] == servers["b"]["gpus"] == [0]
+
+
+def test_gateway_starts_on_a_free_gpu_instead_of_evicting(machine: Machine,
+                                                          gateway: Callable) -> None:
+    """a holds most of GPU 0; b goes to GPU 1 and a keeps running."""
+    machine.set(2)
+    gw = gateway({"a": {"gpus": "0", "gpu_memory_utilization": 0.6},
+                  "b": {"gpu_memory_utilization": 0.6}})
+    assert _chat(gw.url, "a") == 200
+    assert _chat(gw.url, "b") == 200
+    assert gw.metrics.evictions == {}
+    servers = machine.status()
+    assert servers["a"]["gpus"] == [0] and servers["a"]["state"] == "healthy"
+    assert servers["b"]["gpus"] == [1]
