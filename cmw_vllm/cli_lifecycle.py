@@ -184,6 +184,7 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str] | None:
 
 
 def _build_config(target: str, options: dict[str, Any], vllm_args: tuple[str, ...]) -> Any:
+    from cmw_vllm.lora_adapters import with_adapters
     from cmw_vllm.model_registry import resolve_target
     from cmw_vllm.server_config import resolve_server_config
 
@@ -192,7 +193,7 @@ def _build_config(target: str, options: dict[str, Any], vllm_args: tuple[str, ..
     cli_values["vllm_args"] = list(vllm_args) or None
     return resolve_server_config(
         resolved.model,
-        entry_settings=resolved.settings,
+        entry_settings=with_adapters(resolved.entry, resolved.settings),
         environ=os.environ,
         cli=cli_values,
     )

@@ -29,11 +29,42 @@ PLAIN_PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines
 
 
 def _resolve(name: str) -> tuple[str, bool]:
-    """(HF repo id or directory, is it a directory) for an alias, repo id or path."""
+    """(HF repo id or directory, is it a directory) for an alias, adapter, repo id or path."""
     from cmw_vllm.model_registry import resolve_target
 
+    adapter = _adapter(name)
+    if adapter is not None:
+        return adapter.local_source(), adapter.is_local
     target = resolve_target(name)
     return str(target.model), bool(target.is_local)
+
+
+def _adapter(name: str) -> Any:
+    """The LoRA adapter declared under ``name`` in models.toml, if ``name`` is one."""
+    from cmw_vllm.model_registry import find_adapter
+    from cmw_vllm.vocab import looks_like_path
+
+    if looks_like_path(name) or "/" in name:
+        return None
+    return find_adapter(name)
+
+
+def _check_adapter_fit(name: str, report: VerifyReport) -> None:
+    """Add a problem to ``report`` when adapter ``name`` does not fit its base model."""
+    from cmw_vllm.errors import NotFoundError
+    from cmw_vllm.lora_adapters import check_adapter
+    from cmw_vllm.model_registry import all_entries
+    from cmw_vllm.model_verifier import Problem
+
+    adapter = _adapter(name)
+    if adapter is None or not report.ok:
+        return
+    try:
+        check_adapter(adapter, all_entries()[adapter.base])
+    except NotFoundError:
+        return  # reported by verify already
+    except UsageError as exc:
+        report.problems.append(Problem("config", "adapter_config.json", exc.message))
 
 
 def _short(commit: str | None) -> str:
@@ -246,6 +277,9 @@ def download(ctx: click.Context, name: str, revision: str | None, include: tuple
     if is_local:
         raise UsageError(f"{name} is a local directory; there is nothing to download",
                          hint=f"check it with: cmw-vllm verify {name}")
+    adapter = _adapter(name)
+    if adapter is not None and revision is None:
+        revision = adapter.revision
 
     drawing = _DownloadDrawing(as_json)
     try:
@@ -255,6 +289,8 @@ def download(ctx: click.Context, name: str, revision: str | None, include: tuple
         )
     finally:
         drawing.stop()
+    if adapter is not None:
+        _check_adapter_fit(name, result.verify)
     _report_download(result, name, as_json)
     if not result.ok:
         ctx.exit(EXIT_FAILURE)
@@ -388,12 +424,16 @@ def verify(ctx: click.Context, name: str, revision: str | None, full: bool,
         from cmw_vllm.errors import NotFoundError
 
         raise NotFoundError(f"{target} is not a directory")
+    adapter = _adapter(name)
+    if adapter is not None and revision is None and not is_local:
+        revision = adapter.revision
     callbacks, drawn = _hash_progress(full, as_json)
     try:
         report = verify_model(target, revision=revision, full=full, **callbacks)
     finally:
         if drawn is not None:
             drawn.stop()
+    _check_adapter_fit(name, report)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -29,15 +29,23 @@ def list_cmd(as_json: bool) -> None:
     \b
     JSON: {"models": [{"alias", "model", "task", "port", "size_gb", "downloaded",
            "running": [server names], "source": "built-in" | models file,
-           "description"}, ...]}
+           "description"}, ...],
+     "adapters": [{"name", "base", "source", "revision", "downloaded"}, ...]}
+    LoRA adapters ([adapters.NAME] in models.toml) are listed after the models, with the
+    model they adapt.
     """
-    from cmw_vllm.model_registry import BUILTIN_SOURCE, all_entries, is_downloaded
+    from cmw_vllm.lora_adapters import adapter_dir
+    from cmw_vllm.model_registry import BUILTIN_SOURCE, all_adapters, all_entries, is_downloaded
     from cmw_vllm.server_manager import running_models
 
     running = running_models()
     running_lower = {model.lower(): names for model, names in running.items()}
     rows: list[dict[str, Any]] = []
-    for entry in all_entries().values():
+    entries = all_entries()
+    adapters = [{"name": a.name, "base": a.base, "source": a.source, "revision": a.revision,
+                 "downloaded": adapter_dir(a) is not None}
+                for a in all_adapters(entries).values()]
+    for entry in entries.values():
         servers = running.get(entry.model) or running_lower.get(entry.model.lower()) or []
         rows.append(
             {
@@ -53,7 +61,7 @@ def list_cmd(as_json: bool) -> None:
             }
         )
     if as_json:
-        echo_json({"models": rows})
+        echo_json({"models": rows, "adapters": adapters})
         return
     print_table(
         ["ALIAS", "MODEL", "TASK", "PORT", "SIZE", "DOWNLOADED", "RUNNING"],
@@ -76,6 +84,14 @@ def list_cmd(as_json: bool) -> None:
     )
     if any(row["source"] != BUILTIN_SOURCE for row in rows):
         click.echo("* from your models file")
+    if adapters:
+        click.echo()
+        print_table(
+            ["ADAPTER", "BASE", "SOURCE", "DOWNLOADED"],
+            [[a["name"], a["base"], a["source"] + (f"@{a['revision']}" if a["revision"] else ""),
+              "yes" if a["downloaded"] else "no"] for a in adapters],
+            drop=("DOWNLOADED",), shrink=("SOURCE",), floor=24,
+        )
 
 
 COMMANDS.append(list_cmd)

@@ -6,6 +6,7 @@ what it shows, not ``start``'s options and launch code.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +152,35 @@ def _collect_status(
         for name, used in server_gpu_memory(holders).items():
             loads.setdefault(name, {})["gpu_memory_bytes"] = used
     return statuses, code, loads
+
+
+def _loaded_adapters(statuses: list[ServerStatus]) -> dict[str, list[str] | None]:
+    """The LoRA adapters each healthy server with LoRA serves now, asked concurrently
+    (None for one that did not answer); servers without LoRA are not asked."""
+    from cmw_vllm.settings import health_timeout
+
+    asked = [st for st in statuses if st.state == State.HEALTHY and st.record is not None
+             and (st.record.config or {}).get("lora")]
+    if not asked:
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cmw_vllm import last_start
+    from cmw_vllm.errors import CmwVllmError
+    from cmw_vllm.lora_adapters import loaded_adapters
+
+    timeout = health_timeout()
+
+    def one(st: ServerStatus) -> list[str] | None:
+        assert st.record is not None
+        try:
+            key = os.environ.get("VLLM_API_KEY") or last_start.stored_api_key(st.name)
+            return loaded_adapters(st.record.base_url, key, timeout)
+        except CmwVllmError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, len(asked))) as pool:
+        return dict(zip([st.name for st in asked], pool.map(one, asked), strict=True))
 
 
 # --------------------------------------------------------------------------- status load
@@ -336,12 +366,14 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     views = cluster_views(statuses)
     pins = gateway_pins(statuses)
     if as_json:
+        adapters = _loaded_adapters(statuses)
         servers = []
         for st in statuses:
             data = st.to_json()
             data["pinned_by"] = pins.get(st.name, [])
             if st.record is not None and st.record.task == GATEWAY_TASK:
                 data["pins"] = _pins_of(st)
+            data["adapters"] = adapters.get(st.name, [] if st.running else None)
             if st.record is not None and st.record.role == "leader":
                 data["cluster"] = views.get(st.name)
             extra = dict(loads.get(st.name) or {})

@@ -174,6 +174,8 @@ class ModelEntry(BaseModel):
             it (0 never); None uses the gateway's ``--idle-timeout``.
         preload: The gateway starts the model when it starts, not on the first request.
         pin: The gateway never idle-stops nor evicts the model's server.
+        max_loras: LoRA adapters served at once (``--max-loras``) when the entry has
+            adapters; None gives one slot per declared adapter.
         source: ``built-in`` or the models file the entry (or its override) came from.
     """
 
@@ -204,6 +206,7 @@ class ModelEntry(BaseModel):
     idle_timeout: float | None = Field(None, ge=0)
     preload: bool = False
     pin: bool = False
+    max_loras: int | None = Field(None, ge=1, le=256)
     source: str = BUILTIN_SOURCE
 
     @field_validator("alias")
@@ -309,19 +312,75 @@ def _unknown_name(kind: str, value: str, known: frozenset[str]) -> str:
     return f"unknown vLLM {VLLM_VERSION} {kind} {value!r}{hint}"
 
 
+class AdapterEntry(BaseModel):
+    """One ``[adapters.NAME]`` table: a LoRA adapter served on a base model.
+
+    Attributes:
+        name: What clients put in ``"model"`` (the table's name).
+        base: The alias of the registry entry it adapts (resolved case-insensitively).
+        source: Hugging Face id (``org/name``) or a local directory.
+        revision: Branch, tag or commit of a Hub source; None is ``main``.
+        file: The models file the table came from.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str
+    base: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    revision: str | None = Field(None, min_length=1)
+    file: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError(NAME_RULE)
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if not (looks_like_path(value) or is_hf_id(value)):
+            raise ValueError("must be a Hugging Face id (org/name) or an absolute/./~ path")
+        return value
+
+    @model_validator(mode="after")
+    def _check_revision(self) -> AdapterEntry:
+        if self.revision is not None and looks_like_path(self.source):
+            raise ValueError("revision applies to a Hugging Face source, not a directory")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        """True when the source is a local directory."""
+        return looks_like_path(self.source)
+
+    def local_source(self) -> str:
+        """The source as vLLM should get it: an absolute directory, or the Hub id."""
+        if self.is_local:
+            return str(Path(self.source).expanduser().resolve())
+        return self.source
+
+
+# Keys of an [adapters.NAME] table the file may not set.
+_ADAPTER_NOT_IN_FILE = ("name", "file")
+
+
 # ---------------------------------------------------------------------------------------------
 # Models files: the built-in one shipped in the package, and the user's
 
 
-def _table_lines(text: str, alias: str) -> tuple[int | None, dict[str, int]]:
-    """Find where ``[models.ALIAS]`` starts and on which line each of its keys is set.
+def _table_lines(text: str, alias: str, kind: str = "models"
+                 ) -> tuple[int | None, dict[str, int]]:
+    """Find where ``[KIND.ALIAS]`` starts and on which line each of its keys is set.
 
     tomllib reports no positions for valid documents, so errors about a key's value locate it
     with this small scan (best effort: inline tables and dotted keys only get the table line).
     """
     header_re = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
     key_re = re.compile(r"""^\s*["']?([A-Za-z0-9_-]+)["']?\s*=""")
-    target = f"models.{alias}"
+    target = f"{kind}.{alias}"
     start: int | None = None
     keys: dict[str, int] = {}
     inside = False
@@ -434,10 +493,11 @@ def _parse_models_file(file: Path, raw: bytes, source: str,
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: invalid TOML: {exc}") from None
 
-    unknown = sorted(set(data) - {"models"})
+    unknown = sorted(set(data) - {"models", "adapters"})
     if unknown:
         raise ConfigError(
-            f"{file}: unknown top-level key {unknown[0]!r}; put entries in [models.ALIAS] tables"
+            f"{file}: unknown top-level key {unknown[0]!r}; put entries in [models.ALIAS] "
+            "tables and LoRA adapters in [adapters.NAME] tables"
         )
     models = data.get("models", {})
     if not isinstance(models, dict):
@@ -494,6 +554,101 @@ def all_entries() -> dict[str, ModelEntry]:
     for entry in load_user_entries():
         entries[entry.alias] = entry
     return entries
+
+
+def _parse_adapters(file: Path, raw: bytes, entries: dict[str, ModelEntry]
+                    ) -> list[AdapterEntry]:
+    """The ``[adapters.NAME]`` tables of a models file, each checked against ``entries``."""
+    import tomllib
+
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []  # the models tables' parse reports it
+    tables = data.get("adapters", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{file}: 'adapters' must be a table of [adapters.NAME] tables")
+    aliases = {alias.lower(): alias for alias in entries}
+    out: list[AdapterEntry] = []
+    seen: set[str] = set()
+    for name, table in tables.items():
+        def error_at(key: str | None, message: str, name: str = name) -> ConfigError:
+            start, key_lines = _table_lines(text, name, "adapters")
+            return _file_error(file, key_lines.get(key, start) if key else start, message)
+
+        where = f"adapters.{name}"
+        if not isinstance(table, dict):
+            raise error_at(None, f"{where} must be a table ([{where}])")
+        for key in _ADAPTER_NOT_IN_FILE:
+            if key in table:
+                raise error_at(key, f"{where}.{key}: cannot be set here (set by cmw-vllm)")
+        try:
+            adapter = AdapterEntry(name=name, file=str(file), **table)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = [str(part) for part in err.get("loc", ())]
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden":
+                allowed = ", ".join(k for k in AdapterEntry.model_fields
+                                    if k not in _ADAPTER_NOT_IN_FILE)
+                msg = f"unknown key (allowed: {allowed})"
+            key = loc[0] if loc else None
+            raise error_at(key, ".".join([where, *loc]) + f": {msg}") from None
+        if name.lower() in seen:
+            raise error_at(None, f"adapter '{name}' is defined twice")
+        seen.add(name.lower())
+        if name.lower() in aliases:
+            raise error_at(None, f"{where}: '{name}' is already a model alias; give the adapter "
+                           "a name of its own")
+        base = aliases.get(adapter.base.lower())
+        if base is None:
+            close = difflib.get_close_matches(adapter.base, list(entries), n=3, cutoff=0.6)
+            hint = f"; did you mean: {', '.join(close)}?" if close else ""
+            raise error_at("base", f"{where}.base: unknown model alias {adapter.base!r}{hint}")
+        if entries[base].task != Task.GENERATE:
+            raise error_at("base", f"{where}.base: {base!r} is not a generate model; LoRA "
+                           "adapters need one")
+        out.append(adapter.model_copy(update={"base": base}))
+    return out
+
+
+def all_adapters(entries: dict[str, ModelEntry] | None = None) -> dict[str, AdapterEntry]:
+    """Every LoRA adapter the user's models file declares, by name (file order).
+
+    Args:
+        entries: The registry the bases are looked up in; default :func:`all_entries`.
+
+    Raises:
+        ConfigError: The models file is invalid, or an adapter names an unknown base.
+    """
+    file = paths.user_models_file()
+    try:
+        raw = file.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read models file {file}: {exc.strerror or exc}") from exc
+    entries = all_entries() if entries is None else entries
+    return {a.name: a for a in _parse_adapters(file, raw, entries)}
+
+
+def find_adapter(name: str, adapters: dict[str, AdapterEntry] | None = None
+                 ) -> AdapterEntry | None:
+    """The adapter named ``name`` (case-insensitive), or None."""
+    adapters = all_adapters() if adapters is None else adapters
+    lowered = name.strip().lower()
+    for adapter in adapters.values():
+        if adapter.name.lower() == lowered:
+            return adapter
+    return None
+
+
+def adapters_for(alias: str, adapters: dict[str, AdapterEntry] | None = None
+                 ) -> list[AdapterEntry]:
+    """The adapters declared on the entry ``alias``, in file order."""
+    adapters = all_adapters() if adapters is None else adapters
+    return [a for a in adapters.values() if a.base.lower() == alias.lower()]
 
 
 def find_entry(name: str, entries: dict[str, ModelEntry] | None = None) -> ModelEntry | None:

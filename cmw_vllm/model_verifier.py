@@ -659,6 +659,12 @@ def _structure_checks(root: Path, names: list[str], sizes: dict[str, int],
             it left out (weights, a tokenizer, config.json, index shards) are skipped.
     """
     tensors_by_file = _file_content_checks(root, names, sizes, problems)
+    if "adapter_config.json" in sizes:  # a LoRA adapter: no config.json nor tokenizer
+        try:
+            read_adapter(root)
+        except (NotFoundError, UsageError) as exc:
+            problems.append(Problem("config", "adapter_config.json", exc.message))
+        return
     wanted = (lambda name: True) if selection is None else selection.__contains__
     if "config.json" in sizes:
         text = _config_problem(root / "config.json")
@@ -761,3 +767,127 @@ def verify_model(
         loc = locate_cached(text, revision)
     return verify_location(loc, full=full, workers=workers, progress=progress,
                            on_hash_start=on_hash_start)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA adapters (PEFT layout: adapter_config.json and adapter_model.safetensors)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_LORA_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])"
+                          r"(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What a LoRA adapter's files say about it.
+
+    Attributes:
+        path: Its directory.
+        rank: The LoRA rank (``r``).
+        target_modules: The module names it adapts (``q_proj``, ...), sorted.
+        shapes: Module path -> (in features, out features) read off lora_A and lora_B.
+    """
+
+    path: Path
+    rank: int
+    target_modules: tuple[str, ...]
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """True when ``path`` holds a PEFT adapter (an ``adapter_config.json``)."""
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter(path: Path) -> AdapterInfo:
+    """Read and check a LoRA adapter's config and weights' headers.
+
+    Raises:
+        NotFoundError: No adapter_config.json or no adapter weights in ``path``.
+        UsageError: The files are not a usable LoRA adapter (the message says why).
+    """
+    config = _read_json(path / ADAPTER_CONFIG)
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise NotFoundError(f"{path} has no {ADAPTER_CONFIG}: not a LoRA adapter")
+    if not isinstance(config, dict):
+        raise UsageError(f"{path / ADAPTER_CONFIG} does not parse as a JSON object")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise UsageError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise UsageError(f"{path / ADAPTER_CONFIG}: rank r must be a positive integer "
+                         f"(got {rank!r})")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets or not all(
+            isinstance(t, str) for t in targets):
+        raise UsageError(f"{path / ADAPTER_CONFIG}: target_modules must name the modules "
+                         "the adapter changes")
+    weights = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
+    if weights is None:
+        raise NotFoundError(f"{path} has no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    shapes: dict[str, tuple[int, int]] = {}
+    if weights.suffix == ".safetensors":
+        try:
+            _len, header = hf_cache.read_safetensors_header(weights, weights.stat().st_size)
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"{weights}: {exc}") from None
+        halves: dict[str, dict[str, list[int]]] = {}
+        for name, meta in header.items():
+            match = _LORA_TENSOR.match(name)
+            if match and isinstance(meta, dict) and len(meta.get("shape") or []) == 2:
+                halves.setdefault(match["module"], {})[match["ab"]] = meta["shape"]
+        if not halves:
+            raise UsageError(f"{weights}: no lora_A/lora_B tensors")
+        for module, pair in halves.items():
+            a, b = pair.get("A"), pair.get("B")
+            if a is None or b is None:
+                raise UsageError(f"{weights}: {module} has only lora_{'A' if a else 'B'}")
+            if a[0] != rank or b[1] != rank:
+                raise UsageError(f"{weights}: {module} has rank {a[0]}x{b[1]}, the config "
+                                 f"says r={rank}")
+            shapes[module] = (a[1], b[0])
+    return AdapterInfo(path, rank, tuple(sorted(set(targets))), shapes)
+
+
+def base_weight_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """Module path -> (in features, out features) of every 2-D weight of a model on disk,
+    from its safetensors headers (nothing else is read)."""
+    out: dict[str, tuple[int, int]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        try:
+            _len, header = hf_cache.read_safetensors_header(file, file.stat().st_size)
+        except (ValueError, OSError):
+            continue
+        for name, meta in header.items():
+            if name.endswith(".weight") and isinstance(meta, dict) \
+                    and len(meta.get("shape") or []) == 2:
+                out_features, in_features = meta["shape"]
+                out[name[: -len(".weight")]] = (in_features, out_features)
+    return out
+
+
+def adapter_mismatch(info: AdapterInfo, base_dir: Path) -> str | None:
+    """Why the adapter cannot serve on the model in ``base_dir``, or None when it fits.
+
+    Checks that every target module exists in the base model and that the adapter's
+    matrices have the base's input and output sizes.
+    """
+    shapes = base_weight_shapes(base_dir)
+    if not shapes:
+        return None  # no safetensors headers to compare with: vLLM has the last word
+    leaves = {name.rsplit(".", 1)[-1] for name in shapes}
+    missing = [t for t in info.target_modules if t not in leaves and t not in shapes]
+    if missing:
+        return (f"target module(s) {', '.join(missing)} do not exist in the base model "
+                f"(it has {', '.join(sorted(leaves)[:8])}, ...)")
+    for module, (in_f, out_f) in sorted(info.shapes.items()):
+        base = shapes.get(module)
+        if base is None:
+            return f"{module} is not a module of the base model"
+        if base != (in_f, out_f):
+            return (f"{module} is {in_f}->{out_f} in the adapter but {base[0]}->{base[1]} "
+                    "in the base model")
+    return None

@@ -78,7 +78,63 @@ OPTION_NAMES = {
     "drain": "--drain",
     "restart": "--restart",
     "distributed": "multi-node option",
+    "lora": "adapters",
 }
+
+
+# vLLM 0.32.0's choices of --max-lora-rank.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Flags derived from the declared adapters (:class:`LoraSettings`), not given by hand with them.
+LORA_FLAGS = ("--enable-lora", "--lora-modules", "--max-lora-rank", "--max-loras")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest ``--max-lora-rank`` choice that holds ``rank``.
+
+    Raises:
+        ValueError: ``rank`` is over vLLM's largest choice.
+    """
+    for choice in LORA_RANKS:
+        if choice >= rank:
+            return choice
+    raise ValueError(f"LoRA rank {rank} is over vLLM's maximum of {LORA_RANKS[-1]}")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+class LoraSettings(BaseModel):
+    """The LoRA adapters a server serves from its start.
+
+    Attributes:
+        modules: Adapter name -> directory (or Hub id), loaded at start (``--lora-modules``).
+        max_rank: ``--max-lora-rank`` (one of :data:`LORA_RANKS`).
+        max_loras: ``--max-loras``: adapters served at once.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modules: dict[str, str] = Field(default_factory=dict)
+    max_rank: int = 16
+    max_loras: int = Field(1, ge=1, le=256)
+
+    @field_validator("max_rank")
+    @classmethod
+    def _check_rank(cls, value: int) -> int:
+        if value not in LORA_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, LORA_RANKS))}")
+        return value
+
+    def cli_args(self) -> list[str]:
+        """The ``vllm serve`` flags."""
+        args = ["--enable-lora", "--max-lora-rank", str(self.max_rank),
+                "--max-loras", str(self.max_loras)]
+        if self.modules:
+            args += ["--lora-modules", *(f"{n}={p}" for n, p in self.modules.items())]
+        return args
 
 
 def name_from_model(model: str) -> str:
@@ -112,6 +168,7 @@ class ServerConfig(BaseModel):
     distributed: multinode.Distributed | None = None
     drain: int = Field(DEFAULT_DRAIN, ge=0, le=86400)
     restart: RestartPolicy = RestartPolicy.NO
+    lora: LoraSettings | None = None
 
     @field_validator("name")
     @classmethod
@@ -169,6 +226,22 @@ class ServerConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _check_lora(self) -> ServerConfig:
+        if self.lora is not None:
+            given = [a.split("=", 1)[0] for a in self.vllm_args
+                     if a.split("=", 1)[0] in LORA_FLAGS]
+            if given:
+                raise ValueError(f"{given[0]} comes from the declared adapters "
+                                 "([adapters.NAME] in models.toml); do not give it too")
+        return self
+
+    @property
+    def runtime_lora(self) -> bool:
+        """Adapters may be loaded while it runs: LoRA is on and it listens on loopback only
+        (the load endpoint is never exposed to clients; the gateway reaches it)."""
+        return self.lora is not None and is_loopback(self.host)
+
+    @model_validator(mode="after")
     def _check_distributed(self) -> ServerConfig:
         if self.distributed is not None:
             try:
@@ -223,6 +296,8 @@ class ServerConfig(BaseModel):
             args += ["--shutdown-timeout", str(self.drain)]
         if self.distributed is not None:
             args += self.distributed.cli_args()
+        if self.lora is not None:
+            args += self.lora.cli_args()
         return args + self._task_args() + list(self.vllm_args)
 
     def _task_args(self) -> list[str]:

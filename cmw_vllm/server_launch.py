@@ -53,6 +53,10 @@ def engine_command(config: ServerConfig, api_key: str | None, *, python: str | N
     if api_key:
         env["VLLM_API_KEY"] = api_key
     env.update(config.env)
+    if config.runtime_lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    else:
+        env.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)  # never on an exposed server
     if config.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = config.gpus
         # --gpus and the placement speak NVML's indices, which CUDA's match in this order.

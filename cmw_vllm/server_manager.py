@@ -954,6 +954,11 @@ class ServerManager:
                 f"cannot restart {name!r}: its kept settings are invalid ({exc})",
                 hint="start it again with cmw-vllm start",
             ) from None
+        if config.lora is not None:
+            # The adapters declared now answer again, those loaded at run time included.
+            from cmw_vllm.lora_adapters import refreshed
+
+            config = config.model_copy(update={"lora": refreshed(config.lora, config.name)})
         api_key = last_start.api_key_for_restart(name)
         python, environ = _restart_environment(name, record, on_notice)
         self._check_restart(config, record, python, environ, check_resources, on_notice)

@@ -362,14 +362,16 @@ def check_file_example(block: Block, isolated_home: Path) -> None:
                     "add one to tests/test_readme.py (test_readme_file_example)")
     import tomllib
 
-    aliases = set(tomllib.loads(block.text).get("models", {}))
-    assert aliases
+    data = tomllib.loads(block.text)
+    aliases, adapters = set(data.get("models", {})), set(data.get("adapters", {}))
+    assert aliases or adapters
     isolated_home.mkdir(parents=True, exist_ok=True)
     (isolated_home / "models.toml").write_text(block.text)
     result = CliRunner().invoke(cli, ["list", "--json"])
     assert result.exit_code == 0, result.output
-    listed = {m["alias"] for m in json.loads(result.stdout)["models"]}
-    assert aliases <= listed
+    listed = json.loads(result.stdout)
+    assert aliases <= {m["alias"] for m in listed["models"]}
+    assert adapters <= {a["name"] for a in listed["adapters"]}
 
 
 def test_readme_status_json_keys_are_the_real_ones(fake_engine: Path, model_dir: Path) -> None:
@@ -455,11 +457,16 @@ def test_every_page_is_linked_from_the_readme() -> None:
 def test_docs_list_every_key_a_models_file_may_set() -> None:
     from cmw_vllm.model_registry import _NOT_IN_FILE, ModelEntry
 
+    from cmw_vllm.model_registry import _ADAPTER_NOT_IN_FILE, AdapterEntry
+
     text = (DOCS_DIR / "models.md").read_text(encoding="utf-8")
-    documented = set(re.findall(r"^\| `(\w+)` \|", text, flags=re.M))
-    allowed = set(ModelEntry.model_fields) - set(_NOT_IN_FILE)
-    assert documented == allowed, (f"docs/models.md lacks {sorted(allowed - documented)}, "
-                                   f"lists unknown {sorted(documented - allowed)}")
+    models_part, _sep, adapters_part = text.partition("| adapter key |")
+    for part, model, not_in_file in ((models_part, ModelEntry, _NOT_IN_FILE),
+                                     (adapters_part, AdapterEntry, _ADAPTER_NOT_IN_FILE)):
+        documented = set(re.findall(r"^\| `(\w+)` \|", part, flags=re.M))
+        allowed = set(model.model_fields) - set(not_in_file)
+        assert documented == allowed, (f"docs/models.md lacks {sorted(allowed - documented)}, "
+                                       f"lists unknown {sorted(documented - allowed)}")
 
 
 # --------------------------------------------------------------------------------------------

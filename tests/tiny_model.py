@@ -200,6 +200,59 @@ def make_tiny_model(
     return out
 
 
+def make_tiny_adapter(
+    out: str | Path,
+    *,
+    rank: int = 8,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    head_dim: int = 64,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 1,
+    scale: float = 0.3,
+) -> Path:
+    """Write a LoRA adapter for :func:`make_tiny_model`'s model in PEFT's layout.
+
+    ``adapter_config.json`` and ``adapter_model.safetensors`` with ``lora_A``/``lora_B`` of
+    the attention projections in ``targets``; the weights are random and large enough
+    (``scale``) that greedy answers differ from the base model's and between seeds.
+    Give other ``heads``/``head_dim`` than the model's to make an adapter that does not fit.
+
+    Returns:
+        The adapter directory.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    hidden = heads * head_dim
+    sizes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
+             "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden)}
+    tensors: dict[str, tuple[list[int], bytes]] = {}
+    for i in range(layers):
+        for target in targets:
+            in_f, out_f = sizes[target]
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{target}"
+            for part, shape in (("lora_A", [rank, in_f]), ("lora_B", [out_f, rank])):
+                values = [rng.gauss(0.0, scale) for _ in range(shape[0] * shape[1])]
+                tensors[f"{prefix}.{part}.weight"] = (shape, _encode(values, "float32"))
+    write_safetensors(out / "adapter_model.safetensors", tensors, "float32")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "tiny-qwen2",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": list(targets),
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")

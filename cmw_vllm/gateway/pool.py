@@ -40,7 +40,7 @@ from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.vocab import GATEWAY_TASK
 
 if TYPE_CHECKING:
-    from cmw_vllm.model_registry import ModelEntry
+    from cmw_vllm.model_registry import AdapterEntry, ModelEntry
     from cmw_vllm.server_config import ServerConfig
     from cmw_vllm.server_manager import ServerManager
 
@@ -77,6 +77,14 @@ class Backend:
     last_used: float = field(default_factory=time.monotonic)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    # LoRA: adapters loaded (name -> last used), requests in flight per adapter, slots.
+    max_loras: int = 0  # 0: LoRA is off on this server
+    runtime_lora: bool = False  # adapters may be loaded while it runs
+    loras: dict[str, float] = field(default_factory=dict)
+    lora_in_flight: dict[str, int] = field(default_factory=dict)
+    loras_synced: bool = False  # ``loras`` was read off the server since it (re)started
+    lora_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lora_freed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -92,6 +100,8 @@ class Scanned:
     pid: int
     state: str = READY
     started_by: str | None = None
+    max_loras: int = 0
+    runtime_lora: bool = False
 
 
 FitCheck = Callable[["ServerConfig"], Any]
@@ -112,6 +122,21 @@ def _served_names(record: Any) -> tuple[str, ...]:
         return (record.served_model_name,)
 
 
+def _lora_of(record: Any) -> tuple[int, bool]:
+    """(LoRA slots, runtime loading on) of a server's record; (0, False) without LoRA."""
+    from pydantic import ValidationError
+
+    from cmw_vllm.server_config import ServerConfig
+
+    try:
+        config = ServerConfig(**record.config)
+    except (ValidationError, TypeError):
+        return 0, False
+    if config.lora is None:
+        return 0, False
+    return config.lora.max_loras, config.runtime_lora
+
+
 def scan_servers(manager: ServerManager) -> list[Scanned]:
     """Every managed vLLM server whose process is alive (gateways left out)."""
     from cmw_vllm.vocab import State
@@ -126,7 +151,7 @@ def scan_servers(manager: ServerManager) -> list[Scanned]:
         # A stop began (someone ran `cmw-vllm stop`), or the supervisor is relaunching it.
         state = {State.DRAINING: DRAINING, State.RESTARTING: UNHEALTHY}.get(status.state, READY)
         out.append(Scanned(rec.name, rec.base_url, _served_names(rec), rec.pid, state,
-                           rec.started_by))
+                           rec.started_by, *_lora_of(rec)))
     return out
 
 
@@ -234,6 +259,7 @@ class Pool:
         self.backends: dict[str, Backend] = {}
         self.by_model: dict[str, Backend] = {}
         self.entries: dict[str, ModelEntry] = {}
+        self.adapters: dict[str, AdapterEntry] = {}
         self.waiting: dict[str, int] = defaultdict(int)
         self._starts: dict[str, asyncio.Task[Backend]] = {}
         self._launch_lock = asyncio.Lock()
@@ -285,7 +311,8 @@ class Pool:
                 state = UNHEALTHY
             owned = item.started_by == self.settings.name
             backend = Backend(item.name, item.base_url, item.names, owned=owned,
-                              pid=item.pid, ttl=self._ttl_for(item.name), state=state)
+                              pid=item.pid, ttl=self._ttl_for(item.name), state=state,
+                              max_loras=item.max_loras, runtime_lora=item.runtime_lora)
             self.backends[item.name] = backend
             logger.info("found server %s at %s (%s%s)", item.name, item.base_url,
                         backend.state, ", started by this gateway" if owned else "")
@@ -307,13 +334,18 @@ class Pool:
             mtime = None
         if mtime == self._entries_mtime:
             return
-        from cmw_vllm.model_registry import all_entries
+        from cmw_vllm.model_registry import all_adapters, all_entries
 
         try:
             self.entries = await asyncio.to_thread(all_entries)
         except CmwVllmError as exc:
             logger.error("models file ignored: %s", exc.message)
             return
+        try:
+            self.adapters = await asyncio.to_thread(all_adapters, self.entries)
+        except CmwVllmError as exc:
+            logger.error("adapters of the models file ignored: %s", exc.message)
+            self.adapters = {}
         self._entries_mtime = mtime
 
     def _forget(self, backend: Backend) -> None:
@@ -322,6 +354,14 @@ class Pool:
         self._forgotten[backend.name] = time.monotonic()
         backend.gone.set()
         self._reindex()
+
+    def adapter_for(self, model: str) -> AdapterEntry | None:
+        """The declared LoRA adapter a request's ``model`` names, if any."""
+        adapter = self.adapters.get(model)
+        if adapter is not None:
+            return adapter
+        lowered = model.lower()
+        return next((a for a in self.adapters.values() if a.name.lower() == lowered), None)
 
     def entry_for(self, model: str) -> ModelEntry | None:
         """The registry or models-file entry a request's ``model`` names (alias or id)."""
@@ -354,6 +394,13 @@ class Pool:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.start_timeout
+        if model not in self.by_model:
+            adapter = self.adapter_for(model)
+            if adapter is None:  # declared since? (one stat when the file is unchanged)
+                await self._reload_entries()
+                adapter = self.adapter_for(model)
+            if adapter is not None and model not in self.by_model:
+                return await self._acquire_adapter(adapter, deadline)
         refreshed = False
         while True:
             backend = self.by_model.get(model)
@@ -376,8 +423,107 @@ class Pool:
                 raise Refusal(404, f"The model `{model}` does not exist.", "NotFoundError")
             await self._join_start(entry, deadline, model)
 
-    def release(self, backend: Backend) -> None:
-        """A request ended: the idle clock of its server starts now."""
+    async def _acquire_adapter(self, adapter: AdapterEntry, deadline: float) -> Backend:
+        """The base server of ``adapter`` (started if needed) with the adapter loaded,
+        counted in flight for the server and for the adapter."""
+        backend = await self.acquire(adapter.base)
+        try:
+            await self._wait(self._ensure_adapter(backend, adapter, deadline), deadline,
+                             adapter.name)
+        except BaseException:
+            self.release(backend)
+            raise
+        backend.lora_in_flight[adapter.name] = backend.lora_in_flight.get(adapter.name, 0) + 1
+        backend.loras[adapter.name] = time.monotonic()
+        return backend
+
+    async def _ensure_adapter(self, backend: Backend, adapter: AdapterEntry,
+                              deadline: float) -> None:
+        """Load ``adapter`` into ``backend`` unless it is there; free a slot first by
+        unloading the least recently used adapter with no request in flight.
+
+        Raises:
+            Refusal: The server cannot load adapters while it runs, the adapter does not
+                fit, or vLLM refused it (503).
+        """
+        from cmw_vllm.errors import ServerRequestError
+        from cmw_vllm.lora_adapters import load_adapter, loaded_adapters, unload_adapter
+
+        key = self.settings.upstream_key
+        async with backend.lora_lock:
+            if not backend.loras_synced:
+                try:
+                    now = await asyncio.to_thread(loaded_adapters, backend.base_url, key,
+                                                  PROBE_TIMEOUT)
+                except ServerRequestError as exc:
+                    raise Refusal(503, f"server {backend.name!r}: {exc.message}",
+                                  retry_after=5) from None
+                backend.loras = {name: backend.loras.get(name, 0.0) for name in now}
+                backend.loras_synced = True
+            if adapter.name in backend.loras:
+                return
+            if not backend.runtime_lora:
+                raise Refusal(503, f"adapter `{adapter.name}` is not loaded on "
+                              f"{backend.name!r}, which cannot load adapters while it runs",
+                              "ServiceUnavailableError",
+                              hint=f"restart it to load its declared adapters: "
+                              f"cmw-vllm restart {backend.name}")
+            path = await asyncio.to_thread(self._adapter_path, adapter)
+            while len(backend.loras) >= max(backend.max_loras, 1):
+                idle = [n for n in backend.loras if not backend.lora_in_flight.get(n)]
+                if not idle:  # every slot serves a request: wait for one to end
+                    backend.lora_freed.clear()
+                    await backend.lora_freed.wait()
+                    continue
+                victim = min(idle, key=lambda n: backend.loras[n])
+                try:
+                    await asyncio.to_thread(unload_adapter, backend.base_url, victim, key)
+                except ServerRequestError as exc:
+                    logger.warning("unloading %s from %s failed: %s", victim, backend.name,
+                                   exc.message)
+                backend.loras.pop(victim, None)
+                self.metrics.evictions[f"{backend.name}:{victim}"] += 1
+                logger.info("unloaded adapter %s from %s (least recently used)", victim,
+                            backend.name)
+            begin = time.monotonic()
+            try:
+                await asyncio.to_thread(load_adapter, backend.base_url, adapter.name, path,
+                                        key)
+            except ServerRequestError as exc:
+                raise Refusal(503, f"loading adapter `{adapter.name}` into "
+                              f"{backend.name!r} failed: {hide_paths(exc.message)}",
+                              "ServiceUnavailableError", retry_after=5) from None
+            backend.loras[adapter.name] = time.monotonic()
+            logger.info("loaded adapter %s into %s (%.2fs)", adapter.name, backend.name,
+                        time.monotonic() - begin)
+
+    def _adapter_path(self, adapter: AdapterEntry) -> str:
+        """The adapter's directory, checked against its base (in a worker thread).
+
+        Raises:
+            Refusal: Missing or mismatched (503).
+        """
+        from cmw_vllm.lora_adapters import check_adapter
+
+        entry = self.entries.get(adapter.base)
+        if entry is None:
+            raise Refusal(404, f"the base `{adapter.base}` of `{adapter.name}` is unknown",
+                          "NotFoundError")
+        try:
+            return str(check_adapter(adapter, entry).path)
+        except CmwVllmError as exc:
+            raise Refusal(503, hide_paths(exc.message), "ServiceUnavailableError",
+                          hint=hide_paths(exc.hint)) from None
+
+    def release(self, backend: Backend, model: str | None = None) -> None:
+        """A request ended: the idle clock of its server (and of its adapter) starts now."""
+        if model is not None and model in backend.lora_in_flight:
+            backend.lora_in_flight[model] -= 1
+            if backend.lora_in_flight[model] <= 0:
+                del backend.lora_in_flight[model]
+                backend.lora_freed.set()
+            if model in backend.loras:
+                backend.loras[model] = time.monotonic()
         backend.in_flight -= 1
         backend.last_used = time.monotonic()
         if backend.in_flight <= 0:
@@ -405,6 +551,12 @@ class Pool:
         backend = self.by_model.get(model)
         if backend is not None:
             return backend.name
+        adapter = self.adapter_for(model)
+        if adapter is not None:
+            model = adapter.base
+            backend = self.by_model.get(model)
+            if backend is not None:
+                return backend.name
         entry = self.entry_for(model)
         return entry.alias if entry is not None else "unknown"
 
@@ -469,11 +621,13 @@ class Pool:
 
     @staticmethod
     def _config_for(entry: ModelEntry) -> ServerConfig:
+        from cmw_vllm.lora_adapters import with_adapters
         from cmw_vllm.model_registry import resolve_target
         from cmw_vllm.server_config import resolve_server_config
 
         target = resolve_target(entry.alias)
-        return resolve_server_config(target.model, entry_settings=target.settings,
+        return resolve_server_config(target.model,
+                                     entry_settings=with_adapters(target.entry, target.settings),
                                      environ=os.environ)
 
     async def _start(self, entry: ModelEntry) -> Backend:
@@ -502,7 +656,9 @@ class Pool:
         owned = not result.already_running or record.started_by == self.settings.name
         backend = Backend(name, record.base_url, tuple(config.served_names()),
                           owned=owned, pid=record.pid,
-                          ttl=self._ttl_for(name))
+                          ttl=self._ttl_for(name),
+                          max_loras=config.lora.max_loras if config.lora else 0,
+                          runtime_lora=config.runtime_lora)
         self.backends[name] = backend
         self._reindex()
         logger.info("%s is ready at %s (%.1fs)", name, record.base_url,
@@ -697,6 +853,7 @@ class Pool:
             if new != backend.state:
                 logger.warning("server %s is now %s", backend.name, new)
                 backend.state = new
+                backend.loras_synced = False  # it may have been restarted: ask it again
 
     async def shutdown(self) -> None:
         """Stop the servers this gateway started (draining them first)."""
@@ -735,6 +892,13 @@ class Pool:
             if state == STARTING and progress is not None:
                 row.update(progress.to_json())
             out.append(row)
+        for name, adapter in sorted(self.adapters.items()):
+            base = self.by_model.get(adapter.base)
+            loaded = base is not None and name in base.loras
+            out.append({"id": name, "object": "model", "created": created,
+                        "owned_by": "cmw-vllm", "parent": adapter.base,
+                        "state": "loaded" if loaded else STARTABLE,
+                        "in_flight": base.lora_in_flight.get(name, 0) if base else 0})
         return out
 
     def in_flight(self) -> dict[str, int]:

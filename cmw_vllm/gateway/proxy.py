@@ -36,7 +36,8 @@ from cmw_vllm.gateway.settings import GatewaySettings
 logger = logging.getLogger(__name__)
 
 # vLLM's inference routes (0.32). Admin and dev routes (/sleep, /pause, weight updates,
-# LoRA loading, profiling) are not forwarded: a gateway key must not reach them.
+# LoRA loading, profiling) are not forwarded: a gateway key must not reach them (the pool
+# loads declared LoRA adapters itself, see Pool._ensure_adapter).
 FORWARD_PATHS = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
     "/v1/rerank", "/v1/score", "/v1/audio/transcriptions", "/v1/audio/translations",
@@ -163,7 +164,7 @@ class Handlers:
             except ConnectionError:
                 self.metrics.request_done("unknown", 499, time.monotonic() - begin)
                 raise
-            return await self._send(request, backend, body, begin)
+            return await self._send(request, backend, body, begin, model)
         except Exception as exc:  # a bug: one short line, a JSON 500, counted
             self.metrics.request_done("unknown", 500, time.monotonic() - begin)
             return _internal_error(request, exc)
@@ -171,7 +172,7 @@ class Handlers:
             self.active.pop(id(request), None)
 
     async def _send(self, request: web.Request, backend: Backend, body: bytes,
-                    begin: float) -> web.StreamResponse:
+                    begin: float, model: str | None = None) -> web.StreamResponse:
         status = 499  # client closed the request (nginx's code) unless we learn otherwise
         try:
             response = await self._forward(request, backend, body)
@@ -190,7 +191,7 @@ class Handlers:
             status = 500
             return _internal_error(request, exc)
         finally:
-            self.pool.release(backend)
+            self.pool.release(backend, model)
             self.metrics.request_done(backend.name, status, time.monotonic() - begin)
 
     async def _acquire(self, model: str, size: int) -> Backend:

@@ -26,6 +26,13 @@ multiprocessing lock, ``sem.mp-*``) and logs their /dev/shm names (``shared memo
 sem.mp-y``). It takes them off Python's resource tracker, which would remove them at a
 normal exit, and after a SIGKILL only when it happened to outlive the others: so they are
 left behind on every exit, and only cmw-vllm's clean-up removes them.
+Like vLLM, ``--enable-lora`` with ``--lora-modules NAME=DIR ...`` serves LoRA adapters
+(listed by /v1/models with their ``parent``; a request naming one is answered with
+``model`` = its name, an unknown name gets 404), and with
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` in the environment ``/v1/load_lora_adapter``
+(``{"lora_name", "lora_path"}``; the directory must hold ``adapter_config.json``) and
+``/v1/unload_lora_adapter`` (``{"lora_name"}``) change them while it runs; each load and
+unload is logged (``lora loaded NAME``, ``lora unloaded NAME``).
 ``FAKE_VLLM_ORPHAN=PATH`` leaves an orphan once ready: a grandchild whose parent exits at
 once; re-parented, it writes ``PID PPID`` (as it sees them) to PATH and exits, so that its
 new parent must reap it (PID 1 in a container, where cmw-vllm is that parent).
@@ -106,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shutdown-timeout", type=int, default=0)
     parser.add_argument("--runner", choices=["auto", "draft", "generate", "pooling"])
     parser.add_argument("--convert", choices=["auto", "classify", "embed", "none"])
+    parser.add_argument("--enable-lora", action="store_true")
+    parser.add_argument("--max-lora-rank", type=int, default=16,
+                        choices=[1, 8, 16, 32, 64, 128, 256, 320, 512])
+    parser.add_argument("--max-loras", type=int, default=1)
+    parser.add_argument("--lora-modules", nargs="+", default=[])
     args = parser.parse_args(argv)
     mode = os.environ.get("FAKE_VLLM_MODE", "ok")
     delay = float(os.environ.get("FAKE_VLLM_DELAY", "0.5"))
@@ -152,6 +164,17 @@ def main(argv: list[str] | None = None) -> None:
     log("CPU KV cache size: 2,097,152 tokens, Maximum concurrency for 512 tokens: 4096.00x")
     served_names = args.served_model_name or [args.model]
     served = served_names[0]
+    if args.lora_modules and not args.enable_lora:
+        sys.stderr.write("error: --lora-modules needs --enable-lora\n")
+        engine.kill()
+        sys.exit(2)
+    loras: dict[str, str] = {}
+    for spec in args.lora_modules:
+        lname, _sep, lpath = spec.partition("=")
+        loras[lname] = lpath
+        log(f"lora loaded {lname}")
+    runtime_lora = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in (
+        "1", "true")
     counter = [0]  # completions served, for the token counters in /metrics
     in_flight = [0]
     # Set on SIGTERM; a plain flag, not an Event: the handler must take no lock (see on_term).
@@ -176,8 +199,11 @@ def main(argv: list[str] | None = None) -> None:
             if self.path == "/health":
                 self._send(200)
             elif self.path == "/v1/models":
-                self._send(200, {"data": [{"id": n, "max_model_len": args.max_model_len}
-                                          for n in served_names]})
+                data = [{"id": n, "max_model_len": args.max_model_len, "parent": None}
+                        for n in served_names]
+                data += [{"id": n, "root": p, "parent": served, "max_model_len":
+                          args.max_model_len} for n, p in list(loras.items())]
+                self._send(200, {"object": "list", "data": data})
             elif self.path == "/metrics":
                 label = f'{{model_name="{served}"}}'
                 load = os.environ.get("FAKE_VLLM_LOAD", "1,2")
@@ -216,6 +242,32 @@ def main(argv: list[str] | None = None) -> None:
                                  .encode() + b"\n\n")
             self.wfile.write(b"data: [DONE]\n\n")
 
+        def _lora_admin(self, request: dict) -> None:
+            if not runtime_lora:
+                self._send(404, {"detail": "Not Found"})
+                return
+            lname = request.get("lora_name")
+            if self.path == "/v1/unload_lora_adapter":
+                if lname not in loras:
+                    self._send(404, {"error": {"message": f"The lora adapter '{lname}' cannot "
+                                               "be found.", "code": 404}})
+                    return
+                del loras[lname]
+                log(f"lora unloaded {lname}")
+                self._send(200, {"ok": True})
+                return
+            lpath = request.get("lora_path") or ""
+            if not lname or not os.path.isfile(os.path.join(lpath, "adapter_config.json")):
+                self._send(400, {"error": {"message": "bad adapter", "code": 400}})
+                return
+            if lname in loras:
+                self._send(400, {"error": {"message": f"The lora adapter '{lname}' has "
+                                           "already been loaded.", "code": 400}})
+                return
+            loras[lname] = lpath
+            log(f"lora loaded {lname}")
+            self._send(200, {"ok": True})
+
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
@@ -229,6 +281,16 @@ def main(argv: list[str] | None = None) -> None:
                 request = {}
             if mode == "hang_post":
                 time.sleep(3600)
+            if self.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+                self._lora_admin(request)
+                return
+            asked = request.get("model")
+            if args.enable_lora and asked not in (None, *served_names, *loras):
+                self._send(404, {"error": {"message": f"The model `{asked}` does not exist.",
+                                           "type": "NotFoundError", "code": 404}})
+                return
+            answered = asked if asked in loras else served
+            loras_at_start = set(loras)
             if draining[0]:
                 self._send(503, {"error": "shutting down"})
                 return
@@ -239,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(gen_seconds)
             finally:
                 in_flight[0] -= 1
+            if asked in loras_at_start and asked not in loras:
+                self._send(500, {"error": {"message": f"adapter {asked} was unloaded while "
+                                           "it served this request", "code": 500}})
+                return
             counter[0] += 1
             if request.get("stream"):
                 options = request.get("stream_options")
@@ -247,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
                 return
             seen = {k.lower(): v for k, v in self.headers.items()
                     if k.lower() in ("authorization", "x-api-key")}
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "hi"}}],
+            self._send(200, {"model": answered,
+                             "choices": [{"message": {"role": "assistant", "content": "hi"}}],
                              "usage": {"prompt_tokens": 3, "completion_tokens": 1},
                              "seen_headers": seen, "seen_body": seen_body})
 
