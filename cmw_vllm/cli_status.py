@@ -336,11 +336,12 @@ def status(ctx: click.Context, names: tuple[str, ...], as_json: bool, watch: boo
     JSON: {"servers": [{name, state, model, served_model_name, served_model_names, task, pid,
            host, port, url, uptime_s, started_at, returncode, orphan_pids, log, error,
            log_tail, role, node_rank, leader, restart_policy, restarts, last_exit_code,
-           last_exit_at, next_restart_at, drain_left_s, enabled, gpus,
+           last_exit_at, next_restart_at, drain_left_s, enabled, adapters, gpus,
            gpu_memory_utilization, gpu_memory_bytes, load, pinned_by}]}; gpus: the NVML
            indices of the GPUs it runs on (null without GPUs); pinned_by: the running
            gateways that keep it pinned (a gateway also has pins: the servers it keeps
-           pinned);
+           pinned); adapters: the LoRA adapters a healthy server serves now ([] without
+           LoRA, null when not running or it did not say);
            served_model_names: every name the server answers to (the model id and the
            server's name unless --served-model-name), served_model_name the first;
            log_tail: the log lines that tell why an exited or failed server ended (else

@@ -6,7 +6,6 @@ paths on real vLLM are in test_lora_real.py."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

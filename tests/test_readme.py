@@ -455,9 +455,12 @@ def test_every_page_is_linked_from_the_readme() -> None:
 
 
 def test_docs_list_every_key_a_models_file_may_set() -> None:
-    from cmw_vllm.model_registry import _NOT_IN_FILE, ModelEntry
-
-    from cmw_vllm.model_registry import _ADAPTER_NOT_IN_FILE, AdapterEntry
+    from cmw_vllm.model_registry import (
+        _ADAPTER_NOT_IN_FILE,
+        _NOT_IN_FILE,
+        AdapterEntry,
+        ModelEntry,
+    )
 
     text = (DOCS_DIR / "models.md").read_text(encoding="utf-8")
     models_part, _sep, adapters_part = text.partition("| adapter key |")

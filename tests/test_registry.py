@@ -330,11 +330,14 @@ def test_readme_models_file_examples_load(running: dict[str, list[str]]) -> None
     for example in examples:
         path = _write_models(example)
         entries = load_user_entries(path)
-        assert entries and all(e.source == str(path) for e in entries)
+        assert all(e.source == str(path) for e in entries)
         result = CliRunner().invoke(cli, ["list", "--json"])
         assert result.exit_code == 0, result.output
         listed = {r["alias"] for r in json.loads(result.output)["models"]}
         assert {e.alias for e in entries} <= listed
+        adapters = re.findall(r"^\[adapters\.([\w.-]+)\]", example, flags=re.M)
+        assert entries or adapters, example
+        assert set(adapters) <= {a["name"] for a in json.loads(result.output)["adapters"]}
 
 
 def test_models_file_unknown_top_level_key() -> None:
