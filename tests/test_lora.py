@@ -37,10 +37,11 @@ def write_models(home: Path, models: dict[str, dict[str, Any]],
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two adapters that fit the tiny model, and one made for a wider model."""
+    """Three adapters that fit the tiny model (a2 of rank 16), one made for a wider model."""
     root = tmp_path_factory.mktemp("adapters")
     return {"a1": make_tiny_adapter(root / "a1", seed=1),
             "a2": make_tiny_adapter(root / "a2", seed=2, rank=16),
+            "a3": make_tiny_adapter(root / "a3", seed=3),
             "wide": make_tiny_adapter(root / "wide", heads=4)}
 
 
@@ -240,19 +241,19 @@ def test_gateway_routes_an_adapter_to_its_base_and_loads_new_ones_at_run_time(
     pid = read_record("tiny").pid
     # Declared while the base runs: loaded into it, no restart.
     models = isolated_home / "models.toml"
-    models.write_text(models.read_text() + f'[adapters.a2]\nbase = "tiny"\n'
-                      f'source = "{adapters["a2"]}"\n')
-    reply = _chat(gw.url, "a2")
+    models.write_text(models.read_text() + f'[adapters.a3]\nbase = "tiny"\n'
+                      f'source = "{adapters["a3"]}"\n')
+    reply = _chat(gw.url, "a3")
     assert reply.status_code == 200, reply.text
-    assert reply.json()["model"] == "a2"
+    assert reply.json()["model"] == "a3"
     assert read_record("tiny").pid == pid
-    assert _log_lines("tiny", "lora loaded") == ["a1", "a2"]
+    assert _log_lines("tiny", "lora loaded") == ["a1", "a3"]
     listing = {m["id"]: m for m in requests.get(f"{gw.url}/v1/models", timeout=10)
                .json()["data"]}
-    assert listing["a2"]["parent"] == "tiny" and listing["a2"]["state"] == "loaded"
+    assert listing["a3"]["parent"] == "tiny" and listing["a3"]["state"] == "loaded"
     assert listing["tiny"]["state"] == "running"
     # The base model itself still answers as the base.
-    assert _chat(gw.url, "tiny").json()["model"] != "a2"
+    assert _chat(gw.url, "tiny").json()["model"] != "a3"
     # The gateway still forwards no admin route.
     refused = requests.post(f"{gw.url}/v1/load_lora_adapter",
                             json={"lora_name": "x", "lora_path": str(adapters["a1"])},
@@ -284,3 +285,21 @@ def test_lru_unloads_the_least_recently_used_never_one_in_flight(
     assert _chat(gw.url, "a1").json()["model"] == "a1"
     assert _log_lines("tiny", "lora unloaded") == ["a1", "a2"]
     assert gw.metrics.evictions == {"tiny:a1": 1, "tiny:a2": 1}
+
+
+def test_an_adapter_over_the_running_rank_is_a_503_naming_the_restart(
+        gateway: Any, isolated_home: Path, base: dict[str, Any],
+        adapters: dict[str, Path]) -> None:
+    write_models(isolated_home, {"tiny": {**base, "max_loras": 2}},
+                 {"a1": {"base": "tiny", "source": str(adapters["a1"])}})
+    gw = gateway()
+    assert _chat(gw.url, "a1").status_code == 200  # started with --max-lora-rank 8
+    models = isolated_home / "models.toml"
+    models.write_text(models.read_text() + f'[adapters.a2]\nbase = "tiny"\n'
+                      f'source = "{adapters["a2"]}"\n')  # rank 16
+    reply = _chat(gw.url, "a2")
+    assert reply.status_code == 503
+    error = reply.json()["error"]
+    assert "has rank 16, over the 8 that 'tiny' was started with" in error["message"]
+    assert error["hint"].endswith("cmw-vllm restart tiny")
+    assert _log_lines("tiny", "lora loaded") == ["a1"]

@@ -79,6 +79,7 @@ class Backend:
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     # LoRA: adapters loaded (name -> last used), requests in flight per adapter, slots.
     max_loras: int = 0  # 0: LoRA is off on this server
+    max_lora_rank: int = 0
     runtime_lora: bool = False  # adapters may be loaded while it runs
     loras: dict[str, float] = field(default_factory=dict)
     lora_in_flight: dict[str, int] = field(default_factory=dict)
@@ -102,6 +103,7 @@ class Scanned:
     started_by: str | None = None
     max_loras: int = 0
     runtime_lora: bool = False
+    max_lora_rank: int = 0
 
 
 FitCheck = Callable[["ServerConfig"], Any]
@@ -122,8 +124,9 @@ def _served_names(record: Any) -> tuple[str, ...]:
         return (record.served_model_name,)
 
 
-def _lora_of(record: Any) -> tuple[int, bool]:
-    """(LoRA slots, runtime loading on) of a server's record; (0, False) without LoRA."""
+def _lora_of(record: Any) -> tuple[int, bool, int]:
+    """(LoRA slots, runtime loading on, largest rank) of a server's record; zeros without
+    LoRA."""
     from pydantic import ValidationError
 
     from cmw_vllm.server_config import ServerConfig
@@ -131,10 +134,10 @@ def _lora_of(record: Any) -> tuple[int, bool]:
     try:
         config = ServerConfig(**record.config)
     except (ValidationError, TypeError):
-        return 0, False
+        return 0, False, 0
     if config.lora is None:
-        return 0, False
-    return config.lora.max_loras, config.runtime_lora
+        return 0, False, 0
+    return config.lora.max_loras, config.runtime_lora, config.lora.max_rank
 
 
 def scan_servers(manager: ServerManager) -> list[Scanned]:
@@ -312,7 +315,8 @@ class Pool:
             owned = item.started_by == self.settings.name
             backend = Backend(item.name, item.base_url, item.names, owned=owned,
                               pid=item.pid, ttl=self._ttl_for(item.name), state=state,
-                              max_loras=item.max_loras, runtime_lora=item.runtime_lora)
+                              max_loras=item.max_loras, runtime_lora=item.runtime_lora,
+                              max_lora_rank=item.max_lora_rank)
             self.backends[item.name] = backend
             logger.info("found server %s at %s (%s%s)", item.name, item.base_url,
                         backend.state, ", started by this gateway" if owned else "")
@@ -468,7 +472,13 @@ class Pool:
                               "ServiceUnavailableError",
                               hint=f"restart it to load its declared adapters: "
                               f"cmw-vllm restart {backend.name}")
-            path = await asyncio.to_thread(self._adapter_path, adapter)
+            path, rank = await asyncio.to_thread(self._adapter_path, adapter)
+            if rank > backend.max_lora_rank:
+                raise Refusal(503, f"adapter `{adapter.name}` has rank {rank}, over the "
+                              f"{backend.max_lora_rank} that {backend.name!r} was started "
+                              "with", "ServiceUnavailableError",
+                              hint=f"restart it to size it for its declared adapters: "
+                              f"cmw-vllm restart {backend.name}")
             while len(backend.loras) >= max(backend.max_loras, 1):
                 idle = [n for n in backend.loras if not backend.lora_in_flight.get(n)]
                 if not idle:  # every slot serves a request: wait for one to end
@@ -497,8 +507,8 @@ class Pool:
             logger.info("loaded adapter %s into %s (%.2fs)", adapter.name, backend.name,
                         time.monotonic() - begin)
 
-    def _adapter_path(self, adapter: AdapterEntry) -> str:
-        """The adapter's directory, checked against its base (in a worker thread).
+    def _adapter_path(self, adapter: AdapterEntry) -> tuple[str, int]:
+        """The adapter's directory and rank, checked against its base (in a worker thread).
 
         Raises:
             Refusal: Missing or mismatched (503).
@@ -510,10 +520,11 @@ class Pool:
             raise Refusal(404, f"the base `{adapter.base}` of `{adapter.name}` is unknown",
                           "NotFoundError")
         try:
-            return str(check_adapter(adapter, entry).path)
+            info = check_adapter(adapter, entry)
         except CmwVllmError as exc:
             raise Refusal(503, hide_paths(exc.message), "ServiceUnavailableError",
                           hint=hide_paths(exc.hint)) from None
+        return str(info.path), info.rank
 
     def release(self, backend: Backend, model: str | None = None) -> None:
         """A request ended: the idle clock of its server (and of its adapter) starts now."""
@@ -658,7 +669,8 @@ class Pool:
                           owned=owned, pid=record.pid,
                           ttl=self._ttl_for(name),
                           max_loras=config.lora.max_loras if config.lora else 0,
-                          runtime_lora=config.runtime_lora)
+                          runtime_lora=config.runtime_lora,
+                          max_lora_rank=config.lora.max_rank if config.lora else 0)
         self.backends[name] = backend
         self._reindex()
         logger.info("%s is ready at %s (%.1fs)", name, record.base_url,
