@@ -398,7 +398,7 @@ class Pool:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.start_timeout
-        if model not in self.by_model:
+        if model not in self.by_model and not self.settings.upstreams:
             adapter = self.adapter_for(model)
             if adapter is None:  # declared since? (one stat when the file is unchanged)
                 await self._reload_entries()
