@@ -18,6 +18,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -115,6 +116,7 @@ def main() -> None:
         subprocess.run(cli_cmd("stop", "--all"), env=env, capture_output=True, timeout=120,
                        check=False)
         log.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,13 @@ def test_bench_placement_smoke() -> None:
     assert "4 simulated GPUs" in out
     for tp in (1, 2, 4):
         assert f"placement TP {tp} (-> GPU " in out
+
+
+def test_bench_lora_smoke(fake_engine: Path) -> None:
+    """On the stand-in engine, which loads adapters at run time too (real vLLM: the same)."""
+    out = bench("bench_lora.py", "--adapters", "1")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
+    assert [row[1].strip() for row in rows][1:] == [
+        "first request of an adapter loaded at run time", "second request of that adapter",
+        "adapter loaded at start (warm)"]
+    assert all(row[2].strip().endswith(" ms") for row in rows[1:])
