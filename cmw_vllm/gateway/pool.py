@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from cmw_vllm.errors import (
     CmwVllmError,
@@ -77,9 +78,12 @@ class Backend:
     last_used: float = field(default_factory=time.monotonic)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    address: tuple[str, int] = field(init=False)  # host and port of base_url
 
     def __post_init__(self) -> None:
         self.idle.set()
+        url = urlsplit(self.base_url)
+        self.address = (url.hostname or "127.0.0.1", url.port or 80)
 
 
 @dataclass
