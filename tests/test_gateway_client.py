@@ -4,7 +4,11 @@ loopback: every framing, reuse, limits, timeouts and broken answers."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -317,6 +321,43 @@ def test_slow_reader_pauses_the_server_and_close_cuts_it() -> None:
         resp.close()  # the client went away: the server's writes fail
         await asyncio.wait_for(done.wait(), 5)
         assert pool.open == 0
+        srv.close()
+
+    run(main())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_servers_are_reached_over_verified_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                   timeout=60)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+
+    async def main() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(OK)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                writer.close()
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_side)
+        port = srv.sockets[0].getsockname()[1]
+        trusting = UpstreamPool(ssl_context=ssl.create_default_context(cafile=str(cert)))
+        for _ in range(2):
+            resp = await trusting.request("127.0.0.1", port, "GET", "/", [], b"", tls=True)
+            assert await resp.read() == b'{"ok":true}'
+            resp.release()
+        assert trusting.open == 1  # one TLS connection, reused
+        trusting.close()
+        # The system's CAs do not know this certificate: no request goes out over it.
+        with pytest.raises(GatewayUpstreamConnectError):
+            await UpstreamPool().request("127.0.0.1", port, "GET", "/", [], b"", tls=True)
         srv.close()
 
     run(main())

@@ -78,12 +78,13 @@ class Backend:
     last_used: float = field(default_factory=time.monotonic)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
-    address: tuple[str, int] = field(init=False)  # host and port of base_url
+    address: tuple[str, int, bool] = field(init=False)  # base_url's host, port, https
 
     def __post_init__(self) -> None:
         self.idle.set()
         url = urlsplit(self.base_url)
-        self.address = (url.hostname or "127.0.0.1", url.port or 80)
+        tls = url.scheme == "https"
+        self.address = (url.hostname or "127.0.0.1", url.port or (443 if tls else 80), tls)
 
 
 @dataclass

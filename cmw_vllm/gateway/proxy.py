@@ -24,6 +24,7 @@ from cmw_vllm.errors import CmwVllmError, GatewayUpstreamConnectError, GatewayUp
 from cmw_vllm.errors import GatewayRefusal as Refusal
 from cmw_vllm.errors import GatewayStreamBroken as StreamBroken
 from cmw_vllm.gateway.body import BodyBudget, find_model, read_body
+from cmw_vllm.gateway.client import UpstreamPool, UpstreamResponse
 from cmw_vllm.gateway.control import install as install_control
 from cmw_vllm.gateway.control import is_control_path
 from cmw_vllm.gateway.edge import EDGE_KEY, SERVER_NAME, BodyTimeout, Edge
@@ -32,7 +33,6 @@ from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.origin import install as install_web_gate
 from cmw_vllm.gateway.pool import READY, Backend, Pool
 from cmw_vllm.gateway.settings import GatewaySettings
-from cmw_vllm.gateway.client import UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -211,10 +211,11 @@ class Handlers:
         assert self.upstream is not None
         headers = forward_headers(request.headers, request.remote or "",
                                   self.settings.upstream_key, self.trusted)
-        host, port = backend.address
+        host, port, tls = backend.address
         try:
             upstream = await self.upstream.request(host, port, request.method,
-                                                   request.rel_url.raw_path_qs, headers, body)
+                                                   request.rel_url.raw_path_qs, headers, body,
+                                                   tls)
         except GatewayUpstreamConnectError:
             self.pool.mark_unhealthy(backend)
             raise Refusal(502, f"server {backend.name!r} does not answer", "BadGatewayError",
