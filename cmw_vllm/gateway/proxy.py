@@ -50,7 +50,7 @@ FORWARD_PATHS = frozenset({
 RESPONSE_ID_PATH = re.compile(r"/v1/responses/[A-Za-z0-9_-]{1,200}(/cancel)?")
 WHOLE_BODY_LIMIT = 1 << 20  # upstream answers up to this size are relayed in one write
 # vLLM closes a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
-# aiohttp would reuse one for 15 s, and a request sent as vLLM closes it fails with a 502.
+# the gateway reuses one for less, so that it never sends on a connection vLLM is closing.
 UPSTREAM_KEEPALIVE = 3.0
 
 POOL_KEY: web.AppKey[Pool] = web.AppKey("pool", Pool)
