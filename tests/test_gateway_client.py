@@ -159,6 +159,20 @@ def test_answer_until_close_and_connection_close_are_not_reused() -> None:
     run(main())
 
 
+def test_idle_connections_are_closed_after_the_keepalive() -> None:
+    async def main() -> None:
+        async with Scripted(OK) as server:
+            pool = UpstreamPool(keepalive=0.2)
+            resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+            await resp.read()
+            resp.release()
+            assert pool.open == 1
+            await asyncio.sleep(0.6)  # no more requests: the pool closes it by itself
+            assert pool.open == 0 and not any(pool.idle.values())
+
+    run(main())
+
+
 def test_connection_close_header_is_honoured() -> None:
     answer = (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
 

@@ -11,8 +11,9 @@ with plain ``bytes`` operations: the status line, the headers, then a body frame
 What aiohttp's client gave the gateway is kept:
 
 - connections are reused for ``keepalive`` seconds (less than vLLM's 5 s, so that the
-  gateway never sends on a connection vLLM is closing), at most ``limit`` at once (0: no
-  cap), and a connection whose answer was not read to its end is closed, never reused;
+  gateway never sends on a connection vLLM is closing) and closed once idle longer, at most
+  ``limit`` at once (0: no cap); a connection whose answer was not read to its end is
+  closed, never reused;
 - connecting takes at most ``connect_timeout`` seconds; a server that sends nothing for
   ``read_timeout`` seconds (between two reads, not in all) fails the request;
 - a slow client pauses reading from the server (flow control), so an answer is never
@@ -408,6 +409,7 @@ class UpstreamPool:
         self._waiters: deque[tuple[tuple[str, int, bool],
                                    asyncio.Future[_Connection | None]]] = deque()
         self._closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(self, host: str, port: int, method: str, target: str,
                       headers: list[tuple[str, str]], body: bytes, tls: bool = False,
@@ -524,9 +526,23 @@ class UpstreamPool:
             if not self._waiters:
                 conn.idle_since = conn.loop.time()
                 self.idle.setdefault(conn.key, []).append(conn)
+                if self._sweeper is None:
+                    self._sweeper = conn.loop.call_later(self.keepalive, self._sweep)
                 return
         conn.close()
         self._forget()
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``keepalive`` seconds (one timer per pool)."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        due = loop.time() - self.keepalive
+        for conns in self.idle.values():
+            while conns and conns[0].idle_since <= due:  # the oldest come first
+                conns.pop(0).close()
+                self._forget()
+        if any(self.idle.values()):
+            self._sweeper = loop.call_later(self.keepalive / 2, self._sweep)
 
     def _drop_idle(self, conn: _Connection) -> None:
         idle = self.idle.get(conn.key)
@@ -537,6 +553,9 @@ class UpstreamPool:
     def close(self) -> None:
         """Close every idle connection; answers in flight end when released."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conns in self.idle.values():
             for conn in conns:
                 conn.close()
