@@ -173,6 +173,43 @@ def test_idle_connections_are_closed_after_the_keepalive() -> None:
     run(main())
 
 
+async def _reused_after(answer: bytes, late: bool) -> tuple[int, int]:
+    """Two requests to a server that sends ``garbage`` past each answer (in its last packet,
+    or ``late``: after it, before the release): (connections made, connections left open)."""
+    connections = [0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer if late else answer + b"garbage")
+                await writer.drain()
+                if late:
+                    await asyncio.sleep(0.1)
+                    writer.write(b"garbage")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    pool = UpstreamPool()
+    for _ in range(2):
+        resp = await pool.request("127.0.0.1", port, "GET", "/", [], b"")
+        assert await resp.read() in (b'{"ok":true}', b"ok")
+        await asyncio.sleep(0.3)  # the late bytes arrive before the release
+        resp.release()
+    srv.close()
+    return connections[0], pool.open
+
+
+def test_bytes_past_the_answer_make_the_connection_unusable() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    for answer in (OK, chunked):
+        for late in (False, True):
+            assert run(_reused_after(answer, late)) == (2, 0), (answer, late)
+
+
 def test_connection_close_header_is_honoured() -> None:
     answer = (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
 

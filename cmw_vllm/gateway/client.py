@@ -50,7 +50,6 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.idle_since = 0.0
         self.response: UpstreamResponse | None = None
-        self.buffer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -109,6 +108,9 @@ class UpstreamResponse:
     def feed(self, data: bytes) -> None:
         """Bytes from the server."""
         self._last_read = self.conn.loop.time()
+        if self.done:  # bytes past the answer: the connection is not reusable
+            self.keep_alive = False
+            return
         framing = self._framing
         if framing == "length":
             if len(data) >= self._left:
