@@ -87,3 +87,8 @@ def test_bench_placement_smoke() -> None:
     assert "4 simulated GPUs" in out
     for tp in (1, 2, 4):
         assert f"placement TP {tp} (-> GPU " in out
+
+
+def test_bench_gateway_cpu_smoke() -> None:
+    out = bench("bench_gateway_cpu.py", "--requests", "100", "--rounds", "1", "--router", "")
+    assert "| 1 | `cmw-vllm gateway` |" in out and "CPU µs/request" in out
