@@ -2,6 +2,7 @@
 
     CMW_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/bench_gateway.py \\
         [--requests 300] [--streams 64] [--rounds 9] [--router PATH/TO/vllm-router]
+        [--baseline OTHER/CHECKOUT]
 
 One tiny random-model vLLM server (tests/tiny_model.py, CPU build unless CMW_VLLM_PYTHON
 points elsewhere) is started once; `cmw-vllm gateway` runs in front of it (a separate
@@ -308,9 +309,15 @@ def report_disconnects(paths: list[Route], vllm_port: int, args: argparse.Namesp
           f"closed after the first token; vLLM's /metrics polled every 5 ms)")
 
 
-def start_gateway(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+def start_gateway(home: Path, env: dict[str, str], checkout: str | None = None
+                  ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = subprocess.Popen([*cli_cmd(), "gateway", "--port", str(port), "--idle-timeout", "0"],
+    if checkout:  # another checkout's gateway: its package first on the path
+        env = {**env, "PYTHONPATH": os.pathsep.join(
+            [str(Path(checkout).resolve()), *filter(None, [env.get("PYTHONPATH")])])}
+    name = "gateway-baseline" if checkout else "gateway"
+    proc = subprocess.Popen([*cli_cmd(), "gateway", "--name", name, "--port", str(port),
+                             "--idle-timeout", "0"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     wait_health(port, proc, 60)
@@ -341,6 +348,9 @@ def main() -> None:
                         help="client disconnects per path (0: none)")
     parser.add_argument("--disconnect-tokens", type=int, default=3500,
                         help="tokens asked for in a stream the client closes")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also run the gateway of another checkout of this repository "
+                        "(e.g. `git worktree add /tmp/base main`), to compare in one run")
     parser.add_argument("--router", default=shutil.which("vllm-router"),
                         help="vllm-router binary to compare (default: on PATH, if any; "
                         "'' for none)")
@@ -367,6 +377,10 @@ def main() -> None:
             procs.append(gateway)
             routes = [Route("direct", vllm_port, None),
                       Route("`cmw-vllm gateway`", gw_port, gateway.pid)]
+            if args.baseline:
+                base, base_port = start_gateway(home, env, args.baseline)
+                procs.append(base)
+                routes.append(Route("`cmw-vllm gateway` (baseline)", base_port, base.pid))
             if args.router:
                 router, router_port = start_router(args.router, vllm_port)
                 procs.append(router)

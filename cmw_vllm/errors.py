@@ -196,3 +196,12 @@ class GatewayStreamBroken(Exception):
     def __init__(self, response: object) -> None:
         super().__init__("upstream stream broke off")
         self.response = response
+
+
+class GatewayUpstreamError(Exception):
+    """A server's answer to the gateway is not HTTP the gateway can relay, or broke off
+    (the client gets a 502)."""
+
+
+class GatewayUpstreamConnectError(GatewayUpstreamError):
+    """The gateway could not connect to a server (502; the server is marked unhealthy)."""

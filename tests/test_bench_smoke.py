@@ -97,3 +97,8 @@ def test_bench_lora_smoke(fake_engine: Path) -> None:
         "first request of an adapter loaded at run time", "second request of that adapter",
         "adapter loaded at start (warm)"]
     assert all(row[2].strip().endswith(" ms") for row in rows[1:])
+
+
+def test_bench_gateway_cpu_smoke() -> None:
+    out = bench("bench_gateway_cpu.py", "--requests", "100", "--rounds", "1", "--router", "")
+    assert "| 1 | `cmw-vllm gateway` |" in out and "CPU µs/request" in out

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from cmw_vllm.errors import (
     CmwVllmError,
@@ -86,9 +87,13 @@ class Backend:
     loras_synced: bool = False  # ``loras`` was read off the server since it (re)started
     lora_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     lora_freed: asyncio.Event = field(default_factory=asyncio.Event)
+    address: tuple[str, int, bool] = field(init=False)  # base_url's host, port, https
 
     def __post_init__(self) -> None:
         self.idle.set()
+        url = urlsplit(self.base_url)
+        tls = url.scheme == "https"
+        self.address = (url.hostname or "127.0.0.1", url.port or (443 if tls else 80), tls)
 
 
 @dataclass

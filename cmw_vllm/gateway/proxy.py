@@ -1,10 +1,11 @@
-"""The gateway's HTTP side: aiohttp server and client, routing, auth, streaming.
+"""The gateway's HTTP side: aiohttp server, routing, auth, streaming.
 
 aiohttp's defaults are changed where they hurt a proxy: the request body limit (1 MiB) is
-the gateway's ``max_body_bytes``, the client's connection cap (100) is lifted, its 300 s
-total timeout is replaced by a per-read timeout (long generations are fine, a silent server
-is not), and handler cancellation is on, so a client that goes away cancels the handler and
-closes the upstream request at once, and vLLM stops generating for it.
+the gateway's ``max_body_bytes``, and handler cancellation is on, so a client that goes away
+cancels the handler and closes the upstream request at once, and vLLM stops generating for
+it. Requests go to the servers through :mod:`cmw_vllm.gateway.client` (no connection cap
+unless ``max_connections``, a per-read timeout: long generations are fine, a silent server
+is not).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import re
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from cmw_vllm.errors import CmwVllmError
+from cmw_vllm.errors import CmwVllmError, GatewayUpstreamConnectError, GatewayUpstreamError
 from cmw_vllm.errors import GatewayRefusal as Refusal
 from cmw_vllm.errors import GatewayStreamBroken as StreamBroken
 from cmw_vllm.gateway.body import BodyBudget, find_model, read_body
+from cmw_vllm.gateway.client import UpstreamPool, UpstreamResponse
 from cmw_vllm.gateway.control import install as install_control
 from cmw_vllm.gateway.control import is_control_path
 from cmw_vllm.gateway.edge import EDGE_KEY, SERVER_NAME, BodyTimeout, Edge
@@ -50,11 +51,11 @@ FORWARD_PATHS = frozenset({
 RESPONSE_ID_PATH = re.compile(r"/v1/responses/[A-Za-z0-9_-]{1,200}(/cancel)?")
 WHOLE_BODY_LIMIT = 1 << 20  # upstream answers up to this size are relayed in one write
 # vLLM closes a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
-# aiohttp would reuse one for 15 s, and a request sent as vLLM closes it fails with a 502.
+# the gateway reuses one for less, so that it never sends on a connection vLLM is closing.
 UPSTREAM_KEEPALIVE = 3.0
 
 POOL_KEY: web.AppKey[Pool] = web.AppKey("pool", Pool)
-SESSION_KEY: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
+UPSTREAM_KEY: web.AppKey[UpstreamPool] = web.AppKey("upstream", UpstreamPool)
 SETTINGS_KEY: web.AppKey[GatewaySettings] = web.AppKey("settings", GatewaySettings)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
@@ -82,7 +83,7 @@ def _key_ok(request: web.Request, keys: frozenset[str]) -> bool:
     return any(hmac.compare_digest(encoded, key.encode()) for key in keys)
 
 
-def _reply_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+def _reply_headers(upstream: UpstreamResponse) -> dict[str, str]:
     headers = reply_headers(upstream.headers)
     headers["Server"] = SERVER_NAME
     return headers
@@ -99,7 +100,7 @@ class Handlers:
         self.settings = settings
         self.pool = pool
         self.metrics = metrics
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream: UpstreamPool | None = None
         self.trusted = TrustedProxies(settings.trusted_proxies)
         # Proxied requests in flight, by id (requests are not hashable), for the drain.
         self.active: dict[int, web.Request] = {}
@@ -208,22 +209,23 @@ class Handlers:
 
     async def _forward(self, request: web.Request, backend: Backend,
                        body: bytes) -> web.StreamResponse:
-        assert self.session is not None
-        url = backend.base_url + request.rel_url.raw_path_qs
+        assert self.upstream is not None
         headers = forward_headers(request.headers, request.remote or "",
                                   self.settings.upstream_key, self.trusted)
+        host, port, tls = backend.address
         try:
-            upstream = await self.session.request(request.method, url, data=body or None,
-                                                  headers=headers, allow_redirects=False)
-        except aiohttp.ClientConnectorError:
+            upstream = await self.upstream.request(host, port, request.method,
+                                                   request.rel_url.raw_path_qs, headers, body,
+                                                   tls)
+        except GatewayUpstreamConnectError:
             self.pool.mark_unhealthy(backend)
             raise Refusal(502, f"server {backend.name!r} does not answer", "BadGatewayError",
                           retry_after=5) from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except TimeoutError:
             raise Refusal(504, f"server {backend.name!r} sent nothing for "
                           f"{self.settings.upstream_timeout:g}s", "GatewayTimeoutError") from None
-        except aiohttp.ClientError as exc:
-            raise Refusal(502, f"server {backend.name!r} failed: {type(exc).__name__}",
+        except GatewayUpstreamError:
+            raise Refusal(502, f"server {backend.name!r} failed: no valid answer",
                           "BadGatewayError") from None
         try:
             return await self._relay(request, upstream)
@@ -234,27 +236,27 @@ class Handlers:
             upstream.release()
 
     async def _relay(self, request: web.Request,
-                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+                     upstream: UpstreamResponse) -> web.StreamResponse:
         headers = _reply_headers(upstream)
         length = upstream.content_length
         streaming = "text/event-stream" in upstream.headers.get("Content-Type", "")
         if not streaming and length is not None and length <= WHOLE_BODY_LIMIT:
             try:
                 data = await upstream.read()
-            except (TimeoutError, aiohttp.ServerTimeoutError):
+            except TimeoutError:
                 raise Refusal(504, "the server stopped sending", "GatewayTimeoutError") \
                     from None
-            except aiohttp.ClientError as exc:  # it closed or reset mid-reply (nginx: 502)
-                raise Refusal(502, f"the server broke off its answer: {type(exc).__name__}",
-                              "BadGatewayError") from None
+            except GatewayUpstreamError:  # it closed or reset mid-reply (nginx: 502)
+                raise Refusal(502, "the server broke off its answer", "BadGatewayError") \
+                    from None
             return web.Response(body=data, status=upstream.status, headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         response.headers["X-Accel-Buffering"] = "no"
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_any():
                 await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, GatewayUpstreamError) as exc:
             # Headers are gone already: all we can do is cut the stream short.
             logger.warning("upstream stream for %s broke off: %s", request.path,
                            type(exc).__name__)
@@ -363,19 +365,13 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
     route("*", "/{tail:.*}", _not_forwarded)
 
     async def lifecycle(app: web.Application) -> Any:
-        connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0,
-                                         ttl_dns_cache=None, enable_cleanup_closed=True,
-                                         keepalive_timeout=UPSTREAM_KEEPALIVE)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                        sock_read=settings.upstream_timeout)
-        # No header the client did not send: aiohttp's client would add User-Agent, Accept,
-        # Accept-Encoding and a Content-Type of its own.
-        session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
-        handlers.session = session
-        app[SESSION_KEY] = session
+        # No header the client did not send (aiohttp's client would add User-Agent, Accept,
+        # Accept-Encoding and a Content-Type of its own), nothing decompressed.
+        upstream = UpstreamPool(limit=settings.max_connections, connect_timeout=10.0,
+                                read_timeout=settings.upstream_timeout,
+                                keepalive=UPSTREAM_KEEPALIVE)
+        handlers.upstream = upstream
+        app[UPSTREAM_KEY] = upstream
         pool = handlers.pool
         await pool.refresh()
         _exit_once_on_signal()  # after aiohttp installed its handlers: replaces them
@@ -385,7 +381,7 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await pool.shutdown()
-        await session.close()
+        upstream.close()
 
     async def drain(app: web.Application) -> None:
         await _drain(handlers, settings.shutdown_grace)
