@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 HOME_ENV = "CMW_VLLM_HOME"
@@ -100,6 +102,26 @@ def write_private(path: Path, text: str, *, fsync: bool = False) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise EnvironmentProblem(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def private_lock(lock_file: Path, timeout: float) -> Iterator[None]:
+    """Hold the file lock ``lock_file`` (created 0600 in a private directory, never through
+    a symlink) for the ``with`` block.
+
+    Raises:
+        EnvironmentProblem: The directory cannot be made, or ``lock_file`` is a symlink.
+        filelock.Timeout: Another process held it for ``timeout`` seconds.
+    """
+    from filelock import FileLock
+
+    from cmw_vllm.errors import EnvironmentProblem
+
+    ensure_dir(lock_file.parent)
+    if lock_file.is_symlink():
+        raise EnvironmentProblem(f"{lock_file} is a symlink; refusing to use it")
+    with FileLock(str(lock_file), timeout=timeout, mode=0o600):
+        yield
 
 
 def restart_dir() -> Path:

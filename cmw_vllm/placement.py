@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from cmw_vllm import paths
-from cmw_vllm.errors import ConflictError, EnvironmentProblem, InsufficientResourcesError
+from cmw_vllm.errors import ConflictError, InsufficientResourcesError
 from cmw_vllm.vocab import AUTO, format_gib
 
 if TYPE_CHECKING:
@@ -228,14 +228,10 @@ def read_ledger(records: Sequence[ServerRecord] | None = None, *,
 @contextlib.contextmanager
 def placement_lock(timeout: float = 120.0) -> Iterator[None]:
     """Serialise placement decisions (held until the new server's record is written)."""
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
-    paths.ensure_dir(paths.state_dir())
-    lock_file = paths.state_dir() / LOCK_NAME
-    if lock_file.is_symlink():
-        raise EnvironmentProblem(f"{lock_file} is a symlink; refusing to use it")
     try:
-        with FileLock(str(lock_file), timeout=timeout, mode=0o600):
+        with paths.private_lock(paths.state_dir() / LOCK_NAME, timeout=timeout):
             yield
     except Timeout:
         raise ConflictError("another start is placing a server on the GPUs; try again") \

@@ -195,15 +195,10 @@ def _remove_server_files(name: str) -> None:
 @contextlib.contextmanager
 def _name_lock(name: str, timeout: float = 60.0) -> Iterator[None]:
     """Hold the per-server lock (serialises start/stop/restart of one name)."""
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
-    paths.ensure_dir(paths.locks_dir())
-    lock_file = paths.locks_dir() / f"{name}.lock"
-    if lock_file.is_symlink():
-        raise EnvironmentProblem(f"{lock_file} is a symlink; refusing to use it")
-    lock = FileLock(str(lock_file), timeout=timeout, mode=0o600)
     try:
-        with lock:
+        with paths.private_lock(paths.locks_dir() / f"{name}.lock", timeout=timeout):
             yield
     except Timeout:
         raise ConflictError(

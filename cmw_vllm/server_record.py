@@ -195,15 +195,7 @@ def _record_lock(name: str) -> Iterator[None]:
 
     Held only for a moment, never across a stop or a start (that is the per-name lock).
     """
-    from filelock import FileLock
-
-    from cmw_vllm.errors import EnvironmentProblem
-
-    paths.ensure_dir(paths.locks_dir())
-    lock_file = paths.locks_dir() / f"{name}.record.lock"
-    if lock_file.is_symlink():
-        raise EnvironmentProblem(f"{lock_file} is a symlink; refusing to use it")
-    with FileLock(str(lock_file), timeout=30, mode=0o600):
+    with paths.private_lock(paths.locks_dir() / f"{name}.record.lock", timeout=30):
         yield
 
 

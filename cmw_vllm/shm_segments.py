@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cmw_vllm import paths
-from cmw_vllm.errors import CmwVllmError, EnvironmentProblem
+from cmw_vllm.errors import CmwVllmError
 from cmw_vllm.server_record import shm_path
 
 logger = logging.getLogger(__name__)
@@ -124,13 +124,7 @@ def segments_of(pids: Iterable[int]) -> set[Segment]:
 def _list_lock(name: str) -> Iterator[None]:
     """Serialise read-modify-write of one server's list (the supervisor and the CLI both
     note segments)."""
-    from filelock import FileLock
-
-    paths.ensure_dir(paths.locks_dir())
-    lock_file = paths.locks_dir() / f"{name}.shm.lock"
-    if lock_file.is_symlink():
-        raise EnvironmentProblem(f"{lock_file} is a symlink; refusing to use it")
-    with FileLock(str(lock_file), timeout=30, mode=0o600):
+    with paths.private_lock(paths.locks_dir() / f"{name}.shm.lock", timeout=30):
         yield
 
 
