@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,6 +129,48 @@ def real_vllm(engine_python: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
         try:
             yield engine_python
         finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def real_gateway(home: Path, env: dict[str, str], *args: str
+                 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run ``cmw-vllm gateway ARGS`` on a free port with ``env`` (its state in ``home``),
+    holding the real-vLLM lock, for a module's tests to share; yields its URL and process.
+
+    On the way out: SIGTERM, then ``stop --all`` for whatever it left, then the lock.
+    """
+    import requests
+
+    port = free_port()
+    REAL_VLLM_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with REAL_VLLM_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        log = (home / "gateway-test.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cmw_vllm", "gateway", "--port", str(port), *args],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_default_sigint)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, (home / "gateway-test.log").read_text()
+                try:
+                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(0.2)
+            yield url, proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            subprocess.run([sys.executable, "-m", "cmw_vllm", "stop", "--all"], env=env,
+                           capture_output=True, timeout=120, check=False)
+            log.close()
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

@@ -6,13 +6,10 @@ shared by the tests of this module (in file order); the last one waits for the i
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import REAL_VLLM_LOCK, alive_pids, free_port
+from tests.conftest import alive_pids, free_port, real_gateway
 
 pytestmark = pytest.mark.vllm
 
@@ -62,37 +59,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
            "CMW_VLLM_PYTHON": engine_python, "CMW_VLLM_GATEWAY_API_KEYS": KEY,
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     env.pop("VLLM_API_KEY", None)
-    port = free_port()
-    REAL_VLLM_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with REAL_VLLM_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        log = (home / "gateway-test.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cmw_vllm", "gateway", "--port", str(port),
-             "--idle-timeout", "0", "--start-timeout", "900"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, (home / "gateway-test.log").read_text()
-                try:
-                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.2)
-            yield RealGateway(url, home, proc)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            subprocess.run([sys.executable, "-m", "cmw_vllm", "stop", "--all"], env=env,
-                           capture_output=True, timeout=120, check=False)
-            log.close()
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with real_gateway(home, env, "--idle-timeout", "0", "--start-timeout", "900") as (url, proc):
+        yield RealGateway(url, home, proc)
 
 
 def _chat(url: str, model: str, **body: Any) -> requests.Response:

@@ -6,13 +6,10 @@ shared by the tests of this module, in file order; the base is restarted once.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import REAL_VLLM_LOCK, free_port
+from tests.conftest import free_port, real_gateway
 from tests.tiny_model import make_tiny_adapter
 
 pytestmark = pytest.mark.vllm
@@ -67,37 +64,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
            "CMW_VLLM_PYTHON": engine_python,
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     env.pop("VLLM_API_KEY", None)
-    port = free_port()
-    REAL_VLLM_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with REAL_VLLM_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        log = (home / "gateway-test.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cmw_vllm", "gateway", "--port", str(port),
-             "--start-timeout", "900"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, (home / "gateway-test.log").read_text()
-                try:
-                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.2)
-            yield LoraSetup(url, home, env, adapters, proc)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            subprocess.run([sys.executable, "-m", "cmw_vllm", "stop", "--all"], env=env,
-                           capture_output=True, timeout=120, check=False)
-            log.close()
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with real_gateway(home, env, "--start-timeout", "900") as (url, proc):
+        yield LoraSetup(url, home, env, adapters, proc)
 
 
 def _chat(url: str, model: str) -> requests.Response:
