@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -56,3 +57,29 @@ class GatewayThread:
         self.call(self.runner.cleanup(), timeout=120)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(30)
+
+
+# Pool arguments a test may pass to ``make`` beside the settings.
+_POOL_KWARGS = ("fit_check", "manager")
+
+
+@contextlib.contextmanager
+def gateway_maker(**defaults: Any) -> Iterator[Callable[..., GatewayThread]]:
+    """``make(**kw)`` starts a gateway on a free port with ``defaults`` updated by ``kw``
+    (settings fields, or ``fit_check``/``manager`` for its pool); all are closed on exit."""
+    from tests.conftest import free_port
+
+    made: list[GatewayThread] = []
+
+    def make(**kw: Any) -> GatewayThread:
+        kw = {"port": free_port(), **defaults, **kw}
+        pool_kwargs = {k: kw.pop(k) for k in _POOL_KWARGS if k in kw}
+        gw = GatewayThread(GatewaySettings(**kw), **pool_kwargs)
+        made.append(gw)
+        return gw
+
+    try:
+        yield make
+    finally:
+        for gw in made:
+            gw.close()

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import requests
 
-from cmw_vllm.gateway.settings import GatewaySettings, load_admin_keys
+from cmw_vllm.gateway.settings import load_admin_keys
 from cmw_vllm.server_manager import ServerManager
 from tests.conftest import free_port, wait_until
 from tests.conftest import run_cli as run
-from tests.gateway_harness import GatewayThread
+from tests.gateway_harness import gateway_maker
 
 ADMIN = "adm-" + "x" * 28
 INFER = "sk-inference-key"
@@ -43,18 +43,8 @@ def entries(isolated_home: Path, model_dir: Path) -> list[str]:
 
 @pytest.fixture
 def gateway_factory(fake_engine: Path) -> Iterator[Any]:
-    made: list[GatewayThread] = []
-
-    def make(**kw: Any) -> GatewayThread:
-        kw.setdefault("health_interval", 0.5)
-        kw.setdefault("port", free_port())
-        gw = GatewayThread(GatewaySettings(**kw))
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.close()
+    with gateway_maker(health_interval=0.5) as make:
+        yield make
 
 
 def _bearer(key: str) -> dict[str, str]:

@@ -20,11 +20,11 @@ import pytest
 import requests
 
 from cmw_vllm.errors import InsufficientResourcesError
-from cmw_vllm.gateway.settings import GatewaySettings, load_api_keys
+from cmw_vllm.gateway.settings import load_api_keys
 from cmw_vllm.server_manager import ServerManager, record_names
 from tests.conftest import alive_pids, free_port
 from tests.conftest import run_cli as run
-from tests.gateway_harness import GatewayThread
+from tests.gateway_harness import gateway_maker
 
 
 def _models_file(home: Path, entries: dict[str, dict[str, Any]]) -> None:
@@ -53,18 +53,8 @@ def _chat(url: str, model: str, **kw: Any) -> requests.Response:
 
 @pytest.fixture
 def gateway_factory(fake_engine: Path) -> Iterator[Any]:
-    made: list[GatewayThread] = []
-
-    def make(**kw: Any) -> GatewayThread:
-        pool_kwargs = {k: kw.pop(k) for k in ("fit_check", "manager") if k in kw}
-        kw.setdefault("health_interval", 0.5)
-        gw = GatewayThread(GatewaySettings(port=free_port(), **kw), **pool_kwargs)
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.close()
+    with gateway_maker(health_interval=0.5) as make:
+        yield make
 
 
 def _live_servers() -> list[str]:

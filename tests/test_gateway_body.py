@@ -29,7 +29,7 @@ from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_manager import record_names
 from tests.conftest import free_port
 from tests.conftest import run_cli as run
-from tests.gateway_harness import GatewayThread
+from tests.gateway_harness import GatewayThread, gateway_maker
 
 CHAT = "/v1/chat/completions"
 FORM = "multipart/form-data; boundary=XyZ"
@@ -46,17 +46,8 @@ def entry(isolated_home: Path, model_dir: Path) -> str:
 
 @pytest.fixture
 def gateway(fake_engine: Path) -> Iterator[Any]:
-    made: list[GatewayThread] = []
-
-    def make(**kw: Any) -> GatewayThread:
-        kw.setdefault("health_interval", 0.5)
-        gw = GatewayThread(GatewaySettings(port=free_port(), **kw))
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.close()
+    with gateway_maker(health_interval=0.5) as make:
+        yield make
 
 
 def _post(url: str, body: bytes, content_type: str = "application/json", timeout: float = 30,

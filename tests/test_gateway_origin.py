@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 import requests
 
-from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_record import record_names
 from tests.conftest import free_port
 from tests.conftest import run_cli as run
-from tests.gateway_harness import GatewayThread
+from tests.gateway_harness import gateway_maker
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -32,16 +31,8 @@ def entry(isolated_home: Path, model_dir: Path) -> str:
 
 @pytest.fixture
 def gateway_factory(fake_engine: Path) -> Iterator[Any]:
-    made: list[GatewayThread] = []
-
-    def make(**kw: Any) -> GatewayThread:
-        gw = GatewayThread(GatewaySettings(port=free_port(), **kw))
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.close()
+    with gateway_maker() as make:
+        yield make
 
 
 def _refused(reply: requests.Response) -> bool:

@@ -21,7 +21,7 @@ from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_manager import ServerManager
 from tests.conftest import alive_pids, free_port, wait_until
 from tests.conftest import run_cli as run
-from tests.gateway_harness import GatewayThread
+from tests.gateway_harness import gateway_maker
 
 
 @pytest.fixture
@@ -39,17 +39,9 @@ def entries(isolated_home: Path, model_dir: Path) -> list[str]:
 
 @pytest.fixture
 def gateway_factory(fake_engine: Path) -> Iterator[Any]:
-    made: list[GatewayThread] = []
-
-    def make(**kw: Any) -> GatewayThread:
-        kw.setdefault("health_interval", 3600.0)  # health rounds only when the test runs one
-        gw = GatewayThread(GatewaySettings(port=free_port(), **kw))
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.close()
+    # Health rounds only when the test runs one.
+    with gateway_maker(health_interval=3600.0) as make:
+        yield make
 
 
 def _chat(url: str, model: str, **kw: Any) -> requests.Response:

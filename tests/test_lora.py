@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 import requests
 
-from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_record import log_path, read_record
 from tests.conftest import free_port, run_cli, wait_until
-from tests.gateway_harness import GatewayThread
+from tests.gateway_harness import gateway_maker
 from tests.tiny_model import make_tiny_adapter
 
 
@@ -210,18 +209,9 @@ def test_started_base_serves_its_adapters_and_status_lists_them(
 
 @pytest.fixture
 def gateway(fake_engine: Path) -> Iterator[Any]:
-    made: list[GatewayThread] = []
-
-    def make(**kw: Any) -> GatewayThread:
-        kw.setdefault("health_interval", 0.5)
-        # The tiny model's real config would make the memory check ask for a small KV space.
-        gw = GatewayThread(GatewaySettings(port=free_port(), **kw), fit_check=lambda c: None)
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.close()
+    # The tiny model's real config would make the memory check ask for a small KV space.
+    with gateway_maker(health_interval=0.5, fit_check=lambda c: None) as make:
+        yield make
 
 
 def _log_lines(name: str, word: str) -> list[str]:
