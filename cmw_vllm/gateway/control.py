@@ -39,6 +39,7 @@ from aiohttp import web
 
 from cmw_vllm.errors import CmwVllmError
 from cmw_vllm.errors import GatewayRefusal as Refusal
+from cmw_vllm.gateway.headers import key_matches, presented_key
 from cmw_vllm.gateway.pool import (
     DRAINING,
     READY,
@@ -86,17 +87,6 @@ def _ok(data: Any, status: int = 200) -> web.Response:
 
 
 # ----------------------------------------------------------------------------- access
-
-
-def _token(request: web.Request) -> str:
-    given = request.headers.get("Authorization", "")
-    token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-    return token or request.headers.get("x-api-key", "").strip()
-
-
-def _matches(token: str, keys: frozenset[str]) -> bool:
-    encoded = token.encode("utf-8", "surrogateescape")
-    return any(hmac.compare_digest(encoded, key.encode()) for key in keys)
 
 
 def _signature(key: str, expires: int) -> str:
@@ -148,11 +138,11 @@ def check_access(request: web.Request, settings: GatewaySettings
         (None, whether the session cookie, not a header, let them in), or (the refusal,
         False): no admin key 401, an inference key 403, no admin key configured 403.
     """
-    token = _token(request)
-    inference = bool(token) and bool(settings.api_keys) and _matches(token, settings.api_keys)
+    token = presented_key(request.headers)
+    inference = bool(token) and bool(settings.api_keys) and key_matches(token, settings.api_keys)
     if settings.admin_keys:
         if token:
-            if _matches(token, settings.admin_keys):
+            if key_matches(token, settings.admin_keys):
                 return None, False
             if inference:
                 return _error(403, "an inference API key cannot use the control API",
@@ -747,9 +737,9 @@ async def login(request: web.Request) -> web.Response:
         return _error(409, "this gateway has no admin key: there is nothing to log in with",
                       "ConflictError")
     key = key.strip()
-    if not key or not _matches(key, keys):
+    if not key or not key_matches(key, keys):
         logger.warning("dashboard login refused from %s", request.remote)
-        if key and control.settings.api_keys and _matches(key, control.settings.api_keys):
+        if key and control.settings.api_keys and key_matches(key, control.settings.api_keys):
             return _error(403, "an inference API key cannot log in to the dashboard",
                           "PermissionDeniedError", hint="use the gateway's admin key")
         return _error(401, "wrong admin key", "AuthenticationError")

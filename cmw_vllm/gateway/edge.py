@@ -35,6 +35,7 @@ from aiohttp.web_protocol import RequestHandler
 from cmw_vllm.errors import GatewayBodyTimeout as BodyTimeout
 
 if TYPE_CHECKING:
+    from cmw_vllm.gateway.lane import Lane
     from cmw_vllm.gateway.metrics import Metrics
     from cmw_vllm.gateway.settings import GatewaySettings
 
@@ -175,6 +176,7 @@ def per_client_cap(setting: int) -> int:
 
 
 EDGE_KEY: web.AppKey[Edge] = web.AppKey("edge", Edge)
+LANE_KEY: web.AppKey[Lane] = web.AppKey("lane")
 
 _OVER_CAP = (b"HTTP/1.1 503 Service Unavailable\r\nServer: " + SERVER_NAME.encode()
              + b"\r\nContent-Type: application/json\r\nRetry-After: 5\r\nConnection: close\r\n"
@@ -319,12 +321,34 @@ def where(exc: BaseException | None) -> str:
 
 
 class EdgeServer(web.Server):
-    """aiohttp's server, making :class:`EdgeHandler` protocols."""
+    """aiohttp's server, making lane protocols (:mod:`cmw_vllm.gateway.lane`) that hand
+    connections to :class:`EdgeHandler` protocols; only those without a lane."""
 
     edge: Edge
+    lane: Lane | None
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        if self.lane is not None:
+            from cmw_vllm.gateway.lane import LaneProtocol
+
+            return LaneProtocol(self, self.lane)
+        return self.aiohttp_protocol()
+
+    def aiohttp_protocol(self) -> RequestHandler:
+        """aiohttp's protocol for one connection, with the edge's limits."""
         return EdgeHandler(self, self.edge, loop=self._loop, **self._kwargs)
+
+    def pre_shutdown(self) -> None:
+        """Close idle connections (aiohttp's and the lane's)."""
+        super().pre_shutdown()
+        if self.lane is not None:
+            self.lane.pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """After the drain: close the connections that are left."""
+        if self.lane is not None:
+            self.lane.shutdown()
+        await super().shutdown(timeout)
 
 
 class EdgeRunner(web.AppRunner):
@@ -348,6 +372,7 @@ class EdgeRunner(web.AppRunner):
         # aiohttp has no option for the protocol class; its Server only builds protocols.
         server.__class__ = EdgeServer
         server.edge = self.edge  # type: ignore[attr-defined]
+        server.lane = self.app.get(LANE_KEY)  # type: ignore[attr-defined]
         return server
 
     async def cleanup(self) -> None:

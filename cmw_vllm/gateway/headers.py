@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -61,6 +62,26 @@ class TrustedProxies:
         except ValueError:
             return False
         return any(ip in net for net in self.networks)
+
+
+def presented_key(headers: Mapping[str, str]) -> str:
+    """The key a request presents: ``Authorization: Bearer KEY`` or ``x-api-key: KEY``."""
+    given = headers.get("Authorization", "")
+    token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+    return token or headers.get("x-api-key", "").strip()
+
+
+def key_matches(token: str, keys: frozenset[str]) -> bool:
+    """Whether ``token`` is one of ``keys``, compared in constant time."""
+    # Header bytes that are not UTF-8 arrive as surrogates: compare them as the bytes they were.
+    encoded = token.encode("utf-8", "surrogateescape")
+    return any(hmac.compare_digest(encoded, key.encode()) for key in keys)
+
+
+def key_ok(headers: Mapping[str, str], keys: frozenset[str]) -> bool:
+    """Whether a request with ``headers`` presents one of ``keys``."""
+    token = presented_key(headers)
+    return bool(token) and key_matches(token, keys)
 
 
 def connection_tokens(headers: Mapping[str, str] | Any) -> set[str]:

@@ -187,9 +187,10 @@ async def _cors_headers(request: web.Request, response: web.StreamResponse) -> N
     response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
-def install(app: web.Application, settings: GatewaySettings) -> None:
+def install(app: web.Application, settings: GatewaySettings) -> WebGate:
     """Put the gate first among the middlewares of ``app`` (not at all when every host and
-    origin is allowed), and the CORS headers on the answers to allowed origins.
+    origin is allowed), and the CORS headers on the answers to allowed origins; returns
+    the gate.
 
     Raises:
         ConfigError: An allowed host or origin is malformed.
@@ -200,3 +201,4 @@ def install(app: web.Application, settings: GatewaySettings) -> None:
         app.middlewares.insert(0, web_gate_middleware)
     if gate.any_origin or gate.origins:
         app.on_response_prepare.append(_cors_headers)
+    return gate

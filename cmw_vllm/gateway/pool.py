@@ -394,6 +394,17 @@ class Pool:
 
     # ----------------------------------------------------------------- requests
 
+    def acquire_ready(self, model: str) -> Backend | None:
+        """The server of ``model`` counted in flight when it is ready now, else None (it
+        must be started, is unhealthy or draining, or ``model`` is an adapter: see
+        :meth:`acquire`)."""
+        backend = self.by_model.get(model)
+        if backend is None or backend.state != READY:
+            return None
+        backend.in_flight += 1
+        backend.idle.clear()
+        return backend
+
     async def acquire(self, model: str) -> Backend:
         """A ready server for ``model``, counted in flight; start it first when needed.
 
@@ -412,12 +423,11 @@ class Pool:
                 return await self._acquire_adapter(adapter, deadline)
         refreshed = False
         while True:
+            ready = self.acquire_ready(model)
+            if ready is not None:
+                return ready
             backend = self.by_model.get(model)
             if backend is not None:
-                if backend.state == READY:
-                    backend.in_flight += 1
-                    backend.idle.clear()
-                    return backend
                 if backend.state == UNHEALTHY:
                     raise Refusal(503, f"server {backend.name!r} is unhealthy", retry_after=5)
                 # Draining or stopping: wait until it is gone, then start it again.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import re
 import time
@@ -27,8 +26,9 @@ from cmw_vllm.gateway.body import BodyBudget, find_model, read_body
 from cmw_vllm.gateway.client import UpstreamPool, UpstreamResponse
 from cmw_vllm.gateway.control import install as install_control
 from cmw_vllm.gateway.control import is_control_path
-from cmw_vllm.gateway.edge import EDGE_KEY, SERVER_NAME, BodyTimeout, Edge
-from cmw_vllm.gateway.headers import TrustedProxies, forward_headers, reply_headers
+from cmw_vllm.gateway.edge import EDGE_KEY, LANE_KEY, SERVER_NAME, BodyTimeout, Edge
+from cmw_vllm.gateway.headers import TrustedProxies, forward_headers, key_ok, reply_headers
+from cmw_vllm.gateway.lane import Lane
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.origin import install as install_web_gate
 from cmw_vllm.gateway.pool import READY, Backend, Pool
@@ -70,17 +70,6 @@ def error_response(status: int, message: str, kind: str, retry_after: int | None
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     return web.json_response({"error": error}, status=status, headers=headers)
-
-
-def _key_ok(request: web.Request, keys: frozenset[str]) -> bool:
-    given = request.headers.get("Authorization", "")
-    token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-    token = token or request.headers.get("x-api-key", "").strip()
-    if not token:
-        return False
-    # Header bytes that are not UTF-8 arrive as surrogates: compare them as the bytes they were.
-    encoded = token.encode("utf-8", "surrogateescape")
-    return any(hmac.compare_digest(encoded, key.encode()) for key in keys)
 
 
 def _reply_headers(upstream: UpstreamResponse) -> dict[str, str]:
@@ -209,14 +198,39 @@ class Handlers:
 
     async def _forward(self, request: web.Request, backend: Backend,
                        body: bytes) -> web.StreamResponse:
+        upstream = await self.open_upstream(backend, request.method,
+                                            request.rel_url.raw_path_qs, request.headers,
+                                            request.remote or "", body)
+        try:
+            return await self._relay(request, upstream)
+        except BaseException:
+            upstream.close()  # close the connection: vLLM aborts the generation
+            raise
+        finally:
+            upstream.release()
+
+    async def open_upstream(self, backend: Backend, method: str, target: str, headers: Any,
+                            peer: str, body: bytes) -> UpstreamResponse:
+        """Send a client's request on to ``backend``; returns once its answer's head is in.
+
+        Args:
+            backend: The server (acquired).
+            method: The request's method.
+            target: Its path and query, as the client sent them.
+            headers: The client's headers (a case-insensitive multidict).
+            peer: The client's address.
+            body: The body, decoded.
+
+        Raises:
+            Refusal: The server cannot be reached (502, marked unhealthy), sent nothing in
+                time (504), or no valid answer (502); a header is not UTF-8 (400).
+        """
         assert self.upstream is not None
-        headers = forward_headers(request.headers, request.remote or "",
-                                  self.settings.upstream_key, self.trusted)
+        forwarded = forward_headers(headers, peer, self.settings.upstream_key, self.trusted)
         host, port, tls = backend.address
         try:
-            upstream = await self.upstream.request(host, port, request.method,
-                                                   request.rel_url.raw_path_qs, headers, body,
-                                                   tls)
+            return await self.upstream.request(host, port, method, target, forwarded, body,
+                                               tls)
         except GatewayUpstreamConnectError:
             self.pool.mark_unhealthy(backend)
             raise Refusal(502, f"server {backend.name!r} does not answer", "BadGatewayError",
@@ -227,13 +241,6 @@ class Handlers:
         except GatewayUpstreamError:
             raise Refusal(502, f"server {backend.name!r} failed: no valid answer",
                           "BadGatewayError") from None
-        try:
-            return await self._relay(request, upstream)
-        except BaseException:
-            upstream.close()  # close the connection: vLLM aborts the generation
-            raise
-        finally:
-            upstream.release()
 
     async def _relay(self, request: web.Request,
                      upstream: UpstreamResponse) -> web.StreamResponse:
@@ -282,7 +289,7 @@ def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path != "/health" and not is_control_path(request.path) \
-            and not _key_ok(request, request.app[SETTINGS_KEY].api_keys):
+            and not key_ok(request.headers, request.app[SETTINGS_KEY].api_keys):
         return _unauthorized(request)
     return await handler(request)
 
@@ -307,7 +314,8 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
     settings = request.app[SETTINGS_KEY]
     response: web.Response | None = None
     if settings.api_keys and request.path != "/health" \
-            and not is_control_path(request.path) and not _key_ok(request, settings.api_keys):
+            and not is_control_path(request.path) \
+            and not key_ok(request.headers, settings.api_keys):
         response = _unauthorized(request)
     elif request.content_length is not None and request.content_length > \
             settings.max_body_bytes:
@@ -348,11 +356,12 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
                           handler_args={"auto_decompress": False})
     handlers = Handlers(settings, pool or Pool(settings, metrics), metrics)
     handlers.pool.metrics = metrics
-    install_web_gate(app, settings)
+    gate = install_web_gate(app, settings)
     app[SETTINGS_KEY] = settings
     app[POOL_KEY] = handlers.pool
     app[METRICS_KEY] = metrics
-    app[EDGE_KEY] = Edge(settings, metrics)
+    app[EDGE_KEY] = edge = Edge(settings, metrics)
+    app[LANE_KEY] = Lane(handlers, edge, None if gate.open else gate, FORWARD_PATHS)
     route = functools.partial(app.router.add_route, expect_handler=_expect_continue)
     route("GET", "/health", handlers.health)
     route("GET", "/metrics", handlers.metrics_text)
