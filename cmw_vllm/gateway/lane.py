@@ -32,12 +32,13 @@ whole when small, else streamed chunked with flow control.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
@@ -71,6 +72,7 @@ _HEAD = re.compile(_REQUEST_LINE + r"((?:\r\n" + _TOKEN
 _FIRST_LINE = re.compile(_REQUEST_LINE.encode())
 # What may stand in a head that has not all come yet.
 _HEAD_BYTES = re.compile(rb"[\t\r\n\x20-\x7e]*+")
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _RESPONSE_ID = re.compile(r"/v1/responses/[A-Za-z0-9_-]{1,200}(/cancel)?")
 # Request headers that send a request to aiohttp (lower case).
 _NOT_HERE = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade", "origin"})
@@ -167,7 +169,13 @@ class LaneProtocol(asyncio.Protocol):
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.addr = ""
-        self.buffer = b""
+        self.buffer = bytearray()
+        # The request being read: bytes of the buffer scanned for the head's end, whether
+        # its request line was checked, and once its head is parsed (request, where its body
+        # begins and ends).
+        self.scanned = 0
+        self.line_checked = False
+        self.pending: tuple[LaneRequest, int, int] | None = None
         self.task: asyncio.Task[None] | None = None
         self.handed_off = False
         self.served = 0
@@ -236,8 +244,8 @@ class LaneProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()
-        buffer = self.buffer + data if self.buffer else data
-        self.buffer = buffer
+        buffer = self.buffer
+        buffer += data  # a bytearray: bytes that come in small pieces are not copied again
         if self.task is not None:  # pipelined: it waits for the answer before it
             if len(buffer) > MAX_PIPELINED and not self.reading_paused:
                 self.reading_paused = True
@@ -251,59 +259,69 @@ class LaneProtocol(asyncio.Protocol):
         return None  # as aiohttp's protocol: the transport closes, an answer in work is cut
 
     def _next(self) -> None:
-        """Serve the request at the start of the buffer if it is whole; hand the connection
-        to aiohttp when it is not one for the lane."""
+        """Serve the request at the start of the buffer once it is whole; hand the
+        connection to aiohttp when it is not one for the lane. Each byte is scanned once
+        while a head comes in pieces."""
         buffer = self.buffer
-        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-        if end < 0:
-            if not self._may_begin(buffer):  # aiohttp answers it as soon as it can
-                self._hand_off(self.transport, buffer)  # type: ignore[arg-type]
+        pending = self.pending
+        if pending is None:
+            end = buffer.find(b"\r\n\r\n", max(0, self.scanned - 3), MAX_HEAD + 4)
+            if end < 0:
+                if not self._may_begin(self.scanned):  # aiohttp answers it at once
+                    self._hand_off(self.transport, bytes(buffer))  # type: ignore[arg-type]
+                    return
+                self.scanned = len(buffer)
+                if self.lane.edge.header_timeout > 0:
+                    self._watch_by(self.head_began + self.lane.edge.header_timeout)
+                return
+            pending = self._parse(buffer, end)
+            if pending is None:
+                self._hand_off(self.transport, bytes(buffer))  # type: ignore[arg-type]
+                return
+            self.pending = pending
+        request, body_at, total = pending
+        if len(buffer) < total:  # the body is on its way
+            if self.lane.edge.body_timeout > 0:
+                self._watch_by(self.last_read + self.lane.edge.body_timeout)
             return
-        request = self._parse(buffer, end)
-        if request is None:
-            self._hand_off(self.transport, buffer)  # type: ignore[arg-type]
+        body = bytes(buffer[body_at:total])
+        model: Any = None
+        if body[:1] == b"{":
+            with contextlib.suppress(Refusal):
+                model = json_model(body)
+        backend = self.lane.handlers.pool.acquire_ready(model) \
+            if isinstance(model, str) and model and len(model) <= MAX_MODEL_CHARS else None
+        if backend is None:  # no model, not JSON, a server to start: aiohttp's path
+            self._hand_off(self.transport, bytes(buffer))  # type: ignore[arg-type]
             return
-        request, length = request
-        total = end + 4 + length
-        if len(buffer) < total:
-            return  # the body is on its way (the watchdog times it)
-        body = buffer[end + 4:total]
-        lane = self.lane
-        if body[:1] != b"{":
-            self._hand_off(self.transport, buffer)  # type: ignore[arg-type]
-            return
-        try:
-            model = json_model(body)
-        except Refusal:
-            model = None
-        if not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS:
-            self._hand_off(self.transport, buffer)  # type: ignore[arg-type]
-            return
-        backend = lane.handlers.pool.acquire_ready(model)
-        if backend is None:
-            self._hand_off(self.transport, buffer)  # type: ignore[arg-type]
-            return
-        self.buffer = buffer[total:]
+        del buffer[:total]
+        self.pending = None
+        self.scanned = 0
+        self.line_checked = False
         self.head_began = 0.0
         self.served += 1
         self.task = self.loop.create_task(self._serve(request, backend, model, body))
 
-    def _may_begin(self, partial: bytes) -> bool:
-        """Whether an incomplete head may still become one for the lane (bytes that cannot,
-        such as a bare LF or another method, go to aiohttp at once, as its parser refuses
-        them at once)."""
-        if len(partial) > MAX_HEAD or not _HEAD_BYTES.fullmatch(partial):
+    def _may_begin(self, start: int) -> bool:
+        """Whether an incomplete head may still become one for the lane, looking at what
+        came from ``start`` on. Bytes that cannot (a bare CR or LF, another method or route)
+        go to aiohttp at once, as its parser refuses them at once."""
+        buffer = self.buffer
+        if len(buffer) > MAX_HEAD or not _HEAD_BYTES.fullmatch(buffer, start):
             return False
-        lines = partial.count(b"\r\n")
-        if partial.count(b"\n") != lines or \
-                partial.count(b"\r") != lines + partial.endswith(b"\r"):
+        # A CR at the very end may yet be followed by its LF.
+        if _BARE_LINE_END.search(buffer, max(0, start - 1),
+                                 len(buffer) - buffer.endswith(b"\r")):
             return False
-        line_end = partial.find(b"\r\n")
+        if self.line_checked:
+            return True
+        line_end = buffer.find(b"\r\n", max(0, start - 1))
         if line_end < 0:
-            return b"POST /".startswith(partial[:6]) or b"GET /v".startswith(partial[:6])
-        line = _FIRST_LINE.fullmatch(partial, 0, line_end)
-        return line is not None and self._routed(line.group(1).decode(),
-                                                 line.group(2).decode())
+            return b"POST /".startswith(buffer[:6]) or b"GET /v".startswith(buffer[:6])
+        line = _FIRST_LINE.fullmatch(buffer, 0, line_end)
+        self.line_checked = line is not None and self._routed(line.group(1).decode(),
+                                                              line.group(2).decode())
+        return self.line_checked
 
     def _routed(self, method: str, target: str) -> bool:
         """Whether the lane takes ``method`` requests for ``target``."""
@@ -313,9 +331,9 @@ class LaneProtocol(asyncio.Protocol):
                                                     and match.group(1))
         return bool((match := _RESPONSE_ID.fullmatch(path)) and not match.group(1))
 
-    def _parse(self, buffer: bytes, end: int) -> tuple[LaneRequest, int] | None:
-        """The request whose head ends at ``end``, and its body's length; None when it is
-        not one for the lane."""
+    def _parse(self, buffer: bytearray, end: int) -> tuple[LaneRequest, int, int] | None:
+        """The request whose head ends at ``end``, where its body begins and ends; None
+        when it is not one for the lane."""
         try:
             text = buffer[:end].decode("ascii")
         except UnicodeDecodeError:
@@ -360,15 +378,16 @@ class LaneProtocol(asyncio.Protocol):
             return None
         if lane.keys and not key_ok(headers, lane.keys):
             return None
-        return LaneRequest(method, target, headers, self.addr,
-                           self.transport, close), length  # type: ignore[arg-type]
+        request = LaneRequest(method, target, headers, self.addr,
+                              self.transport, close)  # type: ignore[arg-type]
+        return request, end + 4, end + 4 + length
 
     def _hand_off(self, transport: asyncio.BaseTransport, data: bytes,
                   admitted: bool = True) -> None:
         """Give the connection to aiohttp's protocol from ``data`` on (the start of a
         request it has not answered); it stays there."""
         self.handed_off = True
-        self.buffer = b""
+        self.buffer = bytearray()
         if admitted:
             self._forget()  # the edge handler admits it again
         handler = self.server.aiohttp_protocol()
@@ -388,6 +407,14 @@ class LaneProtocol(asyncio.Protocol):
 
     def _arm(self, delay: float) -> None:
         self.watch = self.loop.call_later(max(delay, 0.05), self._tick)
+
+    def _watch_by(self, deadline: float) -> None:
+        """Make the watchdog look again by ``deadline`` at the latest."""
+        watch = self.watch
+        if watch is None or watch.when() > deadline + 0.05:
+            if watch is not None:
+                watch.cancel()
+            self._arm(deadline - self.loop.time())
 
     def _tick(self) -> None:
         """Close a connection whose head is slow or whose keep-alive is over; answer 408 to a
@@ -409,8 +436,7 @@ class LaneProtocol(asyncio.Protocol):
                 return
             self._arm(left)
             return
-        end = self.buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-        if end < 0:  # a head on its way
+        if self.pending is None:  # a head on its way
             if edge.header_timeout <= 0:
                 self._arm(KEEPALIVE_S)
                 return
