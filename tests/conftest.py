@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -316,3 +316,13 @@ def notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
     sock.bind(path)
     sock.settimeout(30)
     return sock, path
+
+
+@pytest.fixture
+def edge_gateway() -> Iterator[Callable[..., Any]]:
+    """Gateways in threads with stand-in upstreams added as server ``stub``
+    (``tests.gateway_harness.stub_gateway_maker``)."""
+    from tests.gateway_harness import stub_gateway_maker
+
+    with stub_gateway_maker() as make:
+        yield make

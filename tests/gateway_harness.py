@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -83,3 +84,101 @@ def gateway_maker(**defaults: Any) -> Iterator[Callable[..., GatewayThread]]:
     finally:
         for gw in made:
             gw.close()
+
+
+# ----------------------------------------------------------------- stand-in upstreams
+
+def _read_head(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return head
+
+
+class Upstream:
+    """A one-thread-per-connection HTTP server whose answer is ``respond(conn)``; it keeps
+    the request heads it got."""
+
+    def __init__(self, respond: Callable[[socket.socket], None]) -> None:
+        self.respond = respond
+        self.heads: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            head = _read_head(conn)
+            if not head:
+                return
+            self.heads.append(head)
+            with contextlib.suppress(OSError):
+                self.respond(conn)
+
+    def header_names(self, index: int = -1) -> dict[str, str]:
+        """The headers of a request it got (lower-case names)."""
+        lines = self.heads[index].decode("latin-1").split("\r\n")[1:]
+        return {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def stub_gateway_maker() -> Iterator[Callable[..., GatewayThread]]:
+    """``make(respond=None, **settings)``: gateways with a stand-in upstream answering with
+    ``respond(conn)`` added as server ``stub`` (no health rounds); all closed on exit."""
+    from cmw_vllm.gateway.pool import Backend
+    from tests.conftest import free_port
+
+    made: list[GatewayThread] = []
+    stubs: list[Upstream] = []
+
+    def make(respond: Callable[[socket.socket], None] | None = None,
+             **kw: Any) -> GatewayThread:
+        kw.setdefault("health_interval", 3600.0)
+        gw = GatewayThread(GatewaySettings(port=free_port(), **kw))
+        made.append(gw)
+        if respond is not None:
+            stub = Upstream(respond)
+            stubs.append(stub)
+            gw.stub = stub  # type: ignore[attr-defined]
+
+            async def add() -> None:
+                assert gw.pool is not None
+                gw.pool.backends["stub"] = Backend("stub", stub.url, ("stub",), owned=False,
+                                                   pid=0, ttl=0.0)
+                gw.pool._reindex()
+
+            gw.call(add())
+        return gw
+
+    try:
+        yield make
+    finally:
+        for gw in made:
+            gw.close()
+        for stub in stubs:
+            stub.close()

@@ -133,8 +133,17 @@ def _check_utf8(name: str, value: str) -> None:
 
 
 def reply_headers(headers: Any) -> dict[str, str]:
-    """The headers of a server's answer that go back to the client."""
+    """The headers of a server's answer that go back to the client.
+
+    Raises:
+        Refusal: A value holds a CR or LF (a 502: relayed, it would split the answer).
+    """
     drop = DROP_RESPONSE
     if "Connection" in headers:
         drop = drop | connection_tokens(headers)
-    return {k: v for k, v in headers.items() if k.lower() not in drop}
+    kept = {k: v for k, v in headers.items() if k.lower() not in drop}
+    for value in kept.values():
+        if "\n" in value or "\r" in value:
+            raise Refusal(502, "the server's answer has a header with a line break",
+                          "BadGatewayError")
+    return kept

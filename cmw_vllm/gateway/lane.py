@@ -67,9 +67,10 @@ _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
 # The whole head, decoded as ASCII: request line, then fields. Possessive quantifiers: the
 # match is linear, whatever the input.
 _REQUEST_LINE = r"(POST|GET) (/[A-Za-z0-9._~!$&'()*+,;=:@/%?-]{0,8000}+) HTTP/1\.1"
-_HEAD = re.compile(_REQUEST_LINE + r"((?:\r\n" + _TOKEN
-                   + r"{1,256}+:[\t\x20-\x7e]{0,8000}+)*+)")
+_FIELD = _TOKEN + r"{1,256}+:[\t\x20-\x7e]{0,8000}+"
+_HEAD = re.compile(_REQUEST_LINE + r"((?:\r\n" + _FIELD + r")*+)")
 _FIRST_LINE = re.compile(_REQUEST_LINE.encode())
+_FIELD_LINE = re.compile(_FIELD.encode())
 # What may stand in a head that has not all come yet.
 _HEAD_BYTES = re.compile(rb"[\t\r\n\x20-\x7e]*+")
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -140,6 +141,7 @@ class Lane:
         self.max_body = min(INLINE_BYTES, handlers.settings.max_body_bytes)
         self.connections: set[LaneProtocol] = set()
         self.closing = False
+        self.served = 0  # requests the lane took (the rest went to aiohttp)
 
     def pre_shutdown(self) -> None:
         """Stop taking requests: idle connections close now, busy ones after their answer
@@ -170,11 +172,11 @@ class LaneProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.addr = ""
         self.buffer = bytearray()
-        # The request being read: bytes of the buffer scanned for the head's end, whether
-        # its request line was checked, and once its head is parsed (request, where its body
-        # begins and ends).
+        # The request being read: bytes of the buffer scanned for the head's end, where its
+        # checked lines end (while it comes in pieces), and once its head is parsed: the
+        # request, where its body begins and ends.
         self.scanned = 0
-        self.line_checked = False
+        self.lines_end = 0
         self.pending: tuple[LaneRequest, int, int] | None = None
         self.task: asyncio.Task[None] | None = None
         self.handed_off = False
@@ -296,16 +298,17 @@ class LaneProtocol(asyncio.Protocol):
             return
         del buffer[:total]
         self.pending = None
-        self.scanned = 0
-        self.line_checked = False
+        self.scanned = self.lines_end = 0
         self.head_began = 0.0
         self.served += 1
+        self.lane.served += 1
         self.task = self.loop.create_task(self._serve(request, backend, model, body))
 
     def _may_begin(self, start: int) -> bool:
         """Whether an incomplete head may still become one for the lane, looking at what
-        came from ``start`` on. Bytes that cannot (a bare CR or LF, another method or route)
-        go to aiohttp at once, as its parser refuses them at once."""
+        came from ``start`` on. What cannot (a bare CR or LF, a bad byte, a malformed line,
+        another method or route) goes to aiohttp at once, as its parser refuses much of it
+        at once."""
         buffer = self.buffer
         if len(buffer) > MAX_HEAD or not _HEAD_BYTES.fullmatch(buffer, start):
             return False
@@ -313,15 +316,18 @@ class LaneProtocol(asyncio.Protocol):
         if _BARE_LINE_END.search(buffer, max(0, start - 1),
                                  len(buffer) - buffer.endswith(b"\r")):
             return False
-        if self.line_checked:
-            return True
-        line_end = buffer.find(b"\r\n", max(0, start - 1))
-        if line_end < 0:
-            return b"POST /".startswith(buffer[:6]) or b"GET /v".startswith(buffer[:6])
-        line = _FIRST_LINE.fullmatch(buffer, 0, line_end)
-        self.line_checked = line is not None and self._routed(line.group(1).decode(),
-                                                              line.group(2).decode())
-        return self.line_checked
+        pos = self.lines_end
+        while (line_end := buffer.find(b"\r\n", pos)) >= 0:
+            if pos == 0:
+                line = _FIRST_LINE.fullmatch(buffer, 0, line_end)
+                if line is None or not self._routed(line.group(1).decode(),
+                                                    line.group(2).decode()):
+                    return False
+            elif not _FIELD_LINE.fullmatch(buffer, pos, line_end):
+                return False
+            pos = line_end + 2
+        self.lines_end = pos
+        return pos > 0 or b"POST /".startswith(buffer[:6]) or b"GET /v".startswith(buffer[:6])
 
     def _routed(self, method: str, target: str) -> bool:
         """Whether the lane takes ``method`` requests for ``target``."""
@@ -542,11 +548,8 @@ class LaneProtocol(asyncio.Protocol):
             lines.append(framing)
         if close:
             lines.append("Connection: close")
-        text = "\r\n".join(lines)
-        if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
-            raise Refusal(502, "the server's answer has a header with a line break",
-                          "BadGatewayError")
-        return _status_line(status) + text.encode("latin-1") + b"\r\n\r\n"
+        # (reply_headers refused values with line breaks)
+        return _status_line(status) + "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n"
 
     async def _relay(self, request: LaneRequest, upstream: UpstreamResponse) -> bytes:
         """Relay the answer; returns its last bytes, for the caller to write."""
