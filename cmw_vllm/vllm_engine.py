@@ -45,7 +45,9 @@ def find_engine_python() -> str:
         path = shutil.which(explicit) or explicit
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise EnvironmentProblem(f"{PYTHON_ENV}={explicit} is not an executable file")
-        return path
+        # A relative path means this directory: the server's supervisor runs elsewhere. (Not
+        # resolved: a venv's python is a link out of the venv.)
+        return os.path.abspath(path)
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
     beside = checkout_engine_python()

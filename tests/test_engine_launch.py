@@ -127,6 +127,18 @@ def test_vllm_found_in_the_venv_beside_the_checkout(checkout: Path, tmp_path: Pa
     assert find_engine_python() == sys.executable
 
 
+def test_a_relative_engine_python_is_taken_from_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CMW_VLLM_PYTHON", "venv/bin/python")
+    # Absolute, so that the supervisor (another working directory) finds it; still the
+    # venv's link, not its target.
+    assert find_engine_python() == str(venv_bin / "python")
+
+
 def test_no_checkout_no_venv_beside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Installed into site-packages (no pyproject.toml above the package): a .venv-vllm
     there is not taken for vLLM's."""

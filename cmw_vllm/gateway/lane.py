@@ -168,7 +168,7 @@ class LaneProtocol(asyncio.Protocol):
     def __init__(self, server: EdgeServer, lane: Lane) -> None:
         self.server = server
         self.lane = lane
-        self.loop = asyncio.get_event_loop()
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.addr = ""
         self.buffer = bytearray()
@@ -302,6 +302,7 @@ class LaneProtocol(asyncio.Protocol):
         self.head_began = 0.0
         self.served += 1
         self.lane.served += 1
+        self.lane.handlers.active[id(request)] = request  # in the drain from now on
         self.task = self.loop.create_task(self._serve(request, backend, model, body))
 
     def _may_begin(self, start: int) -> bool:
@@ -484,7 +485,6 @@ class LaneProtocol(asyncio.Protocol):
         status = 499  # the client went away (nginx's code) unless we learn otherwise
         last = b""
         close = request.close
-        handlers.active[id(request)] = request
         try:
             try:
                 upstream = await handlers.open_upstream(backend, request.method,
