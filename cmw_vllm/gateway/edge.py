@@ -1,7 +1,9 @@
 """The gateway's connection edge: what happens to a connection before a route handler runs.
 
-aiohttp's server protocol is kept, with what a front door needs on top (nginx's defaults in
-brackets):
+A connection starts in the fast lane (:mod:`cmw_vllm.gateway.lane`), which gives it to
+aiohttp's protocol at its first request the lane does not take. aiohttp's server protocol is
+kept, with what a front door needs on top (nginx's defaults in brackets; the lane keeps the
+same limits for its own requests):
 
 - a request head must arrive within ``header_timeout`` of the connection [client_header_
   timeout 60 s], and a body may pause at most ``body_timeout`` between two reads

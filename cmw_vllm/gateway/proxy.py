@@ -6,6 +6,11 @@ cancels the handler and closes the upstream request at once, and vLLM stops gene
 it. Requests go to the servers through :mod:`cmw_vllm.gateway.client` (no connection cap
 unless ``max_connections``, a per-read timeout: long generations are fine, a silent server
 is not).
+
+Ordinary inference requests to a ready server do not reach these handlers: the fast lane
+(:mod:`cmw_vllm.gateway.lane`) serves them on its own protocol, through
+:meth:`Handlers.open_upstream`, the same pool, metrics and drain. Every other request,
+and every connection from its first request the lane does not take, is aiohttp's.
 """
 
 from __future__ import annotations
