@@ -151,34 +151,29 @@ def stub_gateway_maker() -> Iterator[Callable[..., GatewayThread]]:
     """``make(respond=None, **settings)``: gateways with a stand-in upstream answering with
     ``respond(conn)`` added as server ``stub`` (no health rounds); all closed on exit."""
     from cmw_vllm.gateway.pool import Backend
-    from tests.conftest import free_port
 
-    made: list[GatewayThread] = []
     stubs: list[Upstream] = []
+    with gateway_maker(health_interval=3600.0) as make_gateway:
 
-    def make(respond: Callable[[socket.socket], None] | None = None,
-             **kw: Any) -> GatewayThread:
-        kw.setdefault("health_interval", 3600.0)
-        gw = GatewayThread(GatewaySettings(port=free_port(), **kw))
-        made.append(gw)
-        if respond is not None:
-            stub = Upstream(respond)
-            stubs.append(stub)
-            gw.stub = stub  # type: ignore[attr-defined]
+        def make(respond: Callable[[socket.socket], None] | None = None,
+                 **kw: Any) -> GatewayThread:
+            gw = make_gateway(**kw)
+            if respond is not None:
+                stub = Upstream(respond)
+                stubs.append(stub)
+                gw.stub = stub  # type: ignore[attr-defined]
 
-            async def add() -> None:
-                assert gw.pool is not None
-                gw.pool.backends["stub"] = Backend("stub", stub.url, ("stub",), owned=False,
-                                                   pid=0, ttl=0.0)
-                gw.pool._reindex()
+                async def add() -> None:
+                    assert gw.pool is not None
+                    gw.pool.backends["stub"] = Backend("stub", stub.url, ("stub",),
+                                                       owned=False, pid=0, ttl=0.0)
+                    gw.pool._reindex()
 
-            gw.call(add())
-        return gw
+                gw.call(add())
+            return gw
 
-    try:
-        yield make
-    finally:
-        for gw in made:
-            gw.close()
-        for stub in stubs:
-            stub.close()
+        try:
+            yield make
+        finally:
+            for stub in stubs:
+                stub.close()

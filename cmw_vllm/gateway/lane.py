@@ -40,6 +40,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+from aiohttp.tcp_helpers import tcp_keepalive
 from multidict import CIMultiDict
 
 from cmw_vllm.errors import GatewayRefusal as Refusal
@@ -61,7 +62,7 @@ logger = logging.getLogger(__name__)
 MAX_HEAD = 16 * 1024  # a larger head goes to aiohttp (its limit is 8190 bytes a line)
 MAX_FIELDS = 100  # more header fields go to aiohttp (its limit is 128)
 MAX_PIPELINED = 2 * INLINE_BYTES  # bytes held while a request is served, then reading pauses
-WHOLE_BODY_LIMIT = 1 << 20  # answers up to this size are relayed in one write (as aiohttp's)
+WHOLE_BODY_LIMIT = 1 << 20  # answers up to this size are relayed in one write
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
 # The whole head, decoded as ASCII: request line, then fields. Possessive quantifiers: the
@@ -103,6 +104,25 @@ def _date() -> str:
     if now != _date_second:
         _date_second, _date_text = now, formatdate(now, usegmt=True)
     return _date_text
+
+
+async def small_answer(upstream: UpstreamResponse) -> bytes | None:
+    """The whole body of an answer that is relayed in one write (not a stream, known to be
+    at most ``WHOLE_BODY_LIMIT``); None for one that is streamed.
+
+    Raises:
+        Refusal: The server stopped sending (504) or broke off (502, as nginx).
+    """
+    length = upstream.content_length
+    if length is None or length > WHOLE_BODY_LIMIT \
+            or "text/event-stream" in upstream.headers.get("Content-Type", ""):
+        return None
+    try:
+        return await upstream.read()
+    except TimeoutError:
+        raise Refusal(504, "the server stopped sending", "GatewayTimeoutError") from None
+    except GatewayUpstreamError:  # it closed or reset mid-reply (nginx: 502)
+        raise Refusal(502, "the server broke off its answer", "BadGatewayError") from None
 
 
 class LaneRequest:
@@ -198,6 +218,7 @@ class LaneProtocol(asyncio.Protocol):
             self._hand_off(transport, b"", admitted=False)
             return
         self.transport = transport  # type: ignore[assignment]
+        tcp_keepalive(transport)  # type: ignore[arg-type]  # as aiohttp's protocol does
         self.lane.connections.add(self)
         self.born = self.last_read = self.idle_since = self.loop.time()
         self._arm(self._first_wait())
@@ -557,22 +578,10 @@ class LaneProtocol(asyncio.Protocol):
         assert transport is not None
         headers = reply_headers(upstream.headers)
         status = upstream.status
-        length = upstream.content_length
-        streaming = "text/event-stream" in upstream.headers.get("Content-Type", "")
-        if status in (204, 304):
-            await upstream.read()
-            return self._head(status, headers, "", request.close)
-        if not streaming and length is not None and length <= WHOLE_BODY_LIMIT:
-            try:
-                data = await upstream.read()
-            except TimeoutError:
-                raise Refusal(504, "the server stopped sending", "GatewayTimeoutError") \
-                    from None
-            except GatewayUpstreamError:  # it closed or reset mid-reply (nginx: 502)
-                raise Refusal(502, "the server broke off its answer", "BadGatewayError") \
-                    from None
-            return self._head(status, headers, f"Content-Length: {len(data)}",
-                              request.close) + data
+        data = await small_answer(upstream)
+        if data is not None:
+            framing = "" if status in (204, 304) else f"Content-Length: {len(data)}"
+            return self._head(status, headers, framing, request.close) + data
         headers["X-Accel-Buffering"] = "no"
         transport.write(self._head(status, headers, "Transfer-Encoding: chunked",
                                    request.close))

@@ -33,7 +33,7 @@ from cmw_vllm.gateway.control import install as install_control
 from cmw_vllm.gateway.control import is_control_path
 from cmw_vllm.gateway.edge import EDGE_KEY, LANE_KEY, SERVER_NAME, BodyTimeout, Edge
 from cmw_vllm.gateway.headers import TrustedProxies, forward_headers, key_ok, reply_headers
-from cmw_vllm.gateway.lane import Lane
+from cmw_vllm.gateway.lane import Lane, small_answer
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.origin import install as install_web_gate
 from cmw_vllm.gateway.pool import READY, Backend, Pool
@@ -54,7 +54,6 @@ FORWARD_PATHS = frozenset({
     "/inference/v1/generate",
 })
 RESPONSE_ID_PATH = re.compile(r"/v1/responses/[A-Za-z0-9_-]{1,200}(/cancel)?")
-WHOLE_BODY_LIMIT = 1 << 20  # upstream answers up to this size are relayed in one write
 # vLLM closes a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
 # the gateway reuses one for less, so that it never sends on a connection vLLM is closing.
 UPSTREAM_KEEPALIVE = 3.0
@@ -250,17 +249,8 @@ class Handlers:
     async def _relay(self, request: web.Request,
                      upstream: UpstreamResponse) -> web.StreamResponse:
         headers = _reply_headers(upstream)
-        length = upstream.content_length
-        streaming = "text/event-stream" in upstream.headers.get("Content-Type", "")
-        if not streaming and length is not None and length <= WHOLE_BODY_LIMIT:
-            try:
-                data = await upstream.read()
-            except TimeoutError:
-                raise Refusal(504, "the server stopped sending", "GatewayTimeoutError") \
-                    from None
-            except GatewayUpstreamError:  # it closed or reset mid-reply (nginx: 502)
-                raise Refusal(502, "the server broke off its answer", "BadGatewayError") \
-                    from None
+        data = await small_answer(upstream)
+        if data is not None:
             return web.Response(body=data, status=upstream.status, headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         response.headers["X-Accel-Buffering"] = "no"
