@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from cmw_vllm.gateway.edge import EdgeRunner
+from cmw_vllm.gateway.edge import LANE_KEY, EdgeRunner
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.pool import Pool
 from cmw_vllm.gateway.proxy import build_app
@@ -20,10 +20,13 @@ from cmw_vllm.gateway.settings import GatewaySettings
 
 class GatewayThread:
     """A gateway serving on ``settings.port`` until :meth:`close` (servers it started are
-    stopped then, as on SIGTERM)."""
+    stopped then, as on SIGTERM). With ``lane=False`` every connection is aiohttp's from its
+    first byte (the gateway as it was before its fast lane: for comparing the two)."""
 
-    def __init__(self, settings: GatewaySettings, **pool_kwargs: Any) -> None:
+    def __init__(self, settings: GatewaySettings, lane: bool = True,
+                 **pool_kwargs: Any) -> None:
         self.settings = settings
+        self.lane = lane
         self.url = f"http://127.0.0.1:{settings.port}"
         self.loop = asyncio.new_event_loop()
         self.metrics = Metrics()
@@ -39,6 +42,8 @@ class GatewayThread:
         asyncio.set_event_loop(self.loop)
         self.pool = Pool(self.settings, self.metrics, **self._pool_kwargs)
         app = build_app(self.settings, self.pool, self.metrics)
+        if not self.lane:
+            del app[LANE_KEY]
         self.runner = EdgeRunner(app, shutdown_timeout=2.0)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", self.settings.port)
@@ -60,22 +65,23 @@ class GatewayThread:
         self._thread.join(30)
 
 
-# Pool arguments a test may pass to ``make`` beside the settings.
-_POOL_KWARGS = ("fit_check", "manager")
+# Arguments a test may pass to ``make`` beside the settings.
+_THREAD_KWARGS = ("fit_check", "manager", "lane")
 
 
 @contextlib.contextmanager
 def gateway_maker(**defaults: Any) -> Iterator[Callable[..., GatewayThread]]:
     """``make(**kw)`` starts a gateway on a free port with ``defaults`` updated by ``kw``
-    (settings fields, or ``fit_check``/``manager`` for its pool); all are closed on exit."""
+    (settings fields, ``fit_check``/``manager`` for its pool, or ``lane``); all are closed
+    on exit."""
     from tests.conftest import free_port
 
     made: list[GatewayThread] = []
 
     def make(**kw: Any) -> GatewayThread:
         kw = {"port": free_port(), **defaults, **kw}
-        pool_kwargs = {k: kw.pop(k) for k in _POOL_KWARGS if k in kw}
-        gw = GatewayThread(GatewaySettings(**kw), **pool_kwargs)
+        thread_kwargs = {k: kw.pop(k) for k in _THREAD_KWARGS if k in kw}
+        gw = GatewayThread(GatewaySettings(**kw), **thread_kwargs)
         made.append(gw)
         return gw
 

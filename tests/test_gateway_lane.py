@@ -263,3 +263,97 @@ def test_closed_lane_connections_give_back_their_place_under_the_cap(
             sock.close()
         wait_until(lambda: not gw.runner.server.edge.connections, 10)  # type: ignore[union-attr]
     assert _lane(gw).served == 6
+
+
+# ----------------------------------------------------------------- the lane against aiohttp
+
+_ODD_BYTES = b"\x00\x01\x7f\x80\xff\r\n \t:;,\"%?/=aZ9-"
+
+
+def _mutants(seed: int, count: int) -> list[bytes]:
+    """``count`` requests made from an ordinary one by changing, adding or removing one byte
+    of its head, or by doubling or dropping one of its header lines (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    base = _request(b"Connection: keep-alive\r\n", close=True)
+    head_end = base.index(b"\r\n\r\n")
+    out = []
+    for _ in range(count):
+        data = bytearray(base)
+        kind = rng.randrange(5)
+        if kind == 3:  # a header line twice
+            lines = base[:head_end].split(b"\r\n")
+            pick = rng.randrange(1, len(lines))
+            lines.insert(pick, lines[pick])
+            out.append(b"\r\n".join(lines) + base[head_end:])
+            continue
+        if kind == 4:  # a header line less
+            lines = base[:head_end].split(b"\r\n")
+            del lines[rng.randrange(1, len(lines))]
+            out.append(b"\r\n".join(lines) + base[head_end:])
+            continue
+        at = rng.randrange(head_end)
+        byte = _ODD_BYTES[rng.randrange(len(_ODD_BYTES))]
+        if kind == 0:
+            data[at] = byte
+        elif kind == 1:
+            data.insert(at, byte)
+        else:
+            del data[at]
+        out.append(bytes(data))
+    return out
+
+
+def _outcome(port: int, data: bytes) -> str:
+    """The status the gateway answered ``data`` with, ``closed`` or ``waits`` (nothing
+    within a second: it waits for bytes that will not come)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.settimeout(1.0)
+        try:
+            answer = sock.recv(65536)
+        except TimeoutError:
+            return "waits"
+        except ConnectionResetError:
+            return "closed"
+    return answer.split(b" ", 2)[1].decode() if answer else "closed"
+
+
+def _without_host(head: bytes) -> bytes:
+    """A forwarded head without its Host line (it names each gateway's own stand-in)."""
+    return b"\r\n".join(line for line in head.split(b"\r\n")
+                         if not line.lower().startswith(b"host:"))
+
+
+def test_the_lane_knows_the_headers_aiohttp_refuses_twice() -> None:
+    from aiohttp.http_parser import SINGLETON_HEADERS
+
+    from cmw_vllm.gateway.lane import SINGLETONS
+
+    assert {name.lower() for name in SINGLETON_HEADERS} == SINGLETONS
+
+
+def test_mutated_requests_get_the_same_answer_from_the_lane_as_from_aiohttp(
+        edge_gateway: Any) -> None:
+    """A differential test: 150 requests, each an ordinary one with one byte or line
+    changed, go to a gateway with its lane and to one without (aiohttp's path only). Both
+    must answer each with the same status (or both wait), and forward the same head to the
+    server when they forward one."""
+    with_lane = edge_gateway(answer_ok, api_keys=frozenset({KEY}), header_timeout=30.0)
+    without = edge_gateway(answer_ok, api_keys=frozenset({KEY}), header_timeout=30.0,
+                           lane=False)
+    differ = []
+    for data in _mutants(seed=19, count=150):
+        heads = len(with_lane.stub.heads), len(without.stub.heads)  # type: ignore[attr-defined]
+        got = _outcome(_port(with_lane), data), _outcome(_port(without), data)
+        if got[0] != got[1]:
+            differ.append((data[:160], got))
+            continue
+        new = [[_without_host(head) for head in gw.stub.heads[n:]]  # type: ignore[attr-defined]
+               for gw, n in ((with_lane, heads[0]), (without, heads[1]))]
+        if new[0] != new[1]:
+            differ.append((data[:160], new))
+    assert not differ, "\n".join(repr(d) for d in differ[:8])
+    assert _lane(with_lane).served > 40  # most mutants still are requests the lane takes
+    assert without.runner.server.lane is None  # type: ignore[union-attr]

@@ -78,6 +78,11 @@ _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _RESPONSE_ID = re.compile(r"/v1/responses/[A-Za-z0-9_-]{1,200}(/cancel)?")
 # Request headers that send a request to aiohttp (lower case).
 _NOT_HERE = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade", "origin"})
+# Headers aiohttp's parser refuses to see twice (its SINGLETON_HEADERS): twice, they send the
+# request to aiohttp, for its 400.
+SINGLETONS = frozenset({"content-length", "content-location", "content-range", "content-type",
+                        "etag", "host", "max-forwards", "server", "transfer-encoding",
+                        "user-agent"})
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -382,24 +387,26 @@ class LaneProtocol(asyncio.Protocol):
         lane = self.lane
         length = 0
         close = False
-        for name in headers:
+        once: set[str] = set()
+        for name, value in headers.items():
             lower = name.lower()
+            if lower in SINGLETONS:
+                if lower in once:
+                    return None
+                once.add(lower)
             if lower in _NOT_HERE:
                 return None
             if lower == "content-length":
-                values = headers.getall(name)
-                if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 10:
+                if not value.isdigit() or len(value) > 10:
                     return None
-                length = int(values[0])
+                length = int(value)
             elif lower == "connection":
                 tokens = {t.strip().lower() for v in headers.getall(name) for t in v.split(",")}
                 if "upgrade" in tokens:
                     return None
                 close = "close" in tokens
-            elif lower == "host" and len(headers.getall(name)) > 1:
-                return None
-        if length > lane.max_body or (method == "GET" and length):
-            return None
+        if "host" not in once or length > lane.max_body or (method == "GET" and length):
+            return None  # (HTTP/1.1 without a Host is aiohttp's 400)
         gate = lane.gate
         if gate is not None and (not gate.host_ok(headers.get("Host"))
                                  or headers.get("Sec-Fetch-Site") == "cross-site"):
