@@ -29,7 +29,7 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -37,7 +37,6 @@ from aiohttp.web_protocol import RequestHandler
 from cmw_vllm.errors import GatewayBodyTimeout as BodyTimeout
 
 if TYPE_CHECKING:
-    from cmw_vllm.gateway.lane import Lane
     from cmw_vllm.gateway.metrics import Metrics
     from cmw_vllm.gateway.settings import GatewaySettings
 
@@ -177,8 +176,23 @@ def per_client_cap(setting: int) -> int:
     return max(1, min(setting, soft // 4))
 
 
+class ConnectionLane(Protocol):
+    """What makes a connection's first protocol instead of aiohttp's (the fast lane,
+    :class:`cmw_vllm.gateway.lane.Lane`), and closes its connections on shutdown."""
+
+    def protocol(self, server: EdgeServer) -> asyncio.Protocol:
+        """The protocol of a new connection (it may hand the connection to
+        ``server.aiohttp_protocol()``)."""
+
+    def pre_shutdown(self) -> None:
+        """Close idle connections; busy ones after their answer."""
+
+    def shutdown(self) -> None:
+        """Close every connection left."""
+
+
 EDGE_KEY: web.AppKey[Edge] = web.AppKey("edge", Edge)
-LANE_KEY: web.AppKey[Lane] = web.AppKey("lane")
+LANE_KEY: web.AppKey[ConnectionLane] = web.AppKey("lane")
 
 _OVER_CAP = (b"HTTP/1.1 503 Service Unavailable\r\nServer: " + SERVER_NAME.encode()
              + b"\r\nContent-Type: application/json\r\nRetry-After: 5\r\nConnection: close\r\n"
@@ -327,13 +341,11 @@ class EdgeServer(web.Server):
     connections to :class:`EdgeHandler` protocols; only those without a lane."""
 
     edge: Edge
-    lane: Lane | None
+    lane: ConnectionLane | None
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
         if self.lane is not None:
-            from cmw_vllm.gateway.lane import LaneProtocol
-
-            return LaneProtocol(self, self.lane)
+            return self.lane.protocol(self)
         return self.aiohttp_protocol()
 
     def aiohttp_protocol(self) -> RequestHandler:

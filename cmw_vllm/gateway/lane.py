@@ -168,6 +168,10 @@ class Lane:
         self.closing = False
         self.served = 0  # requests the lane took (the rest went to aiohttp)
 
+    def protocol(self, server: EdgeServer) -> LaneProtocol:
+        """The protocol of a new connection: it starts in the lane."""
+        return LaneProtocol(server, self)
+
     def pre_shutdown(self) -> None:
         """Stop taking requests: idle connections close now, busy ones after their answer
         (the drain bounds how long that may take)."""
