@@ -30,10 +30,11 @@ from typing import Any
 
 from cmw_vllm import paths
 from cmw_vllm.errors import EnvironmentProblem
+from cmw_vllm.settings import ENGINE_ENV_PREFIXES
 
 API_KEY_VAR = "VLLM_API_KEY"
 # The variables a start keeps for restart: those that shape vLLM, the Hub and cmw-vllm.
-KEPT_PREFIXES = ("VLLM_", "CMW_VLLM_", "HF_", "HUGGING_FACE_")
+KEPT_PREFIXES = ENGINE_ENV_PREFIXES
 KEPT_NAMES = ("CUDA_VISIBLE_DEVICES",)
 # Never kept: where the state lives is this shell's; the API key has its own file.
 NOT_KEPT = ("CMW_VLLM_HOME", "CMW_VLLM_ENV_FILE", API_KEY_VAR)

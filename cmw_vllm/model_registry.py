@@ -26,10 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cmw_vllm import paths
 from cmw_vllm.errors import ConfigError, NotFoundError, UsageError
-from cmw_vllm.server_config import MANAGED_FLAGS
+from cmw_vllm.server_config import MANAGED_FLAGS, Name
 from cmw_vllm.vllm_flags import serve_flags
 from cmw_vllm.vocab import (
-    NAME_RULE,
     PORT_MAX,
     PORT_MIN,
     Convert,
@@ -38,7 +37,6 @@ from cmw_vllm.vocab import (
     Runner,
     Task,
     is_hf_id,
-    is_valid_name,
     looks_like_path,
 )
 
@@ -181,7 +179,7 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    alias: str
+    alias: Name
     model: str = Field(min_length=1)
     # Vocabulary words arrive as strings from TOML: only they are read leniently.
     task: Task = Field(Task.GENERATE, strict=False)
@@ -208,13 +206,6 @@ class ModelEntry(BaseModel):
     pin: bool = False
     max_loras: int | None = Field(None, ge=1, le=256)
     source: str = BUILTIN_SOURCE
-
-    @field_validator("alias")
-    @classmethod
-    def _check_alias(cls, value: str) -> str:
-        if not is_valid_name(value):
-            raise ValueError(NAME_RULE)
-        return value
 
     @field_validator("model")
     @classmethod
@@ -325,18 +316,11 @@ class AdapterEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    name: str
+    name: Name
     base: str = Field(min_length=1)
     source: str = Field(min_length=1)
     revision: str | None = Field(None, min_length=1)
     file: str = ""
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not is_valid_name(value):
-            raise ValueError(NAME_RULE)
-        return value
 
     @field_validator("source")
     @classmethod

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -145,12 +146,22 @@ def name_from_model(model: str) -> str:
     return base[:64]
 
 
+def _checked_name(value: str) -> str:
+    if not is_valid_name(value):
+        raise ValueError(NAME_RULE)
+    return value
+
+
+Name = Annotated[str, AfterValidator(_checked_name)]
+"""A server's, an alias's or an adapter's name: it names files in the state dir."""
+
+
 class ServerConfig(BaseModel):
     """Everything needed to launch one vLLM server."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    name: Name
     model: str = Field(min_length=1)
     served_model_name: str | None = None
     host: str = DEFAULT_HOST
@@ -169,13 +180,6 @@ class ServerConfig(BaseModel):
     drain: int = Field(DEFAULT_DRAIN, ge=0, le=86400)
     restart: RestartPolicy = RestartPolicy.NO
     lora: LoraSettings | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not is_valid_name(value):
-            raise ValueError(NAME_RULE)
-        return value
 
     @field_validator("host")
     @classmethod

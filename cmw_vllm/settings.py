@@ -37,7 +37,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Variables whose empty value means "unset" to cmw-vllm. vLLM and huggingface_hub read some
 # of them differently (``HF_HOME=''`` is a relative folder), so empty ones are not passed on.
-_EMPTY_IS_UNSET_PREFIXES = ("HF_", "HUGGING_FACE_", "VLLM_", "CMW_VLLM_")
+# The variables that shape vLLM, the Hub and cmw-vllm: set but empty, they count as unset;
+# a start keeps them for `restart` (last_start); a systemd unit passes them on.
+ENGINE_ENV_PREFIXES = ("VLLM_", "CMW_VLLM_", "HF_", "HUGGING_FACE_")
 # The gateway's own variables (its API keys, its key file): a server it starts must not see
 # them, whoever the server lets read its environment (/proc/PID/environ, a crash dump).
 NEVER_TO_ENGINE_PREFIXES = ("CMW_VLLM_GATEWAY_",)
@@ -91,7 +93,7 @@ def engine_environ(base: Mapping[str, str]) -> dict[str, str]:
     return {
         key: value
         for key, value in base.items()
-        if (value != "" or not key.startswith(_EMPTY_IS_UNSET_PREFIXES))
+        if (value != "" or not key.startswith(ENGINE_ENV_PREFIXES))
         and not key.upper().startswith(NEVER_TO_ENGINE_PREFIXES)
     }
 

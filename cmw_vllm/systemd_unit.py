@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cmw_vllm import paths
 from cmw_vllm.errors import EnvironmentProblem, NotFoundError
+from cmw_vllm.settings import ENGINE_ENV_PREFIXES
 
 if TYPE_CHECKING:
     from cmw_vllm.server_config import ServerConfig
@@ -28,8 +29,9 @@ if TYPE_CHECKING:
 UNIT_PREFIX = "cmw-vllm-"
 SYSTEM_UNIT_DIR_ENV = "CMW_VLLM_SYSTEM_UNIT_DIR"  # where --system units go (packaging, tests)
 SECRET_VARS = ("VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-# Variables the unit passes on when set here (secrets go to the env file instead).
-PASS_PREFIXES = ("CMW_VLLM_", "VLLM_", "HF_")
+# Variables the unit passes on when set here (secrets go to the env file instead): those a
+# start keeps for restart, the ones that shape vLLM, the Hub and cmw-vllm.
+PASS_PREFIXES = ENGINE_ENV_PREFIXES
 # Any passed variable whose name holds one of these is a secret too (gateway API keys, ...).
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 STOP_SLACK_S = 15  # systemd's SIGKILL comes this long after cmw-vllm's own deadline
