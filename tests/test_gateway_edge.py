@@ -210,8 +210,10 @@ def test_other_libraries_lines_lose_their_arguments_and_tracebacks() -> None:
 
 # ----------------------------------------------------------------- slow clients
 
-def test_slow_heads_and_stalled_bodies_are_cut_by_the_timeouts(edge_gateway: Any) -> None:
-    gw = edge_gateway(answer_ok, api_keys=frozenset({KEY}), header_timeout=0.5,
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+def test_slow_heads_and_stalled_bodies_are_cut_by_the_timeouts(edge_gateway: Any,
+                                                               lane: bool) -> None:
+    gw = edge_gateway(answer_ok, api_keys=frozenset({KEY}), header_timeout=0.5, lane=lane,
                       body_timeout=0.5)
     port = gw.settings.port
     begin = time.monotonic()
@@ -241,8 +243,9 @@ def test_slow_heads_and_stalled_bodies_are_cut_by_the_timeouts(edge_gateway: Any
                    auth) == 2
 
 
-def test_one_address_holds_at_most_its_connections(edge_gateway: Any) -> None:
-    gw = edge_gateway(answer_ok, max_client_connections=4)
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+def test_one_address_holds_at_most_its_connections(edge_gateway: Any, lane: bool) -> None:
+    gw = edge_gateway(answer_ok, max_client_connections=4, lane=lane)
     port = gw.settings.port
     held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
     try:
@@ -274,16 +277,20 @@ def test_the_gateway_unit_raises_the_open_files_limit(tmp_path: Path,
 
 # ----------------------------------------------------------------- errors
 
-def test_an_upstream_dying_mid_reply_is_a_json_502_counted_as_502(edge_gateway: Any) -> None:
-    gw = edge_gateway(die_mid_reply)
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+def test_an_upstream_dying_mid_reply_is_a_json_502_counted_as_502(edge_gateway: Any,
+                                                                  lane: bool) -> None:
+    gw = edge_gateway(die_mid_reply, lane=lane)
     reply = _chat(gw.url)
     assert reply.status_code == 502, reply.text
     assert reply.json()["error"]["type"] == "BadGatewayError"
     assert gw.metrics.requests == {("stub", 502): 1}
 
 
-def test_a_stream_broken_off_upstream_is_cut_and_counted_as_502(edge_gateway: Any) -> None:
-    gw = edge_gateway(die_mid_stream)
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+def test_a_stream_broken_off_upstream_is_cut_and_counted_as_502(edge_gateway: Any,
+                                                                lane: bool) -> None:
+    gw = edge_gateway(die_mid_stream, lane=lane)
     with pytest.raises(requests.exceptions.ChunkedEncodingError), \
             _chat(gw.url, stream=True) as reply:
         assert reply.status_code == 200
@@ -308,15 +315,20 @@ def test_header_bytes_that_are_not_utf8_are_a_json_400(edge_gateway: Any) -> Non
 
 # ----------------------------------------------------------------- headers
 
-def test_forwarded_headers_are_a_proxys(edge_gateway: Any) -> None:
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+def test_forwarded_headers_are_a_proxys(edge_gateway: Any, lane: bool) -> None:
     body = json.dumps({"model": "stub"}).encode()
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                b"Connection: keep-alive, X-Hop-Secret\r\nX-Hop-Secret: s\r\nKeep-Alive: 5\r\n"
-               b"TE: trailers\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
+               b"TE: trailers\r\nProxy-Connection: keep-alive\r\n%s"
                b"X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n"
-               b"X-Kept: yes\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    gw = edge_gateway(answer_ok)
+               b"X-Kept: yes\r\nContent-Length: %d\r\n\r\n%s"
+               # (an Upgrade header sends a request to aiohttp's path)
+               % (b"" if lane else b"Upgrade: h2c\r\n", len(body), body))
+    gw = edge_gateway(answer_ok, lane=lane)
     raw = _raw(gw.settings.port, request.replace(b"keep-alive, X-Hop", b"close, X-Hop", 1))
+    lane_served = gw.runner.server.lane.served if lane else 0  # type: ignore[union-attr]
+    assert lane_served == (1 if lane else 0)
     head = raw.partition(b"\r\n\r\n")[0].decode()
     assert head.startswith("HTTP/1.1 200")
     assert "\r\nServer: cmw-vllm" in head and "aiohttp" not in head and "Python" not in head
@@ -329,7 +341,7 @@ def test_forwarded_headers_are_a_proxys(edge_gateway: Any) -> None:
     assert seen["x-forwarded-for"] == "127.0.0.1"  # the peer, not the client's claim
     assert seen["x-kept"] == "yes"
     # Behind a trusted proxy, its X-Forwarded-For is kept and the proxy appended.
-    trusting = edge_gateway(answer_ok, trusted_proxies=("127.0.0.0/8",))
+    trusting = edge_gateway(answer_ok, trusted_proxies=("127.0.0.0/8",), lane=lane)
     _raw(trusting.settings.port, request.replace(b"keep-alive, X-Hop", b"close, X-Hop", 1))
     seen = trusting.stub.header_names()
     assert seen["x-forwarded-for"] == "6.6.6.6, 127.0.0.1"
@@ -363,8 +375,9 @@ def test_100_continue_comes_only_after_the_key_and_size_checks(edge_gateway: Any
 
 # ----------------------------------------------------------------- shutdown
 
-def test_shutdown_gives_streams_the_grace_and_no_more(edge_gateway: Any) -> None:
-    gw = edge_gateway(slow_stream, shutdown_grace=1.0)
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+def test_shutdown_gives_streams_the_grace_and_no_more(edge_gateway: Any, lane: bool) -> None:
+    gw = edge_gateway(slow_stream, shutdown_grace=1.0, lane=lane)
     ended: list[float] = []
     got_first = threading.Event()
 
