@@ -192,7 +192,10 @@ def test_concurrent_starts_pick_different_gpus(machine: Machine, model_8b: Path)
 
 def test_gpus_shows_reserved_memory_and_servers(machine: Machine, model_8b: Path) -> None:
     machine.set(2, hold_after=3600)
-    proc = start(machine, model_8b, "r1", "--no-wait", "--gpu-memory-utilization", "0.5")
+    # Loading for a minute: a server that is ready reserves nothing (on a busy machine the
+    # stand-in could be ready before `gpus` runs).
+    proc = start(machine, model_8b, "r1", "--no-wait", "--gpu-memory-utilization", "0.5",
+                 FAKE_VLLM_DELAY="60")
     assert proc.returncode == 0, proc.stderr
     data = machine.gpus()
     gpu = data["gpus"][0]
