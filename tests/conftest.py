@@ -326,3 +326,19 @@ def edge_gateway() -> Iterator[Callable[..., Any]]:
 
     with stub_gateway_maker() as make:
         yield make
+
+
+def write_models(home: Path, models: dict[str, dict[str, Any]],
+                 adapters: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write ``home/models.toml`` with these ``[models.X]`` (and ``[adapters.X]``) tables."""
+    import json
+
+    home.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    for kind, tables in (("models", models), ("adapters", adapters or {})):
+        for name, fields in tables.items():
+            lines.append(f"[{kind}.{name}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    path = home / "models.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -16,7 +16,7 @@ import requests
 
 from cmw_vllm.gateway.settings import load_admin_keys
 from cmw_vllm.server_manager import ServerManager
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, wait_until, write_models
 from tests.conftest import run_cli as run
 from tests.gateway_harness import gateway_maker
 
@@ -24,19 +24,10 @@ ADMIN = "adm-" + "x" * 28
 INFER = "sk-inference-key"
 
 
-def _models_file(home: Path, entries: dict[str, dict[str, Any]]) -> None:
-    home.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for alias, fields in entries.items():
-        lines.append(f"[models.{alias}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
-    (home / "models.toml").write_text("\n".join(lines) + "\n")
-
-
 @pytest.fixture
 def entries(isolated_home: Path, model_dir: Path) -> list[str]:
     """Two startable entries (a, b) on the stand-in model."""
-    _models_file(isolated_home, {n: {"model": str(model_dir), "port": free_port()}
+    write_models(isolated_home, {n: {"model": str(model_dir), "port": free_port()}
                                  for n in ("a", "b")})
     return ["a", "b"]
 
@@ -238,7 +229,7 @@ def test_load_unload_pin_and_the_log_tail(gateway_factory: Any, entries: list[st
 def test_an_unpinned_idle_server_is_chosen_and_a_pinned_one_is_not(
         gateway_factory: Any, entries: list[str], isolated_home: Path, model_dir: Path
 ) -> None:
-    _models_file(isolated_home, {"a": {"model": str(model_dir), "port": free_port(),
+    write_models(isolated_home, {"a": {"model": str(model_dir), "port": free_port(),
                                        "pin": True},
                                  "b": {"model": str(model_dir), "port": free_port()}})
     gw = gateway_factory(admin_keys=frozenset({ADMIN}))
@@ -261,7 +252,7 @@ def test_an_unpinned_idle_server_is_chosen_and_a_pinned_one_is_not(
 
 def test_preload_starts_a_model_with_the_gateway(gateway_factory: Any, isolated_home: Path,
                                                  model_dir: Path) -> None:
-    _models_file(isolated_home, {"a": {"model": str(model_dir), "port": free_port(),
+    write_models(isolated_home, {"a": {"model": str(model_dir), "port": free_port(),
                                        "preload": True},
                                  "b": {"model": str(model_dir), "port": free_port()}})
     gw = gateway_factory()

@@ -8,7 +8,6 @@ Skipped when chromium or playwright is missing, except in CI (``CI=true``), wher
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from cmw_vllm.gateway.settings import GatewaySettings
-from tests.conftest import free_port
+from tests.conftest import free_port, write_models
 from tests.gateway_harness import GatewayThread
 from tests.test_gpu_info import FakeGpu, make_fake_nvml
 
@@ -79,10 +78,8 @@ def _simulated_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def dashboard(fake_engine: Path, isolated_home: Path, model_dir: Path,
               monkeypatch: pytest.MonkeyPatch) -> Iterator[GatewayThread]:
-    isolated_home.mkdir(parents=True, exist_ok=True)
-    (isolated_home / "models.toml").write_text("".join(
-        f"[models.{n}]\nmodel = {json.dumps(str(model_dir))}\nport = {free_port()}\n"
-        for n in ("a", "b")))
+    write_models(isolated_home, {n: {"model": str(model_dir), "port": free_port()}
+                                 for n in ("a", "b")})
     _simulated_gpus(monkeypatch)
     gw = GatewayThread(GatewaySettings(port=free_port(), health_interval=0.5,
                                        api_keys=frozenset({"sk-inference"}),

@@ -22,25 +22,16 @@ import requests
 from cmw_vllm.errors import InsufficientResourcesError
 from cmw_vllm.gateway.settings import load_api_keys
 from cmw_vllm.server_manager import ServerManager, record_names
-from tests.conftest import alive_pids, free_port
+from tests.conftest import alive_pids, free_port, write_models
 from tests.conftest import run_cli as run
 from tests.gateway_harness import gateway_maker
-
-
-def _models_file(home: Path, entries: dict[str, dict[str, Any]]) -> None:
-    home.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for alias, fields in entries.items():
-        lines.append(f"[models.{alias}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
-    (home / "models.toml").write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture
 def entries(isolated_home: Path, model_dir: Path) -> list[str]:
     """Three startable entries (a, b, c) on the stand-in model."""
     names = ["a", "b", "c"]
-    _models_file(isolated_home, {n: {"model": str(model_dir), "port": free_port()}
+    write_models(isolated_home, {n: {"model": str(model_dir), "port": free_port()}
                                  for n in names})
     return names
 

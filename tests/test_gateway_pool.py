@@ -19,7 +19,7 @@ import requests
 
 from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_manager import ServerManager
-from tests.conftest import alive_pids, free_port, wait_until
+from tests.conftest import alive_pids, free_port, wait_until, write_models
 from tests.conftest import run_cli as run
 from tests.gateway_harness import gateway_maker
 
@@ -27,13 +27,8 @@ from tests.gateway_harness import gateway_maker
 @pytest.fixture
 def entries(isolated_home: Path, model_dir: Path) -> list[str]:
     """Two startable entries (a, b) on the stand-in model."""
-    home = isolated_home
-    home.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for alias in ("a", "b"):
-        lines += [f"[models.{alias}]", f"model = {json.dumps(str(model_dir))}",
-                  f"port = {free_port()}"]
-    (home / "models.toml").write_text("\n".join(lines) + "\n")
+    write_models(isolated_home, {n: {"model": str(model_dir), "port": free_port()}
+                                 for n in ("a", "b")})
     return ["a", "b"]
 
 

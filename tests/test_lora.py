@@ -15,23 +15,9 @@ import pytest
 import requests
 
 from cmw_vllm.server_record import log_path, read_record
-from tests.conftest import free_port, run_cli, wait_until
+from tests.conftest import free_port, run_cli, wait_until, write_models
 from tests.gateway_harness import gateway_maker
 from tests.tiny_model import make_tiny_adapter
-
-
-def write_models(home: Path, models: dict[str, dict[str, Any]],
-                 adapters: dict[str, dict[str, Any]]) -> Path:
-    """Write ``models.toml`` with these ``[models.X]`` and ``[adapters.X]`` tables."""
-    home.mkdir(parents=True, exist_ok=True)
-    lines: list[str] = []
-    for kind, tables in (("models", models), ("adapters", adapters)):
-        for name, fields in tables.items():
-            lines.append(f"[{kind}.{name}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
-    path = home / "models.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

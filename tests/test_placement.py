@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, write_models
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM = Path(__file__).resolve().parent / "nvml_sim"
@@ -216,13 +216,9 @@ def gateway(machine: Machine, isolated_home: Path, model_8b: Path) -> Iterator[C
     made: list[Any] = []
 
     def make(models: dict[str, dict[str, Any]]) -> Any:
-        lines = []
-        for name, extra in models.items():
-            lines.append(f"[models.{name}]\nmodel = \"{model_8b}\"\nport = {free_port()}\n"
-                         "max_model_len = 4096\n"
-                         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in extra.items()))
-        isolated_home.mkdir(parents=True, exist_ok=True)
-        (isolated_home / "models.toml").write_text("\n".join(lines))
+        write_models(isolated_home, {
+            name: {"model": str(model_8b), "port": free_port(), "max_model_len": 4096, **extra}
+            for name, extra in models.items()})
         gw = GatewayThread(GatewaySettings(port=free_port(), health_interval=0.5,
                                            memory_wait=5))
         made.append(gw)
