@@ -20,9 +20,9 @@ from cmw_vllm.gateway.service import shutdown_budget
 from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_record import read_record, record_names
 from cmw_vllm.systemd_unit import STOP_SLACK_S
-from tests.conftest import alive_pids, free_port
+from tests.conftest import alive_pids, free_port, write_models
 from tests.conftest import run_cli as run
-from tests.test_gateway import _chat, _models_file
+from tests.test_gateway import _chat
 from tests.test_systemd_unit import unit_values, verify
 
 KEYS = "CMW_VLLM_GATEWAY_API_KEYS"
@@ -158,7 +158,7 @@ def test_the_gateway_unit_command_notifies_and_keeps_the_socket_to_itself(
 ) -> None:
     """What the unit runs: READY=1 once it listens, STOPPING=1 on SIGTERM, from its own pid
     only (the supervisor of a server it starts must not notify for the gateway's unit)."""
-    _models_file(isolated_home, {"a": {"model": str(model_dir), "port": free_port()}})
+    write_models(isolated_home, {"a": {"model": str(model_dir), "port": free_port()}})
     port = free_port()
     _background("--name", "gw", "--port", str(port))
     assert run("enable", "gw")[0] == 0
