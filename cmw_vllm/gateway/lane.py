@@ -64,6 +64,19 @@ MAX_FIELDS = 100  # more header fields go to aiohttp (its limit is 128)
 MAX_PIPELINED = 2 * INLINE_BYTES  # bytes held while a request is served, then reading pauses
 WHOLE_BODY_LIMIT = 1 << 20  # answers up to this size are relayed in one write
 
+# vLLM's inference routes (0.32). Admin and dev routes (/sleep, /pause, weight updates,
+# LoRA loading, profiling) are not forwarded: a gateway key must not reach them (the pool
+# loads declared LoRA adapters itself, see Pool._ensure_adapter).
+FORWARD_PATHS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+    "/v1/rerank", "/v1/score", "/v1/audio/transcriptions", "/v1/audio/translations",
+    "/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions/render",
+    "/v1/completions/render", "/v1/responses/render", "/v1/messages/render",
+    "/v2/embed", "/v2/rerank", "/cohere/v2/chat", "/tokenize", "/detokenize", "/pooling",
+    "/classify", "/score", "/rerank", "/invocations", "/generative_scoring",
+    "/inference/v1/generate",
+})
+RESPONSE_ID = r"[A-Za-z0-9_-]{1,200}"  # a stored response's id, in its routes
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
 # The whole head, decoded as ASCII: request line, then fields. Possessive quantifiers: the
 # match is linear, whatever the input.
@@ -75,7 +88,7 @@ _FIELD_LINE = re.compile(_FIELD.encode())
 # What may stand in a head that has not all come yet.
 _HEAD_BYTES = re.compile(rb"[\t\r\n\x20-\x7e]*+")
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-_RESPONSE_ID = re.compile(r"/v1/responses/[A-Za-z0-9_-]{1,200}(/cancel)?")
+_RESPONSE_PATH = re.compile(r"/v1/responses/" + RESPONSE_ID + r"(/cancel)?")
 # Request headers that send a request to aiohttp (lower case).
 _NOT_HERE = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade", "origin"})
 # Headers aiohttp's parser refuses to see twice (its SINGLETON_HEADERS): twice, they send the
@@ -153,13 +166,10 @@ class Lane:
         handlers: The gateway's route handlers (its pool, upstream client, metrics, drain).
         edge: The connection limits and log budget shared with aiohttp's connections.
         gate: The ``Host``/``Origin`` gate, or None when every host and origin is allowed.
-        routes: The paths of the inference routes (``POST``).
     """
 
-    def __init__(self, handlers: Handlers, edge: Edge, gate: WebGate | None,
-                 routes: frozenset[str]) -> None:
+    def __init__(self, handlers: Handlers, edge: Edge, gate: WebGate | None) -> None:
         self.handlers = handlers
-        self.routes = routes
         self.edge = edge
         self.gate = gate
         self.keys = handlers.settings.api_keys
@@ -210,9 +220,9 @@ class LaneProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.handed_off = False
         self.served = 0
-        # The watchdog's clocks: when the connection began, its last byte came, the current
-        # head began (0: no byte of one yet), the last answer ended.
-        self.born = self.last_read = self.head_began = self.idle_since = 0.0
+        # The watchdog's clocks: when its last byte came, the current head began (0: no
+        # byte of one yet), the connection began or its last answer ended.
+        self.last_read = self.head_began = self.idle_since = 0.0
         self.watch: asyncio.TimerHandle | None = None
         self.reading_paused = False
         self.drained: asyncio.Future[None] | None = None  # set while writing is paused
@@ -229,8 +239,8 @@ class LaneProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         tcp_keepalive(transport)  # type: ignore[arg-type]  # as aiohttp's protocol does
         self.lane.connections.add(self)
-        self.born = self.last_read = self.idle_since = self.loop.time()
-        self._arm(self._first_wait())
+        self.last_read = self.idle_since = self.loop.time()
+        self._arm(self._idle_limit())
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.handed_off:
@@ -364,9 +374,9 @@ class LaneProtocol(asyncio.Protocol):
         """Whether the lane takes ``method`` requests for ``target``."""
         path = target.partition("?")[0]
         if method == "POST":
-            return path in self.lane.routes or bool((match := _RESPONSE_ID.fullmatch(path))
+            return path in FORWARD_PATHS or bool((match := _RESPONSE_PATH.fullmatch(path))
                                                     and match.group(1))
-        return bool((match := _RESPONSE_ID.fullmatch(path)) and not match.group(1))
+        return bool((match := _RESPONSE_PATH.fullmatch(path)) and not match.group(1))
 
     def _parse(self, buffer: bytearray, end: int) -> tuple[LaneRequest, int, int] | None:
         """The request whose head ends at ``end``, where its body begins and ends; None
@@ -440,9 +450,11 @@ class LaneProtocol(asyncio.Protocol):
 
     # ----------------------------------------------------------------- the watchdog
 
-    def _first_wait(self) -> float:
+    def _idle_limit(self) -> float:
+        """How long the connection may wait for a request to begin: the header timeout
+        before its first, then the keep-alive timeout."""
         timeout = self.lane.edge.header_timeout
-        return timeout if timeout > 0 else KEEPALIVE_S
+        return timeout if not self.served and timeout > 0 else KEEPALIVE_S
 
     def _arm(self, delay: float) -> None:
         self.watch = self.loop.call_later(max(delay, 0.05), self._tick)
@@ -467,9 +479,7 @@ class LaneProtocol(asyncio.Protocol):
             self._arm(KEEPALIVE_S)  # answering: the upstream's read timeout applies
             return
         if not self.head_began:  # waiting for a request
-            wait = edge.header_timeout if not self.served and edge.header_timeout > 0 \
-                else KEEPALIVE_S
-            left = self.idle_since + wait - now
+            left = self.idle_since + self._idle_limit() - now
             if left <= 0:
                 self.transport.close()
                 return

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 from typing import Any
 
@@ -33,7 +32,7 @@ from cmw_vllm.gateway.control import install as install_control
 from cmw_vllm.gateway.control import is_control_path
 from cmw_vllm.gateway.edge import EDGE_KEY, LANE_KEY, SERVER_NAME, BodyTimeout, Edge
 from cmw_vllm.gateway.headers import TrustedProxies, forward_headers, key_ok, reply_headers
-from cmw_vllm.gateway.lane import Lane, small_answer
+from cmw_vllm.gateway.lane import FORWARD_PATHS, RESPONSE_ID, Lane, small_answer
 from cmw_vllm.gateway.metrics import Metrics
 from cmw_vllm.gateway.origin import install as install_web_gate
 from cmw_vllm.gateway.pool import READY, Backend, Pool
@@ -41,19 +40,6 @@ from cmw_vllm.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
-# vLLM's inference routes (0.32). Admin and dev routes (/sleep, /pause, weight updates,
-# LoRA loading, profiling) are not forwarded: a gateway key must not reach them (the pool
-# loads declared LoRA adapters itself, see Pool._ensure_adapter).
-FORWARD_PATHS = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
-    "/v1/rerank", "/v1/score", "/v1/audio/transcriptions", "/v1/audio/translations",
-    "/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions/render",
-    "/v1/completions/render", "/v1/responses/render", "/v1/messages/render",
-    "/v2/embed", "/v2/rerank", "/cohere/v2/chat", "/tokenize", "/detokenize", "/pooling",
-    "/classify", "/score", "/rerank", "/invocations", "/generative_scoring",
-    "/inference/v1/generate",
-})
-RESPONSE_ID_PATH = re.compile(r"/v1/responses/[A-Za-z0-9_-]{1,200}(/cancel)?")
 # vLLM closes a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
 # the gateway reuses one for less, so that it never sends on a connection vLLM is closing.
 UPSTREAM_KEEPALIVE = 3.0
@@ -356,15 +342,15 @@ def build_app(settings: GatewaySettings, pool: Pool | None = None,
     app[POOL_KEY] = handlers.pool
     app[METRICS_KEY] = metrics
     app[EDGE_KEY] = edge = Edge(settings, metrics)
-    app[LANE_KEY] = Lane(handlers, edge, None if gate.open else gate, FORWARD_PATHS)
+    app[LANE_KEY] = Lane(handlers, edge, None if gate.open else gate)
     route = functools.partial(app.router.add_route, expect_handler=_expect_continue)
     route("GET", "/health", handlers.health)
     route("GET", "/metrics", handlers.metrics_text)
     route("GET", "/v1/models", handlers.models)
     for path in sorted(FORWARD_PATHS):
         route("POST", path, handlers.proxy)
-    route("GET", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}", handlers.proxy)
-    route("POST", "/v1/responses/{rid:[A-Za-z0-9_-]{1,200}}/cancel", handlers.proxy)
+    route("GET", "/v1/responses/{rid:" + RESPONSE_ID + "}", handlers.proxy)
+    route("POST", "/v1/responses/{rid:" + RESPONSE_ID + "}/cancel", handlers.proxy)
     install_control(app, settings, handlers.pool)  # /api/ and /ui/: the dashboard
     route("*", "/{tail:.*}", _not_forwarded)
 
