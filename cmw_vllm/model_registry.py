@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cmw_vllm import paths
 from cmw_vllm.errors import ConfigError, NotFoundError, UsageError
@@ -141,6 +149,16 @@ def check_extra_args(args: list[str]) -> list[str]:
     return args
 
 
+def _checked_source(value: str) -> str:
+    if not (looks_like_path(value) or is_hf_id(value)):
+        raise ValueError("must be a Hugging Face id (org/name) or an absolute/./~ path")
+    return value
+
+
+ModelSource = Annotated[str, AfterValidator(_checked_source)]
+"""Where a model or an adapter comes from: a Hugging Face id or a local path."""
+
+
 class ModelEntry(BaseModel):
     """One registry entry: a model and the vLLM settings it is served with.
 
@@ -180,7 +198,7 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     alias: Name
-    model: str = Field(min_length=1)
+    model: ModelSource = Field(min_length=1)
     # Vocabulary words arrive as strings from TOML: only they are read leniently.
     task: Task = Field(Task.GENERATE, strict=False)
     port: int = Field(ge=PORT_MIN, le=PORT_MAX)
@@ -206,13 +224,6 @@ class ModelEntry(BaseModel):
     pin: bool = False
     max_loras: int | None = Field(None, ge=1, le=256)
     source: str = BUILTIN_SOURCE
-
-    @field_validator("model")
-    @classmethod
-    def _check_model(cls, value: str) -> str:
-        if not (looks_like_path(value) or is_hf_id(value)):
-            raise ValueError("must be a Hugging Face id (org/name) or an absolute/./~ path")
-        return value
 
     @field_validator("tool_call_parser")
     @classmethod
@@ -318,16 +329,9 @@ class AdapterEntry(BaseModel):
 
     name: Name
     base: str = Field(min_length=1)
-    source: str = Field(min_length=1)
+    source: ModelSource = Field(min_length=1)
     revision: str | None = Field(None, min_length=1)
     file: str = ""
-
-    @field_validator("source")
-    @classmethod
-    def _check_source(cls, value: str) -> str:
-        if not (looks_like_path(value) or is_hf_id(value)):
-            raise ValueError("must be a Hugging Face id (org/name) or an absolute/./~ path")
-        return value
 
     @model_validator(mode="after")
     def _check_revision(self) -> AdapterEntry:
