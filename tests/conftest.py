@@ -342,3 +342,11 @@ def write_models(home: Path, models: dict[str, dict[str, Any]],
     path = home / "models.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def entries(isolated_home: Path, model_dir: Path) -> list[str]:
+    """Two startable entries (a, b) on the stand-in model, in ``models.toml``."""
+    write_models(isolated_home, {n: {"model": str(model_dir), "port": free_port()}
+                                 for n in ("a", "b")})
+    return ["a", "b"]

@@ -25,14 +25,6 @@ INFER = "sk-inference-key"
 
 
 @pytest.fixture
-def entries(isolated_home: Path, model_dir: Path) -> list[str]:
-    """Two startable entries (a, b) on the stand-in model."""
-    write_models(isolated_home, {n: {"model": str(model_dir), "port": free_port()}
-                                 for n in ("a", "b")})
-    return ["a", "b"]
-
-
-@pytest.fixture
 def gateway_factory(fake_engine: Path) -> Iterator[Any]:
     with gateway_maker(health_interval=0.5) as make:
         yield make

@@ -19,17 +19,9 @@ import requests
 
 from cmw_vllm.gateway.settings import GatewaySettings
 from cmw_vllm.server_manager import ServerManager
-from tests.conftest import alive_pids, free_port, wait_until, write_models
+from tests.conftest import alive_pids, free_port, wait_until
 from tests.conftest import run_cli as run
 from tests.gateway_harness import gateway_maker
-
-
-@pytest.fixture
-def entries(isolated_home: Path, model_dir: Path) -> list[str]:
-    """Two startable entries (a, b) on the stand-in model."""
-    write_models(isolated_home, {n: {"model": str(model_dir), "port": free_port()}
-                                 for n in ("a", "b")})
-    return ["a", "b"]
 
 
 @pytest.fixture
